@@ -1,0 +1,240 @@
+"""Labelled images in, train/val/test datasets out. Usage:
+    data = load_data(cfg.data, image_col=..., label_col=..., group_col=...)
+    train_idx, val_idx = split_indices(data.labels, data.groups, val_fraction=0.2, folds=0, fold=0, seed=42)
+    ds = ImageDataset(data.items, data.labels, transform)
+
+Sources: "digits" (scikit-learn's bundled digits, see datasets/digits.py), an ImageFolder tree
+(PATH/<class>/* or PATH/train/<class>/* with optional PATH/test/), or a competition folder
+(PATH/train.csv + PATH/train/, optional meta.csv, sample_submission.csv and PATH/test/).
+"""
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
+
+from utils import UserError
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+
+
+@dataclass
+class Data:
+    classes: list[str]              # class names; the index is the model's output index
+    targets: list                   # per class index, the label as the submission writes it (CSV int/name)
+    items: list                     # training images: file paths or HxWx3 uint8 arrays
+    labels: np.ndarray              # int64 class index per item
+    ids: list[str]                  # sample id per item (CSV ID, relative path, digits index)
+    groups: np.ndarray | None = None
+    test_items: list | None = None
+    test_ids: list[str] | None = None
+    test_labels: np.ndarray | None = None  # known only for the digits demo and labelled test folders
+    submission_columns: tuple[str, str] = ("ID", "target")
+
+
+def load_data(source: str, image_col: str = "ID", label_col: str = "target", group_col: str = "") -> Data:
+    if source == "digits":
+        from datasets.digits import load_digits_data
+        return load_digits_data()
+    root = Path(source)
+    if not root.is_dir():
+        raise UserError(f"--data {source}: not 'digits' and not a folder")
+    if (root / "train.csv").is_file():
+        return _load_csv(root, image_col, label_col, group_col)
+    if group_col:
+        raise UserError(f"--group_col {group_col!r} needs a train.csv; {root} is an ImageFolder tree")
+    return _load_image_folder(root)
+
+
+def load_image(item) -> np.ndarray:
+    """An HxWx3 uint8 RGB array from a path or an array (grayscale, RGBA, palette, CMYK become RGB)."""
+    if isinstance(item, np.ndarray):
+        return item
+    with Image.open(item) as img:
+        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _require_columns(path: Path, header: list[str], wanted: dict[str, str]) -> None:
+    for flag, col in wanted.items():
+        if col and col not in header:
+            raise UserError(f"{path}: no column {col!r} (set by --{flag}); columns are {header}")
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _image_dir(root: Path, sub: str) -> Path:
+    return root / sub if (root / sub).is_dir() else root
+
+
+def _check_files(paths: list[Path], what: str) -> None:
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} {what} listed but missing, e.g. {missing[:3]}; "
+                        "fix the CSV or the image folder")
+
+
+def _load_csv(root: Path, image_col: str, label_col: str, group_col: str) -> Data:
+    train_csv = root / "train.csv"
+    header, rows = _read_csv(train_csv)
+    _require_columns(train_csv, header, {"image_col": image_col, "label_col": label_col, "group_col": group_col})
+    if not rows:
+        raise UserError(f"{train_csv} has no rows")
+    raw = [r[label_col].strip() for r in rows]
+
+    meta_csv = root / "meta.csv"
+    if meta_csv.is_file():  # target -> class_name, in target order
+        meta_header, meta_rows = _read_csv(meta_csv)
+        _require_columns(meta_csv, meta_header, {"label_col": label_col, "(meta.csv)": "class_name"})
+        meta_rows.sort(key=lambda r: int(r[label_col]) if _is_int(r[label_col]) else r[label_col])
+        targets = [int(r[label_col]) if _is_int(r[label_col]) else r[label_col] for r in meta_rows]
+        classes = [r["class_name"] for r in meta_rows]
+    elif all(_is_int(v) for v in raw):
+        targets = sorted({int(v) for v in raw})
+        classes = [str(t) for t in targets]
+    else:
+        targets = sorted(set(raw))
+        classes = list(targets)
+    index = {str(t): i for i, t in enumerate(targets)} | {name: i for i, name in enumerate(classes)}
+    bad = [(n + 2, v) for n, v in enumerate(raw) if v not in index]  # +2: header line, 1-based
+    if bad:
+        raise UserError(f"{train_csv}: label(s) not among the classes {classes}: "
+                        f"{bad[:5]} (line, value); fix the labels or meta.csv")
+    labels = np.array([index[v] for v in raw], dtype=np.int64)
+
+    image_dir = _image_dir(root, "train")
+    items = [image_dir / r[image_col] for r in rows]
+    _check_files(items, f"images in {train_csv}")
+    groups = np.array([r[group_col] for r in rows]) if group_col else None
+    data = Data(classes=classes, targets=targets, items=items, labels=labels,
+                ids=[r[image_col] for r in rows], groups=groups)
+
+    sample_csv, test_dir = root / "sample_submission.csv", root / "test"
+    if sample_csv.is_file():
+        sample_header, sample_rows = _read_csv(sample_csv)
+        id_col = image_col if image_col in sample_header else sample_header[0]
+        target_col = label_col if label_col in sample_header else sample_header[-1]
+        data.test_ids = [r[id_col] for r in sample_rows]
+        data.test_items = [_image_dir(root, "test") / i for i in data.test_ids]
+        data.submission_columns = (id_col, target_col)
+        _check_files(data.test_items, f"images in {sample_csv}")
+    elif test_dir.is_dir():
+        data.test_items = _list_images(test_dir)
+        data.test_ids = [p.name for p in data.test_items]
+        data.submission_columns = (image_col, label_col)
+    return data
+
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
+def _load_image_folder(root: Path) -> Data:
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir() and d.name != "test")
+    if not classes:
+        raise UserError(f"{train_dir}: no class folders; expected {train_dir}/<class>/<image> or a train.csv")
+    items, labels = [], []
+    for i, name in enumerate(classes):
+        files = _list_images(train_dir / name)
+        if not files:
+            raise UserError(f"{train_dir / name}: class {name!r} has no images ({sorted(IMAGE_EXTS)})")
+        items += files
+        labels += [i] * len(files)
+    data = Data(classes=classes, targets=list(classes), items=items, labels=np.array(labels, dtype=np.int64),
+                ids=[str(p.relative_to(train_dir)) for p in items])
+
+    test_dir = root / "test"
+    if test_dir.is_dir() and train_dir != root:
+        sub = sorted(d.name for d in test_dir.iterdir() if d.is_dir())
+        if sub:  # labelled test folder: test/<class>/*
+            unknown = sorted(set(sub) - set(classes))
+            if unknown:
+                raise UserError(f"{test_dir}: class folders {unknown} are not training classes {classes}")
+            pairs = [(p, classes.index(c)) for c in sub for p in _list_images(test_dir / c)]
+            data.test_items = [p for p, _ in pairs]
+            data.test_labels = np.array([y for _, y in pairs], dtype=np.int64)
+        else:
+            data.test_items = _list_images(test_dir)
+        data.test_ids = [str(p.relative_to(test_dir)) for p in data.test_items]
+    return data
+
+
+def split_indices(labels: np.ndarray, groups: np.ndarray | None, val_fraction: float,
+                  folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified train/val indices, deterministic given seed; with groups, no group is in both."""
+    idx = np.arange(len(labels))
+    counts = np.bincount(labels)
+    if groups is None and folds == 0:
+        stratify = labels if counts[counts > 0].min() >= 2 else None
+        train_idx, val_idx = train_test_split(idx, test_size=val_fraction, stratify=stratify, random_state=seed)
+        return np.sort(train_idx), np.sort(val_idx)
+    n_splits = folds or max(2, round(1 / val_fraction))
+    if groups is None:
+        splitter = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    else:
+        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    train_idx, val_idx = list(splitter.split(idx, labels, groups))[fold if folds else 0]
+    return train_idx, val_idx
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Yields (image tensor, label or -1, index). A key (index, seed) seeds the augmentation of that
+    one sample, so the same seed gives the same batches whatever the number of workers."""
+
+    def __init__(self, items: list, labels: np.ndarray | None, transform):
+        self.items, self.labels, self.transform = items, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is not None:
+            self.transform.set_random_seed(seed)
+        image = self.transform(image=load_image(self.items[index]))["image"]
+        label = -1 if self.labels is None else int(self.labels[index])
+        return image, label, index
+
+
+class SeededSampler(torch.utils.data.Sampler):
+    """Shuffles with a per-epoch generator and pairs each index with a seed drawn from (seed, epoch, index)."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        for i in order.tolist():
+            yield i, int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
+
+
+def write_submission(path: Path, data: Data, pred: np.ndarray) -> None:
+    """ID,target rows in the order of data.test_ids (the sample submission's order where there is one)."""
+    from utils.checkpoint import atomic_write_bytes
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(data.submission_columns)
+    writer.writerows((i, data.targets[p]) for i, p in zip(data.test_ids, pred))
+    atomic_write_bytes(Path(path), text.getvalue().encode())

@@ -1,0 +1,114 @@
+"""Self-contained checkpoints: one .safetensors file = weights + JSON metadata (model name, classes,
+image size, mean/std, full config, metrics, epoch), enough to rebuild the model with nothing else.
+
+Usage:
+    keeper = CheckpointKeeper(out_dir, keep_top_k=2, maximize=True)
+    is_best = keeper.update(model, meta, epoch, score)      # last, top-k and best, written atomically
+    model, meta = load_model("runs/<id>/best.safetensors")
+"""
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load as load_bytes, save as save_bytes
+
+META_KEY = "sweepcls"
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Write to a temp file beside `path`, fsync, then rename: readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_link(src: Path, dst: Path) -> None:
+    """dst becomes the same file as src (a hard link, so no extra disk), replaced atomically."""
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # file systems without hard links
+        tmp.write_bytes(src.read_bytes())
+    os.replace(tmp, dst)
+    _fsync_dir(dst.parent)
+
+
+def checkpoint_bytes(model: torch.nn.Module, meta: dict) -> bytes:
+    tensors, seen = {}, set()
+    for name, t in model.state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        if t.data_ptr() in seen:  # tied weights: safetensors refuses shared storage
+            t = t.clone()
+        seen.add(t.data_ptr())
+        tensors[name] = t
+    return save_bytes(tensors, metadata={META_KEY: json.dumps(meta)})
+
+
+def read_meta(path: str | Path) -> dict:
+    with safe_open(str(path), framework="pt") as fh:
+        meta = (fh.metadata() or {}).get(META_KEY)
+    if meta is None:
+        raise ValueError(f"{path}: not a sweepcls checkpoint (no '{META_KEY}' metadata)")
+    return json.loads(meta)
+
+
+def load_checkpoint(path: str | Path) -> tuple[dict, dict]:
+    """(state_dict, meta) from a checkpoint file."""
+    return load_bytes(Path(path).read_bytes()), read_meta(path)
+
+
+def load_model(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the model from the checkpoint alone (architecture from its metadata, no config file)."""
+    from models import build_model
+    state, meta = load_checkpoint(path)
+    model = build_model(meta["model"], num_classes=len(meta["classes"]))
+    model.load_state_dict(state)
+    return model.to(device).eval(), meta
+
+
+class CheckpointKeeper:
+    """last.safetensors every epoch, epoch-NNN.safetensors for the top k by the monitored score,
+    best.safetensors for the best one, which is never deleted."""
+
+    def __init__(self, out_dir: Path, keep_top_k: int, maximize: bool):
+        self.dir, self.k, self.sign = Path(out_dir), keep_top_k, 1 if maximize else -1
+        self.top: list[tuple[float, int]] = []  # (signed score, epoch), best first
+        self.best_score, self.best_epoch = None, None
+
+    @property
+    def best_path(self) -> Path:
+        return self.dir / "best.safetensors"
+
+    def update(self, model: torch.nn.Module, meta: dict, epoch: int, score: float) -> bool:
+        last = self.dir / "last.safetensors"
+        atomic_write_bytes(last, checkpoint_bytes(model, meta))
+        is_best = self.best_score is None or self.sign * score > self.sign * self.best_score
+        if is_best:
+            _atomic_link(last, self.best_path)
+            self.best_score, self.best_epoch = score, epoch
+        if self.k > 0:
+            self.top.append((self.sign * score, epoch))
+            self.top.sort(key=lambda t: (-t[0], t[1]))  # ties: the earlier epoch ranks first
+            if (self.sign * score, epoch) in self.top[: self.k]:
+                _atomic_link(last, self.dir / f"epoch-{epoch:03d}.safetensors")
+            for _, dropped in self.top[self.k:]:
+                (self.dir / f"epoch-{dropped:03d}.safetensors").unlink(missing_ok=True)
+            self.top = self.top[: self.k]
+        return is_best

@@ -1,0 +1,198 @@
+"""One flat, typed config: defaults < --config FILE.yaml < --key=value < values a W&B sweep locks.
+
+Usage: cfg = parse_config(sys.argv[1:]); after wandb.init: cfg = Config.from_dict(run.config)
+Every field is a CLI flag of the same snake_case name, the name `wandb agent` passes and
+`sweep.yaml` uses. Unknown keys are errors everywhere, so a typo in a sweep cannot pass silently.
+"""
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
+
+import yaml
+
+from utils import UserError
+
+
+def opt(default, help, choices: Callable[[], list] | tuple | None = None):
+    """A config field with its --help text and, optionally, its valid values (or a function giving them)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+def _losses():
+    from losses import LOSSES
+    return sorted(LOSSES)
+
+
+def _optimizers():
+    from optim import OPTIMIZERS
+    return sorted(OPTIMIZERS)
+
+
+def _schedulers():
+    from optim import SCHEDULERS
+    return sorted(SCHEDULERS)
+
+
+def _augs():
+    from datasets.transforms import AUGS
+    return sorted(AUGS)
+
+
+@dataclass
+class Config:
+    # --- data ---
+    data: str = opt("digits", "'digits' (bundled demo, no download) or a folder: an ImageFolder tree, "
+                              "or train.csv + train/ (+ meta.csv, sample_submission.csv, test/)")
+    image_col: str = opt("ID", "train.csv column holding the image file name")
+    label_col: str = opt("target", "train.csv column holding the label (an int or a class name)")
+    group_col: str = opt("", "train.csv column whose groups (a person, a source) never straddle train and val; '' = none")
+    val_fraction: float = opt(0.2, "fraction of the labelled images held out for validation (when folds = 0)")
+    folds: int = opt(0, "K >= 2: K-fold cross-validation, validate on fold `fold`; 0 = one stratified holdout")
+    fold: int = opt(0, "which fold validates, 0 <= fold < folds")
+    img_size: int = opt(48, "square input size in px")
+    aug_preset: str = opt("light", "training augmentation preset", _augs)
+    workers: int = opt(-1, "DataLoader worker processes; -1 = one per CPU core, up to 8")
+    # --- model ---
+    model: str = opt("resnet10t", "any timm model name (timm.list_models())")
+    pretrained: bool = opt(False, "load the model's pretrained weights from the hub (needs internet)")
+    pretrained_path: str = opt("", "local weight file (.safetensors/.pth) to start from; no download")
+    # --- optimization ---
+    epochs: int = opt(12, "training epochs")
+    batch_size: int = opt(64, "images per optimizer step")
+    lr: float = opt(2e-3, "peak learning rate")
+    weight_decay: float = opt(0.05, "decoupled weight decay (not applied to biases and norm weights)")
+    optimizer: str = opt("adamw", "optimizer name", _optimizers)
+    scheduler: str = opt("cosine", "learning-rate schedule, stepped per iteration", _schedulers)
+    loss: str = opt("ce", "loss name", _losses)
+    amp: bool = opt(True, "mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU")
+    device: str = opt("auto", "auto = cuda when available, else cpu", ("auto", "cpu", "cuda"))
+    seed: int = opt(42, "seed for splits, init, augmentation and sampling")
+    # --- model selection, checkpoints, outputs ---
+    monitor: str = opt("val/f1_macro", "metric that picks the best epoch; its best value goes in the W&B summary")
+    monitor_mode: str = opt("auto", "max or min; auto = min for a *loss key, else max", ("auto", "max", "min"))
+    keep_top_k: int = opt(2, "per-epoch checkpoints kept, ranked by the monitor (best.safetensors and last.safetensors are kept apart)")
+    table_rows: int = opt(200, "max rows in each W&B prediction table")
+    out_dir: str = opt("", "run output folder; '' = runs/<run id>")
+    # --- W&B ---
+    wandb_mode: str = opt("auto", "auto = online when an API key is configured, else offline; WANDB_MODE wins over auto",
+                          ("auto", "online", "offline", "disabled"))
+    project: str = opt("", "W&B project; '' = $WANDB_PROJECT or 'sweepcls'")
+    entity: str = opt("", "W&B entity (team or user); '' = your default")
+    run_name: str = opt("", "W&B run name; '' = W&B's (online) or <model>-<run id> (offline)")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        """Build from any mapping (W&B config, YAML), coercing text and numbers to each field's type."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise UserError(f"unknown config key(s) {unknown}; valid keys: {sorted(fields)}")
+        cfg = cls(**{k: coerce(fields[k], v) for k, v in values.items()})
+        cfg.validate()
+        return cfg
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Reject impossible values early, naming the key and what to do."""
+        for f in dataclasses.fields(self):
+            valid = choices_of(f)
+            if valid is not None and getattr(self, f.name) not in valid:
+                raise UserError(f"--{f.name}={getattr(self, f.name)!r} is not one of {list(valid)}")
+        checks = [
+            (self.lr > 0, "lr must be > 0"),
+            (self.batch_size > 0, "batch_size must be > 0"),
+            (self.epochs > 0, "epochs must be > 0"),
+            (self.img_size >= 8, "img_size must be >= 8 px"),
+            (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
+            (self.folds == 0 or self.folds >= 2, "folds must be 0 (holdout) or >= 2"),
+            (self.folds == 0 or 0 <= self.fold < self.folds, f"fold must satisfy 0 <= fold < folds ({self.folds})"),
+            (self.keep_top_k >= 0 and self.table_rows >= 0, "keep_top_k and table_rows must be >= 0"),
+            (self.weight_decay >= 0, "weight_decay must be >= 0"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(f"invalid config: {msg}")
+
+    @property
+    def maximize(self) -> bool:
+        if self.monitor_mode == "auto":
+            return not self.monitor.endswith("loss")
+        return self.monitor_mode == "max"
+
+
+def choices_of(f: dataclasses.Field):
+    valid = f.metadata.get("choices")
+    return valid() if callable(valid) else valid
+
+
+def parse_bool(text) -> bool:
+    if isinstance(text, bool):
+        return text
+    key = str(text).strip().lower()
+    if key in ("true", "1", "yes"):
+        return True
+    if key in ("false", "0", "no"):
+        return False
+    raise ValueError(f"not a boolean: {text!r} (use True/False/true/false/1/0)")
+
+
+def coerce(f: dataclasses.Field, value):
+    """Convert a value from the CLI, a YAML file or W&B to the field's type, or fail naming the key."""
+    try:
+        if f.type in (bool, "bool"):
+            return parse_bool(value)
+        if f.type in (int, "int"):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"{value} is not a whole number")
+            return int(float(value)) if isinstance(value, str) and "e" in value.lower() else int(value)
+        if f.type in (float, "float"):
+            return float(value)
+        return "" if value is None else str(value)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"config key {f.name!r}: cannot use {value!r} as {f.type}: {e}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
+        description="Train an image classifier; every run is a W&B run. Flags accept --key=value and --key value.")
+    parser.add_argument("--config", default=None, help="YAML file of key: value overrides (below the CLI)")
+    for f in dataclasses.fields(Config):
+        def convert(text, f=f):
+            try:
+                return coerce(f, text)
+            except UserError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        convert.__name__ = f.type if isinstance(f.type, str) else f.type.__name__  # argparse names it in errors
+        parser.add_argument(f"--{f.name}", type=convert, default=f.default, choices=choices_of(f),
+                            metavar=f.name.upper(), help=f.metadata["help"])
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> Config:
+    """defaults < --config FILE.yaml < CLI. Exits with a usage message on an unknown or malformed key."""
+    parser = build_parser()
+    pre_parser = argparse.ArgumentParser(add_help=False)  # only to find --config
+    pre_parser.add_argument("--config")
+    pre, _ = pre_parser.parse_known_args(argv)
+    if pre.config:
+        try:
+            with open(pre.config) as fh:
+                from_file = yaml.safe_load(fh) or {}
+        except OSError as e:
+            parser.error(f"--config {pre.config}: {e.strerror}")
+        if not isinstance(from_file, dict):
+            parser.error(f"--config {pre.config}: expected a mapping of key: value")
+        try:
+            parser.set_defaults(**Config.from_dict(from_file).to_dict())
+        except UserError as e:
+            parser.error(f"--config {pre.config}: {e}")
+    args = vars(parser.parse_args(argv))
+    args.pop("config")
+    try:
+        return Config.from_dict(args)
+    except UserError as e:
+        parser.error(str(e))

@@ -1,0 +1,127 @@
+"""The W&B boundary: the only module that imports wandb. Usage:
+    run = tracking.init(cfg.to_dict(), run_id, out_dir, mode=cfg.wandb_mode, ...)
+    cfg = Config.from_dict(tracking.config(run))   # values a sweep locked win
+    tracking.log_eval_tables(run, "val", ...); tracking.log(run, metrics); tracking.finish(run)
+
+Run files, staged media and artifacts all go under out_dir, so an offline run can be copied and
+synced whole. Mode "auto" means online when an API key is configured, else offline.
+"""
+import netrc
+import os
+import secrets
+import string
+from pathlib import Path
+
+import numpy as np
+import wandb
+
+THUMB_PX = 128  # longest side of table thumbnails
+
+
+def new_run_id() -> str:
+    """The agent's run id under `wandb agent` (it sets WANDB_RUN_ID), else a fresh one."""
+    alphabet = string.ascii_lowercase + string.digits
+    return os.environ.get("WANDB_RUN_ID") or "".join(secrets.choice(alphabet) for _ in range(8))
+
+
+def has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    try:
+        rc = netrc.netrc(os.environ.get("NETRC") or None)
+        return rc.authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_mode(requested: str) -> str:
+    """--wandb_mode beats WANDB_MODE beats auto-detection; offline when no key (no 90 s hang, no prompt)."""
+    if requested != "auto":
+        return requested
+    env = os.environ.get("WANDB_MODE", "").lower()
+    if env in ("online", "offline", "disabled"):
+        return env
+    if env in ("dryrun",):
+        return "offline"
+    return "online" if has_api_key() else "offline"
+
+
+def init(config: dict, run_id: str, out_dir: Path, mode: str, project: str = "", entity: str = "",
+         name: str = "", job_type: str = "train"):
+    mode = resolve_mode(mode)
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["WANDB_DATA_DIR"] = str(out_dir / "wandb-data")  # staged tables, media and artifact files
+    if mode == "offline" and not name:
+        name = f"{config.get('model', 'run')}-{run_id}"
+    run = wandb.init(
+        project=project or os.environ.get("WANDB_PROJECT") or "sweepcls", entity=entity or None,
+        id=run_id, name=name or None, dir=str(out_dir), config=config, mode=mode, job_type=job_type)
+    for key in ("train/*", "val/*", "lr"):
+        run.define_metric(key, step_metric="epoch")
+    if mode == "offline":
+        print(f"W&B is offline (no API key configured). Upload this run later with: wandb sync {run.dir[:-len('/files')]}")
+    return run
+
+
+def config(run) -> dict:
+    """The run's config as W&B holds it, sweep-locked values included."""
+    return {k: v for k, v in dict(run.config).items() if not k.startswith("_")}
+
+
+def log(run, metrics: dict) -> None:
+    run.log(metrics)  # commits the row, with any media logged before it (commit=False)
+
+
+def set_summary(run, values: dict) -> None:
+    for k, v in values.items():
+        run.summary[k] = v
+
+
+def _thumb(image: np.ndarray, caption: str):
+    h, w = image.shape[:2]
+    if max(h, w) > THUMB_PX:
+        import cv2
+        scale = THUMB_PX / max(h, w)
+        image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    return wandb.Image(image, caption=caption)
+
+
+def _prediction_table(rows: np.ndarray, ids, images, y_true, probs, classes):
+    columns = ["id", "image", "true", "pred", "confidence", "correct"] + [f"p_{c}" for c in classes]
+    table = wandb.Table(columns=columns)
+    pred = probs.argmax(1)
+    for r in rows:
+        t, p = int(y_true[r]), int(pred[r])
+        table.add_data(str(ids[r]), _thumb(images(r), f"{classes[t]} -> {classes[p]}"), classes[t], classes[p],
+                       float(probs[r, p]), bool(t == p), *map(float, probs[r]))
+    return table
+
+
+def log_eval_tables(run, prefix: str, ids, images, y_true, probs, classes, metrics: dict, max_rows: int) -> None:
+    """Prediction table, misclassified table (most confident mistakes first), confusion matrix and
+    per-class scores, added to the current history row. `images(i)` returns sample i as HxWx3 uint8."""
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != y_true)
+    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:max_rows]
+    per_class = wandb.Table(columns=["class", "precision", "recall", "f1", "support"], data=[
+        [c, float(metrics["precision"][i]), float(metrics["recall"][i]), float(metrics["f1"][i]),
+         int(metrics["support"][i])] for i, c in enumerate(classes)])
+    run.log({
+        f"{prefix}/predictions": _prediction_table(np.arange(min(max_rows, len(y_true))), ids, images, y_true, probs, classes),
+        f"{prefix}/misclassified": _prediction_table(wrong, ids, images, y_true, probs, classes),
+        f"{prefix}/confusion_matrix": wandb.plot.confusion_matrix(
+            y_true=y_true.tolist(), preds=pred.tolist(), class_names=list(classes)),
+        f"{prefix}/per_class": per_class,
+    }, commit=False)
+
+
+def log_artifact(run, path: Path, name: str, type: str, metadata: dict | None = None, aliases=()) -> None:
+    artifact = wandb.Artifact(name, type=type, metadata=metadata)
+    artifact.add_file(str(path), name=Path(path).name)
+    run.log_artifact(artifact, aliases=list(aliases))
+
+
+def finish(run, exit_code: int = 0) -> None:
+    run.finish(exit_code=exit_code)
