@@ -1,7 +1,8 @@
 """Models: any timm architecture by name. Usage: model = build_model("resnet18", num_classes=10)
 
 Nothing is downloaded unless pretrained=True; pretrained_path loads a local weight file instead
-(timm drops the classifier when its class count differs).
+(a timm/PyTorch state dict or a sweepcls checkpoint); layers whose shape differs, typically the
+classifier of an ImageNet file, keep their fresh initialization.
 """
 import difflib
 import os
@@ -16,14 +17,24 @@ def build_model(name: str, num_classes: int, pretrained: bool = False, pretraine
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
         raise UserError(f"unknown model {name!r}; close timm names: {close or 'none'} (see timm.list_models())")
-    kwargs = {}
-    if pretrained_path and not os.path.isfile(pretrained_path):
-        raise UserError(f"--pretrained_path {pretrained_path}: no such file")
+    model = timm.create_model(name, num_classes=num_classes, pretrained=pretrained and not pretrained_path)
     if pretrained_path:
-        kwargs = dict(pretrained=True, pretrained_cfg_overlay=dict(file=pretrained_path))
-    elif pretrained:
-        kwargs = dict(pretrained=True)
-    return timm.create_model(name, num_classes=num_classes, **kwargs)
+        load_weights(model, pretrained_path)
+    return model
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Copy every tensor of the file whose name and shape match; the rest keeps its initialization."""
+    if not os.path.isfile(path):
+        raise UserError(f"--pretrained_path {path}: no such file")
+    state = timm.models.load_state_dict(path, weights_only=True)
+    own = model.state_dict()
+    kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not kept:
+        raise UserError(f"--pretrained_path {path}: none of its tensors fits this model; "
+                        f"is it a weight file for the same architecture?")
+    fresh = model.load_state_dict(kept, strict=False).missing_keys
+    print(f"loaded {len(kept)}/{len(own)} tensors from {path}" + (f"; freshly initialized: {fresh}" if fresh else ""))
 
 
 def normalization(model: nn.Module) -> tuple[list[float], list[float]]:

@@ -1,0 +1,125 @@
+"""train.py end to end in W&B's real offline mode; the run is read back with wandb's own reader."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY_MODEL, read_run, run_train
+
+pytestmark = pytest.mark.slow
+
+
+def merged(records, kind):
+    out = {}
+    for r in records:
+        if r["type"] == kind:
+            out.update(r[kind]["update"])
+    return out
+
+
+def staged_table(records, summary, key) -> dict:
+    """The table JSON W&B staged for `key` (its image cells point at staged PNGs of the same artifact)."""
+    client_id = summary[f"{key}.artifact_path"].split("://")[1].split("/")[0]
+    artifact = next(r["artifact"] for r in records if r["type"] == "artifact" and r["artifact"]["client_id"] == client_id)
+    files = {c["path"]: Path(c["local_path"]) for c in artifact["manifest"]["contents"]}
+    table = json.loads(files[f"{key}.table.json"].read_text())
+    return table, files
+
+
+def test_competition_folder_run(competition, tmp_path):
+    out = tmp_path / "out"
+    args = ["--data", str(competition), "--model", TINY_MODEL, "--img_size", "32", "--epochs=3", "--workers=0",
+            "--batch_size=32", "--lr=0.01", "--table_rows=20", "--keep_top_k=1", f"--out_dir={out}"]
+    run_train(args)
+    run_dir = next((out / "wandb").glob("offline-run-*"))
+    records = read_run(run_dir)
+    run_id = run_dir.name.rsplit("-", 1)[1]
+
+    config = merged(records, "config") | next(r["run"]["config"]["update"] for r in records if r["type"] == "run")
+    assert config["model"] == TINY_MODEL and config["img_size"] == 32 and config["epochs"] == 3
+    assert config["lr"] == 0.01 and config["data"] == str(competition) and config["pretrained"] is False
+
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]
+    for h in history:
+        assert {"train/loss", "val/loss", "val/acc", "val/f1_macro", "val/acsa", "lr", "val/f1/zero"} <= set(h)
+
+    summary = merged(records, "summary")
+    scores = [h["val/f1_macro"] for h in history]
+    assert summary["val/f1_macro"] == max(scores)
+    assert summary["best_epoch"] == 1 + scores.index(max(scores))
+    assert [r["exit"]["exit_code"] for r in records if r["type"] == "exit"] == [0]
+
+    table, files = staged_table(records, summary, "val/predictions")
+    assert {"id", "image", "true", "pred", "confidence", "correct", "p_zero", "p_nine"} <= set(table["columns"])
+    assert 0 < len(table["data"]) <= 20
+    col = {c: i for i, c in enumerate(table["columns"])}
+    image_cell = table["data"][0][col["image"]]
+    assert image_cell["_type"] == "image-file" and files[image_cell["path"]].stat().st_size > 0
+    wrong, _ = staged_table(records, summary, "val/misclassified")
+    wcol = {c: i for i, c in enumerate(wrong["columns"])}
+    assert all(row[wcol["true"]] != row[wcol["pred"]] for row in wrong["data"])
+    assert "val/confusion_matrix_table.artifact_path" in summary and "val/per_class.artifact_path" in summary
+
+    models = [r["artifact"] for r in records if r["type"] == "artifact" and r["artifact"]["name"] == f"model-{run_id}"]
+    best_artifact = [a for a in models if "best" in a["aliases"]][-1]
+    assert f"epoch-{summary['best_epoch']}" in best_artifact["aliases"]
+    staged_ckpt = Path(best_artifact["manifest"]["contents"][0]["local_path"])
+    assert staged_ckpt.read_bytes() == (out / "best.safetensors").read_bytes()
+    assert staged_ckpt.is_relative_to(out)  # staged under the run's own folder: copy it and sync it whole
+    assert json.loads(best_artifact["metadata"])["classes"][0] == "zero"
+
+    # the checkpoint alone rebuilds the model; its validation predictions equal the logged ones
+    from datasets import ImageDataset, load_data, split_indices
+    from datasets.transforms import eval_transform
+    from utils.checkpoint import load_model
+    from utils.config import Config
+    model, meta = load_model(out / "best.safetensors")
+    cfg = Config.from_dict(meta["config"])
+    data = load_data(cfg.data, cfg.image_col, cfg.label_col, cfg.group_col)
+    _, val_idx = split_indices(data.labels, data.groups, cfg.val_fraction, cfg.folds, cfg.fold, cfg.seed)
+    by_id = {data.ids[i]: i for i in val_idx}
+    rows = [by_id[row[col["id"]]] for row in table["data"]]
+    ds = ImageDataset([data.items[i] for i in rows], data.labels[rows], eval_transform(meta["img_size"], meta["mean"], meta["std"]))
+    with torch.no_grad():
+        probs = model(torch.stack([ds[i][0] for i in range(len(ds))])).softmax(1).numpy()
+    assert [meta["classes"][p] for p in probs.argmax(1)] == [row[col["pred"]] for row in table["data"]]
+    logged = np.array([[row[col[f"p_{c}"]] for c in meta["classes"]] for row in table["data"]])
+    np.testing.assert_allclose(probs, logged, atol=1e-5)
+
+    with open(competition / "sample_submission.csv") as fh:
+        sample_ids = [r["ID"] for r in csv.DictReader(fh)]
+    with open(out / "submission.csv") as fh:
+        sub = list(csv.DictReader(fh))
+    assert [r["ID"] for r in sub] == sample_ids
+    assert {int(r["target"]) for r in sub} <= set(range(10))
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["best.safetensors", f"epoch-{summary['best_epoch']:03d}.safetensors", "last.safetensors"]
+
+
+def test_digits_demo_logs_test_scores(tmp_path):
+    out = tmp_path / "out"
+    run_train(["--model", TINY_MODEL, "--img_size=32", "--epochs=1", "--workers=0", "--table_rows=5", f"--out_dir={out}"])
+    summary = merged(read_run(next((out / "wandb").glob("offline-run-*"))), "summary")
+    assert 0 <= summary["test/f1_macro"] <= 1 and 0 <= summary["test/acc"] <= 1
+    with open(out / "submission.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 360 and all(r["ID"].startswith("digit-") for r in rows)
+
+
+def test_bad_input_fails_with_one_line_and_a_failed_run(tmp_path):
+    out = tmp_path / "out"
+    proc = run_train(["--data", str(tmp_path / "nope"), f"--out_dir={out}"], check=False)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr and f"--data {tmp_path / 'nope'}" in proc.stderr
+    records = read_run(next((out / "wandb").glob("offline-run-*")))
+    assert [r["exit"]["exit_code"] for r in records if r["type"] == "exit"] == [1]
+    assert "not 'digits' and not a folder" in merged(records, "summary")["error"]
+
+
+def test_unknown_key_exits_before_any_run(tmp_path):
+    proc = run_train(["--learning_rate=0.1", f"--out_dir={tmp_path / 'out'}"], check=False)
+    assert proc.returncode == 2 and "--learning_rate" in proc.stderr
+    assert not (tmp_path / "out").exists()
