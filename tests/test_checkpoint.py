@@ -1,0 +1,59 @@
+"""Checkpoints: self-contained rebuild, top-k retention that never loses the best, atomic writes."""
+import json
+
+import pytest
+import torch
+
+from conftest import TINY_MODEL
+from models import build_model
+from utils.checkpoint import CheckpointKeeper, atomic_write_bytes, load_model, read_meta
+
+
+def meta_for(epoch):
+    return {"model": TINY_MODEL, "classes": ["a", "b", "c"], "img_size": 32, "mean": [0.5] * 3,
+            "std": [0.5] * 3, "epoch": epoch, "config": {"lr": 0.1}}
+
+
+def test_rebuild_from_checkpoint_alone(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(TINY_MODEL, 3).eval()
+    CheckpointKeeper(tmp_path, keep_top_k=1, maximize=True).update(model, meta_for(1), 1, 0.5)
+    rebuilt, meta = load_model(tmp_path / "best.safetensors")
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), rebuilt(x))
+    assert meta == meta_for(1)
+    assert json.loads(json.dumps(meta)) == meta  # JSON types only
+
+
+@pytest.mark.parametrize("maximize", [True, False])
+def test_top_k_keeps_best_and_last(tmp_path, maximize):
+    model = build_model(TINY_MODEL, 3)
+    keeper = CheckpointKeeper(tmp_path, keep_top_k=2, maximize=maximize)
+    scores = [0.3, 0.7, 0.5, 0.6, 0.2]
+    flags = [keeper.update(model, meta_for(e), e, s) for e, s in enumerate(scores, 1)]
+    order = sorted(range(1, 6), key=lambda e: scores[e - 1], reverse=maximize)
+    best = order[0]
+    assert keeper.best_epoch == best and read_meta(tmp_path / "best.safetensors")["epoch"] == best
+    assert read_meta(tmp_path / "last.safetensors")["epoch"] == 5
+    kept = sorted(p.name for p in tmp_path.glob("epoch-*.safetensors"))
+    assert kept == sorted(f"epoch-{e:03d}.safetensors" for e in order[:2])
+    assert flags == [s == (max if maximize else min)(scores[:i + 1]) for i, s in enumerate(scores)]
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_keep_top_k_zero_keeps_only_best_and_last(tmp_path):
+    model = build_model(TINY_MODEL, 3)
+    keeper = CheckpointKeeper(tmp_path / "run", keep_top_k=0, maximize=True)
+    for e, s in enumerate([0.9, 0.1, 0.2], 1):
+        keeper.update(model, meta_for(e), e, s)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.safetensors", "last.safetensors"]
+    assert read_meta(tmp_path / "run" / "best.safetensors")["epoch"] == 1
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    path = tmp_path / "sub" / "f.bin"
+    atomic_write_bytes(path, b"old")
+    atomic_write_bytes(path, b"new content")
+    assert path.read_bytes() == b"new content"
+    assert [p.name for p in path.parent.iterdir()] == ["f.bin"]

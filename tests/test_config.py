@@ -1,0 +1,103 @@
+"""Config: CLI forms, booleans, unknown keys, precedence defaults < file < CLI < sweep-locked."""
+import dataclasses
+
+import pytest
+import yaml
+
+from utils import UserError, tracking
+from utils.config import Config, build_parser, parse_config
+
+
+@pytest.mark.parametrize("text,expected", [("True", True), ("False", False), ("true", True), ("false", False),
+                                           ("1", True), ("0", False)])
+def test_booleans(text, expected):
+    assert parse_config([f"--pretrained={text}"]).pretrained is expected
+    assert parse_config(["--amp", text]).amp is expected
+
+
+def test_both_flag_forms_and_types():
+    cfg = parse_config(["--lr=0.01", "--epochs", "3", "--model", "resnet18", "--img_size=96"])
+    assert (cfg.lr, cfg.epochs, cfg.model, cfg.img_size) == (0.01, 3, "resnet18", 96)
+    assert isinstance(cfg.epochs, int) and isinstance(cfg.lr, float)
+
+
+@pytest.mark.parametrize("argv", [["--learning_rate=0.1"], ["--lr"], ["--pretrained=maybe"], ["--epochs=2.5"],
+                                  ["--loss=nope"], ["--wandb_mode=cloud"], ["--lr=-1"], ["--folds=5", "--fold=5"],
+                                  ["--epoch=3"]])  # --epoch: no abbreviations, a sweep typo must fail
+def test_bad_flags_exit_with_usage(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(argv)
+    assert e.value.code == 2
+    assert argv[-1].split("=")[0].lstrip("-") in capsys.readouterr().err  # the message names the key
+
+
+def test_help_lists_every_key_with_default(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for f in dataclasses.fields(Config):
+        assert f"--{f.name}" in text
+        assert f"(default: {f.default})" in text or (f.default == "" and "(default: )" in text)
+
+
+def test_file_below_cli(tmp_path):
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"lr": 0.1, "epochs": 7, "pretrained": "true"}))
+    cfg = parse_config(["--config", str(path), "--lr=0.2"])
+    assert (cfg.lr, cfg.epochs, cfg.pretrained) == (0.2, 7, True)
+
+
+def test_file_with_unknown_key_fails(tmp_path, capsys):
+    path = tmp_path / "exp.yaml"
+    path.write_text("lr: 0.1\nlearning_rate: 0.3\n")
+    with pytest.raises(SystemExit):
+        parse_config(["--config", str(path)])
+    assert "learning_rate" in capsys.readouterr().err
+
+
+def test_sweep_locked_value_wins(tmp_path, monkeypatch):
+    """wandb.init applies WANDB_SWEEP_PARAM_PATH (what `wandb agent` sets) over our config; we read it back."""
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"lr": {"value": 0.5}, "epochs": {"value": 4}}))
+    monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(params))
+    cfg = parse_config(["--lr=0.2", "--epochs=9", "--batch_size=16"])
+    run = tracking.init(cfg.to_dict(), "lockedrun", tmp_path / "out", mode="offline")
+    try:
+        back = Config.from_dict(tracking.config(run))
+    finally:
+        tracking.finish(run)
+    assert (back.lr, back.epochs, back.batch_size) == (0.5, 4, 16)
+
+
+def test_from_dict_coerces_and_refuses():
+    cfg = Config.from_dict({"lr": "0.01", "epochs": 3.0, "pretrained": "False", "run_name": None})
+    assert (cfg.lr, cfg.epochs, cfg.pretrained, cfg.run_name) == (0.01, 3, False, "")
+    with pytest.raises(UserError, match="extra_key"):
+        Config.from_dict({"extra_key": 1})
+    with pytest.raises(UserError, match="epochs"):
+        Config.from_dict({"epochs": 2.5})
+
+
+def test_monitor_direction():
+    assert Config().maximize and not Config(monitor="val/loss").maximize
+    assert Config(monitor="val/loss", monitor_mode="max").maximize
+
+
+def test_wandb_mode_resolution(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE")
+    assert tracking.resolve_mode("auto") == "offline"  # no key anywhere: offline, never a prompt
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert tracking.resolve_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert tracking.resolve_mode("auto") == "disabled"
+    assert tracking.resolve_mode("offline") == "offline"
+    monkeypatch.delenv("WANDB_API_KEY")
+    monkeypatch.delenv("WANDB_MODE")
+    (tmp_path / "netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40 + "\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    assert tracking.resolve_mode("auto") == "online"
+
+
+def test_parser_flags_match_fields():
+    flags = {a.dest for a in build_parser()._actions} - {"help", "config"}
+    assert flags == {f.name for f in dataclasses.fields(Config)}

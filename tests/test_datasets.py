@@ -1,0 +1,133 @@
+"""Loading: CSV with int and name labels, ImageFolder, image modes, splits, seeded augmentation."""
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import NAMES, make_competition_folder
+from datasets import (ImageDataset, SeededSampler, load_data, load_image, split_indices, write_submission)
+from datasets.transforms import AUGS, eval_transform
+from utils import UserError
+
+
+def test_csv_int_labels_with_meta(competition):
+    data = load_data(str(competition))
+    assert data.classes == NAMES and data.targets == list(range(10))
+    with open(competition / "train.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["target"]) for r in rows] == data.labels.tolist()
+    assert data.ids[0] == rows[0]["ID"] and data.items[0] == competition / "train" / rows[0]["ID"]
+    assert len(data.test_ids) == 40 and data.test_labels is None
+
+
+def test_csv_name_labels_without_meta(tmp_path):
+    root = make_competition_folder(tmp_path / "c", n_train=60, n_test=5, name_labels=True, with_meta=False)
+    data = load_data(str(root))
+    assert data.classes == sorted(NAMES) and data.targets == sorted(NAMES)
+    with open(root / "train.csv") as fh:
+        names = [r["target"] for r in csv.DictReader(fh)]
+    assert [data.classes[i] for i in data.labels] == names
+    write_submission(tmp_path / "sub.csv", data, np.arange(5))
+    with open(tmp_path / "sub.csv") as fh:
+        sub = list(csv.DictReader(fh))
+    assert [r["target"] for r in sub] == sorted(NAMES)[:5]  # a submission speaks the CSV's label language
+
+
+def test_csv_errors_name_the_problem(tmp_path):
+    root = make_competition_folder(tmp_path / "c", n_train=30, n_test=3)
+    with pytest.raises(UserError, match="no column 'label'.*--label_col"):
+        load_data(str(root), label_col="label")
+    rows = (root / "train.csv").read_text().splitlines()
+    (root / "train.csv").write_text("\n".join(rows[:5] + ["tr_0005.png,42"] + rows[6:]) + "\n")
+    with pytest.raises(UserError, match=r"\(6, '42'\)"):
+        load_data(str(root))
+    (root / "train.csv").write_text("\n".join(rows[:5] + ["missing.png,3"] + rows[6:]) + "\n")
+    with pytest.raises(UserError, match="missing.png"):
+        load_data(str(root))
+
+
+def _write_images(folder, n, size=(20, 24)):
+    folder.mkdir(parents=True)
+    for i in range(n):
+        Image.fromarray(np.full((*size, 3), 40 * i % 255, np.uint8)).save(folder / f"im{i}.png")
+
+
+def test_image_folder_flat_and_with_test(tmp_path):
+    for c, n in [("cat", 3), ("dog", 4)]:
+        _write_images(tmp_path / "flat" / c, n)
+        _write_images(tmp_path / "split" / "train" / c, n)
+    _write_images(tmp_path / "split" / "test", 5)
+    flat = load_data(str(tmp_path / "flat"))
+    assert flat.classes == ["cat", "dog"] and flat.labels.tolist() == [0] * 3 + [1] * 4 and flat.test_items is None
+    split = load_data(str(tmp_path / "split"))
+    assert split.classes == ["cat", "dog"] and len(split.items) == 7
+    assert split.test_ids == [f"im{i}.png" for i in range(5)] and split.test_labels is None
+    (tmp_path / "flat" / "empty").mkdir()
+    with pytest.raises(UserError, match="'empty' has no images"):
+        load_data(str(tmp_path / "flat"))
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16", "CMYK", "LA"])
+def test_any_image_mode_becomes_rgb(tmp_path, mode):
+    path = tmp_path / ("im.tif" if mode in ("I;16", "CMYK") else "im.png")
+    Image.new("RGB", (10, 7), (200, 30, 90)).convert(mode).save(path)
+    image = load_image(path)
+    assert image.shape == (7, 10, 3) and image.dtype == np.uint8
+
+
+def test_group_split_never_leaks_and_is_deterministic(tmp_path):
+    root = make_competition_folder(tmp_path / "c", n_train=240, n_test=2, groups=True)
+    data = load_data(str(root), group_col="group")
+    for folds, fold in [(0, 0), (4, 2)]:
+        tr, va = split_indices(data.labels, data.groups, 0.25, folds, fold, seed=3)
+        assert not set(data.groups[tr]) & set(data.groups[va])
+        assert len(tr) + len(va) == 240 and len(va) > 0
+        again = split_indices(data.labels, data.groups, 0.25, folds, fold, seed=3)
+        assert np.array_equal(tr, again[0]) and np.array_equal(va, again[1])
+    folds = [split_indices(data.labels, data.groups, 0.2, 4, k, seed=0)[1] for k in range(4)]
+    assert sorted(np.concatenate(folds).tolist()) == list(range(240))  # the K folds partition the data
+
+
+def test_holdout_is_stratified():
+    labels = np.repeat(np.arange(4), [100, 50, 30, 20])
+    tr, va = split_indices(labels, None, 0.2, 0, 0, seed=0)
+    assert np.bincount(labels[va]).tolist() == [20, 10, 6, 4]
+    assert not set(tr) & set(va)
+    assert not np.array_equal(va, split_indices(labels, None, 0.2, 0, 0, seed=1)[1])
+
+
+def test_digits_test_split_is_noisy():
+    data = load_data("digits")
+    assert len(data.items) + len(data.test_items) == 1797
+    assert data.items[0].shape == data.test_items[0].shape == (64, 64, 3)
+    clean_bg = np.mean([im[:4, :4].std() for im in data.items])
+    noisy_bg = np.mean([im[:4, :4].std() for im in data.test_items])
+    assert noisy_bg > clean_bg + 5  # Gaussian noise and colour shift reach the background
+    assert np.bincount(data.test_labels).min() >= 30
+
+
+@pytest.mark.parametrize("preset", sorted(AUGS))
+def test_presets_give_model_ready_tensors(preset):
+    image = np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8)
+    out = AUGS[preset](40, (0.5,) * 3, (0.5,) * 3)(image=image)["image"]
+    assert out.shape == (3, 40, 40) and out.dtype == torch.float32
+    ref = eval_transform(40, (0.5,) * 3, (0.5,) * 3)(image=image)["image"]
+    assert ref.min() >= -1 and ref.max() <= 1
+
+
+def test_augmentation_is_seeded_per_sample_not_per_worker():
+    rng = np.random.default_rng(0)
+    items = [rng.integers(0, 255, (24, 24, 3), dtype=np.uint8) for _ in range(12)]
+    ds = ImageDataset(items, np.zeros(12, dtype=np.int64), AUGS["light"](24, (0.5,) * 3, (0.5,) * 3))
+
+    def batches(workers, epoch):
+        sampler = SeededSampler(len(ds), seed=7)
+        sampler.set_epoch(epoch)
+        loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, num_workers=workers)
+        return [(x, i) for x, _, i in loader]
+
+    for (x0, i0), (x2, i2) in zip(batches(0, 1), batches(2, 1)):
+        assert torch.equal(i0, i2) and torch.equal(x0, x2)
+    assert not all(torch.equal(a[1], b[1]) for a, b in zip(batches(0, 1), batches(0, 2)))  # reshuffled per epoch
