@@ -167,8 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
             except UserError as e:
                 raise argparse.ArgumentTypeError(str(e)) from None
         convert.__name__ = f.type if isinstance(f.type, str) else f.type.__name__  # argparse names it in errors
-        parser.add_argument(f"--{f.name}", type=convert, default=f.default, choices=choices_of(f),
-                            metavar=f.name.upper(), help=f.metadata["help"])
+        valid = choices_of(f)
+        parser.add_argument(f"--{f.name}", type=convert, default=f.default, choices=valid, metavar=convert.__name__.upper(),
+                            help=f.metadata["help"] + (f"; one of {', '.join(valid)}" if valid else ""))
     return parser
 
 
