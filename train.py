@@ -112,7 +112,7 @@ def fit(cfg: Config, run, out_dir: Path) -> None:
     eval_tf = eval_transform(cfg.img_size, mean, std)
     workers = cfg.workers if cfg.workers >= 0 else min(8, os.cpu_count() or 1)
     train_ds = ImageDataset([data.items[i] for i in train_idx], data.labels[train_idx],
-                            AUGS[cfg.aug_preset](cfg.img_size, mean, std))
+                            AUGS.build(cfg.aug_preset, cfg.img_size, mean, std))
     sampler = SeededSampler(len(train_ds), cfg.seed)
     train_loader = make_loader(train_ds, cfg.batch_size, workers, device, sampler, drop_last=len(train_ds) > cfg.batch_size)
     val_loader = make_loader(ImageDataset([data.items[i] for i in val_idx], y_val, eval_tf), cfg.batch_size, workers, device)

@@ -6,15 +6,9 @@ Every pipeline ends with resize to img_size x img_size, normalization with the m
 import albumentations as A
 from albumentations.pytorch import ToTensorV2
 
-AUGS = {}
+from utils.registry import Registry
 
-
-def register(name):
-    def add(fn):
-        assert name not in AUGS, f"augmentation preset {name!r} registered twice"
-        AUGS[name] = fn
-        return fn
-    return add
+AUGS = Registry("augmentation preset")
 
 
 def _finish(img_size, mean, std):
@@ -25,12 +19,12 @@ def eval_transform(img_size: int, mean, std) -> A.Compose:
     return A.Compose(_finish(img_size, mean, std))
 
 
-@register("none")
+@AUGS.register("none")
 def no_aug(img_size, mean, std) -> A.Compose:
     return eval_transform(img_size, mean, std)
 
 
-@register("light")
+@AUGS.register("light")
 def light(img_size, mean, std) -> A.Compose:
     """Small geometric jitter and mild photometric noise: safe for digits, documents and photos alike."""
     return A.Compose([

@@ -4,23 +4,15 @@ Losses are called on fp32 logits (train.py casts), so they stay exact under AMP.
 """
 import torch.nn as nn
 
-LOSSES = {}
+from utils.registry import Registry
 
-
-def register(name):
-    def add(fn):
-        assert name not in LOSSES, f"loss {name!r} registered twice"
-        LOSSES[name] = fn
-        return fn
-    return add
+LOSSES = Registry("loss")
 
 
 def build_loss(name: str, **kw) -> nn.Module:
-    if name not in LOSSES:
-        raise KeyError(f"unknown loss {name!r}; known: {sorted(LOSSES)}")
-    return LOSSES[name](**kw)
+    return LOSSES.build(name, **kw)
 
 
-@register("ce")
+@LOSSES.register("ce")
 def cross_entropy(**_) -> nn.Module:
     return nn.CrossEntropyLoss()

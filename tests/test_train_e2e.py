@@ -123,3 +123,11 @@ def test_unknown_key_exits_before_any_run(tmp_path):
     proc = run_train(["--learning_rate=0.1", f"--out_dir={tmp_path / 'out'}"], check=False)
     assert proc.returncode == 2 and "--learning_rate" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_disabled_mode_still_saves_work_but_stages_nothing(tmp_path):
+    out = tmp_path / "out"
+    run_train(["--model", TINY_MODEL, "--img_size=32", "--epochs=1", "--workers=0", "--wandb_mode=disabled",
+               f"--out_dir={out}"])
+    assert sorted(p.name for p in out.iterdir()) == ["best.safetensors", "epoch-001.safetensors",
+                                                      "last.safetensors", "submission.csv"]

@@ -102,6 +102,8 @@ def _prediction_table(rows: np.ndarray, ids, images, y_true, probs, classes):
 def log_eval_tables(run, prefix: str, ids, images, y_true, probs, classes, metrics: dict, max_rows: int) -> None:
     """Prediction table, misclassified table (most confident mistakes first), confusion matrix and
     per-class scores, added to the current history row. `images(i)` returns sample i as HxWx3 uint8."""
+    if run.settings.mode == "disabled":  # nothing would keep them; skip decoding and staging images
+        return
     pred = probs.argmax(1)
     wrong = np.flatnonzero(pred != y_true)
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:max_rows]
@@ -118,6 +120,8 @@ def log_eval_tables(run, prefix: str, ids, images, y_true, probs, classes, metri
 
 
 def log_artifact(run, path: Path, name: str, type: str, metadata: dict | None = None, aliases=()) -> None:
+    if run.settings.mode == "disabled":  # W&B would still stage a copy of the file
+        return
     artifact = wandb.Artifact(name, type=type, metadata=metadata)
     artifact.add_file(str(path), name=Path(path).name)
     run.log_artifact(artifact, aliases=list(aliases))
