@@ -20,6 +20,9 @@ def test_csv_int_labels_with_meta(competition):
     assert [int(r["target"]) for r in rows] == data.labels.tolist()
     assert data.ids[0] == rows[0]["ID"] and data.items[0] == competition / "train" / rows[0]["ID"]
     assert len(data.test_ids) == 40 and data.test_labels is None
+    names = [NAMES[int(r["target"])] for r in rows]  # the same labels written as class names
+    (competition / "train.csv").write_text("ID,target\n" + "".join(f"{r['ID']},{n}\n" for r, n in zip(rows, names)))
+    assert load_data(str(competition)).labels.tolist() == data.labels.tolist()
 
 
 def test_csv_name_labels_without_meta(tmp_path):
@@ -64,6 +67,12 @@ def test_image_folder_flat_and_with_test(tmp_path):
     split = load_data(str(tmp_path / "split"))
     assert split.classes == ["cat", "dog"] and len(split.items) == 7
     assert split.test_ids == [f"im{i}.png" for i in range(5)] and split.test_labels is None
+    for c, n in [("cat", 2), ("dog", 1)]:
+        _write_images(tmp_path / "split" / "test_labelled" / c, n)
+    (tmp_path / "split" / "test").rename(tmp_path / "split" / "test_flat")
+    (tmp_path / "split" / "test_labelled").rename(tmp_path / "split" / "test")
+    labelled = load_data(str(tmp_path / "split"))
+    assert labelled.test_labels.tolist() == [0, 0, 1] and labelled.test_ids[0] == "cat/im0.png"
     (tmp_path / "flat" / "empty").mkdir()
     with pytest.raises(UserError, match="'empty' has no images"):
         load_data(str(tmp_path / "flat"))

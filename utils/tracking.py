@@ -61,7 +61,7 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, project: str = "",
     for key in ("train/*", "val/*", "lr"):
         run.define_metric(key, step_metric="epoch")
     if mode == "offline":
-        print(f"W&B is offline (no API key configured). Upload this run later with: wandb sync {run.dir[:-len('/files')]}")
+        print(f"W&B is offline (no API key configured). Upload this run later with: wandb sync {Path(run.dir).parent}")
     return run
 
 
