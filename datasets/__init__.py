@@ -146,7 +146,8 @@ def _list_images(folder: Path) -> list[Path]:
 
 def _load_image_folder(root: Path) -> Data:
     train_dir = root / "train" if (root / "train").is_dir() else root
-    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir() and d.name != "test")
+    # "test" is the test set, hidden folders (.ipynb_checkpoints) are not classes
+    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir() and d.name != "test" and not d.name.startswith("."))
     if not classes:
         raise UserError(f"{train_dir}: no class folders; expected {train_dir}/<class>/<image> or a train.csv")
     items, labels = [], []
@@ -160,8 +161,8 @@ def _load_image_folder(root: Path) -> Data:
                 ids=[str(p.relative_to(train_dir)) for p in items])
 
     test_dir = root / "test"
-    if test_dir.is_dir() and train_dir != root:
-        sub = sorted(d.name for d in test_dir.iterdir() if d.is_dir())
+    if test_dir.is_dir():
+        sub = sorted(d.name for d in test_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
         if sub:  # labelled test folder: test/<class>/*
             unknown = sorted(set(sub) - set(classes))
             if unknown:

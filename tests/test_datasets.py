@@ -62,6 +62,7 @@ def test_image_folder_flat_and_with_test(tmp_path):
         _write_images(tmp_path / "flat" / c, n)
         _write_images(tmp_path / "split" / "train" / c, n)
     _write_images(tmp_path / "split" / "test", 5)
+    (tmp_path / "flat" / ".ipynb_checkpoints").mkdir()
     flat = load_data(str(tmp_path / "flat"))
     assert flat.classes == ["cat", "dog"] and flat.labels.tolist() == [0] * 3 + [1] * 4 and flat.test_items is None
     split = load_data(str(tmp_path / "split"))
