@@ -36,13 +36,14 @@ def has_api_key() -> bool:
 
 
 def resolve_mode(requested: str) -> str:
-    """--wandb_mode beats WANDB_MODE beats auto-detection; offline when no key (no 90 s hang, no prompt)."""
+    """--wandb_mode beats WANDB_MODE beats auto-detection. Without a key, online wandb.init would
+    fail or prompt, so auto means offline then."""
     if requested != "auto":
         return requested
     env = os.environ.get("WANDB_MODE", "").lower()
     if env in ("online", "offline", "disabled"):
         return env
-    if env in ("dryrun",):
+    if env == "dryrun":  # wandb's old name for offline
         return "offline"
     return "online" if has_api_key() else "offline"
 
@@ -61,7 +62,7 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, project: str = "",
     for key in ("train/*", "val/*", "lr"):
         run.define_metric(key, step_metric="epoch")
     if mode == "offline":
-        print(f"W&B is offline (no API key configured). Upload this run later with: wandb sync {Path(run.dir).parent}")
+        print(f"W&B is offline. Upload this run later with: wandb sync {Path(run.dir).parent}")
     return run
 
 
