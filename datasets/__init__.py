@@ -18,6 +18,7 @@ from PIL import Image, ImageOps
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
 
 from utils import UserError
+from utils.checkpoint import atomic_write_bytes
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
@@ -233,7 +234,6 @@ class SeededSampler(torch.utils.data.Sampler):
 
 def write_submission(path: Path, data: Data, pred: np.ndarray) -> None:
     """ID,target rows in the order of data.test_ids (the sample submission's order where there is one)."""
-    from utils.checkpoint import atomic_write_bytes
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     writer.writerow(data.submission_columns)
