@@ -54,14 +54,17 @@ def make_loader(dataset, batch_size: int, workers: int, device: torch.device, sa
 
 
 # ----------------------------------------------------------------------------- train / predict
+def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
+
+
 def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device, amp_dtype, desc="") -> float:
     model.train()
     total, seen = 0.0, 0
     for images, labels, _ in tqdm(loader, desc=desc, leave=False, disable=None):
-        images = images.to(device, non_blocking=True)
+        images = to_input(images, device)
         labels = labels.to(device, non_blocking=True)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
         loss = loss_fn(logits.float(), labels)  # losses in fp32, also under AMP
@@ -80,11 +83,8 @@ def predict_logits(model, loader, device, amp_dtype) -> np.ndarray:
     model.eval()
     out = []
     for images, _, _ in tqdm(loader, desc="predict", leave=False, disable=None):
-        images = images.to(device, non_blocking=True)
-        if device.type == "cuda":
-            images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out.append(model(images).float().cpu())
+            out.append(model(to_input(images, device)).float().cpu())
     return torch.cat(out).numpy()
 
 

@@ -66,9 +66,10 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
 
 
 def _require_columns(path: Path, header: list[str], wanted: dict[str, str]) -> None:
-    for flag, col in wanted.items():
+    """wanted: column -> where its name comes from, for the message."""
+    for col, source in wanted.items():
         if col and col not in header:
-            raise UserError(f"{path}: no column {col!r} (set by --{flag}); columns are {header}")
+            raise UserError(f"{path}: no column {col!r} ({source}); columns are {header}")
 
 
 def _is_int(text: str) -> bool:
@@ -93,7 +94,8 @@ def _check_files(paths: list[Path], what: str) -> None:
 def _load_csv(root: Path, image_col: str, label_col: str, group_col: str) -> Data:
     train_csv = root / "train.csv"
     header, rows = _read_csv(train_csv)
-    _require_columns(train_csv, header, {"image_col": image_col, "label_col": label_col, "group_col": group_col})
+    _require_columns(train_csv, header, {image_col: "set by --image_col", label_col: "set by --label_col",
+                                         group_col: "set by --group_col"})
     if not rows:
         raise UserError(f"{train_csv} has no rows")
     raw = [r[label_col].strip() for r in rows]
@@ -101,7 +103,7 @@ def _load_csv(root: Path, image_col: str, label_col: str, group_col: str) -> Dat
     meta_csv = root / "meta.csv"
     if meta_csv.is_file():  # target -> class_name, in target order
         meta_header, meta_rows = _read_csv(meta_csv)
-        _require_columns(meta_csv, meta_header, {"label_col": label_col, "(meta.csv)": "class_name"})
+        _require_columns(meta_csv, meta_header, {label_col: "set by --label_col", "class_name": "meta.csv maps labels to names"})
         meta_rows.sort(key=lambda r: int(r[label_col]) if _is_int(r[label_col]) else r[label_col])
         targets = [int(r[label_col]) if _is_int(r[label_col]) else r[label_col] for r in meta_rows]
         classes = [r["class_name"] for r in meta_rows]

@@ -6,6 +6,7 @@ Every field is a CLI flag of the same snake_case name, the name `wandb agent` pa
 """
 import argparse
 import dataclasses
+import importlib
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -19,24 +20,9 @@ def opt(default, help, choices: Callable[[], list] | tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
-def _losses():
-    from losses import LOSSES
-    return sorted(LOSSES)
-
-
-def _optimizers():
-    from optim import OPTIMIZERS
-    return sorted(OPTIMIZERS)
-
-
-def _schedulers():
-    from optim import SCHEDULERS
-    return sorted(SCHEDULERS)
-
-
-def _augs():
-    from datasets.transforms import AUGS
-    return sorted(AUGS)
+def _names(module: str, table: str) -> Callable[[], list]:
+    """Valid values of a key, read from a registry when asked (keeps this module free of torch imports)."""
+    return lambda: sorted(getattr(importlib.import_module(module), table))
 
 
 @dataclass
@@ -51,7 +37,7 @@ class Config:
     folds: int = opt(0, "K >= 2: K-fold cross-validation, validate on fold `fold`; 0 = one stratified holdout")
     fold: int = opt(0, "which fold validates, 0 <= fold < folds")
     img_size: int = opt(48, "square input size in px")
-    aug_preset: str = opt("light", "training augmentation preset", _augs)
+    aug_preset: str = opt("light", "training augmentation preset", _names("datasets.transforms", "AUGS"))
     workers: int = opt(-1, "DataLoader worker processes; -1 = one per CPU core, up to 8")
     # --- model ---
     model: str = opt("resnet10t", "any timm model name (timm.list_models())")
@@ -62,9 +48,9 @@ class Config:
     batch_size: int = opt(64, "images per optimizer step")
     lr: float = opt(2e-3, "peak learning rate")
     weight_decay: float = opt(0.05, "decoupled weight decay (not applied to biases and norm weights)")
-    optimizer: str = opt("adamw", "optimizer name", _optimizers)
-    scheduler: str = opt("cosine", "learning-rate schedule, stepped per iteration", _schedulers)
-    loss: str = opt("ce", "loss name", _losses)
+    optimizer: str = opt("adamw", "optimizer name", _names("optim", "OPTIMIZERS"))
+    scheduler: str = opt("cosine", "learning-rate schedule, stepped per iteration", _names("optim", "SCHEDULERS"))
+    loss: str = opt("ce", "loss name", _names("losses", "LOSSES"))
     amp: bool = opt(True, "mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU")
     device: str = opt("auto", "auto = cuda when available, else cpu", ("auto", "cpu", "cuda"))
     seed: int = opt(42, "seed for splits, init, augmentation and sampling")
