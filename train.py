@@ -6,22 +6,25 @@ Usage:
     python train.py --help                            # every key with its default and meaning
 Under `wandb agent`, the same flags arrive as --key=value and values the sweep locks win.
 """
+import math
 import os
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from timm.data import Mixup
+from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from datasets import ImageDataset, SeededSampler, load_data, load_image, split_indices, write_submission
-from datasets.transforms import AUGS, eval_transform
-from losses import build_loss
-from models import build_model, normalization
-from optim import build_optimizer, build_scheduler
+from datasets import ImageDataset, build_sampler, load_data, load_image, split_indices, write_submission
+from datasets.transforms import AUGS, TTA, eval_transform
+from losses import build_loss, loss_kwargs, soft_target_losses
+from models import build_model, check_input_size, normalization
+from optim import SAM, build_optimizer, build_scheduler, frozen_norm_stats, is_per_epoch, optimizer_kwargs, scheduler_kwargs
 from utils import UserError, tracking
 from utils.checkpoint import CheckpointKeeper, load_model
 from utils.config import Config, parse_config
@@ -59,37 +62,89 @@ def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, device, amp_dtype, desc="") -> float:
-    model.train()
-    total, seen = 0.0, 0
+@dataclass
+class Stepper:
+    """One optimizer step from a list of micro-batches: gradient accumulation, SAM/ASAM's second
+    pass, AMP loss scaling, gradient clipping, EMA and the per-iteration lr schedule, in that order."""
+    model: torch.nn.Module
+    loss_fn: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+    sam: SAM | None = None
+    ema: ModelEmaV3 | None = None
+    clip_grad: float = 0.0
+    steps: int = 0
+
+    def _forward_backward(self, batches) -> torch.Tensor:
+        total = torch.zeros((), device=self.device)
+        for x, y in batches:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                logits = self.model(x)
+            loss = self.loss_fn(logits.float(), y)  # losses in fp32, also under AMP
+            self.scaler.scale(loss / len(batches)).backward()
+            total += loss.detach() * len(x)
+        return total
+
+    def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Returns the summed (per-image) loss at the current weights, on the device (no sync)."""
+        loss_sum = self._forward_backward(batches)
+        if self.sam is not None and self.sam.perturb(self.scaler.get_scale() if self.scaler.is_enabled() else 1.0):
+            self.optimizer.zero_grad(set_to_none=True)
+            with frozen_norm_stats(self.model):
+                self._forward_backward(batches)
+            self.sam.restore()
+        self.scaler.unscale_(self.optimizer)
+        if self.clip_grad:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.steps)
+        if not is_per_epoch(self.scheduler):
+            self.scheduler.step()
+        return loss_sum
+
+
+def train_one_epoch(stepper: Stepper, loader, accum_steps: int = 1, mixup=None, desc="") -> float:
+    stepper.model.train()
+    total, seen, batches = 0.0, 0, []
     for images, labels, _ in tqdm(loader, desc=desc, leave=False, disable=None):
-        images = to_input(images, device)
-        labels = labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(images)
-        loss = loss_fn(logits.float(), labels)  # losses in fp32, also under AMP
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        total += loss.item() * len(labels)
-        seen += len(labels)
-    return total / max(seen, 1)
+        x, y = to_input(images, stepper.device), labels.to(stepper.device, non_blocking=True)
+        if mixup is not None and len(x) % 2 == 0:  # timm's Mixup pairs images; an odd tail batch stays unmixed
+            x, y = mixup(x, y)
+        batches.append((x, y))
+        seen += len(x)
+        if len(batches) == accum_steps:
+            total += stepper.step(batches)
+            batches = []
+    if batches:
+        total += stepper.step(batches)
+    return float(total) / max(seen, 1)
 
 
 @torch.no_grad()
-def predict_logits(model, loader, device, amp_dtype) -> np.ndarray:
+def predict_probs(model, loader, device, amp_dtype=None, tta: str = "none") -> np.ndarray:
+    """Class probabilities, averaged over the TTA views of each batch."""
     model.eval()
-    out = []
+    views, out = TTA.build(tta), []
     for images, _, _ in tqdm(loader, desc="predict", leave=False, disable=None):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            out.append(model(to_input(images, device)).float().cpu())
+        x = to_input(images, device)
+        probs = 0
+        for view in views:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                probs = probs + model(view(x)).float().softmax(1)
+        out.append((probs / len(views)).cpu())
     return torch.cat(out).numpy()
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    return torch.from_numpy(logits).softmax(1).numpy()
+def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Cross entropy of probabilities (of the TTA average, when on)."""
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
 
 
 # ----------------------------------------------------------------------------- one run
@@ -100,54 +155,64 @@ def fit(cfg: Config, run, out_dir: Path) -> None:
     data = load_data(cfg.data, cfg.image_col, cfg.label_col, cfg.group_col)
     classes = data.classes
     train_idx, val_idx = split_indices(data.labels, data.groups, cfg.val_fraction, cfg.folds, cfg.fold, cfg.seed)
-    y_val = data.labels[val_idx]
+    y_train, y_val = data.labels[train_idx], data.labels[val_idx]
     metric_keys = ["train/loss", "val/loss", "val/acc", "val/f1_macro", "val/acsa"] + [f"val/f1/{c}" for c in classes]
     if cfg.monitor not in metric_keys:
         raise UserError(f"--monitor {cfg.monitor!r} is not a logged metric; choose one of {metric_keys}")
+    loss_fn = build_loss(cfg.loss, **loss_kwargs(cfg, np.bincount(y_train, minlength=len(classes)))).to(device)
+    mixup = None
+    if cfg.mixup or cfg.cutmix:
+        if not loss_fn.soft_targets:
+            raise UserError(f"--loss {cfg.loss} takes class indices only, but --mixup/--cutmix make soft targets; "
+                            f"use one of {soft_target_losses()} or set --mixup 0 --cutmix 0")
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob, label_smoothing=0.0,
+                      num_classes=len(classes))
 
-    model = build_model(cfg.model, len(classes), cfg.pretrained, cfg.pretrained_path).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = build_model(cfg.model, len(classes), cfg.pretrained, cfg.pretrained_path, cfg.drop_rate, cfg.drop_path_rate)
+    model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    check_input_size(model, cfg.model, cfg.img_size)
     mean, std = normalization(model)
     eval_tf = eval_transform(cfg.img_size, mean, std)
     workers = cfg.workers if cfg.workers >= 0 else min(8, os.cpu_count() or 1)
-    train_ds = ImageDataset([data.items[i] for i in train_idx], data.labels[train_idx],
-                            AUGS.build(cfg.aug_preset, cfg.img_size, mean, std))
-    sampler = SeededSampler(len(train_ds), cfg.seed)
+    train_ds = ImageDataset([data.items[i] for i in train_idx], y_train,
+                            AUGS.build(cfg.aug_preset, cfg.img_size, cfg.aug_strength, mean, std))
+    sampler = build_sampler(cfg.sampler, y_train, cfg.seed)
     train_loader = make_loader(train_ds, cfg.batch_size, workers, device, sampler, drop_last=len(train_ds) > cfg.batch_size)
     val_loader = make_loader(ImageDataset([data.items[i] for i in val_idx], y_val, eval_tf), cfg.batch_size, workers, device)
 
-    loss_fn = build_loss(cfg.loss)
-    optimizer = build_optimizer(cfg.optimizer, model, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = build_scheduler(cfg.scheduler, optimizer, total_steps=cfg.epochs * len(train_loader))
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+    optimizer = build_optimizer(cfg.optimizer, model, **optimizer_kwargs(cfg))
+    scheduler = build_scheduler(cfg.scheduler, optimizer, **scheduler_kwargs(cfg, math.ceil(len(train_loader) / cfg.accum_steps)))
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
+    stepper = Stepper(model, loss_fn, optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
+                      device, amp_dtype, SAM(optimizer, cfg.sam_rho, cfg.sam_adaptive) if cfg.sam else None, ema, cfg.clip_grad)
+    eval_model = ema.module if ema is not None else model  # what is evaluated and checkpointed
     keeper = CheckpointKeeper(out_dir, cfg.keep_top_k, cfg.maximize)
     meta_base = dict(format="sweepcls/1", model=cfg.model, classes=classes, targets=data.targets,
                      img_size=cfg.img_size, mean=mean, std=std, config=cfg.to_dict(), run_id=run.id)
     print(f"{cfg.model} on {device} | {len(classes)} classes | train {len(train_idx)}, val {len(val_idx)}, "
-          f"test {len(data.test_items or [])} | out {out_dir}")
+          f"test {len(data.test_items or [])} | {cfg.loss}, {cfg.optimizer}{'+SAM' if cfg.sam else ''}, "
+          f"{cfg.scheduler}, {cfg.sampler} sampler{', EMA' if ema else ''} | out {out_dir}")
 
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
         sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        train_loss = train_one_epoch(model, train_loader, loss_fn, optimizer, scheduler, scaler, device, amp_dtype,
-                                     desc=f"epoch {epoch}/{cfg.epochs}")
+        train_loss = train_one_epoch(stepper, train_loader, cfg.accum_steps, mixup, desc=f"epoch {epoch}/{cfg.epochs}")
         if not np.isfinite(train_loss):
             raise UserError(f"training loss is {train_loss} at epoch {epoch}; lower --lr or check the data")
-        logits = predict_logits(model, val_loader, device, amp_dtype)
-        probs = softmax(logits)
+        probs = predict_probs(eval_model, val_loader, device, amp_dtype, cfg.tta)
         m = classification_metrics(y_val, probs)
         metrics = {
             "epoch": epoch, "lr": lr, "train/loss": train_loss,
-            # cross-entropy whatever --loss is, so runs with different losses compare
-            "val/loss": F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y_val)).item(),
+            "val/loss": nll(probs, y_val),  # cross-entropy whatever --loss is, so runs with different losses compare
             "val/acc": m["acc"], "val/f1_macro": m["f1_macro"], "val/acsa": m["acsa"],
             **{f"val/f1/{c}": float(f) for c, f in zip(classes, m["f1"])},
             "train/epoch_seconds": time.perf_counter() - start,
         }
+        if is_per_epoch(scheduler):
+            scheduler.step(metrics[cfg.monitor])
         meta = {**meta_base, "epoch": epoch, "metrics": {k: metrics[k] for k in metric_keys[:5]}}
-        if keeper.update(model, meta, epoch, metrics[cfg.monitor]):
+        if keeper.update(eval_model, meta, epoch, metrics[cfg.monitor]):
             tracking.log_eval_tables(run, "val", [data.ids[i] for i in val_idx], lambda r: load_image(data.items[val_idx[r]]),
                                      y_val, probs, classes, m, cfg.table_rows)
             tracking.log_artifact(run, keeper.best_path, f"model-{run.id}", "model", meta,
@@ -157,13 +222,17 @@ def fit(cfg: Config, run, out_dir: Path) -> None:
         print(f"epoch {epoch:>3}/{cfg.epochs} | train/loss {train_loss:.4f} | val/loss {metrics['val/loss']:.4f} | "
               f"val/acc {m['acc']:.4f} | val/f1_macro {m['f1_macro']:.4f} | val/acsa {m['acsa']:.4f} | "
               f"{metrics['train/epoch_seconds']:.1f}s{' | best' if keeper.best_epoch == epoch else ''}")
+        if cfg.patience and epoch - keeper.best_epoch >= cfg.patience and epoch < cfg.epochs:
+            print(f"early stop: no new best {cfg.monitor} for {cfg.patience} epochs")
+            tracking.set_summary(run, {"stopped_epoch": epoch})
+            break
 
     summary = {cfg.monitor: keeper.best_score, "best_epoch": keeper.best_epoch, "out_dir": str(out_dir)}
     if data.test_items:
         best, meta = load_model(keeper.best_path, device)  # the checkpoint alone, as a user would
         test_tf = eval_transform(meta["img_size"], meta["mean"], meta["std"])
         test_loader = make_loader(ImageDataset(data.test_items, data.test_labels, test_tf), cfg.batch_size, workers, device)
-        test_probs = softmax(predict_logits(best, test_loader, device, amp_dtype))
+        test_probs = predict_probs(best, test_loader, device, amp_dtype, cfg.tta)
         write_submission(out_dir / "submission.csv", data, test_probs.argmax(1))
         tracking.log_artifact(run, out_dir / "submission.csv", f"submission-{run.id}", "submission",
                               {"best_epoch": keeper.best_epoch, cfg.monitor: keeper.best_score})

@@ -16,9 +16,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
+from torchsampler import ImbalancedDatasetSampler
 
 from utils import UserError
 from utils.checkpoint import atomic_write_bytes
+from utils.registry import Registry
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 
@@ -217,10 +219,12 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 class SeededSampler(torch.utils.data.Sampler):
-    """Shuffles with a per-epoch generator and pairs each index with a seed drawn from (seed, epoch, index)."""
+    """The epoch's order from a generator seeded by (seed, epoch), each position paired with an
+    augmentation seed drawn from (seed, epoch, position). With `weights`, draws n indices with
+    replacement in proportion to them (the imbalanced sampler); else a permutation."""
 
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch = n, seed, 0
+    def __init__(self, n: int, seed: int, weights: torch.Tensor | None = None):
+        self.n, self.seed, self.epoch, self.weights = n, seed, 0, weights
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -229,9 +233,32 @@ class SeededSampler(torch.utils.data.Sampler):
         return self.n
 
     def __iter__(self):
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        for i in order.tolist():
-            yield i, int(np.random.SeedSequence([self.seed, self.epoch, i]).generate_state(1)[0])
+        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=g) if self.weights is None else \
+            torch.multinomial(self.weights, self.n, replacement=True, generator=g)
+        for k, i in enumerate(order.tolist()):
+            yield i, int(np.random.SeedSequence([self.seed, self.epoch, k]).generate_state(1)[0])
+
+
+SAMPLERS = Registry("sampler")
+
+
+def build_sampler(name: str, labels: np.ndarray, seed: int) -> SeededSampler:
+    return SAMPLERS.build(name, labels, seed)
+
+
+@SAMPLERS.register("random")
+def random_sampler(labels, seed):
+    """Each training image once per epoch, shuffled."""
+    return SeededSampler(len(labels), seed)
+
+
+@SAMPLERS.register("imbalanced")
+def imbalanced_sampler(labels, seed):
+    """torchsampler's ImbalancedDatasetSampler weights (1 / class count), from the labels array itself so
+    it works on any subset or fold; drawn with replacement, every class equally often on average."""
+    weights = ImbalancedDatasetSampler(labels, labels=[int(y) for y in labels]).weights
+    return SeededSampler(len(labels), seed, weights)
 
 
 def write_submission(path: Path, data: Data, pred: np.ndarray) -> None:

@@ -1,14 +1,22 @@
-"""Albumentations pipelines. Usage: train_tf = AUGS["light"](img_size, mean, std); eval_tf = eval_transform(...)
+"""Albumentations presets scaled by one strength, and test-time augmentation (TTA) views.
 
-Every pipeline ends with resize to img_size x img_size, normalization with the model's mean/std
-(0-1 pixel scale) and conversion to a CHW float tensor.
+Usage:
+    train_tf = AUGS["test_noise"](img_size, strength, mean, std)   # strength in [0, 1]
+    eval_tf = eval_transform(img_size, mean, std)
+    probs = mean over view in TTA["d4"] of softmax(model(view(batch)))
+`strength` scales every probability and magnitude of a preset: 0 is exactly eval_transform
+(resize + normalize), 1 is the preset at full force. Every pipeline ends with resize to
+img_size x img_size, normalization with the model's mean/std (0-1 pixel scale) and a CHW tensor.
 """
 import albumentations as A
+import cv2
+import torch
 from albumentations.pytorch import ToTensorV2
 
 from utils.registry import Registry
 
 AUGS = Registry("augmentation preset")
+TTA = Registry("tta")
 
 
 def _finish(img_size, mean, std):
@@ -19,19 +27,85 @@ def eval_transform(img_size: int, mean, std) -> A.Compose:
     return A.Compose(_finish(img_size, mean, std))
 
 
+def _preset(fn):
+    """strength 0 -> eval_transform exactly; else the preset's ops between the resize and the normalization."""
+    def build(img_size, strength, mean, std):
+        if not 0.0 <= strength <= 1.0:
+            raise ValueError(f"aug_strength must be in [0, 1], got {strength}")
+        if strength == 0:
+            return eval_transform(img_size, mean, std)
+        return A.Compose([A.Resize(img_size, img_size), *fn(strength), *_finish(img_size, mean, std)[1:]])
+    build.__doc__ = fn.__doc__
+    return build
+
+
 @AUGS.register("none")
-def no_aug(img_size, mean, std) -> A.Compose:
+def no_aug(img_size, strength, mean, std) -> A.Compose:
+    """No augmentation: resize and normalize (strength is ignored)."""
     return eval_transform(img_size, mean, std)
 
 
 @AUGS.register("light")
-def light(img_size, mean, std) -> A.Compose:
+@_preset
+def light(s):
     """Small geometric jitter and mild photometric noise: safe for digits, documents and photos alike."""
-    return A.Compose([
-        A.Resize(img_size, img_size),
-        A.Affine(scale=(0.9, 1.1), translate_percent=(-0.06, 0.06), rotate=(-12, 12), p=0.7),
-        A.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05, p=0.5),
-        A.GaussNoise(std_range=(0.02, 0.1), p=0.3),
-        A.GaussianBlur(blur_limit=(3, 5), p=0.2),
-        *_finish(img_size, mean, std),
-    ])
+    return [
+        A.Affine(scale=(1 - 0.12 * s, 1 + 0.12 * s), translate_percent=(-0.08 * s, 0.08 * s), rotate=(-15 * s, 15 * s), p=s),
+        A.ColorJitter(brightness=0.3 * s, contrast=0.3 * s, saturation=0.3 * s, hue=0.05 * s, p=0.7 * s),
+        A.GaussNoise(std_range=(0.02 * s, 0.15 * s), p=0.5 * s),
+        A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.1, 0.1 + 2.9 * s), p=0.3 * s),
+    ]
+
+
+@AUGS.register("test_noise")
+@_preset
+def test_noise(s):
+    """Imitates a noisy test set: rotation by any angle, flips, strong Gaussian noise, colour shift,
+    blur, JPEG artefacts. At full force every image is rotated; the rest stacks at random."""
+    return [
+        A.Rotate(limit=(-180 * s, 180 * s), border_mode=cv2.BORDER_CONSTANT, fill=0, p=s),
+        A.HorizontalFlip(p=0.5 * s),
+        A.VerticalFlip(p=0.5 * s),
+        A.RGBShift(r_shift_limit=40 * s, g_shift_limit=40 * s, b_shift_limit=40 * s, p=0.6 * s),
+        A.RandomBrightnessContrast(brightness_limit=0.3 * s, contrast_limit=0.3 * s, p=0.5 * s),
+        A.GaussianBlur(sigma_limit=(0.1, 0.1 + 1.9 * s), p=0.5 * s),
+        A.GaussNoise(std_range=(0.05 * s, 0.3 * s), p=0.8 * s),
+        A.ImageCompression(quality_range=(round(100 - 85 * s), round(100 - 30 * s)), p=0.5 * s),
+    ]
+
+
+# ----------------------------------------------------------------------------- TTA: views of an NCHW batch
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _hflip(x):
+    return x.flip(-1)
+
+
+def _rotations(x, k):
+    return torch.rot90(x, k, dims=(-2, -1))
+
+
+@TTA.register("none")
+def tta_none():
+    """The image as is."""
+    return [_identity]
+
+
+@TTA.register("flip")
+def tta_flip():
+    """The image and its horizontal mirror (2 views)."""
+    return [_identity, _hflip]
+
+
+@TTA.register("rot4")
+def tta_rot4():
+    """The four right-angle rotations (4 views): for test sets rotated at random."""
+    return [lambda x, k=k: _rotations(x, k) for k in range(4)]
+
+
+@TTA.register("d4")
+def tta_d4():
+    """All eight rotations and mirrors of the square (8 views): rotated and flipped test sets."""
+    return [lambda x, k=k, f=f: _rotations(_hflip(x) if f else x, k) for f in (0, 1) for k in range(4)]

@@ -8,19 +8,40 @@ import difflib
 import os
 
 import timm
+import torch
 import torch.nn as nn
 
 from utils import UserError
 
 
-def build_model(name: str, num_classes: int, pretrained: bool = False, pretrained_path: str = "") -> nn.Module:
+def build_model(name: str, num_classes: int, pretrained: bool = False, pretrained_path: str = "",
+                drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> nn.Module:
+    """drop_rate / drop_path_rate of 0 keep the model's own default (None is dropped by timm)."""
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
         raise UserError(f"unknown model {name!r}; close timm names: {close or 'none'} (see timm.list_models())")
-    model = timm.create_model(name, num_classes=num_classes, pretrained=pretrained and not pretrained_path)
+    try:
+        model = timm.create_model(name, num_classes=num_classes, pretrained=pretrained and not pretrained_path,
+                                  drop_rate=drop_rate or None, drop_path_rate=drop_path_rate or None)
+    except TypeError as e:
+        raise UserError(f"model {name!r} does not take these options ({e}); leave --drop_rate/--drop_path_rate at 0") from None
     if pretrained_path:
         load_weights(model, pretrained_path)
     return model
+
+
+def check_input_size(model: nn.Module, name: str, img_size: int) -> None:
+    """One forward pass on a blank image, so a size the architecture cannot take fails now, clearly."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, img_size, img_size, device=next(model.parameters()).device))
+    except (AssertionError, RuntimeError, ValueError) as e:
+        raise UserError(f"model {name!r} cannot take --img_size {img_size} ({str(e).splitlines()[0][:160]}); "
+                        f"try a multiple of 32, or the size it was designed for") from None
+    finally:
+        model.train(was_training)
 
 
 def load_weights(model: nn.Module, path: str) -> None:

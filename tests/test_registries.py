@@ -7,38 +7,77 @@ from sklearn.metrics import recall_score
 from conftest import TINY_MODEL
 from losses import LOSSES, build_loss
 from models import build_model
-from optim import OPTIMIZERS, SCHEDULERS, build_optimizer, build_scheduler
+from datasets import build_sampler
+from optim import OPTIMIZERS, SAM, SCHEDULERS, build_optimizer, build_scheduler, is_per_epoch
 from utils import UserError
 from utils.metrics import classification_metrics
 
 
-@pytest.mark.parametrize("loss", sorted(LOSSES))
-@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
-@pytest.mark.parametrize("sched", sorted(SCHEDULERS))
-def test_every_combination_takes_a_step(loss, opt, sched):
+def _batch(n=8, classes=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def _changed(before, model) -> bool:
+    return any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["indices", "probabilities"])
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_every_loss_trains_a_step(name, soft):
     torch.manual_seed(0)
     model = build_model(TINY_MODEL, 4)
-    optimizer = build_optimizer(opt, model, lr=1e-2, weight_decay=0.05)
-    scheduler = build_scheduler(sched, optimizer, total_steps=10)
+    loss_fn = build_loss(name, class_counts=[5, 1, 3, 2])
+    if soft and not loss_fn.soft_targets:
+        pytest.skip(f"{name} takes class indices only (train.py refuses mixup with it)")
+    x, y = _batch()
+    target = torch.softmax(torch.randn(8, 4), 1) if soft else y
+    optimizer = build_optimizer("sgd", model, lr=0.1, weight_decay=0)
     before = [p.detach().clone() for p in model.parameters()]
-    loss_value = build_loss(loss)(model(torch.randn(8, 3, 32, 32)).float(), torch.randint(0, 4, (8,)))
-    loss_value.backward()
+    loss = loss_fn(model(x).float(), target)
+    loss.backward()
     optimizer.step()
-    scheduler.step()
-    assert torch.isfinite(loss_value)
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert loss.ndim == 0 and torch.isfinite(loss) and loss > 0
+    assert _changed(before, model)
 
 
-def test_no_weight_decay_on_biases_and_norms():
+@pytest.mark.parametrize("sam", [False, True], ids=["plain", "sam"])
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_every_optimizer_trains_a_step(name, sam):
+    from train import Stepper
+    torch.manual_seed(0)
     model = build_model(TINY_MODEL, 4)
-    groups = build_optimizer("adamw", model, lr=1e-3, weight_decay=0.05).param_groups
-    no_decay = {id(p) for g in groups if g["weight_decay"] == 0 for p in g["params"]}
-    for name, p in model.named_parameters():
-        assert (id(p) in no_decay) == (p.ndim <= 1), name
+    optimizer = build_optimizer(name, model, lr=1e-2, weight_decay=0.05)
+    scheduler = build_scheduler("none", optimizer)
+    stepper = Stepper(model, build_loss("ce"), optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False),
+                      torch.device("cpu"), sam=SAM(optimizer, 0.05) if sam else None)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = stepper.step([_batch()])
+    assert torch.isfinite(loss) and _changed(before, model)
+    no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    for pname, p in model.named_parameters():  # no weight decay on biases and norm weights
+        assert (id(p) in no_decay) == (p.ndim <= 1), pname
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_every_scheduler_steps(name):
+    model = build_model(TINY_MODEL, 4)
+    optimizer = build_optimizer("sgd", model, lr=0.1, weight_decay=0)
+    scheduler = build_scheduler(name, optimizer, epochs=3, steps_per_epoch=4, warmup_epochs=1, step_size=1, gamma=0.5)
+    lrs = []
+    for step in range(12):
+        optimizer.step()
+        if not is_per_epoch(scheduler):
+            scheduler.step()
+        elif step % 4 == 3:  # plateau: once per epoch, on the monitored metric
+            scheduler.step(0.5)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert all(np.isfinite(lrs)) and all(0 <= lr <= 0.1 + 1e-12 for lr in lrs)
 
 
 @pytest.mark.parametrize("build,name", [(build_loss, "focal_typo"), (lambda n: build_optimizer(n, None, 1, 0), "adamz"),
-                                        (lambda n: build_scheduler(n, None, 1), "cosin")])
+                                        (lambda n: build_scheduler(n, None), "cosin"),
+                                        (lambda n: build_sampler(n, np.zeros(3, int), 0), "balanced")])
 def test_unknown_names_list_valid_ones(build, name):
     with pytest.raises(KeyError, match="known: \\["):
         build(name)

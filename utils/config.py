@@ -38,19 +38,55 @@ class Config:
     fold: int = opt(0, "which fold validates, 0 <= fold < folds")
     img_size: int = opt(48, "square input size in px")
     aug_preset: str = opt("light", "training augmentation preset", _names("datasets.transforms", "AUGS"))
+    aug_strength: float = opt(1.0, "0-1, scales every probability and magnitude of the preset: 0 = resize + normalize "
+                                   "only, 1 = full force")
+    mixup: float = opt(0.0, "mixup alpha (timm Mixup); 0 = off; needs a loss that takes soft targets")
+    cutmix: float = opt(0.0, "cutmix alpha (timm Mixup); 0 = off; with mixup too, each batch picks one")
+    mix_prob: float = opt(1.0, "probability that a batch is mixed when mixup or cutmix is on")
+    sampler: str = opt("random", "training sampler: random = each image once per epoch; imbalanced = "
+                                 "torchsampler's class-balanced draw with replacement", _names("datasets", "SAMPLERS"))
+    tta: str = opt("none", "test-time augmentation at validation and test, averaging probabilities",
+                   _names("datasets.transforms", "TTA"))
     workers: int = opt(-1, "DataLoader worker processes; -1 = one per CPU core, up to 8")
     # --- model ---
     model: str = opt("resnet10t", "any timm model name (timm.list_models())")
     pretrained: bool = opt(False, "load the model's pretrained weights from the hub (needs internet)")
     pretrained_path: str = opt("", "local weight file (.safetensors/.pth) to start from; no download")
+    drop_rate: float = opt(0.0, "dropout before the classifier (timm drop_rate)")
+    drop_path_rate: float = opt(0.0, "stochastic depth (timm drop_path_rate); 0 = the model's default")
     # --- optimization ---
     epochs: int = opt(12, "training epochs")
-    batch_size: int = opt(64, "images per optimizer step")
+    batch_size: int = opt(64, "images per forward pass; an optimizer step sees batch_size x accum_steps")
     lr: float = opt(2e-3, "peak learning rate")
     weight_decay: float = opt(0.05, "decoupled weight decay (not applied to biases and norm weights)")
     optimizer: str = opt("adamw", "optimizer name", _names("optim", "OPTIMIZERS"))
-    scheduler: str = opt("cosine", "learning-rate schedule, stepped per iteration", _names("optim", "SCHEDULERS"))
+    momentum: float = opt(0.9, "momentum of sgd/sgdp (Nesterov)")
+    sam: bool = opt(False, "wrap the optimizer in SAM (sharpness-aware minimization): two passes per step")
+    sam_rho: float = opt(0.05, "SAM neighbourhood radius; ASAM typically wants ~10x more (0.5-2)")
+    sam_adaptive: bool = opt(False, "ASAM: the radius scales with each weight's magnitude")
+    accum_steps: int = opt(1, "micro-batches whose gradients add up to one optimizer step")
+    clip_grad: float = opt(0.0, "clip the global gradient norm to this; 0 = off")
+    ema: bool = opt(False, "keep an exponential moving average of the weights (timm ModelEmaV3); "
+                           "the EMA weights are evaluated and checkpointed")
+    ema_decay: float = opt(0.999, "EMA decay (with timm's warm-up, so short runs still move)")
+    scheduler: str = opt("cosine", "learning-rate schedule, stepped per iteration (plateau: per epoch)",
+                         _names("optim", "SCHEDULERS"))
+    warmup_epochs: float = opt(0.0, "linear lr warm-up (cosine, step, none; onecycle: its rising share)")
+    step_size: int = opt(5, "step: epochs between lr drops")
+    gamma: float = opt(0.1, "step and plateau: lr multiplier at each drop")
+    plateau_patience: int = opt(2, "plateau: epochs without improvement before a drop")
+    patience: int = opt(0, "early stopping: stop after this many epochs without a new best; 0 = off")
+    # --- loss ---
     loss: str = opt("ce", "loss name", _names("losses", "LOSSES"))
+    class_weights: str = opt("inverse", "weighted_ce weights and focal alpha, from training class counts: "
+                                        "1/n, 1/sqrt(n) or effective number (Cui et al. 2019)",
+                             _names("losses", "CLASS_WEIGHTS"))
+    cb_beta: float = opt(0.999, "beta of the effective number of samples (class_weights=effective)")
+    label_smoothing: float = opt(0.1, "smoothing of label_smoothing, and of asl")
+    focal_gamma: float = opt(2.0, "focal: focusing exponent; 0 = cross entropy")
+    focal_alpha: bool = opt(False, "focal: weight classes by --class_weights")
+    asl_gamma_pos: float = opt(1.0, "asl: focusing exponent on the true class")
+    asl_gamma_neg: float = opt(4.0, "asl: focusing exponent on the other classes")
     amp: bool = opt(True, "mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU")
     device: str = opt("auto", "auto = cuda when available, else cpu", ("auto", "cpu", "cuda"))
     seed: int = opt(42, "seed for splits, init, augmentation and sampling")
@@ -97,6 +133,24 @@ class Config:
             (self.folds == 0 or 0 <= self.fold < self.folds, f"fold must satisfy 0 <= fold < folds ({self.folds})"),
             (self.keep_top_k >= 0 and self.table_rows >= 0, "keep_top_k and table_rows must be >= 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
+            (0 <= self.aug_strength <= 1, "aug_strength must be in [0, 1]"),
+            (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
+            (0 <= self.mix_prob <= 1, "mix_prob must be in [0, 1]"),
+            (not (self.mixup or self.cutmix) or self.batch_size % 2 == 0, "mixup/cutmix need an even batch_size"),
+            (0 <= self.drop_rate < 1 and 0 <= self.drop_path_rate < 1, "drop_rate and drop_path_rate must be in [0, 1)"),
+            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
+            (self.sam_rho > 0, "sam_rho must be > 0"),
+            (self.accum_steps >= 1, "accum_steps must be >= 1"),
+            (self.clip_grad >= 0, "clip_grad must be >= 0 (0 = off)"),
+            (0 < self.ema_decay < 1, "ema_decay must be in (0, 1)"),
+            (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+            (self.step_size >= 1 and self.plateau_patience >= 0, "step_size must be >= 1, plateau_patience >= 0"),
+            (0 < self.gamma <= 1, "gamma must be in (0, 1]"),
+            (self.patience >= 0, "patience must be >= 0 (0 = off)"),
+            (0 <= self.cb_beta < 1, "cb_beta must be in [0, 1)"),
+            (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
+            (self.focal_gamma >= 0 and self.asl_gamma_pos >= 0 and self.asl_gamma_neg >= 0,
+             "focal_gamma, asl_gamma_pos and asl_gamma_neg must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:
