@@ -118,10 +118,11 @@ def test_digits_test_split_is_noisy():
     assert np.bincount(data.test_labels).min() >= 30
 
 
+@pytest.mark.parametrize("strength", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("preset", sorted(AUGS))
-def test_presets_give_model_ready_tensors(preset):
+def test_presets_give_model_ready_tensors(preset, strength):
     image = np.random.default_rng(0).integers(0, 255, (30, 50, 3), dtype=np.uint8)
-    out = AUGS[preset](40, (0.5,) * 3, (0.5,) * 3)(image=image)["image"]
+    out = AUGS[preset](40, strength, (0.5,) * 3, (0.5,) * 3)(image=image)["image"]
     assert out.shape == (3, 40, 40) and out.dtype == torch.float32
     ref = eval_transform(40, (0.5,) * 3, (0.5,) * 3)(image=image)["image"]
     assert ref.min() >= -1 and ref.max() <= 1
@@ -130,14 +131,17 @@ def test_presets_give_model_ready_tensors(preset):
 def test_augmentation_is_seeded_per_sample_not_per_worker():
     rng = np.random.default_rng(0)
     items = [rng.integers(0, 255, (24, 24, 3), dtype=np.uint8) for _ in range(12)]
-    ds = ImageDataset(items, np.zeros(12, dtype=np.int64), AUGS["light"](24, (0.5,) * 3, (0.5,) * 3))
+    ds = ImageDataset(items, np.zeros(12, dtype=np.int64), AUGS["test_noise"](24, 1.0, (0.5,) * 3, (0.5,) * 3))
 
-    def batches(workers, epoch):
-        sampler = SeededSampler(len(ds), seed=7)
+    def batches(workers, epoch, weights=None):
+        sampler = SeededSampler(len(ds), seed=7, weights=weights)
         sampler.set_epoch(epoch)
         loader = torch.utils.data.DataLoader(ds, batch_size=4, sampler=sampler, num_workers=workers)
         return [(x, i) for x, _, i in loader]
 
     for (x0, i0), (x2, i2) in zip(batches(0, 1), batches(2, 1)):
+        assert torch.equal(i0, i2) and torch.equal(x0, x2)
+    weights = torch.linspace(0.1, 1, 12, dtype=torch.float64)  # a weighted draw (the imbalanced sampler) too
+    for (x0, i0), (x2, i2) in zip(batches(0, 1, weights), batches(2, 1, weights)):
         assert torch.equal(i0, i2) and torch.equal(x0, x2)
     assert not all(torch.equal(a[1], b[1]) for a, b in zip(batches(0, 1), batches(0, 2)))  # reshuffled per epoch

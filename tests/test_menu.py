@@ -130,6 +130,7 @@ def test_sam_with_accumulation_equals_one_big_batch():
         assert torch.allclose(a, b, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # the skipped step
 def test_sam_under_grad_scaler_matches_unscaled_and_survives_overflow():
     x, y = _data(8)
 

@@ -130,3 +130,6 @@ def log_artifact(run, path: Path, name: str, type: str, metadata: dict | None = 
 
 def finish(run, exit_code: int = 0) -> None:
     run.finish(exit_code=exit_code)
+    # wandb's process-wide setup caches the environment (WANDB_SWEEP_PARAM_PATH among it) at the first
+    # init; tear it down so a later run in the same process starts from the environment as it is then
+    wandb.teardown()
