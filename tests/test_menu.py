@@ -285,3 +285,10 @@ def test_tta_averages_the_views():
     views = torch.stack([v(x) for v in TTA.build("d4")]).flatten(1)
     assert len({tuple(np.round(v[:50].numpy(), 5)) for v in views}) == 8  # eight distinct views
     assert math.isclose(float(views.sum()), float(8 * x.sum()), rel_tol=1e-4)
+
+
+def test_bench_reports_every_variant():
+    from utils.bench import step_costs
+    rows = step_costs("test_resnet", 16, 8, steps=1, device=torch.device("cpu"))
+    assert [r[0] for r in rows] == ["plain", "SAM", "ASAM", "EMA", "SAM + EMA", "accum 2 x half batch", "EMA update alone"]
+    assert all(ms > 0 for _, ms, _, _ in rows) and rows[0][2] == 1.0

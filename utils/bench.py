@@ -1,0 +1,96 @@
+"""Benchmarks that print figures (no pass/fail). Usage:
+    python -m utils.bench --model resnet18 --img_size 64 --batch_size 64 [--steps 20] [--device auto]
+
+Prints the cost of one optimizer step (forward + backward + update on an in-memory batch) for the
+training options that change it: plain, SAM, ASAM, EMA, SAM + EMA, and 2-step accumulation.
+"""
+import argparse
+import time
+
+import torch
+from timm.utils import ModelEmaV3
+
+from losses import build_loss
+from models import build_model
+from optim import SAM, build_optimizer, build_scheduler
+
+
+def _timed_step(stepper, batches, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    stepper.step(batches)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def step_costs(model_name: str, img_size: int, batch_size: int, steps: int, device: torch.device) -> list[tuple]:
+    from train import Stepper, amp_dtype_for, to_input  # late: `python -m utils.bench --help` stays instant
+    amp_dtype = amp_dtype_for(device, True)
+    g = torch.Generator().manual_seed(0)
+    x = to_input(torch.randn(batch_size, 3, img_size, img_size, generator=g), device)
+    y = torch.randint(0, 10, (batch_size,), generator=g).to(device)
+
+    def factory(sam=False, adaptive=False, ema=False):
+        def make():
+            torch.manual_seed(0)
+            model = build_model(model_name, 10).to(device)
+            if device.type == "cuda":
+                model = model.to(memory_format=torch.channels_last)
+            optimizer = build_optimizer("adamw", model, lr=1e-3, weight_decay=0.05)
+            return Stepper(model, build_loss("ce"), optimizer, build_scheduler("none", optimizer),
+                           torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), device, amp_dtype,
+                           SAM(optimizer, 0.05, adaptive) if sam else None,
+                           ModelEmaV3(model, decay=0.999, use_warmup=True) if ema else None)
+        return make
+
+    half = batch_size // 2
+    variants = [("plain", factory(), [(x, y)]), ("SAM", factory(sam=True), [(x, y)]),
+                ("ASAM", factory(sam=True, adaptive=True), [(x, y)]), ("EMA", factory(ema=True), [(x, y)]),
+                ("SAM + EMA", factory(sam=True, ema=True), [(x, y)]),
+                ("accum 2 x half batch", factory(), [(x[:half], y[:half]), (x[half:], y[half:])])]
+    # round robin: one step of each variant per round, so drift in the machine's speed hits all alike
+    steppers = [(name, make(), batches) for name, make, batches in variants]
+    times = {name: [] for name, _, _ in variants}
+    for round_ in range(steps + 2):
+        for name, stepper, batches in steppers:
+            seconds = _timed_step(stepper, batches, device)
+            if round_ >= 2:  # warm-up rounds
+                times[name].append(seconds)
+    rows, base = [], None
+    for name, _, _ in variants:
+        seconds = sorted(times[name])[len(times[name]) // 2]
+        base = base or seconds
+        rows.append((name, seconds * 1000, seconds / base, batch_size / seconds))
+    ema_stepper = next(st for name, st, _ in steppers if name == "EMA")
+    ema_alone = []
+    for i in range(steps):  # the EMA update by itself, which the step-to-step noise can hide
+        start = time.perf_counter()
+        ema_stepper.ema.update(ema_stepper.model, step=1000 + i)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        ema_alone.append(time.perf_counter() - start)
+    seconds = sorted(ema_alone)[len(ema_alone) // 2]
+    rows.append(("EMA update alone", seconds * 1000, seconds / rows[0][1] * 1000, float("nan")))
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--img_size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (median reported)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    print(f"{args.model}, {args.img_size} px, batch {args.batch_size}, {device} "
+          f"({torch.get_num_threads()} threads), median of {args.steps} steps")
+    print(f"{'variant':<22}{'ms/step':>10}{'x plain':>9}{'img/s':>9}")
+    for name, ms, ratio, ips in step_costs(args.model, args.img_size, args.batch_size, args.steps, device):
+        print(f"{name:<22}{ms:>10.1f}{ratio:>9.2f}{'-' if ips != ips else f'{ips:.0f}':>9}")
+
+
+if __name__ == "__main__":
+    main()
