@@ -42,6 +42,20 @@ def test_help_lists_every_key_with_default(capsys):
         assert f"(default: {f.default})" in text or (f.default == "" and "(default: )" in text)
 
 
+def test_help_explains_every_registered_choice(capsys):
+    from datasets import SAMPLERS
+    from datasets.transforms import AUGS, TTA
+    from losses import LOSSES
+    from optim import OPTIMIZERS, SCHEDULERS
+    with pytest.raises(SystemExit):
+        parse_config(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for table in (LOSSES, OPTIMIZERS, SCHEDULERS, SAMPLERS, AUGS, TTA):
+        for name, fn in table.items():
+            assert fn.__doc__, f"{table.kind} {name!r} needs a docstring: --help shows it"
+            assert f"{name}: {' '.join(fn.__doc__.split())[:30]}" in text
+
+
 def test_file_below_cli(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump({"lr": 0.1, "epochs": 7, "pretrained": "true"}))

@@ -7,6 +7,7 @@ Every field is a CLI flag of the same snake_case name, the name `wandb agent` pa
 import argparse
 import dataclasses
 import importlib
+import textwrap
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -22,7 +23,7 @@ def opt(default, help, choices: Callable[[], list] | tuple | None = None):
 
 def _names(module: str, table: str) -> Callable[[], list]:
     """Valid values of a key, read from a registry when asked (keeps this module free of torch imports)."""
-    return lambda: sorted(getattr(importlib.import_module(module), table))
+    return lambda: getattr(importlib.import_module(module), table)
 
 
 @dataclass
@@ -163,9 +164,20 @@ class Config:
         return self.monitor_mode == "max"
 
 
-def choices_of(f: dataclasses.Field):
+def choices_of(f: dataclasses.Field) -> list | None:
     valid = f.metadata.get("choices")
-    return valid() if callable(valid) else valid
+    valid = valid() if callable(valid) else valid
+    return None if valid is None else sorted(valid) if isinstance(valid, dict) else list(valid)
+
+
+def describe_choices(f: dataclasses.Field) -> str:
+    """'; one of a, b' or, for a registry, each name with the first line of its docstring."""
+    valid = f.metadata.get("choices")
+    table = valid() if callable(valid) else None
+    if isinstance(table, dict):
+        first_paragraph = lambda fn: " ".join((fn.__doc__ or "").strip().split("\n\n")[0].split())
+        return "".join(f"\n  {n}: {first_paragraph(table[n])}" for n in sorted(table))
+    return f"; one of {', '.join(choices_of(f))}" if valid else ""
 
 
 def parse_bool(text) -> bool:
@@ -195,9 +207,17 @@ def coerce(f: dataclasses.Field, value):
         raise UserError(f"config key {f.name!r}: cannot use {value!r} as {f.type}: {e}") from None
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Wraps each line of a help text on its own, so registry choices stay one per line."""
+
+    def _split_lines(self, text, width):
+        return [part for line in text.splitlines()
+                for part in textwrap.wrap(line, width, subsequent_indent="    " if line.startswith("  ") else "") or [""]]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="train.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False,
+        prog="train.py", formatter_class=_HelpFormatter, allow_abbrev=False,
         description="Train an image classifier; every run is a W&B run. Flags accept --key=value and --key value.")
     parser.add_argument("--config", default=None, help="YAML file of key: value overrides (below the CLI)")
     for f in dataclasses.fields(Config):
@@ -209,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         convert.__name__ = f.type if isinstance(f.type, str) else f.type.__name__  # argparse names it in errors
         valid = choices_of(f)
         parser.add_argument(f"--{f.name}", type=convert, default=f.default, choices=valid, metavar=convert.__name__.upper(),
-                            help=f.metadata["help"] + (f"; one of {', '.join(valid)}" if valid else ""))
+                            help=(f.metadata["help"] + describe_choices(f)).replace("%", "%%"))
     return parser
 
 
