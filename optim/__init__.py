@@ -10,8 +10,11 @@ import adamp
 import torch
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 
-from optim.sam import SAM, frozen_norm_stats  # noqa: F401  (re-exported)
+from optim.sam import SAM, frozen_norm_stats
 from utils.registry import Registry
+
+__all__ = ["OPTIMIZERS", "SCHEDULERS", "SAM", "build_optimizer", "build_scheduler", "frozen_norm_stats", "is_per_epoch",
+           "optimizer_kwargs", "scheduler_kwargs"]
 
 OPTIMIZERS = Registry("optimizer")
 SCHEDULERS = Registry("scheduler")
