@@ -168,7 +168,8 @@ def fit(cfg: Config, run, out_dir: Path) -> None:
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob, label_smoothing=0.0,
                       num_classes=len(classes))
 
-    model = build_model(cfg.model, len(classes), cfg.pretrained, cfg.pretrained_path, cfg.drop_rate, cfg.drop_path_rate)
+    model = build_model(cfg.model, len(classes), cfg.pretrained, cfg.pretrained_path, cfg.drop_rate, cfg.drop_path_rate,
+                        cfg.img_size)
     model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     check_input_size(model, cfg.model, cfg.img_size)
     mean, std = normalization(model)

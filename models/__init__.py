@@ -15,14 +15,21 @@ from utils import UserError
 
 
 def build_model(name: str, num_classes: int, pretrained: bool = False, pretrained_path: str = "",
-                drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> nn.Module:
-    """drop_rate / drop_path_rate of 0 keep the model's own default (None is dropped by timm)."""
+                drop_rate: float = 0.0, drop_path_rate: float = 0.0, img_size: int | None = None) -> nn.Module:
+    """drop_rate / drop_path_rate of 0 keep the model's own default (None is dropped by timm); img_size goes
+    to the architectures that take one (None = their default)."""
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5)
         raise UserError(f"unknown model {name!r}; close timm names: {close or 'none'} (see timm.list_models())")
+    kwargs = dict(num_classes=num_classes, pretrained=pretrained and not pretrained_path,
+                  drop_rate=drop_rate or None, drop_path_rate=drop_path_rate or None)
     try:
-        model = timm.create_model(name, num_classes=num_classes, pretrained=pretrained and not pretrained_path,
-                                  drop_rate=drop_rate or None, drop_path_rate=drop_path_rate or None)
+        try:  # architectures with a fixed grid (ViTs, EfficientFormerV2) are built for the input size
+            model = timm.create_model(name, img_size=img_size, **kwargs)
+        except TypeError as e:
+            if "img_size" not in str(e):
+                raise
+            model = timm.create_model(name, **kwargs)
     except TypeError as e:
         raise UserError(f"model {name!r} does not take these options ({e}); leave --drop_rate/--drop_path_rate at 0") from None
     if pretrained_path:

@@ -111,3 +111,18 @@ def test_metrics_on_an_imbalanced_case():
     f1_0, f1_1 = 2 * 8 / (2 * 8 + 1), 2 * 1 / (2 * 1 + 1)  # 2TP / (2TP + FP + FN)
     assert m["f1_macro"] == pytest.approx((f1_0 + f1_1) / 2)
     assert m["confusion"].tolist() == [[8, 0], [1, 1]] and m["support"].tolist() == [8, 2]
+
+
+def test_fixed_grid_models_are_built_for_the_image_size(tmp_path):
+    """EfficientFormerV2 (in the sweep's backbone list) only runs at the size it was built for."""
+    from models import check_input_size
+    from utils.checkpoint import CheckpointKeeper, load_model
+    model = build_model("efficientformerv2_s0", 3, img_size=64)
+    check_input_size(model, "efficientformerv2_s0", 64)
+    with pytest.raises(UserError, match="cannot take --img_size 48"):
+        check_input_size(build_model("efficientformerv2_s0", 3, img_size=48), "efficientformerv2_s0", 48)
+    meta = dict(model="efficientformerv2_s0", classes=["a", "b", "c"], img_size=64)
+    CheckpointKeeper(tmp_path, 0, True).update(model, meta, 1, 0.5)
+    rebuilt, _ = load_model(tmp_path / "best.safetensors")  # rebuilt at the checkpoint's size
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.allclose(rebuilt(x), model.eval()(x), atol=1e-5)

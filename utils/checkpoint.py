@@ -78,7 +78,7 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, 
     """Rebuild the model from the checkpoint alone (architecture from its metadata, no config file)."""
     from models import build_model
     state, meta = load_checkpoint(path)
-    model = build_model(meta["model"], num_classes=len(meta["classes"]))
+    model = build_model(meta["model"], num_classes=len(meta["classes"]), img_size=meta["img_size"])
     model.load_state_dict(state)
     return model.to(device).eval(), meta
 
