@@ -171,7 +171,7 @@ def choices_of(f: dataclasses.Field) -> list | None:
 
 
 def describe_choices(f: dataclasses.Field) -> str:
-    """'; one of a, b' or, for a registry, each name with the first line of its docstring."""
+    """'; one of a, b' or, for a registry, each name with the first paragraph of its docstring."""
     valid = f.metadata.get("choices")
     table = valid() if callable(valid) else None
     if isinstance(table, dict):
