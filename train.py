@@ -91,7 +91,7 @@ class Stepper:
     def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Returns the summed (per-image) loss at the current weights, on the device (no sync)."""
         loss_sum = self._forward_backward(batches)
-        if self.sam is not None and self.sam.perturb(self.scaler.get_scale() if self.scaler.is_enabled() else 1.0):
+        if self.sam is not None and self.sam.perturb(self.scaler.get_scale()):  # 1.0 when the scaler is off
             self.optimizer.zero_grad(set_to_none=True)
             with frozen_norm_stats(self.model):
                 self._forward_backward(batches)

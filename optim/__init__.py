@@ -125,8 +125,8 @@ def plateau(optimizer, gamma=0.1, plateau_patience=2, maximize=True, **_):
 @SCHEDULERS.register("onecycle")
 def onecycle(optimizer, epochs, steps_per_epoch, warmup_epochs=0.0, **_):
     """One-cycle (Smith 2018): up to --lr, then annealed far below; warm-up share = --warmup_epochs (else 30%)."""
-    cycle_momentum = any(k in optimizer.defaults for k in ("momentum", "betas")) and \
-        optimizer.defaults.get("momentum", 1) != 0
+    # cycle momentum (or Adam's beta1) inversely to the lr, unless the optimizer has none (or SGD without momentum)
+    cycle_momentum = "betas" in optimizer.defaults or bool(optimizer.defaults.get("momentum"))
     return torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[g["lr"] for g in optimizer.param_groups], total_steps=max(2, epochs * steps_per_epoch),
         pct_start=min(0.9, warmup_epochs / epochs) if warmup_epochs else 0.3, cycle_momentum=cycle_momentum)

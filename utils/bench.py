@@ -5,6 +5,7 @@ Prints the cost of one optimizer step (forward + backward + update on an in-memo
 training options that change it: plain, SAM, ASAM, EMA, SAM + EMA, and 2-step accumulation.
 """
 import argparse
+import statistics
 import time
 
 import torch
@@ -15,11 +16,12 @@ from models import build_model
 from optim import SAM, build_optimizer, build_scheduler
 
 
-def _timed_step(stepper, batches, device: torch.device) -> float:
+def _timed(fn, device: torch.device) -> float:
+    """Seconds one call of fn takes, with the GPU's queue drained before and after."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    stepper.step(batches)
+    fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -32,48 +34,36 @@ def step_costs(model_name: str, img_size: int, batch_size: int, steps: int, devi
     x = to_input(torch.randn(batch_size, 3, img_size, img_size, generator=g), device)
     y = torch.randint(0, 10, (batch_size,), generator=g).to(device)
 
-    def factory(sam=False, adaptive=False, ema=False):
-        def make():
-            torch.manual_seed(0)
-            model = build_model(model_name, 10).to(device)
-            if device.type == "cuda":
-                model = model.to(memory_format=torch.channels_last)
-            optimizer = build_optimizer("adamw", model, lr=1e-3, weight_decay=0.05)
-            return Stepper(model, build_loss("ce"), optimizer, build_scheduler("none", optimizer),
-                           torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), device, amp_dtype,
-                           SAM(optimizer, 0.05, adaptive) if sam else None,
-                           ModelEmaV3(model, decay=0.999, use_warmup=True) if ema else None)
-        return make
+    def stepper(sam=False, adaptive=False, ema=False) -> Stepper:
+        torch.manual_seed(0)
+        model = build_model(model_name, 10).to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = build_optimizer("adamw", model, lr=1e-3, weight_decay=0.05)
+        return Stepper(model, build_loss("ce"), optimizer, build_scheduler("none", optimizer),
+                       torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), device, amp_dtype,
+                       SAM(optimizer, 0.05, adaptive) if sam else None,
+                       ModelEmaV3(model, decay=0.999, use_warmup=True) if ema else None)
 
     half = batch_size // 2
-    variants = [("plain", factory(), [(x, y)]), ("SAM", factory(sam=True), [(x, y)]),
-                ("ASAM", factory(sam=True, adaptive=True), [(x, y)]), ("EMA", factory(ema=True), [(x, y)]),
-                ("SAM + EMA", factory(sam=True, ema=True), [(x, y)]),
-                ("accum 2 x half batch", factory(), [(x[:half], y[:half]), (x[half:], y[half:])])]
+    variants = [("plain", stepper(), [(x, y)]), ("SAM", stepper(sam=True), [(x, y)]),
+                ("ASAM", stepper(sam=True, adaptive=True), [(x, y)]), ("EMA", stepper(ema=True), [(x, y)]),
+                ("SAM + EMA", stepper(sam=True, ema=True), [(x, y)]),
+                ("accum 2 x half batch", stepper(), [(x[:half], y[:half]), (x[half:], y[half:])])]
     # round robin: one step of each variant per round, so drift in the machine's speed hits all alike
-    steppers = [(name, make(), batches) for name, make, batches in variants]
     times = {name: [] for name, _, _ in variants}
     for round_ in range(steps + 2):
-        for name, stepper, batches in steppers:
-            seconds = _timed_step(stepper, batches, device)
+        for name, st, batches in variants:
+            seconds = _timed(lambda: st.step(batches), device)
             if round_ >= 2:  # warm-up rounds
                 times[name].append(seconds)
-    rows, base = [], None
-    for name, _, _ in variants:
-        seconds = sorted(times[name])[len(times[name]) // 2]
-        base = base or seconds
-        rows.append((name, seconds * 1000, seconds / base, batch_size / seconds))
-    ema_stepper = next(st for name, st, _ in steppers if name == "EMA")
-    ema_alone = []
-    for i in range(steps):  # the EMA update by itself, which the step-to-step noise can hide
-        start = time.perf_counter()
-        ema_stepper.ema.update(ema_stepper.model, step=1000 + i)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        ema_alone.append(time.perf_counter() - start)
-    seconds = sorted(ema_alone)[len(ema_alone) // 2]
-    rows.append(("EMA update alone", seconds * 1000, seconds / rows[0][1] * 1000, float("nan")))
-    return rows
+    ema = variants[3][1]
+    # the EMA update by itself, which the step-to-step noise can hide
+    times["EMA update alone"] = [_timed(lambda: ema.ema.update(ema.model, step=1000 + i), device) for i in range(steps)]
+    base = statistics.median(times["plain"])
+    return [(name, statistics.median(t) * 1000, statistics.median(t) / base,
+             batch_size / statistics.median(t) if name != "EMA update alone" else float("nan"))
+            for name, t in times.items()]
 
 
 def main(argv=None) -> None:
