@@ -6,6 +6,7 @@ Usage:
     python train.py --help                            # every key with its default and meaning
 Under `wandb agent`, the same flags arrive as --key=value and values the sweep locks win.
 """
+import dataclasses
 import math
 import os
 import random
@@ -20,7 +21,7 @@ from timm.data import Mixup
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from datasets import ImageDataset, build_sampler, load_data, load_image, split_indices, write_submission
+from datasets import ImageDataset, build_sampler, load_data, load_image, split_indices, write_oof, write_submission
 from datasets.transforms import AUGS, TTA, eval_transform
 from losses import build_loss, loss_kwargs, soft_target_losses
 from models import build_model, check_input_size, normalization
@@ -29,6 +30,7 @@ from utils import UserError, tracking
 from utils.checkpoint import CheckpointKeeper, load_model
 from utils.config import Config, parse_config
 from utils.metrics import classification_metrics
+from utils.stop import StopSignal, Stopped
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -110,7 +112,7 @@ class Stepper:
         return loss_sum
 
 
-def train_one_epoch(stepper: Stepper, loader, accum_steps: int = 1, mixup=None, desc="") -> float:
+def train_one_epoch(stepper: Stepper, loader, accum_steps: int = 1, mixup=None, desc="", stop: StopSignal | None = None) -> float:
     stepper.model.train()
     total, seen, batches = 0.0, 0, []
     for images, labels, _ in tqdm(loader, desc=desc, leave=False, disable=None):
@@ -122,6 +124,8 @@ def train_one_epoch(stepper: Stepper, loader, accum_steps: int = 1, mixup=None, 
         if len(batches) == accum_steps:
             total += stepper.step(batches)
             batches = []
+            if stop is not None:
+                stop.check()  # between optimizer steps only
     if batches:
         total += stepper.step(batches)
     return float(total) / max(seen, 1)
@@ -148,11 +152,22 @@ def nll(probs: np.ndarray, labels: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------- one run
-def fit(cfg: Config, run, out_dir: Path) -> None:
+@dataclass
+class FitResult:
+    val_idx: np.ndarray
+    val_probs: np.ndarray  # at the best epoch
+    best_score: float
+    best_epoch: int
+    best_path: Path
+    test_probs: np.ndarray | None  # the best checkpoint's, rebuilt from the file alone
+
+
+def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "") -> FitResult:
+    """Train on fold cfg.fold (or the holdout split) and predict the test set with the best checkpoint.
+    Metrics, tables and artifacts are logged under `prefix` (fold<k>/ in a cross-validated run)."""
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     amp_dtype = amp_dtype_for(device, cfg.amp)
-    data = load_data(cfg.data, cfg.image_col, cfg.label_col, cfg.group_col)
     classes = data.classes
     train_idx, val_idx = split_indices(data.labels, data.groups, cfg.val_fraction, cfg.folds, cfg.fold, cfg.seed)
     y_train, y_val = data.labels[train_idx], data.labels[val_idx]
@@ -189,16 +204,21 @@ def fit(cfg: Config, run, out_dir: Path) -> None:
     eval_model = ema.module if ema is not None else model  # what is evaluated and checkpointed
     keeper = CheckpointKeeper(out_dir, cfg.keep_top_k, cfg.maximize)
     meta_base = dict(format="sweepcls/1", model=cfg.model, classes=classes, targets=data.targets,
-                     img_size=cfg.img_size, mean=mean, std=std, config=cfg.to_dict(), run_id=run.id)
+                     img_size=cfg.img_size, mean=mean, std=std, config=cfg.to_dict(), run_id=run.id, fold=cfg.fold)
     print(f"{cfg.model} on {device} | {len(classes)} classes | train {len(train_idx)}, val {len(val_idx)}, "
           f"test {len(data.test_items or [])} | {cfg.loss}, {cfg.optimizer}{'+SAM' if cfg.sam else ''}, "
-          f"{cfg.scheduler}, {cfg.sampler} sampler{', EMA' if ema else ''} | out {out_dir}")
+          f"{cfg.scheduler}, {cfg.sampler} sampler{', EMA' if ema else ''} | {prefix}out {out_dir}")
 
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
         sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
-        train_loss = train_one_epoch(stepper, train_loader, cfg.accum_steps, mixup, desc=f"epoch {epoch}/{cfg.epochs}")
+        try:
+            train_loss = train_one_epoch(stepper, train_loader, cfg.accum_steps, mixup, f"{prefix}epoch {epoch}/{cfg.epochs}", stop)
+        except Stopped as e:  # keep the weights as they are, then let main finish the run
+            keeper.save_last(eval_model, {**meta_base, "epoch": epoch - 1, "stopped_in_epoch": epoch})
+            tracking.set_summary(run, {"stopped": f"{e} in {prefix}epoch {epoch}"})
+            raise
         if not np.isfinite(train_loss):
             raise UserError(f"training loss is {train_loss} at epoch {epoch}; lower --lr or check the data")
         probs = predict_probs(eval_model, val_loader, device, amp_dtype, cfg.tta)
@@ -214,55 +234,101 @@ def fit(cfg: Config, run, out_dir: Path) -> None:
             scheduler.step(metrics[cfg.monitor])
         meta = {**meta_base, "epoch": epoch, "metrics": {k: metrics[k] for k in metric_keys[:5]}}
         if keeper.update(eval_model, meta, epoch, metrics[cfg.monitor]):
-            tracking.log_eval_tables(run, "val", [data.ids[i] for i in val_idx], lambda r: load_image(data.items[val_idx[r]]),
+            best_probs = probs
+            tracking.log_eval_tables(run, f"{prefix}val", [data.ids[i] for i in val_idx], lambda r: load_image(data.items[val_idx[r]]),
                                      y_val, probs, classes, m, cfg.table_rows)
-            tracking.log_artifact(run, keeper.best_path, f"model-{run.id}", "model", meta,
+            tracking.log_artifact(run, keeper.best_path, f"model-{run.id}{f'-fold{cfg.fold}' if prefix else ''}", "model", meta,
                                   aliases=["best", "latest", f"epoch-{epoch}"])
-        tracking.log(run, metrics)
-        tracking.set_summary(run, {cfg.monitor: keeper.best_score, "best_epoch": keeper.best_epoch})
-        print(f"epoch {epoch:>3}/{cfg.epochs} | train/loss {train_loss:.4f} | val/loss {metrics['val/loss']:.4f} | "
+        tracking.log(run, {k if k == "epoch" else prefix + k: v for k, v in metrics.items()})
+        tracking.set_summary(run, {prefix + cfg.monitor: keeper.best_score, prefix + "best_epoch": keeper.best_epoch})
+        print(f"{prefix}epoch {epoch:>3}/{cfg.epochs} | train/loss {train_loss:.4f} | val/loss {metrics['val/loss']:.4f} | "
               f"val/acc {m['acc']:.4f} | val/f1_macro {m['f1_macro']:.4f} | val/acsa {m['acsa']:.4f} | "
               f"{metrics['train/epoch_seconds']:.1f}s{' | best' if keeper.best_epoch == epoch else ''}")
         if cfg.patience and epoch - keeper.best_epoch >= cfg.patience and epoch < cfg.epochs:
             print(f"early stop: no new best {cfg.monitor} for {cfg.patience} epochs")
-            tracking.set_summary(run, {"stopped_epoch": epoch})
+            tracking.set_summary(run, {prefix + "stopped_epoch": epoch})
             break
 
-    summary = {cfg.monitor: keeper.best_score, "best_epoch": keeper.best_epoch, "out_dir": str(out_dir)}
+    test_probs = None
     if data.test_items:
         best, meta = load_model(keeper.best_path, device)  # the checkpoint alone, as a user would
         test_tf = eval_transform(meta["img_size"], meta["mean"], meta["std"])
         test_loader = make_loader(ImageDataset(data.test_items, data.test_labels, test_tf), cfg.batch_size, workers, device)
         test_probs = predict_probs(best, test_loader, device, amp_dtype, cfg.tta)
+    return FitResult(val_idx, best_probs, keeper.best_score, keeper.best_epoch, keeper.best_path, test_probs)
+
+
+def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal) -> tuple[dict, np.ndarray | None]:
+    """All folds in one run: the monitored metric is their mean (std beside it); out-of-fold
+    probabilities of every training image go to oof.csv and a W&B artifact; the test set gets the
+    folds' average."""
+    run.define_metric("cv/*", step_metric="fold")
+    oof, folds, results = np.full((len(data.labels), len(data.classes)), np.nan), np.zeros(len(data.labels), int), []
+    for k in range(cfg.folds):
+        r = fit(dataclasses.replace(cfg, fold=k), run, out_dir / f"fold{k}", data, stop, prefix=f"fold{k}/")
+        oof[r.val_idx], folds[r.val_idx] = r.val_probs, k
+        results.append(r)
+        scores = [r.best_score for r in results]
+        tracking.log(run, {"fold": k + 1, f"cv/{cfg.monitor}": float(np.mean(scores))})
+        tracking.set_summary(run, {cfg.monitor: float(np.mean(scores)), f"{cfg.monitor}_std": float(np.std(scores)),
+                                   "cv/folds_done": k + 1})
+    write_oof(out_dir / "oof.csv", data, oof, folds)
+    m = classification_metrics(data.labels, oof)
+    tracking.log_artifact(run, out_dir / "oof.csv", f"oof-{run.id}", "oof", {"classes": data.classes, "folds": cfg.folds})
+    summary = {cfg.monitor: float(np.mean(scores)), f"{cfg.monitor}_std": float(np.std(scores)), "cv/scores": scores,
+               "oof/acc": m["acc"], "oof/f1_macro": m["f1_macro"], "oof/acsa": m["acsa"]}
+    print(f"cv {cfg.monitor} {np.mean(scores):.4f} +- {np.std(scores):.4f} over {cfg.folds} folds | "
+          f"oof/f1_macro {m['f1_macro']:.4f} | wrote {out_dir / 'oof.csv'}")
+    test = [r.test_probs for r in results]
+    return summary, None if test[0] is None else np.mean(test, axis=0)
+
+
+def train(cfg: Config, run, out_dir: Path, stop: StopSignal) -> None:
+    data = load_data(cfg.data, cfg.image_col, cfg.label_col, cfg.group_col)
+    if cfg.cv:
+        summary, test_probs = cross_validate(cfg, run, out_dir, data, stop)
+    else:
+        r = fit(cfg, run, out_dir, data, stop)
+        summary, test_probs = {cfg.monitor: r.best_score, "best_epoch": r.best_epoch}, r.test_probs
+    summary["out_dir"] = str(out_dir)
+    if test_probs is not None:
         write_submission(out_dir / "submission.csv", data, test_probs.argmax(1))
         tracking.log_artifact(run, out_dir / "submission.csv", f"submission-{run.id}", "submission",
-                              {"best_epoch": keeper.best_epoch, cfg.monitor: keeper.best_score})
+                              {cfg.monitor: summary[cfg.monitor]})
         if data.test_labels is not None:
             tm = classification_metrics(data.test_labels, test_probs)
             summary |= {"test/acc": tm["acc"], "test/f1_macro": tm["f1_macro"], "test/acsa": tm["acsa"]}
     tracking.set_summary(run, summary)
-    print(f"best {cfg.monitor} {keeper.best_score:.4f} at epoch {keeper.best_epoch}"
+    print(f"best {cfg.monitor} {summary[cfg.monitor]:.4f}"
+          + (f" at epoch {summary['best_epoch']}" if "best_epoch" in summary else " (mean over folds)")
           + (f" | test/f1_macro {summary['test/f1_macro']:.4f}" if "test/f1_macro" in summary else "")
-          + (f" | wrote {out_dir / 'submission.csv'}" if data.test_items else ""))
+          + (f" | wrote {out_dir / 'submission.csv'}" if test_probs is not None else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_config(argv)
-    run_id = tracking.new_run_id()
-    out_dir = Path(cfg.out_dir or Path("runs") / run_id)
-    run = tracking.init(cfg.to_dict(), run_id, out_dir, cfg.wandb_mode, cfg.project, cfg.entity, cfg.run_name)
-    try:
-        fit(Config.from_dict(tracking.config(run)), run, out_dir)
-    except UserError as e:
-        tracking.set_summary(run, {"error": str(e)})
-        tracking.finish(run, exit_code=1)
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except BaseException:
-        tracking.finish(run, exit_code=1)
-        raise
-    tracking.finish(run)
-    return 0
+    with StopSignal() as stop:  # from the start: a stop during set-up still finishes the W&B run
+        cfg = parse_config(argv)
+        run_id = tracking.new_run_id()
+        out_dir = Path(cfg.out_dir or Path(os.environ.get("SWEEPCLS_RUNS_DIR") or "runs") / run_id)
+        run = tracking.init(cfg.to_dict(), run_id, out_dir, cfg.wandb_mode, cfg.project, cfg.entity, cfg.run_name)
+        try:
+            train(Config.from_dict(tracking.config(run)), run, out_dir, stop)
+            stop.check()
+        except UserError as e:
+            tracking.set_summary(run, {"error": str(e)})
+            tracking.finish(run, exit_code=1)
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except Stopped as e:
+            tracking.finish(run, exit_code=e.exit_code)
+            print(f"stopped by {e}: the weights at the stop are in last.safetensors under {out_dir}; W&B run finished "
+                  f"(exit code {e.exit_code})", file=sys.stderr)
+            return e.exit_code
+        except BaseException:
+            tracking.finish(run, exit_code=1)
+            raise
+        tracking.finish(run)
+        return 0
 
 
 if __name__ == "__main__":

@@ -268,3 +268,13 @@ def write_submission(path: Path, data: Data, pred: np.ndarray) -> None:
     writer.writerow(data.submission_columns)
     writer.writerows((i, data.targets[p]) for i, p in zip(data.test_ids, pred))
     atomic_write_bytes(Path(path), text.getvalue().encode())
+
+
+def write_oof(path: Path, data: Data, probs: np.ndarray, folds: np.ndarray) -> None:
+    """Out-of-fold probabilities of every labelled image: id, label, fold, p_<class>..."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["id", "label", "fold"] + [f"p_{c}" for c in data.classes])
+    writer.writerows([i, data.classes[y], f, *(f"{p:.6g}" for p in row)]
+                     for i, y, f, row in zip(data.ids, data.labels, folds, probs))
+    atomic_write_bytes(Path(path), text.getvalue().encode())

@@ -96,9 +96,13 @@ class CheckpointKeeper:
     def best_path(self) -> Path:
         return self.dir / "best.safetensors"
 
-    def update(self, model: torch.nn.Module, meta: dict, epoch: int, score: float) -> bool:
+    def save_last(self, model: torch.nn.Module, meta: dict) -> Path:
         last = self.dir / "last.safetensors"
-        atomic_write_bytes(last, checkpoint_bytes(model, meta))
+        atomic_write_bytes(last, checkpoint_bytes(model, meta))  # a new file: best.safetensors keeps its own
+        return last
+
+    def update(self, model: torch.nn.Module, meta: dict, epoch: int, score: float) -> bool:
+        last = self.save_last(model, meta)
         is_best = self.best_score is None or self.sign * score > self.sign * self.best_score
         if is_best:
             _atomic_link(last, self.best_path)

@@ -37,6 +37,8 @@ class Config:
     val_fraction: float = opt(0.2, "fraction of the labelled images held out for validation (when folds = 0)")
     folds: int = opt(0, "K >= 2: K-fold cross-validation, validate on fold `fold`; 0 = one stratified holdout")
     fold: int = opt(0, "which fold validates, 0 <= fold < folds")
+    cv: bool = opt(False, "train all `folds` folds in one run: the monitored metric becomes their mean (std beside "
+                          "it), with out-of-fold probabilities for every training image in oof.csv")
     img_size: int = opt(48, "square input size in px")
     aug_preset: str = opt("light", "training augmentation preset", _names("datasets.transforms", "AUGS"))
     aug_strength: float = opt(1.0, "0-1, scales every probability and magnitude of the preset: 0 = resize + normalize "
@@ -96,7 +98,7 @@ class Config:
     monitor_mode: str = opt("auto", "max or min; auto = min for a *loss key, else max", ("auto", "max", "min"))
     keep_top_k: int = opt(2, "per-epoch checkpoints kept, ranked by the monitor (best.safetensors and last.safetensors are kept apart)")
     table_rows: int = opt(200, "max rows in each W&B prediction table")
-    out_dir: str = opt("", "run output folder; '' = runs/<run id>")
+    out_dir: str = opt("", "run output folder; '' = $SWEEPCLS_RUNS_DIR/<run id>, by default runs/<run id>")
     # --- W&B ---
     wandb_mode: str = opt("auto", "auto = online when an API key is configured, else offline; WANDB_MODE wins over auto",
                           ("auto", "online", "offline", "disabled"))
@@ -132,6 +134,7 @@ class Config:
             (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
             (self.folds == 0 or self.folds >= 2, "folds must be 0 (holdout) or >= 2"),
             (self.folds == 0 or 0 <= self.fold < self.folds, f"fold must satisfy 0 <= fold < folds ({self.folds})"),
+            (not self.cv or self.folds >= 2, "cv needs folds >= 2, e.g. --folds 5 --cv True"),
             (self.keep_top_k >= 0 and self.table_rows >= 0, "keep_top_k and table_rows must be >= 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (0 <= self.aug_strength <= 1, "aug_strength must be in [0, 1]"),

@@ -5,8 +5,14 @@
 
 Run files, staged media and artifacts all go under out_dir, so an offline run can be copied and
 synced whole. Mode "auto" means online when an API key is configured, else offline.
+Beside them, in any mode, the scalars go to plain files that need no W&B to read (the offline sweep
+runner reads them while the run is live): out_dir/metrics.jsonl, one line per logged row, and
+out_dir/summary.json, the summary so far, with "_exit_code" once the run has finished.
 """
+import json
+import math
 import netrc
+import numbers
 import os
 import secrets
 import string
@@ -16,6 +22,8 @@ import numpy as np
 import wandb
 
 THUMB_PX = 128  # longest side of table thumbnails
+METRICS_FILE, SUMMARY_FILE = "metrics.jsonl", "summary.json"
+_LOCAL: dict[int, dict] = {}  # id(run) -> {"dir": out_dir, "summary": {...}}, the plain-file record
 
 
 def new_run_id() -> str:
@@ -61,6 +69,8 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, project: str = "",
         id=run_id, name=name or None, dir=str(out_dir), config=config, mode=mode, job_type=job_type)
     for key in ("train/*", "val/*", "lr"):
         run.define_metric(key, step_metric="epoch")
+    (out_dir / METRICS_FILE).write_text("")  # a fresh history for each run
+    _LOCAL[id(run)] = {"dir": out_dir, "summary": {}}
     if mode == "offline":
         print(f"W&B is offline. Upload this run later with: wandb sync {Path(run.dir).parent}")
     return run
@@ -71,13 +81,68 @@ def config(run) -> dict:
     return {k: v for k, v in dict(run.config).items() if not k.startswith("_")}
 
 
+_SKIP = object()
+
+
+def _plain(value):
+    """JSON-able scalars, NaN and inf as text so every line stays valid JSON; _SKIP for media and tables."""
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return items if _SKIP not in items else _SKIP
+    if isinstance(value, numbers.Number):
+        value = float(value) if not isinstance(value, numbers.Integral) else int(value)
+        return value if not isinstance(value, float) or math.isfinite(value) else str(value)
+    return _SKIP
+
+
+def _write_summary(run) -> None:
+    local = _LOCAL.get(id(run))
+    if local is not None:
+        path = local["dir"] / SUMMARY_FILE
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(local["summary"], indent=1))
+        os.replace(tmp, path)  # a reader sees the old summary or the new one
+
+
 def log(run, metrics: dict) -> None:
     run.log(metrics)  # commits the row, with any media logged before it (commit=False)
+    local = _LOCAL.get(id(run))
+    if local is not None:
+        row = {k: _plain(v) for k, v in metrics.items()}
+        with open(local["dir"] / METRICS_FILE, "a") as fh:
+            fh.write(json.dumps({k: v for k, v in row.items() if v is not _SKIP}) + "\n")
 
 
 def set_summary(run, values: dict) -> None:
     for k, v in values.items():
         run.summary[k] = v
+    local = _LOCAL.get(id(run))
+    if local is not None:
+        plain = {k: _plain(v) for k, v in values.items()}
+        local["summary"].update({k: v for k, v in plain.items() if v is not _SKIP})
+        _write_summary(run)
+
+
+def read_local(out_dir: Path) -> tuple[list[dict], dict]:
+    """(history rows, summary) of a run from its plain files, live or finished; empty when absent."""
+    out_dir = Path(out_dir)
+    try:
+        lines = (out_dir / METRICS_FILE).read_text().splitlines()
+    except OSError:
+        lines = []
+    history = []
+    for line in lines:
+        try:
+            history.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            break
+    try:
+        summary = json.loads((out_dir / SUMMARY_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        summary = {}
+    return history, summary
 
 
 def _thumb(image: np.ndarray, caption: str):
@@ -129,6 +194,10 @@ def log_artifact(run, path: Path, name: str, type: str, metadata: dict | None = 
 
 
 def finish(run, exit_code: int = 0) -> None:
+    if id(run) in _LOCAL:
+        _LOCAL[id(run)]["summary"]["_exit_code"] = exit_code
+        _write_summary(run)
+        del _LOCAL[id(run)]
     run.finish(exit_code=exit_code)
     # wandb's process-wide setup caches the environment (WANDB_SWEEP_PARAM_PATH among it) at the first
     # init; tear it down so a later run in the same process starts from the environment as it is then
