@@ -18,9 +18,7 @@ def build_model(name: str, num_classes: int, pretrained: bool = False, pretraine
                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, img_size: int | None = None) -> nn.Module:
     """drop_rate / drop_path_rate of 0 keep the model's own default (None is dropped by timm); img_size goes
     to the architectures that take one (None = their default)."""
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=5)
-        raise UserError(f"unknown model {name!r}; close timm names: {close or 'none'} (see timm.list_models())")
+    check_model_name(name)
     kwargs = dict(num_classes=num_classes, pretrained=pretrained and not pretrained_path,
                   drop_rate=drop_rate or None, drop_path_rate=drop_path_rate or None)
     try:
@@ -35,6 +33,12 @@ def build_model(name: str, num_classes: int, pretrained: bool = False, pretraine
     if pretrained_path:
         load_weights(model, pretrained_path)
     return model
+
+
+def check_model_name(name: str) -> None:
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=5)
+        raise UserError(f"unknown model {name!r}; close timm names: {close or 'none'} (see timm.list_models())")
 
 
 def check_input_size(model: nn.Module, name: str, img_size: int) -> None:

@@ -1,0 +1,430 @@
+"""Run a sweep.yaml where there is no W&B server: W&B's own `sweeps` engine proposes (random, grid,
+bayes, hyperband), each trial is train.py launched exactly as `wandb agent` launches it, and all
+state lives in the sweep dir, so a killed runner restarted with the same command carries on.
+
+Usage:
+    python sweep.py sweep.yaml --count 8 --workers 2        # state in sweeps/sweep/ (--sweep_dir)
+    python sweep.py --status sweeps/sweep                    # progress and the leaderboard
+    python sweep.py sweep.yaml --check                       # validate only
+Online, the same file goes to W&B itself: wandb sweep sweep.yaml, then wandb agent ENTITY/PROJECT/ID.
+
+--count is the sweep's total: rerunning with a larger count adds trials. Each trial is an offline
+W&B run (unless WANDB_MODE says otherwise) grouped and tagged by sweep; --status prints how to sync
+them and attach them to a server-side sweep.
+"""
+import argparse
+import csv
+import ctypes
+import fcntl
+import json
+import os
+import random
+import secrets
+import shutil
+import signal
+import string
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from utils import UserError
+from utils.stop import StopSignal
+from utils.sweep import agent_command, load_sweep, param_file_text, plain, sweeps_engine
+from utils.tracking import read_local
+
+# trial states: the runner's own, and what the engine is told
+ENGINE_STATE = {"running": "running", "stopping": "running", "finished": "finished", "stopped": "killed",
+                "failed": "failed", "interrupted": "preempted"}
+LIVE, DONE = ("running", "stopping"), ("finished", "stopped", "failed")  # interrupted trials are relaunched
+
+
+@dataclass
+class Trial:
+    id: str
+    number: int
+    params: dict
+    state: str = "running"
+    attempts: int = 0
+    pid: int | None = None
+    gpu: str | None = None
+    exit_code: int | None = None
+    started: float | None = None
+    ended: float | None = None
+
+
+def _now() -> str:
+    return time.strftime("%H:%M:%S")
+
+
+def _write_json(path: Path, value) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+
+def _alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (an orphan nobody reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+
+def _die_with_parent() -> None:
+    """In the trial, before exec: SIGTERM when the runner dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
+
+
+# ----------------------------------------------------------------------------- the sweep dir
+class SweepDir:
+    """sweep.json (the sweep and its id), trials/<id>.json|.yaml|.log, runs/<id>/ (each trial's out_dir)."""
+
+    def __init__(self, root: Path):
+        self.root, self.trials_dir, self.runs_dir = Path(root), Path(root) / "trials", Path(root) / "runs"
+
+    def create_or_check(self, sweep: dict, source: str) -> dict:
+        info_path = self.root / "sweep.json"
+        if info_path.exists():
+            info = json.loads(info_path.read_text())
+            if info["sweep"] != sweep:
+                raise UserError(f"{self.root} holds a sweep started from a different config ({info['source']}); "
+                                f"restore that file or use a new --sweep_dir")
+            return info
+        self.trials_dir.mkdir(parents=True, exist_ok=True)
+        self.runs_dir.mkdir(exist_ok=True)
+        sweep_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        info = {"id": sweep_id, "name": sweep.get("name") or Path(source).stem, "source": str(source),
+                "created": time.time(), "sweep": sweep}
+        _write_json(info_path, info)
+        return info
+
+    def info(self) -> dict:
+        try:
+            return json.loads((self.root / "sweep.json").read_text())
+        except OSError:
+            raise UserError(f"{self.root} is not a sweep dir (no sweep.json)") from None
+
+    def lock(self):
+        fh = open(self.root / ".lock", "w")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another sweep.py is running on {self.root}; wait for it or stop it") from None
+        return fh
+
+    def trials(self) -> list[Trial]:
+        found = [Trial(**json.loads(p.read_text())) for p in self.trials_dir.glob("*.json")]
+        return sorted(found, key=lambda t: t.number)
+
+    def save(self, trial: Trial) -> None:
+        _write_json(self.trials_dir / f"{trial.id}.json", asdict(trial))
+
+    def out_dir(self, trial: Trial) -> Path:
+        return self.runs_dir / trial.id
+
+    def log_path(self, trial: Trial) -> Path:
+        return self.trials_dir / f"{trial.id}.log"
+
+
+# ----------------------------------------------------------------------------- the runner
+class Runner:
+    def __init__(self, sweep: dict, sdir: SweepDir, info: dict, count: int | None, workers: int, max_failures: int,
+                 gpus: list[str], seed: int, poll: float = 1.0, kill_delay: float = 30.0):
+        self.sweep, self.dir, self.info, self.count, self.workers = sweep, sdir, info, count, workers
+        self.max_failures, self.gpus, self.seed, self.poll, self.kill_delay = max_failures, gpus, seed, poll, kill_delay
+        self.engine = sweeps_engine()
+        self.trials = {t.id: t for t in sdir.trials()}
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.stop_sent: dict[str, float] = {}
+        self.exhausted = False
+
+    # --- engine view
+    def engine_runs(self) -> list:
+        runs = []
+        for t in self.trials.values():
+            history, summary = read_local(self.dir.out_dir(t))
+            runs.append(self.engine.SweepRun(name=t.id, state=ENGINE_STATE[t.state], history=history,
+                                             summary_metrics=summary, config={k: {"value": v} for k, v in t.params.items()}))
+        return runs
+
+    def propose(self) -> Trial | None:
+        number = len(self.trials) + 1
+        random.seed(self.seed * 100_003 + number)  # random search draws from `random`, bayes from np.random
+        np.random.seed((self.seed * 100_003 + number) % 2**32)
+        proposal = self.engine.next_run(self.sweep, self.engine_runs())
+        if proposal is None:  # a grid with every point tried
+            self.exhausted = True
+            return None
+        params = {k: plain(v["value"]) for k, v in proposal.config.items()}
+        trial_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        return Trial(trial_id, number, params)
+
+    def next_trial(self) -> Trial | None:
+        for t in self.trials.values():
+            if t.state == "interrupted":
+                return t
+        if self.exhausted or (self.count is not None and len(self.trials) >= self.count):
+            return None
+        return self.propose()
+
+    # --- processes
+    def launch(self, trial: Trial) -> None:
+        out_dir = self.dir.out_dir(trial)
+        if out_dir.exists():  # an interrupted attempt: keep it aside, start the trial afresh
+            aside = self.dir.root / "interrupted" / f"{trial.id}-attempt{trial.attempts}"
+            aside.parent.mkdir(exist_ok=True)
+            shutil.move(str(out_dir), str(aside))
+        trial.attempts += 1
+        param_path = self.dir.trials_dir / f"{trial.id}.yaml"
+        param_path.write_text(param_file_text(trial.params))
+        args_json = self.dir.trials_dir / f"{trial.id}.args.json"
+        argv = agent_command(self.sweep, trial.params, str(args_json))
+        if "${args_json_file}" in map(str, self.sweep.get("command") or []):
+            args_json.write_text(json.dumps(trial.params))
+        env = {**os.environ, "WANDB_RUN_ID": trial.id, "WANDB_SWEEP_PARAM_PATH": str(param_path),
+               "WANDB_RUN_GROUP": f"sweep-{self.info['id']}", "WANDB_TAGS": f"sweep-{self.info['id']},{self.info['name']}",
+               "SWEEPCLS_RUNS_DIR": str(self.dir.runs_dir.resolve()),
+               # `python` resolves as under the agent in this venv: the interpreter running sweep.py comes first
+               "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+        env.setdefault("WANDB_MODE", "offline")
+        # W trials share the cores: one OpenMP pool per core each, or they spin against each other (10x slower)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // self.workers)))
+        if self.gpus:
+            busy = [t.gpu for t in self.trials.values() if t.state in LIVE]
+            trial.gpu = min(self.gpus, key=busy.count)
+            env["CUDA_VISIBLE_DEVICES"] = trial.gpu
+        with open(self.dir.log_path(trial), "ab") as log:
+            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True,  # a terminal's Ctrl-C reaches the runner only; it forwards
+                                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        self.procs[trial.id] = proc
+        trial.pid, trial.state, trial.started, trial.exit_code, trial.ended = proc.pid, "running", time.time(), None, None
+        self.trials[trial.id] = trial
+        self.dir.save(trial)
+        varied = " ".join(f"{k}={trial.params[k]}" for k in varied_keys(self.sweep) if k in trial.params)
+        print(f"[{_now()}] trial {trial.number}{'/' + str(self.count) if self.count else ''} {trial.id} "
+              f"{'restarted' if trial.attempts > 1 else 'started'}: {varied}", flush=True)
+
+    def reap(self) -> None:
+        for trial_id, proc in list(self.procs.items()):
+            trial = self.trials[trial_id]
+            code = proc.poll()
+            if code is None:
+                if trial_id in self.stop_sent and time.time() - self.stop_sent[trial_id] > self.kill_delay:
+                    proc.kill()
+                continue
+            del self.procs[trial_id]
+            self.stop_sent.pop(trial_id, None)
+            trial.exit_code, trial.ended = code, time.time()
+            trial.state = "finished" if code == 0 else "stopped" if trial.state == "stopping" else "failed"
+            self.dir.save(trial)
+            print(f"[{_now()}] trial {trial.number} {trial.id} {trial.state}: {self.describe(trial)}", flush=True)
+            write_leaderboard(self.sweep, self.dir)
+
+    def describe(self, trial: Trial) -> str:
+        _, summary = read_local(self.dir.out_dir(trial))
+        metric = (self.sweep.get("metric") or {}).get("name")
+        if trial.state == "failed":
+            lines = self.dir.log_path(trial).read_text(errors="replace").strip().splitlines() or ["(no output)"]
+            last = next((line for line in reversed(lines) if line.startswith("error:")), lines[-1])
+            return f"exit code {trial.exit_code}: {last.strip()[:300]} (log: {self.dir.log_path(trial)})"
+        return f"{metric} {summary.get(metric, 'n/a')}" if metric else f"exit code {trial.exit_code}"
+
+    def early_terminate(self) -> None:
+        if "early_terminate" not in self.sweep or not any(t.state == "running" for t in self.trials.values()):
+            return
+        for run in self.engine.stop_runs(self.sweep, self.engine_runs()):
+            trial = self.trials[run.name]
+            if trial.state == "running" and trial.id in self.procs:
+                trial.state = "stopping"
+                self.stop_sent[trial.id] = time.time()
+                self.dir.save(trial)
+                self.procs[trial.id].terminate()  # train.py saves, finishes its W&B run and exits
+                print(f"[{_now()}] hyperband stops trial {trial.number} {trial.id}", flush=True)
+
+    def failure_streak(self) -> int:
+        ended = sorted((t for t in self.trials.values() if t.state in DONE), key=lambda t: t.ended or 0)
+        streak = 0
+        for t in reversed(ended):
+            if t.state != "failed":
+                break
+            streak += 1
+        return streak
+
+    def recover(self) -> None:
+        """Trials a killed runner left behind: wait for their processes (the kernel sent them SIGTERM when
+        the runner died), then keep what finished and relaunch what did not."""
+        for trial in self.trials.values():
+            if trial.state not in LIVE:
+                continue
+            deadline = time.time() + self.kill_delay
+            while trial.pid and _alive(trial.pid):
+                if time.time() > deadline:
+                    os.kill(trial.pid, signal.SIGKILL)
+                time.sleep(0.2)
+            code = read_local(self.dir.out_dir(trial))[1].get("_exit_code")
+            trial.exit_code, trial.ended = code, time.time()
+            trial.state = "finished" if code == 0 else "stopped" if trial.state == "stopping" else "interrupted"
+            self.dir.save(trial)
+
+    def shutdown(self, signum: int) -> None:
+        print(f"[{_now()}] {signal.Signals(signum).name}: stopping {len(self.procs)} trial(s); "
+              f"rerun the same command to continue", flush=True)
+        for proc in self.procs.values():
+            proc.terminate()
+        deadline = time.time() + self.kill_delay
+        for trial_id, proc in self.procs.items():
+            try:
+                proc.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            trial = self.trials[trial_id]
+            trial.exit_code, trial.ended = proc.returncode, time.time()
+            trial.state = "finished" if proc.returncode == 0 else "stopped" if trial.state == "stopping" else "interrupted"
+            self.dir.save(trial)
+        self.procs = {}
+
+    def run(self) -> int:
+        self.recover()
+        with StopSignal() as stop:
+            while True:
+                if stop.requested:
+                    self.shutdown(stop.signum)
+                    return 128 + stop.signum
+                self.reap()
+                if self.failure_streak() >= self.max_failures:
+                    print(f"[{_now()}] {self.max_failures} trials failed in a row; stopping the sweep. "
+                          f"See the logs in {self.dir.trials_dir}", flush=True)
+                    self.shutdown(signal.SIGTERM)
+                    return 1
+                self.early_terminate()
+                while len(self.procs) < self.workers and (trial := self.next_trial()) is not None:
+                    self.launch(trial)
+                if not self.procs:
+                    return 0
+                time.sleep(self.poll)
+
+
+# ----------------------------------------------------------------------------- leaderboard
+def varied_keys(sweep: dict) -> list[str]:
+    return [k for k, spec in sweep["parameters"].items() if "value" not in spec]
+
+
+def leaderboard(sweep: dict, sdir: SweepDir) -> list[dict]:
+    """One row per trial, best first by the sweep metric (trials without it last)."""
+    metric = (sweep.get("metric") or {}).get("name")
+    sign = -1 if (sweep.get("metric") or {}).get("goal", "minimize") == "maximize" else 1
+    rows = []
+    for t in sdir.trials():
+        _, summary = read_local(sdir.out_dir(t))
+        value = summary.get(metric)
+        checkpoints = sorted(sdir.out_dir(t).glob("**/best.safetensors"))
+        rows.append({"run_id": t.id, "state": t.state, "metric": value if isinstance(value, (int, float)) else None,
+                     **{k: t.params.get(k) for k in varied_keys(sweep)},
+                     "checkpoint": str(checkpoints[0]) if len(checkpoints) == 1 else
+                     f"{sdir.out_dir(t)}/fold*/best.safetensors" if checkpoints else ""})
+    rows.sort(key=lambda r: (r["metric"] is None, sign * (r["metric"] or 0)))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows
+
+
+def write_leaderboard(sweep: dict, sdir: SweepDir) -> list[dict]:
+    rows = leaderboard(sweep, sdir)
+    if rows:
+        with open(sdir.root / "leaderboard.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, ["rank", *rows[0]])
+            writer.writeheader()
+            writer.writerows(rows)
+    return rows
+
+
+def print_status(sweep: dict, sdir: SweepDir, info: dict) -> None:
+    rows = write_leaderboard(sweep, sdir)
+    states = [r["state"] for r in rows]
+    print(f"sweep {info['name']} ({info['id']}) in {sdir.root}: {len(rows)} trials, "
+          + ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states)))
+    metric = (sweep.get("metric") or {}).get("name", "metric")
+    header = ["rank", "run_id", "state", metric, *varied_keys(sweep), "checkpoint"]
+    table = [[str(r["rank"]), r["run_id"], r["state"], "" if r["metric"] is None else f"{r['metric']:.4f}",
+              *(_short(r[k]) for k in varied_keys(sweep)), r["checkpoint"]] for r in rows]
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *table)]
+    for line in [header, *table]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
+    finished = [r["run_id"] for r in rows if r["state"] in DONE]
+    if finished:
+        project = sweep["parameters"].get("project", {}).get("value") or os.environ.get("WANDB_PROJECT") or "sweepcls"
+        print(f"\nupload the runs:        wandb sync {sdir.runs_dir}/*/wandb/offline-run-*"
+              f"\nthen attach them to a server-side sweep (bayes learns from them):"
+              f"\n  wandb sweep -p {project} {' '.join('-R ' + i for i in finished)} {info['source']}")
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# ----------------------------------------------------------------------------- CLI
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sweep.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("sweep_yaml", nargs="?", help="the sweep file, as for `wandb sweep`")
+    parser.add_argument("--count", type=int, default=None, help="total trials in the sweep (grid: default all points)")
+    parser.add_argument("--workers", type=int, default=1, help="trials at once")
+    parser.add_argument("--sweep_dir", default=None, help="all state; default sweeps/<yaml name>")
+    parser.add_argument("--gpus", default="", help="comma-separated GPU ids; each trial gets the least busy one")
+    parser.add_argument("--max_failures", type=int, default=3, help="stop after this many failed trials in a row")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the proposals")
+    parser.add_argument("--kill_delay", type=float, default=30.0, help="seconds from SIGTERM to SIGKILL for a trial")
+    parser.add_argument("--check", action="store_true", help="validate the sweep file and exit")
+    parser.add_argument("--status", metavar="DIR", default=None, help="print a sweep dir's progress and leaderboard")
+    args = parser.parse_args(argv)
+    try:
+        if args.status:
+            sdir = SweepDir(Path(args.status))
+            info = sdir.info()
+            print_status(info["sweep"], sdir, info)
+            return 0
+        if not args.sweep_yaml:
+            parser.error("give a sweep file (or --status DIR)")
+        sweep = load_sweep(args.sweep_yaml)  # every problem before any trial starts
+        if args.check:
+            print(f"{args.sweep_yaml}: ok ({sweep['method']}, {len(sweep['parameters'])} parameters)")
+            return 0
+        if args.count is None and sweep["method"] != "grid":
+            parser.error(f"--count is required for method {sweep['method']}")
+        if args.workers < 1 or (args.count is not None and args.count < 1):
+            parser.error("--workers and --count must be >= 1")
+        sdir = SweepDir(Path(args.sweep_dir or Path("sweeps") / Path(args.sweep_yaml).stem))
+        sdir.root.mkdir(parents=True, exist_ok=True)
+        lock = sdir.lock()
+        info = sdir.create_or_check(sweep, args.sweep_yaml)
+        runner = Runner(sweep, sdir, info, args.count, args.workers, args.max_failures,
+                        [g for g in args.gpus.split(",") if g], args.seed, kill_delay=args.kill_delay)
+        print(f"sweep {info['name']} ({info['id']}) in {sdir.root}: {len(runner.trials)} trials so far, "
+              f"up to {args.count or 'all grid points'}, {args.workers} at once")
+        code = runner.run()
+        print()
+        print_status(sweep, sdir, info)
+        lock.close()
+        return code
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
