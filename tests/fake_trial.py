@@ -1,0 +1,40 @@
+"""A stand-in for train.py in sweep tests: the same flags, run files and stop handling, with a scripted
+metric instead of training, so the runner's crash and hyperband paths take seconds.
+seed % 10 picks the behaviour: 0 = a poor run, 3 = a crash, anything else = a good run."""
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils import tracking  # noqa: E402
+from utils.config import Config, parse_config  # noqa: E402
+from utils.stop import StopSignal, Stopped  # noqa: E402
+
+
+def main() -> int:
+    with StopSignal() as stop:
+        cfg = parse_config(sys.argv[1:])
+        run_id = tracking.new_run_id()
+        run = tracking.init(cfg.to_dict(), run_id, Path(os.environ.get("SWEEPCLS_RUNS_DIR", "runs")) / run_id, "disabled")
+        cfg = Config.from_dict(tracking.config(run))
+        if cfg.seed % 10 == 3:
+            raise RuntimeError("scripted crash")
+        best = 0.0
+        try:
+            for epoch in range(1, cfg.epochs + 1):
+                time.sleep(0.4)
+                stop.check()
+                value = 0.1 if cfg.seed % 10 == 0 else 0.9 - 0.01 * (cfg.seed % 10)
+                best = max(best, value)
+                tracking.log(run, {"epoch": epoch, cfg.monitor: value})
+                tracking.set_summary(run, {cfg.monitor: best})
+        except Stopped as e:
+            tracking.finish(run, exit_code=e.exit_code)
+            return e.exit_code
+        tracking.finish(run)
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""Offline sweeps end to end: real train.py trials in real offline W&B runs, a runner killed and restarted,
+a crash, hyperband's stop (with a scripted stand-in program), SIGTERM in train.py, cross-validated trials."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+import train
+from conftest import ROOT, TINY_MODEL, make_competition_folder, read_run
+
+pytestmark = pytest.mark.slow
+
+
+def write_sweep(path: Path, **sweep) -> Path:
+    path.write_text(yaml.safe_dump(sweep, sort_keys=False))
+    return path
+
+
+def sweep_cmd(*args) -> list[str]:
+    return [sys.executable, "sweep.py", *map(str, args)]
+
+
+def trials(sweep_dir: Path) -> list[dict]:
+    return sorted((json.loads(p.read_text()) for p in (sweep_dir / "trials").glob("*.json")), key=lambda t: t["number"])
+
+
+def run_record(run_dir: Path) -> dict:
+    return next(r["run"] for r in read_run(run_dir) if r["type"] == "run")
+
+
+def test_offline_sweep_of_train_py_survives_a_killed_runner(tmp_path):
+    data = make_competition_folder(tmp_path / "comp", n_train=120, n_test=20)
+    spec = write_sweep(tmp_path / "digits.yaml", program="train.py", method="random",
+                       metric={"name": "val/f1_macro", "goal": "maximize"}, parameters={
+                           "data": {"value": str(data)}, "model": {"value": TINY_MODEL}, "img_size": {"value": 32},
+                           "epochs": {"value": 2}, "workers": {"value": 0}, "table_rows": {"value": 8},
+                           "lr": {"distribution": "log_uniform_values", "min": 1e-3, "max": 1e-2},
+                           "loss": {"values": ["ce", "label_smoothing"]}})
+    sweep_dir = tmp_path / "sw"
+    cmd = sweep_cmd(spec, "--count", 4, "--workers", 2, "--sweep_dir", sweep_dir)
+    runner = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while True:  # a trial done and the next launched, seconds away from its first step
+        now = trials(sweep_dir)
+        if len(now) >= 3 and any(t["state"] == "finished" for t in now):
+            break
+        assert time.time() < deadline and runner.poll() is None
+        time.sleep(0.1)
+    runner.kill()  # SIGKILL: no chance to clean up; the kernel SIGTERMs its trials
+    runner.wait()
+    before = {t["id"]: t for t in trials(sweep_dir)}
+    finished_before = {i for i, t in before.items() if t["state"] == "finished"}
+    assert finished_before and len(before) in (3, 4)
+
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    after = trials(sweep_dir)
+    assert len(after) == 4 and len({t["id"] for t in after}) == 4
+    assert all(t["state"] == "finished" for t in after), after
+    assert len({json.dumps(t["params"], sort_keys=True) for t in after}) == 4  # no trial ran twice as a new one
+    for t in after:
+        if t["id"] in finished_before:  # kept, not rerun
+            assert (t["attempts"], t["started"]) == (1, before[t["id"]]["started"])
+    starting = [t for t in after if t["number"] >= 3 and t["id"] in before]
+    assert starting and all(t["attempts"] == 2 for t in starting)  # killed while starting up: run again, same id
+    for aside in (sweep_dir / "interrupted").glob("*"):  # what an interrupted attempt had written is kept
+        assert next(t for t in after if aside.name == f"{t['id']}-attempt1")["attempts"] == 2
+
+    rows = list(csv.DictReader(open(sweep_dir / "leaderboard.csv")))
+    assert [r["run_id"] for r in rows] == [t["id"] for t in sorted(after, key=lambda t: -json.loads(
+        (sweep_dir / "runs" / t["id"] / "summary.json").read_text())["val/f1_macro"])]
+    assert all(Path(r["checkpoint"]).is_file() for r in rows)
+    assert "rank" in out.stdout and all(t["id"] in out.stdout for t in after) and "wandb sweep" in out.stdout
+
+    sweep_id = json.loads((sweep_dir / "sweep.json").read_text())["id"]
+    run_dirs = sorted(sweep_dir.glob("runs/*/wandb/offline-run-*"))
+    assert len(run_dirs) == 4  # interrupted attempts are kept aside, outside runs/
+    for run_dir in run_dirs:
+        record = run_record(run_dir)
+        trial = next(t for t in after if t["id"] == record["run_id"])
+        assert record["run_group"] == f"sweep-{sweep_id}" and f"sweep-{sweep_id}" in record["tags"]
+        config = {k: v for k, v in record["config"]["update"].items()}
+        assert config["lr"] == pytest.approx(trial["params"]["lr"]) and config["loss"] == trial["params"]["loss"]
+
+    status = subprocess.run(sweep_cmd("--status", sweep_dir), cwd=ROOT, capture_output=True, text=True)
+    assert status.returncode == 0 and "4 trials, 4 finished" in status.stdout
+
+
+def test_crash_is_recorded_and_hyperband_stops_the_poor_trial(tmp_path):
+    spec = write_sweep(tmp_path / "fake.yaml", program="tests/fake_trial.py", method="grid",
+                       metric={"name": "val/f1_macro", "goal": "maximize"},
+                       parameters={"seed": {"values": [1, 2, 13, 10]}, "epochs": {"value": 8}},
+                       early_terminate={"type": "hyperband", "min_iter": 2, "eta": 2})
+    out = subprocess.run(sweep_cmd(spec, "--workers", 1, "--sweep_dir", tmp_path / "sw"), cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    by_seed = {t["params"]["seed"]: t for t in trials(tmp_path / "sw")}
+    assert [by_seed[s]["state"] for s in (1, 2, 13, 10)] == ["finished", "finished", "failed", "stopped"]
+    assert by_seed[13]["exit_code"] == 1 and "scripted crash" in out.stdout
+    assert by_seed[10]["exit_code"] == 128 + signal.SIGTERM
+    history = (tmp_path / "sw" / "runs" / by_seed[10]["id"] / "metrics.jsonl").read_text().splitlines()
+    assert 2 <= len(history) < 8  # stopped after the first band, well before its 8 epochs
+
+
+def test_failures_in_a_row_stop_the_sweep(tmp_path):
+    spec = write_sweep(tmp_path / "crash.yaml", program="tests/fake_trial.py", method="grid",
+                       metric={"name": "val/f1_macro", "goal": "maximize"},
+                       parameters={"seed": {"values": [3, 13, 23, 33]}, "epochs": {"value": 2}})
+    out = subprocess.run(sweep_cmd(spec, "--max_failures", 2, "--sweep_dir", tmp_path / "sw"), cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "2 trials failed in a row" in out.stdout
+    assert [t["state"] for t in trials(tmp_path / "sw")] == ["failed", "failed"]
+
+
+def test_sigterm_saves_and_finishes_the_run(tmp_path, competition):
+    out_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "train.py", "--data", str(competition), "--model", TINY_MODEL,
+                             "--img_size", "32", "--epochs", "50", "--workers", "0", "--batch_size", "16",
+                             "--out_dir", str(out_dir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=os.environ.copy())
+    deadline = time.time() + 120
+    while not (out_dir / "metrics.jsonl").exists() or not (out_dir / "metrics.jsonl").read_text():
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143 and time.time() - sent < 20 and "stopped by SIGTERM" in err
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["_exit_code"] == 143 and summary["stopped"].startswith("SIGTERM in epoch")
+    assert (out_dir / "last.safetensors").is_file() and (out_dir / "best.safetensors").is_file()
+    exit_record = next(r for r in read_run(next(out_dir.glob("wandb/offline-run-*"))) if r["type"] == "exit")
+    assert exit_record["exit"]["exit_code"] == 143
+
+
+def test_cross_validated_trial_reports_the_mean_and_every_oof_probability(tmp_path, competition):
+    out_dir = tmp_path / "cv"
+    assert train.main(["--data", str(competition), "--model", TINY_MODEL, "--img_size", "32", "--epochs", "1",
+                       "--workers", "0", "--folds", "3", "--cv", "True", "--table_rows", "4",
+                       "--out_dir", str(out_dir)]) == 0
+    summary = json.loads((out_dir / "summary.json").read_text())
+    folds = [summary[f"fold{k}/val/f1_macro"] for k in range(3)]
+    assert summary["val/f1_macro"] == pytest.approx(np.mean(folds))
+    assert summary["val/f1_macro_std"] == pytest.approx(np.std(folds))
+    rows = list(csv.DictReader(open(out_dir / "oof.csv")))
+    train_ids = [line.split(",")[0] for line in (competition / "train.csv").read_text().splitlines()[1:]]
+    assert sorted(r["id"] for r in rows) == sorted(train_ids)  # every training image exactly once
+    assert sorted({r["fold"] for r in rows}) == ["0", "1", "2"]
+    probs = np.array([[float(r[k]) for k in r if k.startswith("p_")] for r in rows])
+    assert np.allclose(probs.sum(1), 1, atol=1e-4)
+    for k in range(3):
+        assert (out_dir / f"fold{k}" / "best.safetensors").is_file()
+    records = read_run(next(out_dir.glob("wandb/offline-run-*")))
+    artifacts = {r["artifact"]["type"] for r in records if r["type"] == "artifact"}
+    assert {"oof", "model", "submission"} <= artifacts
