@@ -66,18 +66,23 @@ def _write_json(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
-def _alive(pid: int) -> bool:
-    """True while the process exists and is not a zombie (an orphan nobody reaped)."""
+def _trial_alive(pid: int, trial_id: str) -> bool:
+    """True while that pid is still this trial's process (its environment names the run id), not a
+    zombie nobody reaped and not an unrelated process that got the pid later."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
+        if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+            return False
+        return f"WANDB_RUN_ID={trial_id}".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no /proc (macOS): signal 0 only asks whether the pid exists
         try:
             os.kill(pid, 0)
             return True
         except ProcessLookupError:
             return False
         except PermissionError:
-            return True
+            return False
 
 
 def _die_with_parent() -> None:
@@ -271,7 +276,7 @@ class Runner:
             if trial.state not in LIVE:
                 continue
             deadline = time.time() + self.kill_delay
-            while trial.pid and _alive(trial.pid):
+            while trial.pid and _trial_alive(trial.pid, trial.id):
                 if time.time() > deadline:
                     os.kill(trial.pid, signal.SIGKILL)
                 time.sleep(0.2)
@@ -280,9 +285,8 @@ class Runner:
             trial.state = "finished" if code == 0 else "stopped" if trial.state == "stopping" else "interrupted"
             self.dir.save(trial)
 
-    def shutdown(self, signum: int) -> None:
-        print(f"[{_now()}] {signal.Signals(signum).name}: stopping {len(self.procs)} trial(s); "
-              f"rerun the same command to continue", flush=True)
+    def shutdown(self, reason: str) -> None:
+        print(f"[{_now()}] {reason}: stopping {len(self.procs)} running trial(s)", flush=True)
         for proc in self.procs.values():
             proc.terminate()
         deadline = time.time() + self.kill_delay
@@ -303,13 +307,12 @@ class Runner:
         with StopSignal() as stop:
             while True:
                 if stop.requested:
-                    self.shutdown(stop.signum)
+                    self.shutdown(f"{signal.Signals(stop.signum).name}; rerun the same command to continue")
                     return 128 + stop.signum
                 self.reap()
                 if self.failure_streak() >= self.max_failures:
-                    print(f"[{_now()}] {self.max_failures} trials failed in a row; stopping the sweep. "
-                          f"See the logs in {self.dir.trials_dir}", flush=True)
-                    self.shutdown(signal.SIGTERM)
+                    self.shutdown(f"{self.max_failures} trials failed in a row; see the logs in {self.dir.trials_dir}. "
+                                  f"Stopping the sweep")
                     return 1
                 self.early_terminate()
                 while len(self.procs) < self.workers and (trial := self.next_trial()) is not None:

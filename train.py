@@ -312,8 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = Path(cfg.out_dir or Path(os.environ.get("SWEEPCLS_RUNS_DIR") or "runs") / run_id)
         run = tracking.init(cfg.to_dict(), run_id, out_dir, cfg.wandb_mode, cfg.project, cfg.entity, cfg.run_name)
         try:
-            train(Config.from_dict(tracking.config(run)), run, out_dir, stop)
-            stop.check()
+            train(Config.from_dict(tracking.config(run)), run, out_dir, stop)  # a stop after the last epoch: done anyway
         except UserError as e:
             tracking.set_summary(run, {"error": str(e)})
             tracking.finish(run, exit_code=1)
