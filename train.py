@@ -262,7 +262,6 @@ def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal) -> t
     """All folds in one run: the monitored metric is their mean (std beside it); out-of-fold
     probabilities of every training image go to oof.csv and a W&B artifact; the test set gets the
     folds' average."""
-    run.define_metric("cv/*", step_metric="fold")
     oof, folds, results = np.full((len(data.labels), len(data.classes)), np.nan), np.zeros(len(data.labels), int), []
     for k in range(cfg.folds):
         r = fit(dataclasses.replace(cfg, fold=k), run, out_dir / f"fold{k}", data, stop, prefix=f"fold{k}/")

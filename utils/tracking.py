@@ -67,8 +67,8 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, project: str = "",
     run = wandb.init(
         project=project or os.environ.get("WANDB_PROJECT") or "sweepcls", entity=entity or None,
         id=run_id, name=name or None, dir=str(out_dir), config=config, mode=mode, job_type=job_type)
-    for key in ("train/*", "val/*", "lr"):
-        run.define_metric(key, step_metric="epoch")
+    for key, step in [("train/*", "epoch"), ("val/*", "epoch"), ("lr", "epoch"), ("fold*", "epoch"), ("cv/*", "fold")]:
+        run.define_metric(key, step_metric=step)  # fold<k>/...: a cross-validated run's folds
     (out_dir / METRICS_FILE).write_text("")  # a fresh history for each run
     _LOCAL[id(run)] = {"dir": out_dir, "summary": {}}
     if mode == "offline":
