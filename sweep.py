@@ -193,9 +193,12 @@ class Runner:
             aside.parent.mkdir(exist_ok=True)
             shutil.move(str(out_dir), str(aside))
         trial.attempts += 1
-        param_path = self.dir.trials_dir / f"{trial.id}.yaml"
+        trial.pid, trial.state, trial.started, trial.exit_code, trial.ended = None, "running", time.time(), None, None
+        self.trials[trial.id] = trial
+        self.dir.save(trial)  # recorded before it starts: a runner killed right now still knows it
+        param_path = (self.dir.trials_dir / f"{trial.id}.yaml").resolve()
         param_path.write_text(param_file_text(trial.params))
-        args_json = self.dir.trials_dir / f"{trial.id}.args.json"
+        args_json = (self.dir.trials_dir / f"{trial.id}.args.json").resolve()
         argv = agent_command(self.sweep, trial.params, str(args_json))
         if "${args_json_file}" in map(str, self.sweep.get("command") or []):
             args_json.write_text(json.dumps(trial.params))
@@ -206,9 +209,10 @@ class Runner:
                "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
         env.setdefault("WANDB_MODE", "offline")
         # W trials share the cores: one OpenMP pool per core each, or they spin against each other (10x slower)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // self.workers)))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // self.workers)))
         if self.gpus:
-            busy = [t.gpu for t in self.trials.values() if t.state in LIVE]
+            busy = [t.gpu for t in self.trials.values() if t.state in LIVE and t.id != trial.id]
             trial.gpu = min(self.gpus, key=busy.count)
             env["CUDA_VISIBLE_DEVICES"] = trial.gpu
         with open(self.dir.log_path(trial), "ab") as log:
@@ -216,8 +220,7 @@ class Runner:
                                     start_new_session=True,  # a terminal's Ctrl-C reaches the runner only; it forwards
                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         self.procs[trial.id] = proc
-        trial.pid, trial.state, trial.started, trial.exit_code, trial.ended = proc.pid, "running", time.time(), None, None
-        self.trials[trial.id] = trial
+        trial.pid = proc.pid
         self.dir.save(trial)
         varied = " ".join(f"{k}={trial.params[k]}" for k in varied_keys(self.sweep) if k in trial.params)
         print(f"[{_now()}] trial {trial.number}{'/' + str(self.count) if self.count else ''} {trial.id} "

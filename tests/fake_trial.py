@@ -20,6 +20,7 @@ def main() -> int:
         cfg = Config.from_dict(tracking.config(run))
         if cfg.seed % 10 == 3:
             raise RuntimeError("scripted crash")
+        tracking.set_summary(run, {"env": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")}})
         best = 0.0
         try:
             for epoch in range(1, cfg.epochs + 1):

@@ -94,12 +94,13 @@ def test_offline_sweep_of_train_py_survives_a_killed_runner(tmp_path):
     assert status.returncode == 0 and "4 trials, 4 finished" in status.stdout
 
 
-def test_crash_is_recorded_and_hyperband_stops_the_poor_trial(tmp_path):
+def test_crash_is_recorded_and_hyperband_stops_the_poor_trial(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the runner sets it only where the user did not
     spec = write_sweep(tmp_path / "fake.yaml", program="tests/fake_trial.py", method="grid",
                        metric={"name": "val/f1_macro", "goal": "maximize"},
                        parameters={"seed": {"values": [1, 2, 13, 10]}, "epochs": {"value": 12}},
                        early_terminate={"type": "hyperband", "min_iter": 2, "eta": 2})
-    out = subprocess.run(sweep_cmd(spec, "--workers", 1, "--sweep_dir", tmp_path / "sw"), cwd=ROOT,
+    out = subprocess.run(sweep_cmd(spec, "--workers", 1, "--gpus", "7", "--sweep_dir", tmp_path / "sw"), cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     by_seed = {t["params"]["seed"]: t for t in trials(tmp_path / "sw")}
@@ -108,6 +109,8 @@ def test_crash_is_recorded_and_hyperband_stops_the_poor_trial(tmp_path):
     assert by_seed[10]["exit_code"] == 128 + signal.SIGTERM
     history = (tmp_path / "sw" / "runs" / by_seed[10]["id"] / "metrics.jsonl").read_text().splitlines()
     assert 2 <= len(history) < 12  # stopped after the first band, well before its 12 epochs
+    env = json.loads((tmp_path / "sw" / "runs" / by_seed[1]["id"] / "summary.json").read_text())["env"]
+    assert env == {"CUDA_VISIBLE_DEVICES": "7", "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}  # 1 worker: all cores
 
 
 def test_failures_in_a_row_stop_the_sweep(tmp_path):

@@ -91,6 +91,9 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         items = [_plain(v) for v in value]
         return items if _SKIP not in items else _SKIP
+    if isinstance(value, dict):
+        items = {str(k): _plain(v) for k, v in value.items()}
+        return items if _SKIP not in items.values() else _SKIP
     if isinstance(value, numbers.Number):
         value = float(value) if not isinstance(value, numbers.Integral) else int(value)
         return value if not isinstance(value, float) or math.isfinite(value) else str(value)
