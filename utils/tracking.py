@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import wandb
 
+from utils import UserError
+
 THUMB_PX = 128  # longest side of table thumbnails
 METRICS_FILE, SUMMARY_FILE = "metrics.jsonl", "summary.json"
 _LOCAL: dict[int, dict] = {}  # id(run) -> {"dir": out_dir, "summary": {...}}, the plain-file record
@@ -186,6 +188,43 @@ def log_eval_tables(run, prefix: str, ids, images, y_true, probs, classes, metri
             y_true=y_true.tolist(), preds=pred.tolist(), class_names=list(classes)),
         f"{prefix}/per_class": per_class,
     }, commit=False)
+
+
+def log_table(run, key: str, columns: list[str], rows: list[list]) -> None:
+    """A table; HxWx3 uint8 cells become thumbnails."""
+    if run.settings.mode == "disabled":
+        return
+    table = wandb.Table(columns=columns)
+    for row in rows:
+        table.add_data(*[_thumb(v, "") if isinstance(v, np.ndarray) and v.ndim == 3 else v for v in row])
+    run.log({key: table})
+
+
+def wandb_api():
+    """The W&B public API (needs a server and a key): the one seam tests replace with a fake."""
+    return wandb.Api()
+
+
+def download_artifact(ref: str, root: Path) -> Path:
+    """Download ENTITY/PROJECT/NAME:ALIAS into root (files already there with the same digest are kept)."""
+    try:
+        artifact = wandb_api().artifact(ref)
+    except Exception as e:  # noqa: BLE001 - wandb raises CommError, ValueError, UsageError...
+        raise UserError(f"cannot fetch W&B artifact {ref}: {e}; offline, pass the run dir or checkpoint file instead") from None
+    return Path(artifact.download(root=str(root)))
+
+
+def top_sweep_runs(path: str, k: int) -> list[str]:
+    """Ids of the k best runs of an online sweep ENTITY/PROJECT/ID, by the sweep's own metric."""
+    try:
+        sweep = wandb_api().sweep(path)
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot read W&B sweep {path}: {e}") from None
+    metric = sweep.config.get("metric") or {}
+    name, maximize = metric.get("name"), metric.get("goal", "minimize") == "maximize"
+    scored = [r for r in sweep.runs if isinstance(r.summary.get(name), (int, float))]
+    scored.sort(key=lambda r: r.summary[name], reverse=maximize)
+    return [r.id for r in scored[:k]]
 
 
 def log_artifact(run, path: Path, name: str, type: str, metadata: dict | None = None, aliases=()) -> None:

@@ -1,0 +1,128 @@
+"""Ensemble models into one submission: checkpoints, run dirs, W&B artifacts, or a sweep's top runs.
+
+Usage:
+    python ensemble.py runs/a runs/b runs/c --data /data/comp --out submission.csv
+    python ensemble.py --sweep sweeps/sweep --top 3 --data digits --weights auto
+    python ensemble.py --sweep ENTITY/PROJECT/SWEEP_ID --top 5 --data /data/comp --tta flip
+Members may differ in backbone, image size and normalization: each is rebuilt from its own checkpoint.
+--weights auto fits non-negative weights on a labelled set every member can be scored on without
+leakage (their shared validation split, or out-of-fold predictions of cross-validated runs). The
+ensemble is a W&B run (job_type=ensemble) with the scores, the submission and a table of the images
+on which the members disagree. Predictions are cached per (member, images, TTA) in --cache_dir.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from datasets import load_image, split_indices, write_submission
+from datasets.transforms import TTA
+from utils import UserError, tracking
+from utils.ensemble import (caruana, check_compatible, load_test_data, member_probs, monitor_metric, read_oof,
+                            resolve_member, score, sweep_member_refs)
+
+
+def labelled_set(members, data, args) -> tuple[str, np.ndarray, list[np.ndarray]]:
+    """(name, labels, each member's probabilities) on images no member trained on."""
+    if all(m.oof is not None for m in members):
+        return "oof", data.labels, [read_oof(m, data.ids) for m in members]
+    if any(m.oof is not None or m.meta["config"].get("cv") for m in members):
+        raise UserError("--weights auto needs one labelled set all members share: all cross-validated runs "
+                        "(out-of-fold predictions) or none; use --weights equal for this mix")
+    splits = {}
+    for m in members:
+        c = m.meta["config"]
+        val = split_indices(data.labels, data.groups, c["val_fraction"], c["folds"], c["fold"], c["seed"])[1]
+        splits.setdefault(tuple(val), []).append(m.name)
+    if len(splits) > 1:
+        raise UserError(f"members were validated on different splits ({list(splits.values())}: seed, val_fraction "
+                        f"or fold differ), so no split is unseen by all; use --weights equal or cross-validated runs")
+    val = np.array(next(iter(splits)))
+    items = [data.items[i] for i in val]
+    return "val", data.labels[val], [member_probs(m, items, args.tta, args.cache_dir, args.batch_size, args.device)
+                                     for m in members]
+
+
+def disagreement_rows(members, data, probs: list[np.ndarray], ensemble: np.ndarray, max_rows: int) -> list[list]:
+    """Test images on which the members' predictions differ: most distinct answers, then least sure, first."""
+    preds = np.stack([p.argmax(1) for p in probs])
+    distinct = np.array([len(set(col)) for col in preds.T])
+    rows = np.flatnonzero(distinct > 1)
+    rows = rows[np.lexsort((ensemble[rows].max(1), -distinct[rows]))][:max_rows]
+    classes = data.classes
+    out = []
+    for r in rows:
+        true = [classes[data.test_labels[r]]] if data.test_labels is not None else []
+        out.append([data.test_ids[r], load_image(data.test_items[r]), *true, classes[ensemble[r].argmax()],
+                    float(ensemble[r].max())] + [v for p in probs for v in (classes[p[r].argmax()], float(p[r].max()))])
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ensemble.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("members", nargs="*", help="checkpoint files, run dirs or W&B artifact refs")
+    parser.add_argument("--sweep", default="", help="add the top runs of an offline sweep dir or ENTITY/PROJECT/SWEEP_ID")
+    parser.add_argument("--top", type=int, default=3, help="how many runs --sweep adds")
+    parser.add_argument("--data", required=True, help="as train.py's --data: its test set is predicted")
+    parser.add_argument("--weights", default="equal", choices=["equal", "auto"])
+    parser.add_argument("--tta", default="none", choices=sorted(TTA))
+    parser.add_argument("--out", default="submission.csv")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--cache_dir", type=Path, default=Path(".cache/sweepcls"))
+    parser.add_argument("--table_rows", type=int, default=200)
+    parser.add_argument("--wandb_mode", default="auto", choices=["auto", "online", "offline", "disabled"])
+    parser.add_argument("--project", default="")
+    parser.add_argument("--entity", default="")
+    parser.add_argument("--out_dir", default="", help="the ensemble run's folder; '' = runs/ensemble-<run id>")
+    args = parser.parse_args(argv)
+    try:
+        refs = args.members + (sweep_member_refs(args.sweep, args.top) if args.sweep else [])
+        if not refs:
+            parser.error("give members, or --sweep with --top")
+        members = [resolve_member(ref, args.cache_dir) for ref in refs]
+        check_compatible(members)
+        data = load_test_data(args.data, members[0].meta)
+        metric = monitor_metric(members[0].meta)
+        scores, weights = {}, np.full(len(members), 1 / len(members))
+        if args.weights == "auto":
+            set_name, labels, probs = labelled_set(members, data, args)
+            weights = caruana(probs, labels, metric)
+            scores |= {f"{set_name}/{m.name}/{metric}": score(metric, labels, p) for m, p in zip(members, probs)}
+            scores[f"{set_name}/ensemble/{metric}"] = score(metric, labels, sum(w * p for w, p in zip(weights, probs)))
+        test = [member_probs(m, data.test_items, args.tta, args.cache_dir, args.batch_size, args.device) for m in members]
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    ensemble = sum(w * p for w, p in zip(weights, test))
+    write_submission(Path(args.out), data, ensemble.argmax(1))
+    if data.test_labels is not None:
+        scores |= {f"test/{m.name}/{metric}": score(metric, data.test_labels, p) for m, p in zip(members, test)}
+        scores[f"test/ensemble/{metric}"] = score(metric, data.test_labels, ensemble)
+
+    print(f"{'member':<40} {'model':<22} {'px':>4} {'weight':>6}  " + "  ".join(
+        s for s in dict.fromkeys(k.split("/")[0] for k in scores)))
+    for name, m, w in [(m.name, m, w) for m, w in zip(members, weights)] + [("ensemble", None, 1.0)]:
+        cells = [f"{scores[k]:.4f}" for k in scores if k.split("/")[1] == name]
+        model, px = (m.meta["model"], str(m.meta["img_size"])) if m else ("", "")
+        print(f"{name[-40:]:<40} {model:<22} {px:>4} {w:>6.3f}  " + "  ".join(f"{c:>6}" for c in cells))
+    print(f"wrote {args.out} ({args.weights} weights, tta {args.tta})")
+
+    run_id = tracking.new_run_id()
+    out_dir = Path(args.out_dir or Path("runs") / f"ensemble-{run_id}")
+    run = tracking.init({"members": refs, "weights": weights.tolist(), "weighting": args.weights, "tta": args.tta,
+                         "data": args.data, "metric": metric, "models": [m.meta["model"] for m in members]},
+                        run_id, out_dir, args.wandb_mode, args.project, args.entity, f"ensemble-{run_id}", job_type="ensemble")
+    tracking.set_summary(run, scores)
+    tracking.log_artifact(run, Path(args.out), f"submission-{run_id}", "submission", {"members": refs, "weights": weights.tolist()})
+    columns = ["id", "image"] + (["true"] if data.test_labels is not None else []) + ["ensemble", "ensemble_conf"]
+    columns += [c for m in members for c in (f"{m.name} pred", f"{m.name} conf")]
+    tracking.log_table(run, "test/disagreement", columns, disagreement_rows(members, data, test, ensemble, args.table_rows))
+    tracking.finish(run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

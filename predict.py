@@ -1,0 +1,48 @@
+"""One model on a test set: writes the submission (sample_submission.csv's rows and order where there is one).
+
+Usage:
+    python predict.py runs/<run id> --data /data/comp --out submission.csv
+    python predict.py runs/<run id>/best.safetensors --data /data/test_images --tta flip
+    python predict.py ENTITY/PROJECT/model-<run id>:best --data /data/comp      # online: pulls the artifact
+The model is rebuilt from its checkpoint alone (backbone, classes, image size, normalization).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from datasets import write_submission
+from datasets.transforms import TTA
+from utils import UserError
+from utils.ensemble import load_test_data, member_probs, resolve_member
+from utils.metrics import classification_metrics
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("member", help="checkpoint file, run dir (a --cv run: its folds averaged) or W&B artifact ref")
+    parser.add_argument("--data", required=True, help="as train.py's --data (its test set), or a folder of test images")
+    parser.add_argument("--tta", default="none", choices=sorted(TTA), help="test-time augmentation")
+    parser.add_argument("--out", default="submission.csv", help="submission file to write")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--cache_dir", default=".cache/sweepcls", help="downloaded artifacts and cached predictions")
+    args = parser.parse_args(argv)
+    try:
+        member = resolve_member(args.member, Path(args.cache_dir))
+        data = load_test_data(args.data, member.meta)
+        probs = member_probs(member, data.test_items, args.tta, Path(args.cache_dir), args.batch_size, args.device)
+        write_submission(Path(args.out), data, probs.argmax(1))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    scored = ""
+    if data.test_labels is not None:
+        m = classification_metrics(data.test_labels, probs)
+        scored = f" | test/f1_macro {m['f1_macro']:.4f} | test/acc {m['acc']:.4f}"
+    print(f"{member.name} ({member.meta['model']}, {member.meta['img_size']} px, {len(member.paths)} checkpoint(s)) "
+          f"on {len(data.test_items)} images{scored} | wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

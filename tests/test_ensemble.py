@@ -1,0 +1,171 @@
+"""predict.py and ensemble.py: members from files, run dirs, sweeps and (through a fake W&B API, the one
+seam that cannot run here) online artifacts; Caruana weights; the prediction cache; end to end offline."""
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ensemble as ensemble_cli
+import predict as predict_cli
+from conftest import TINY_MODEL, read_run, run_train
+from test_train_e2e import staged_table
+from utils import UserError, tracking
+from utils.checkpoint import atomic_write_bytes, checkpoint_bytes
+from utils.ensemble import caruana, check_compatible, member_probs, resolve_member, score, sweep_member_refs
+from models import build_model
+
+
+def random_probs(rng, n, k, sharp):
+    logits = rng.normal(size=(n, k)) * sharp
+    return np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_auto_weights_never_score_below_the_best_member(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 5, 80)
+    probs = []
+    for sharp in (1.0, 2.0, 3.0):  # members of different skill: a noisy copy of the truth
+        p = random_probs(rng, 80, 5, sharp)
+        p[np.arange(80), labels] += rng.uniform(0, 0.6, 80)
+        probs.append(p / p.sum(1, keepdims=True))
+    w = caruana(probs, labels, "f1_macro")
+    assert w.min() >= 0 and w.sum() == pytest.approx(1)
+    ens = sum(wi * p for wi, p in zip(w, probs))
+    assert score("f1_macro", labels, ens) >= max(score("f1_macro", labels, p) for p in probs)
+
+
+def test_a_member_with_itself_is_that_member():
+    rng = np.random.default_rng(0)
+    p, labels = random_probs(rng, 50, 4, 2.0), rng.integers(0, 4, 50)
+    w = caruana([p, p], labels)
+    assert np.allclose(w[0] * p + w[1] * p, p)
+
+
+def save_checkpoint(path: Path, classes: list[str], img_size: int = 32) -> Path:
+    torch.manual_seed(0)
+    model = build_model(TINY_MODEL, num_classes=len(classes))
+    meta = {"format": "sweepcls/1", "model": TINY_MODEL, "classes": classes, "targets": list(range(len(classes))),
+            "img_size": img_size, "mean": [0.5] * 3, "std": [0.25] * 3, "config": {"monitor": "val/f1_macro"}}
+    atomic_write_bytes(path, checkpoint_bytes(model, meta))
+    return path
+
+
+def test_members_with_different_classes_are_refused(tmp_path):
+    a = resolve_member(str(save_checkpoint(tmp_path / "a.safetensors", ["cat", "dog"])), tmp_path)
+    b = resolve_member(str(save_checkpoint(tmp_path / "b.safetensors", ["cat", "fox"])), tmp_path)
+    with pytest.raises(UserError, match=r"members disagree on the classes: a.safetensors has \['cat', 'dog'\], "
+                                        r"b.safetensors has \['cat', 'fox'\]"):
+        check_compatible([a, b])
+
+
+def test_unknown_member_is_one_clear_error(tmp_path, capsys):
+    assert ensemble_cli.main([str(tmp_path / "nope"), "--data", "digits", "--wandb_mode", "disabled"]) == 1
+    assert "no such file or folder, and not a W&B artifact ref" in capsys.readouterr().err
+
+
+def test_predictions_are_cached_per_member_images_and_tta(tmp_path, monkeypatch):
+    member = resolve_member(str(save_checkpoint(tmp_path / "m.safetensors", ["a", "b", "c"])), tmp_path)
+    rng = np.random.default_rng(0)
+    items = [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(6)]
+    first = member_probs(member, items, "none", tmp_path / "cache")
+
+    def no_inference(*a, **k):
+        raise AssertionError("inference ran again")
+    monkeypatch.setattr("utils.checkpoint.load_model", no_inference)
+    assert np.array_equal(member_probs(member, items, "none", tmp_path / "cache"), first)
+    with pytest.raises(AssertionError, match="inference ran again"):  # other TTA: another cache entry
+        member_probs(member, items, "flip", tmp_path / "cache")
+
+
+class FakeArtifact:
+    def __init__(self, source: Path):
+        self.source = source
+
+    def download(self, root: str) -> str:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        shutil.copy(self.source, Path(root) / "best.safetensors")
+        return root
+
+
+class FakeRun:
+    def __init__(self, run_id, summary):
+        self.id, self.summary = run_id, summary
+
+
+class FakeSweep:
+    config = {"metric": {"name": "val/f1_macro", "goal": "maximize"}}
+    runs = [FakeRun("r1", {"val/f1_macro": 0.7}), FakeRun("r2", {"val/f1_macro": 0.9}),
+            FakeRun("r3", {}), FakeRun("r4", {"val/f1_macro": 0.8})]
+
+
+class FakeApi:
+    """wandb.Api's surface that tracking uses: artifact(ref).download(root) and sweep(path).runs/.config."""
+    def __init__(self, checkpoint: Path):
+        self.checkpoint, self.asked = checkpoint, []
+
+    def artifact(self, ref):
+        self.asked.append(ref)
+        return FakeArtifact(self.checkpoint)
+
+    def sweep(self, path):
+        self.asked.append(path)
+        return FakeSweep()
+
+
+def test_online_members_are_pulled_with_the_wandb_api(tmp_path, monkeypatch):
+    api = FakeApi(save_checkpoint(tmp_path / "remote.safetensors", ["a", "b"]))
+    monkeypatch.setattr(tracking, "wandb_api", lambda: api)
+    refs = sweep_member_refs("team/comp/sw123", 2)
+    assert refs == ["team/comp/model-r2:best", "team/comp/model-r4:best"]  # by the sweep's own metric, best first
+    member = resolve_member(refs[0], tmp_path / "cache")
+    assert member.meta["classes"] == ["a", "b"] and member.paths[0].is_relative_to(tmp_path / "cache")
+    assert api.asked == ["team/comp/sw123", "team/comp/model-r2:best"]
+
+
+@pytest.mark.slow
+def test_predict_and_ensemble_two_backbones_offline(tmp_path, competition):
+    runs = {}
+    for name, model, size in [("a", TINY_MODEL, "32"), ("b", "test_efficientnet", "48")]:
+        runs[name] = tmp_path / name
+        run_train(["--data", str(competition), "--model", model, "--img_size", size, "--epochs", "2", "--workers", "0",
+                   "--table_rows", "4", "--out_dir", str(runs[name])])
+    sample_ids = [r["ID"] for r in csv.DictReader(open(competition / "sample_submission.csv"))]
+
+    def submission(path):
+        rows = list(csv.DictReader(open(path)))
+        assert [r["ID"] for r in rows] == sample_ids and all(r["target"].isdigit() for r in rows)
+        return [r["target"] for r in rows]
+
+    cache = tmp_path / "cache"
+    assert predict_cli.main([str(runs["a"]), "--data", str(competition), "--out", str(tmp_path / "pa.csv"),
+                             "--cache_dir", str(cache)]) == 0
+    alone = submission(tmp_path / "pa.csv")
+    assert ensemble_cli.main([str(runs["a"]), str(runs["a"]), "--data", str(competition), "--out", str(tmp_path / "aa.csv"),
+                              "--cache_dir", str(cache), "--wandb_mode", "disabled"]) == 0
+    assert submission(tmp_path / "aa.csv") == alone
+
+    out_dir = tmp_path / "ens"
+    assert ensemble_cli.main([str(runs["a"]), str(runs["b"] / "best.safetensors"), "--data", str(competition),
+                              "--weights", "auto", "--out", str(tmp_path / "ab.csv"), "--cache_dir", str(cache),
+                              "--out_dir", str(out_dir)]) == 0
+    submission(tmp_path / "ab.csv")
+    records = read_run(next(out_dir.glob("wandb/offline-run-*")))
+    run = next(r["run"] for r in records if r["type"] == "run")
+    assert run["job_type"] == "ensemble"
+    summary = {}
+    for r in records:
+        if r["type"] == "summary":
+            summary.update(r["summary"]["update"])
+    assert {"val/a/f1_macro", "val/b/f1_macro", "val/ensemble/f1_macro"} <= set(summary)
+    assert summary["val/ensemble/f1_macro"] >= max(summary["val/a/f1_macro"], summary["val/b/f1_macro"])
+    table, _ = staged_table(records, summary, "test/disagreement")
+    assert table["columns"] == ["id", "image", "ensemble", "ensemble_conf", "a pred", "a conf", "b pred", "b conf"]
+    a_test = submission(tmp_path / "pa.csv")
+    b_probs = member_probs(resolve_member(str(runs["b"]), cache), [competition / "test" / i for i in sample_ids], "none", cache)
+    disagree = {i for i, a, b in zip(sample_ids, a_test, b_probs.argmax(1)) if a != str(b)}
+    assert {row[0] for row in table["data"]} == disagree  # every test image the two members disagree on
+    assert any(r["type"] == "artifact" and r["artifact"]["type"] == "submission" for r in records)

@@ -1,0 +1,195 @@
+"""Ensemble members: a reference (checkpoint file, run dir, W&B artifact, sweep) to checkpoints; each
+member's probabilities with its own image size and normalization, cached per (member, images, TTA);
+weights by greedy forward selection with replacement (Caruana et al. 2004).
+
+Usage:
+    members = [resolve_member(ref, cache_dir) for ref in refs]; check_compatible(members)
+    probs = member_probs(members[0], items, tta="flip", cache_dir=cache_dir)
+    weights = caruana([probs_a, probs_b], labels, "f1_macro")
+"""
+import csv
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from utils import UserError, tracking
+from utils.checkpoint import read_meta
+from utils.metrics import classification_metrics
+
+CACHE_VERSION = 1  # bump when the prediction path changes what it returns
+
+
+@dataclass
+class Member:
+    name: str                     # how it is shown: run id, file name or artifact ref
+    paths: list[Path]             # one checkpoint, or a cross-validated run's folds (their probabilities are averaged)
+    meta: dict = field(repr=False)  # the first checkpoint's metadata
+    oof: Path | None = None       # oof.csv of a cross-validated run
+
+
+def _checkpoint_member(name: str, paths: list[Path], oof: Path | None = None) -> Member:
+    try:
+        return Member(name, paths, read_meta(paths[0]), oof)
+    except Exception as e:  # noqa: BLE001 - safetensors raises several kinds for a file that is not one
+        raise UserError(f"{paths[0]}: not a readable sweepcls checkpoint ({e})") from None
+
+
+def resolve_member(ref: str, cache_dir: Path) -> Member:
+    """A checkpoint file, a run dir (best.safetensors, or fold*/best.safetensors of a --cv run), or a W&B
+    artifact ref ENTITY/PROJECT/model-<id>:ALIAS, downloaded into cache_dir (online only)."""
+    path = Path(ref)
+    if path.is_file():
+        return _checkpoint_member(path.parent.name if path.name == "best.safetensors" else path.name, [path])
+    if path.is_dir():
+        if (path / "best.safetensors").is_file():
+            return _checkpoint_member(path.name, [path / "best.safetensors"])
+        folds = sorted(path.glob("fold*/best.safetensors"))
+        if folds:
+            return _checkpoint_member(path.name, folds, path / "oof.csv" if (path / "oof.csv").is_file() else None)
+        raise UserError(f"{path}: no best.safetensors (nor fold*/best.safetensors) in this folder")
+    if re.fullmatch(r"[\w.-]+/[\w.-]+/[\w.-]+(:[\w.-]+)?", ref) and not path.exists():
+        root = Path(cache_dir) / "artifacts" / ref.replace("/", "_").replace(":", "_")
+        files = sorted(tracking.download_artifact(ref, root).glob("**/*.safetensors"))
+        if not files:
+            raise UserError(f"W&B artifact {ref} holds no .safetensors checkpoint")
+        return _checkpoint_member(ref, files[:1])
+    raise UserError(f"member {ref!r}: no such file or folder, and not a W&B artifact ref ENTITY/PROJECT/NAME:ALIAS")
+
+
+def sweep_member_refs(sweep: str, top: int) -> list[str]:
+    """The top runs of a sweep as member refs: an offline sweep dir's leaderboard (run dirs), or an online
+    sweep ENTITY/PROJECT/ID by its own metric (each run's best model artifact)."""
+    root = Path(sweep)
+    if (root / "sweep.json").is_file():
+        from sweep import SweepDir, leaderboard
+        info = json.loads((root / "sweep.json").read_text())
+        rows = [r for r in leaderboard(info["sweep"], SweepDir(root)) if r["metric"] is not None and r["checkpoint"]]
+        return [str(SweepDir(root).runs_dir / r["run_id"]) for r in rows[:top]]
+    if root.exists():
+        raise UserError(f"--sweep {sweep}: a folder but not a sweep dir (no sweep.json)")
+    entity, project, _ = sweep.split("/") if sweep.count("/") == 2 else (None, None, None)
+    if entity is None:
+        raise UserError(f"--sweep {sweep}: expected an offline sweep dir or ENTITY/PROJECT/SWEEP_ID")
+    return [f"{entity}/{project}/model-{run_id}:best" for run_id in tracking.top_sweep_runs(sweep, top)]
+
+
+def check_compatible(members: list[Member]) -> None:
+    classes = members[0].meta["classes"]
+    for m in members[1:]:
+        if m.meta["classes"] != classes:
+            raise UserError(f"members disagree on the classes: {members[0].name} has {classes}, {m.name} has "
+                            f"{m.meta['classes']}; ensemble only models trained on the same class list")
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def items_key(items: list) -> str:
+    """Identifies a list of images: paths with size and mtime, or array bytes."""
+    h = hashlib.sha256()
+    for item in items:
+        if isinstance(item, np.ndarray):
+            h.update(item.tobytes())
+        else:
+            st = Path(item).stat()
+            h.update(f"{item}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def member_probs(member: Member, items: list, tta: str, cache_dir: Path | None, batch_size: int = 64,
+                 device: str = "auto") -> np.ndarray:
+    """Class probabilities of `items`, each fold checkpoint with its own preprocessing, folds averaged;
+    read from the cache when this member has already predicted these images with this TTA."""
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, [_file_digest(p) for p in member.paths], items_key(items), tta])
+                         .encode()).hexdigest()[:24]
+    cached = Path(cache_dir) / "preds" / f"{key}.npy" if cache_dir else None
+    if cached is not None and cached.is_file():
+        return np.load(cached)
+    from datasets import ImageDataset
+    from datasets.transforms import eval_transform
+    from train import make_loader, pick_device, predict_probs
+    from utils.checkpoint import load_model
+    dev = pick_device(device)
+    probs = []
+    for path in member.paths:
+        model, meta = load_model(path, dev)
+        dataset = ImageDataset(items, None, eval_transform(meta["img_size"], meta["mean"], meta["std"]))
+        probs.append(predict_probs(model, make_loader(dataset, batch_size, 0, dev), dev, None, tta))
+    out = np.mean(probs, axis=0)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.tmp.npy")
+        np.save(tmp, out)
+        tmp.replace(cached)
+    return out
+
+
+def read_oof(member: Member, ids: list[str]) -> np.ndarray:
+    """A cross-validated member's out-of-fold probabilities, in the order of `ids`."""
+    with open(member.oof, newline="") as fh:
+        rows = {r["id"]: [float(r[f"p_{c}"]) for c in member.meta["classes"]] for r in csv.DictReader(fh)}
+    missing = [i for i in ids if i not in rows]
+    if missing:
+        raise UserError(f"{member.oof}: no out-of-fold row for {len(missing)} training images (e.g. {missing[0]}); "
+                        f"were the members trained on different data?")
+    return np.array([rows[i] for i in ids])
+
+
+def score(metric: str, labels: np.ndarray, probs: np.ndarray) -> float:
+    """The metric to maximize: f1_macro, acc or acsa; 'loss' is the negative log-likelihood, negated."""
+    if metric == "loss":
+        return -float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+    return classification_metrics(labels, probs)[metric]
+
+
+def caruana(probs: list[np.ndarray], labels: np.ndarray, metric: str = "f1_macro", rounds: int = 0) -> np.ndarray:
+    """Non-negative weights summing to 1: add, with replacement, the member that most improves the
+    average (ties broken by log-likelihood), and keep the round that scored best on `metric` (the
+    earliest, smallest ensemble among equals). Round 1 picks the best single member, so the result
+    never scores below it on this set."""
+    def key(p):
+        return score(metric, labels, p), score("loss", labels, p)
+    rounds = rounds or max(20, 5 * len(probs))
+    counts, total = np.zeros(len(probs)), np.zeros_like(probs[0])
+    best_key, best_counts = None, None
+    for r in range(1, rounds + 1):
+        keys = [key((total + p) / r) for p in probs]
+        i = max(range(len(probs)), key=lambda j: keys[j])  # the first of equals
+        counts[i] += 1
+        total = total + probs[i]
+        if best_key is None or keys[i][0] > best_key:
+            best_key, best_counts = keys[i][0], counts.copy()
+    return best_counts / best_counts.sum()
+
+
+def monitor_metric(meta: dict) -> str:
+    """The member's --monitor as a score name: val/f1_macro -> f1_macro; a loss -> loss."""
+    name = meta.get("config", {}).get("monitor", "val/f1_macro").split("/")[-1]
+    return name if name in ("f1_macro", "acc", "acsa") else "loss" if name.endswith("loss") else "f1_macro"
+
+
+def load_test_data(source: str, meta: dict):
+    """The data a member predicts: --data as train.py reads it (its test set, and its labelled images for
+    weights), or a flat folder of test images alone. Its class list must be the member's."""
+    from datasets import IMAGE_EXTS, Data, load_data
+    root = Path(source)
+    flat = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS) if root.is_dir() else []
+    if flat and not (root / "train.csv").is_file():
+        return Data(classes=meta["classes"], targets=meta["targets"], items=[], labels=np.zeros(0, np.int64), ids=[],
+                    test_items=flat, test_ids=[p.name for p in flat])
+    cfg = meta.get("config", {})
+    data = load_data(source, cfg.get("image_col", "ID"), cfg.get("label_col", "target"), cfg.get("group_col", ""))
+    if data.classes != meta["classes"]:
+        raise UserError(f"--data {source} has classes {data.classes}, the model was trained on {meta['classes']}")
+    if not data.test_items:
+        raise UserError(f"--data {source}: no test images (test/ or sample_submission.csv); nothing to predict")
+    return data
