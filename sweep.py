@@ -15,7 +15,6 @@ them and attach them to a server-side sweep.
 import argparse
 import csv
 import ctypes
-import fcntl
 import json
 import os
 import random
@@ -26,45 +25,17 @@ import string
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 from utils import UserError
 from utils.stop import StopSignal
-from utils.sweep import agent_command, load_sweep, param_file_text, plain, sweeps_engine
+from utils.sweep import (DONE, ENGINE_STATE, LIVE, SweepDir, Trial, agent_command, leaderboard, load_sweep,
+                         param_file_text, plain, sweeps_engine, varied_keys)
 from utils.tracking import read_local
-
-# trial states: the runner's own, and what the engine is told
-ENGINE_STATE = {"running": "running", "stopping": "running", "finished": "finished", "stopped": "killed",
-                "failed": "failed", "interrupted": "preempted"}
-LIVE, DONE = ("running", "stopping"), ("finished", "stopped", "failed")  # interrupted trials are relaunched
-
-
-@dataclass
-class Trial:
-    id: str
-    number: int
-    params: dict
-    state: str = "running"
-    attempts: int = 0
-    pid: int | None = None
-    gpu: str | None = None
-    exit_code: int | None = None
-    started: float | None = None
-    ended: float | None = None
-
-
 def _now() -> str:
     return time.strftime("%H:%M:%S")
-
-
-def _write_json(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
-
 
 def _trial_alive(pid: int, trial_id: str) -> bool:
     """True while that pid is still this trial's process (its environment names the run id), not a
@@ -91,58 +62,6 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
     except (OSError, AttributeError):
         pass
-
-
-# ----------------------------------------------------------------------------- the sweep dir
-class SweepDir:
-    """sweep.json (the sweep and its id), trials/<id>.json|.yaml|.log, runs/<id>/ (each trial's out_dir)."""
-
-    def __init__(self, root: Path):
-        self.root, self.trials_dir, self.runs_dir = Path(root), Path(root) / "trials", Path(root) / "runs"
-
-    def create_or_check(self, sweep: dict, source: str) -> dict:
-        info_path = self.root / "sweep.json"
-        if info_path.exists():
-            info = json.loads(info_path.read_text())
-            if info["sweep"] != sweep:
-                raise UserError(f"{self.root} holds a sweep started from a different config ({info['source']}); "
-                                f"restore that file or use a new --sweep_dir")
-            return info
-        self.trials_dir.mkdir(parents=True, exist_ok=True)
-        self.runs_dir.mkdir(exist_ok=True)
-        sweep_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-        info = {"id": sweep_id, "name": sweep.get("name") or Path(source).stem, "source": str(source),
-                "created": time.time(), "sweep": sweep}
-        _write_json(info_path, info)
-        return info
-
-    def info(self) -> dict:
-        try:
-            return json.loads((self.root / "sweep.json").read_text())
-        except OSError:
-            raise UserError(f"{self.root} is not a sweep dir (no sweep.json)") from None
-
-    def lock(self):
-        fh = open(self.root / ".lock", "w")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"another sweep.py is running on {self.root}; wait for it or stop it") from None
-        return fh
-
-    def trials(self) -> list[Trial]:
-        found = [Trial(**json.loads(p.read_text())) for p in self.trials_dir.glob("*.json")]
-        return sorted(found, key=lambda t: t.number)
-
-    def save(self, trial: Trial) -> None:
-        _write_json(self.trials_dir / f"{trial.id}.json", asdict(trial))
-
-    def out_dir(self, trial: Trial) -> Path:
-        return self.runs_dir / trial.id
-
-    def log_path(self, trial: Trial) -> Path:
-        return self.trials_dir / f"{trial.id}.log"
-
 
 # ----------------------------------------------------------------------------- the runner
 class Runner:
@@ -324,31 +243,7 @@ class Runner:
                     return 0
                 time.sleep(self.poll)
 
-
 # ----------------------------------------------------------------------------- leaderboard
-def varied_keys(sweep: dict) -> list[str]:
-    return [k for k, spec in sweep["parameters"].items() if "value" not in spec]
-
-
-def leaderboard(sweep: dict, sdir: SweepDir) -> list[dict]:
-    """One row per trial, best first by the sweep metric (trials without it last)."""
-    metric = (sweep.get("metric") or {}).get("name")
-    sign = -1 if (sweep.get("metric") or {}).get("goal", "minimize") == "maximize" else 1
-    rows = []
-    for t in sdir.trials():
-        _, summary = read_local(sdir.out_dir(t))
-        value = summary.get(metric)
-        checkpoints = sorted(sdir.out_dir(t).glob("**/best.safetensors"))
-        rows.append({"run_id": t.id, "state": t.state, "metric": value if isinstance(value, (int, float)) else None,
-                     **{k: t.params.get(k) for k in varied_keys(sweep)},
-                     "checkpoint": str(checkpoints[0]) if len(checkpoints) == 1 else
-                     f"{sdir.out_dir(t)}/fold*/best.safetensors" if checkpoints else ""})
-    rows.sort(key=lambda r: (r["metric"] is None, sign * (r["metric"] or 0)))
-    for rank, row in enumerate(rows, 1):
-        row["rank"] = rank
-    return rows
-
-
 def write_leaderboard(sweep: dict, sdir: SweepDir) -> list[dict]:
     rows = leaderboard(sweep, sdir)
     if rows:

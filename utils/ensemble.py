@@ -65,7 +65,7 @@ def sweep_member_refs(sweep: str, top: int) -> list[str]:
     sweep ENTITY/PROJECT/ID by its own metric (each run's best model artifact)."""
     root = Path(sweep)
     if (root / "sweep.json").is_file():
-        from sweep import SweepDir, leaderboard
+        from utils.sweep import SweepDir, leaderboard
         info = json.loads((root / "sweep.json").read_text())
         rows = [r for r in leaderboard(info["sweep"], SweepDir(root)) if r["metric"] is not None and r["checkpoint"]]
         return [str(SweepDir(root).runs_dir / r["run_id"]) for r in rows[:top]]

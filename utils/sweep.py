@@ -5,19 +5,26 @@ wandb/sdk/launch/sweeps/utils.py), so one file serves `wandb agent` online and s
 Usage:
     sweep = load_sweep("sweep.yaml")                      # SweepError lists every problem at once
     argv = agent_command(sweep, {"lr": 0.01, "model": "resnet18"}, args_json_file="trial.json")
+    rows = leaderboard(sweep, SweepDir("sweeps/sweep"))     # an offline sweep dir's trials, best first
 """
 import dataclasses
+import fcntl
 import itertools
 import json
 import os
 import re
+import secrets
+import string
+import time
 import warnings
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
 from utils import UserError
 from utils.config import Config
+from utils.tracking import read_local
 
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # wandb agent's default
 ENV_MACRO = re.compile(r"\$\{envvar:([A-Z0-9_]*)\}")
@@ -194,3 +201,101 @@ def agent_command(sweep: dict, params: dict, args_json_file: str = "") -> list[s
 def param_file_text(params: dict) -> str:
     """The WANDB_SWEEP_PARAM_PATH file the agent writes: the values wandb.init locks in the run's config."""
     return "wandb_version: 1\n\n" + yaml.safe_dump({k: {"value": v} for k, v in params.items()}, sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- the sweep dir
+# trial states: the runner's own, and what the engine is told
+ENGINE_STATE = {"running": "running", "stopping": "running", "finished": "finished", "stopped": "killed",
+                "failed": "failed", "interrupted": "preempted"}
+LIVE, DONE = ("running", "stopping"), ("finished", "stopped", "failed")  # interrupted trials are relaunched
+
+
+@dataclass
+class Trial:
+    id: str
+    number: int
+    params: dict
+    state: str = "running"
+    attempts: int = 0
+    pid: int | None = None
+    gpu: str | None = None
+    exit_code: int | None = None
+    started: float | None = None
+    ended: float | None = None
+
+
+def write_json(path: Path, value) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(value, indent=1))
+    os.replace(tmp, path)
+
+class SweepDir:
+    """sweep.json (the sweep and its id), trials/<id>.json|.yaml|.log, runs/<id>/ (each trial's out_dir)."""
+
+    def __init__(self, root: Path):
+        self.root, self.trials_dir, self.runs_dir = Path(root), Path(root) / "trials", Path(root) / "runs"
+
+    def create_or_check(self, sweep: dict, source: str) -> dict:
+        info_path = self.root / "sweep.json"
+        if info_path.exists():
+            info = json.loads(info_path.read_text())
+            if info["sweep"] != sweep:
+                raise UserError(f"{self.root} holds a sweep started from a different config ({info['source']}); "
+                                f"restore that file or use a new --sweep_dir")
+            return info
+        self.trials_dir.mkdir(parents=True, exist_ok=True)
+        self.runs_dir.mkdir(exist_ok=True)
+        sweep_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        info = {"id": sweep_id, "name": sweep.get("name") or Path(source).stem, "source": str(source),
+                "created": time.time(), "sweep": sweep}
+        write_json(info_path, info)
+        return info
+
+    def info(self) -> dict:
+        try:
+            return json.loads((self.root / "sweep.json").read_text())
+        except OSError:
+            raise UserError(f"{self.root} is not a sweep dir (no sweep.json)") from None
+
+    def lock(self):
+        fh = open(self.root / ".lock", "w")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another sweep.py is running on {self.root}; wait for it or stop it") from None
+        return fh
+
+    def trials(self) -> list[Trial]:
+        found = [Trial(**json.loads(p.read_text())) for p in self.trials_dir.glob("*.json")]
+        return sorted(found, key=lambda t: t.number)
+
+    def save(self, trial: Trial) -> None:
+        write_json(self.trials_dir / f"{trial.id}.json", asdict(trial))
+
+    def out_dir(self, trial: Trial) -> Path:
+        return self.runs_dir / trial.id
+
+    def log_path(self, trial: Trial) -> Path:
+        return self.trials_dir / f"{trial.id}.log"
+
+def varied_keys(sweep: dict) -> list[str]:
+    return [k for k, spec in sweep["parameters"].items() if "value" not in spec]
+
+
+def leaderboard(sweep: dict, sdir: SweepDir) -> list[dict]:
+    """One row per trial, best first by the sweep metric (trials without it last)."""
+    metric = (sweep.get("metric") or {}).get("name")
+    sign = -1 if (sweep.get("metric") or {}).get("goal", "minimize") == "maximize" else 1
+    rows = []
+    for t in sdir.trials():
+        _, summary = read_local(sdir.out_dir(t))
+        value = summary.get(metric)
+        checkpoints = sorted(sdir.out_dir(t).glob("**/best.safetensors"))
+        rows.append({"run_id": t.id, "state": t.state, "metric": value if isinstance(value, (int, float)) else None,
+                     **{k: t.params.get(k) for k in varied_keys(sweep)},
+                     "checkpoint": str(checkpoints[0]) if len(checkpoints) == 1 else
+                     f"{sdir.out_dir(t)}/fold*/best.safetensors" if checkpoints else ""})
+    rows.sort(key=lambda r: (r["metric"] is None, sign * (r["metric"] or 0)))
+    for rank, row in enumerate(rows, 1):
+        row["rank"] = rank
+    return rows
