@@ -169,3 +169,55 @@ def test_predict_and_ensemble_two_backbones_offline(tmp_path, competition):
     disagree = {i for i, a, b in zip(sample_ids, a_test, b_probs.argmax(1)) if a != str(b)}
     assert {row[0] for row in table["data"]} == disagree  # every test image the two members disagree on
     assert any(r["type"] == "artifact" and r["artifact"]["type"] == "submission" for r in records)
+
+
+def test_offline_sweep_dir_gives_its_best_run_dirs(tmp_path):
+    from utils.sweep import SweepDir, Trial, write_json
+    sdir = SweepDir(tmp_path / "sw")
+    sweep = {"method": "random", "metric": {"name": "val/f1_macro", "goal": "maximize"},
+             "parameters": {"lr": {"values": [0.1, 0.2, 0.3]}}}
+    sdir.trials_dir.mkdir(parents=True)
+    write_json(tmp_path / "sw" / "sweep.json", {"id": "x", "name": "sw", "source": "s.yaml", "sweep": sweep})
+    for n, (run_id, value) in enumerate([("low", 0.5), ("high", 0.9), ("crashed", None), ("mid", 0.7)], 1):
+        sdir.save(Trial(run_id, n, {"lr": 0.1 * n}, state="finished" if value else "failed"))
+        (sdir.runs_dir / run_id).mkdir(parents=True)
+        if value:
+            save_checkpoint(sdir.runs_dir / run_id / "best.safetensors", ["a", "b"])
+            write_json(sdir.runs_dir / run_id / "summary.json", {"val/f1_macro": value})
+    refs = sweep_member_refs(str(tmp_path / "sw"), 2)
+    assert refs == [str(sdir.runs_dir / "high"), str(sdir.runs_dir / "mid")]
+    assert resolve_member(refs[0], tmp_path).name == "high"
+
+
+def test_cross_validated_members_are_weighted_on_their_out_of_fold_predictions(tmp_path):
+    from datasets import Data
+    from ensemble import labelled_set
+    ids, labels = ["x1", "x2", "x3", "x4"], np.array([0, 1, 1, 0])
+    members = []
+    for name, p1 in [("cv1", [0.9, 0.2, 0.4, 0.3]), ("cv2", [0.6, 0.7, 0.8, 0.1])]:
+        run = tmp_path / name
+        save_checkpoint(run / "fold0" / "best.safetensors", ["a", "b"])
+        rows = [["id", "label", "fold", "p_a", "p_b"]] + [[i, "?", 0, 1 - p, p] for i, p in zip(reversed(ids), reversed(p1))]
+        (run / "oof.csv").write_text("\n".join(",".join(map(str, r)) for r in rows))
+        members.append(resolve_member(str(run), tmp_path))
+    data = Data(classes=["a", "b"], targets=[0, 1], items=[None] * 4, labels=labels, ids=ids)
+    name, got_labels, probs = labelled_set(members, data, None)
+    assert name == "oof" and np.array_equal(got_labels, labels)
+    assert np.allclose(probs[0][:, 1], [0.9, 0.2, 0.4, 0.3]) and np.allclose(probs[1][:, 1], [0.6, 0.7, 0.8, 0.1])
+    plain = resolve_member(str(save_checkpoint(tmp_path / "plain.safetensors", ["a", "b"])), tmp_path)
+    with pytest.raises(UserError, match="all cross-validated runs"):
+        labelled_set([members[0], plain], data, None)
+
+
+def test_predict_on_a_flat_folder_of_images(tmp_path, capsys):
+    import cv2
+    checkpoint = save_checkpoint(tmp_path / "m.safetensors", ["cat", "dog", "fox"])
+    folder = tmp_path / "test_images"
+    folder.mkdir()
+    for i in range(5):
+        cv2.imwrite(str(folder / f"img{i}.png"), np.full((40, 30, 3), 40 * i, np.uint8))
+    assert predict_cli.main([str(checkpoint), "--data", str(folder), "--out", str(tmp_path / "s.csv"),
+                             "--cache_dir", str(tmp_path / "cache")]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "s.csv")))
+    assert [r["ID"] for r in rows] == [f"img{i}.png" for i in range(5)] and {r["target"] for r in rows} <= {"0", "1", "2"}
+    assert "on 5 images" in capsys.readouterr().out
