@@ -83,8 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         if not refs:
             parser.error("give members, or --sweep with --top")
         members = [resolve_member(ref, args.cache_dir) for ref in refs]
+        for i, m in enumerate(members):  # unique names: they key the scores and the table's columns
+            if any(m.name == other.name for other in members[:i]):
+                m.name = f"{m.name}#{i + 1}"
         check_compatible(members)
         data = load_test_data(args.data, members[0].meta)
+        if args.weights == "auto" and not len(data.labels):
+            raise UserError(f"--weights auto scores members on labelled images, and --data {args.data} has none; "
+                            f"pass the training data folder or use --weights equal")
         metric = monitor_metric(members[0].meta)
         scores, weights = {}, np.full(len(members), 1 / len(members))
         if args.weights == "auto":

@@ -145,7 +145,7 @@ def test_predict_and_ensemble_two_backbones_offline(tmp_path, competition):
                              "--cache_dir", str(cache)]) == 0
     alone = submission(tmp_path / "pa.csv")
     assert ensemble_cli.main([str(runs["a"]), str(runs["a"]), "--data", str(competition), "--out", str(tmp_path / "aa.csv"),
-                              "--cache_dir", str(cache), "--wandb_mode", "disabled"]) == 0
+                              "--cache_dir", str(cache), "--weights", "auto", "--out_dir", str(tmp_path / "aa")]) == 0
     assert submission(tmp_path / "aa.csv") == alone
 
     out_dir = tmp_path / "ens"
