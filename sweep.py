@@ -107,8 +107,8 @@ class Runner:
     # --- processes
     def launch(self, trial: Trial) -> None:
         out_dir = self.dir.out_dir(trial)
-        if out_dir.exists():  # an interrupted attempt: keep it aside, start the trial afresh
-            aside = self.dir.root / "interrupted" / f"{trial.id}-attempt{trial.attempts}"
+        if out_dir.exists() and not (out_dir / "resume.pt").is_file():  # interrupted before its first epoch ended:
+            aside = self.dir.root / "interrupted" / f"{trial.id}-attempt{trial.attempts}"  # keep it aside, start afresh
             aside.parent.mkdir(exist_ok=True)
             shutil.move(str(out_dir), str(aside))
         trial.attempts += 1

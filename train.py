@@ -30,6 +30,7 @@ from utils import UserError, tracking
 from utils.checkpoint import CheckpointKeeper, load_model
 from utils.config import Config, parse_config
 from utils.metrics import classification_metrics
+from utils.resume import RESUME_FILE, check_same_run, find_resume, load_state, rng_state, save_state, set_rng_state
 from utils.stop import StopSignal, Stopped
 
 
@@ -55,7 +56,8 @@ def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
 def make_loader(dataset, batch_size: int, workers: int, device: torch.device, sampler=None, drop_last=False):
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
-        num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+        num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(0))  # worker seeds off the global RNG: a resumed run draws the same
 
 
 # ----------------------------------------------------------------------------- train / predict
@@ -162,9 +164,11 @@ class FitResult:
     test_probs: np.ndarray | None  # the best checkpoint's, rebuilt from the file alone
 
 
-def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "") -> FitResult:
+def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "", state: dict | None = None) -> FitResult:
     """Train on fold cfg.fold (or the holdout split) and predict the test set with the best checkpoint.
-    Metrics, tables and artifacts are logged under `prefix` (fold<k>/ in a cross-validated run)."""
+    Metrics, tables and artifacts are logged under `prefix` (fold<k>/ in a cross-validated run).
+    After each epoch out_dir/resume.pt holds the whole training state; `state` (that file, loaded)
+    continues from it, bit-identical on the CPU to a run that was never interrupted."""
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     amp_dtype = amp_dtype_for(device, cfg.amp)
@@ -209,7 +213,29 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
           f"test {len(data.test_items or [])} | {cfg.loss}, {cfg.optimizer}{'+SAM' if cfg.sam else ''}, "
           f"{cfg.scheduler}, {cfg.sampler} sampler{', EMA' if ema else ''} | {prefix}out {out_dir}")
 
-    for epoch in range(1, cfg.epochs + 1):
+    start_epoch, best_probs = 1, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        stepper.scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        stepper.steps, keeper.top, keeper.best_score, keeper.best_epoch = state["steps"], [tuple(t) for t in state["top"]], \
+            state["best_score"], state["best_epoch"]
+        best_probs, start_epoch = state["best_probs"].numpy(), cfg.epochs + 1 if state["complete"] else state["epoch"] + 1
+        set_rng_state(state["rng"])
+        print(f"resumed at epoch {start_epoch} of {cfg.epochs}, best {cfg.monitor} so far {keeper.best_score:.4f}")
+
+    def save_resume_state(epoch: int, complete: bool) -> None:
+        save_state(out_dir / RESUME_FILE, dict(
+            run_id=run.id, epoch=epoch, complete=complete, config=cfg.to_dict(), model=model.state_dict(),
+            ema=ema.state_dict() if ema is not None else None, optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(), scaler=stepper.scaler.state_dict(), steps=stepper.steps,
+            top=[list(t) for t in keeper.top], best_score=keeper.best_score, best_epoch=keeper.best_epoch,
+            best_probs=torch.from_numpy(best_probs), rng=rng_state(), **tracking.position(run)))
+
+    for epoch in range(start_epoch, cfg.epochs + 1):
         start = time.perf_counter()
         sampler.set_epoch(epoch)
         lr = optimizer.param_groups[0]["lr"]
@@ -244,9 +270,12 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
         print(f"{prefix}epoch {epoch:>3}/{cfg.epochs} | train/loss {train_loss:.4f} | val/loss {metrics['val/loss']:.4f} | "
               f"val/acc {m['acc']:.4f} | val/f1_macro {m['f1_macro']:.4f} | val/acsa {m['acsa']:.4f} | "
               f"{metrics['train/epoch_seconds']:.1f}s{' | best' if keeper.best_epoch == epoch else ''}")
-        if cfg.patience and epoch - keeper.best_epoch >= cfg.patience and epoch < cfg.epochs:
+        early_stop = bool(cfg.patience and epoch - keeper.best_epoch >= cfg.patience and epoch < cfg.epochs)
+        if early_stop:
             print(f"early stop: no new best {cfg.monitor} for {cfg.patience} epochs")
             tracking.set_summary(run, {prefix + "stopped_epoch": epoch})
+        save_resume_state(epoch, complete=early_stop or epoch == cfg.epochs)
+        if early_stop:
             break
 
     test_probs = None
@@ -282,12 +311,12 @@ def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal) -> t
     return summary, None if test[0] is None else np.mean(test, axis=0)
 
 
-def train(cfg: Config, run, out_dir: Path, stop: StopSignal) -> None:
+def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None = None) -> None:
     data = load_data(cfg.data, cfg.image_col, cfg.label_col, cfg.group_col)
     if cfg.cv:
         summary, test_probs = cross_validate(cfg, run, out_dir, data, stop)
     else:
-        r = fit(cfg, run, out_dir, data, stop)
+        r = fit(cfg, run, out_dir, data, stop, state=state)
         summary, test_probs = {cfg.monitor: r.best_score, "best_epoch": r.best_epoch}, r.test_probs
     summary["out_dir"] = str(out_dir)
     if test_probs is not None:
@@ -304,14 +333,33 @@ def train(cfg: Config, run, out_dir: Path, stop: StopSignal) -> None:
           + (f" | wrote {out_dir / 'submission.csv'}" if test_probs is not None else ""))
 
 
+def resume_state(cfg: Config, out_dir: Path) -> tuple[dict | None, Path]:
+    """The saved state to continue from (None: a fresh start) and the run's folder."""
+    path = find_resume(cfg.resume, out_dir)
+    if path is None:
+        return None, out_dir
+    if cfg.cv:
+        raise UserError("--resume of a --cv run is not supported yet; start it again with --resume ''")
+    state = load_state(path)
+    check_same_run(state["config"], cfg.to_dict(), path)
+    return state, Path(cfg.out_dir) if cfg.out_dir else path.parent
+
+
 def main(argv: list[str] | None = None) -> int:
     with StopSignal() as stop:  # from the start: a stop during set-up still finishes the W&B run
         cfg = parse_config(argv)
         run_id = tracking.new_run_id()
         out_dir = Path(cfg.out_dir or Path(os.environ.get("SWEEPCLS_RUNS_DIR") or "runs") / run_id)
-        run = tracking.init(cfg.to_dict(), run_id, out_dir, cfg.wandb_mode, cfg.project, cfg.entity, cfg.run_name)
         try:
-            train(Config.from_dict(tracking.config(run)), run, out_dir, stop)  # a stop after the last epoch: done anyway
+            state, out_dir = resume_state(cfg, out_dir)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        run = tracking.init(cfg.to_dict(), state["run_id"] if state else run_id, out_dir, cfg.wandb_mode, cfg.project,
+                            cfg.entity, cfg.run_name, resume=state)
+        try:
+            train(Config.from_dict(tracking.config(run)), run, out_dir, stop, state)  # a stop after the last epoch: done anyway
+            (out_dir / RESUME_FILE).unlink(missing_ok=True)  # finished: nothing to resume
         except UserError as e:
             tracking.set_summary(run, {"error": str(e)})
             tracking.finish(run, exit_code=1)

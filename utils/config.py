@@ -79,6 +79,9 @@ class Config:
     gamma: float = opt(0.1, "step and plateau: lr multiplier at each drop")
     plateau_patience: int = opt(2, "plateau: epochs without improvement before a drop")
     patience: int = opt(0, "early stopping: stop after this many epochs without a new best; 0 = off")
+    resume: str = opt("auto", "continue an interrupted run from its last completed epoch: auto = from out_dir/resume.pt "
+                              "when there is one (a rerun with the same --out_dir, a relaunched sweep trial); a run dir "
+                              "or resume.pt path; '' = always start fresh")
     # --- loss ---
     loss: str = opt("ce", "loss name", _names("losses", "LOSSES"))
     class_weights: str = opt("inverse", "weighted_ce weights and focal alpha, from training class counts: "

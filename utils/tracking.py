@@ -59,7 +59,9 @@ def resolve_mode(requested: str) -> str:
 
 
 def init(config: dict, run_id: str, out_dir: Path, mode: str, project: str = "", entity: str = "",
-         name: str = "", job_type: str = "train"):
+         name: str = "", job_type: str = "train", resume: dict | None = None):
+    """resume: a resumed run's {"wandb_step", "history_rows", "summary"} from its last saved state; W&B
+    continues the same run id (offline: a new offline-run-...-<id>-N folder that syncs into it)."""
     mode = resolve_mode(mode)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -68,11 +70,15 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, project: str = "",
         name = f"{config.get('model', 'run')}-{run_id}"
     run = wandb.init(
         project=project or os.environ.get("WANDB_PROJECT") or "sweepcls", entity=entity or None,
-        id=run_id, name=name or None, dir=str(out_dir), config=config, mode=mode, job_type=job_type)
+        id=run_id, name=name or None, dir=str(out_dir), config=config, mode=mode, job_type=job_type,
+        resume="allow" if resume else None)
     for key, step in [("train/*", "epoch"), ("val/*", "epoch"), ("lr", "epoch"), ("fold*", "epoch"), ("cv/*", "fold")]:
         run.define_metric(key, step_metric=step)  # fold<k>/...: a cross-validated run's folds
-    (out_dir / METRICS_FILE).write_text("")  # a fresh history for each run
-    _LOCAL[id(run)] = {"dir": out_dir, "summary": {}}
+    rows = (out_dir / METRICS_FILE).read_text().splitlines()[:resume["history_rows"]] if resume else []
+    (out_dir / METRICS_FILE).write_text("".join(r + "\n" for r in rows))  # rows after the saved state are redone
+    _LOCAL[id(run)] = {"dir": out_dir, "summary": dict(resume["summary"]) if resume else {}, "rows": len(rows)}
+    if resume and mode != "disabled":
+        run.log({"resumed_at_step": resume["wandb_step"]}, step=resume["wandb_step"])  # steps go on from there
     if mode == "offline":
         print(f"W&B is offline. Upload this run later with: wandb sync {Path(run.dir).parent}")
     return run
@@ -118,6 +124,14 @@ def log(run, metrics: dict) -> None:
         row = {k: _plain(v) for k, v in metrics.items()}
         with open(local["dir"] / METRICS_FILE, "a") as fh:
             fh.write(json.dumps({k: v for k, v in row.items() if v is not _SKIP}) + "\n")
+        local["rows"] += 1
+
+
+def position(run) -> dict:
+    """Where the run's record stands, for a resume state: W&B's next step, plain history rows, summary."""
+    local = _LOCAL.get(id(run), {"rows": 0, "summary": {}})
+    step = run.step if run.settings.mode != "disabled" else 0
+    return {"wandb_step": int(step), "history_rows": local["rows"], "summary": dict(local["summary"])}
 
 
 def set_summary(run, values: dict) -> None:

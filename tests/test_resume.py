@@ -1,0 +1,91 @@
+"""Nothing lost: a run killed (SIGKILL) at any point and resumed ends bit-identical to one never
+interrupted, whatever --workers is; resume files are plain data, and a crafted pickle is refused."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import train
+from conftest import ROOT, TINY_MODEL, run_train
+
+# dropout and mixup draw from the torch and numpy RNGs: a resume that lost either would diverge
+ARGS = ["--model", TINY_MODEL, "--img_size", "32", "--epochs", "4", "--batch_size", "16", "--drop_rate", "0.2",
+        "--mixup", "0.2", "--table_rows", "4"]
+
+
+def rows(out_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def start(data: Path, out_dir: Path, workers: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "train.py", "--data", str(data), *ARGS, "--workers", str(workers),
+                             "--out_dir", str(out_dir)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=os.environ.copy())
+
+
+def kill_after(proc: subprocess.Popen, out_dir: Path, epochs_done: int, extra: float) -> None:
+    deadline = time.time() + 180
+    while not (out_dir / "metrics.jsonl").exists() or len(rows(out_dir)) < epochs_done:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(extra)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_run_ends_bit_identical(tmp_path, competition):
+    reference = tmp_path / "reference"
+    run_train(["--data", str(competition), *ARGS, "--workers", "0", "--out_dir", str(reference)])
+
+    out_dir = tmp_path / "killed"
+    kill_after(start(competition, out_dir, workers=2), out_dir, epochs_done=1, extra=0.0)  # about when it saves state
+    # a kill in the middle of writing a checkpoint leaves only a temp file beside the whole old ones
+    (out_dir / ".resume.pt.tmp-999").write_bytes(b"PK\3\4" + os.urandom(1000))
+    (out_dir / ".last.safetensors.tmp-999").write_bytes(b"\0" * 100)
+    kill_after(start(competition, out_dir, workers=0), out_dir, epochs_done=2, extra=0.3)  # mid-epoch 3
+    run_train(["--data", str(competition), *ARGS, "--workers", "1", "--out_dir", str(out_dir)])
+
+    a, b = load_file(reference / "last.safetensors"), load_file(out_dir / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "train/epoch_seconds"} for r in rs]
+    assert strip(rows(out_dir)) == strip(rows(reference))  # every epoch once, the same numbers
+    assert not (out_dir / "resume.pt").exists() and json.loads((out_dir / "summary.json").read_text())["_exit_code"] == 0
+    assert (out_dir / "submission.csv").read_text() == (reference / "submission.csv").read_text()
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, (f"touch {MARKER}",))
+
+
+MARKER = Path("/tmp/sweepcls-crafted-pickle-ran")
+
+
+def test_crafted_resume_file_is_refused(tmp_path, capsys):
+    MARKER.unlink(missing_ok=True)
+    bad = tmp_path / "run" / "resume.pt"
+    bad.parent.mkdir()
+    torch.save({"format": "sweepcls-resume/1", "payload": RunsCode()}, bad)
+    assert train.main(["--resume", str(bad), "--wandb_mode", "disabled"]) == 1
+    err = capsys.readouterr().err
+    assert "refused to load" in err and "could run code" in err and "Traceback" not in err
+    assert not MARKER.exists()
+
+
+def test_resume_with_another_config_is_refused(tmp_path, competition, capsys):
+    out_dir = tmp_path / "run"
+    proc = start(competition, out_dir, workers=0)
+    kill_after(proc, out_dir, epochs_done=1, extra=0.0)
+    code = train.main(["--data", str(competition), *ARGS, "--lr", "0.01", "--workers", "0", "--out_dir", str(out_dir),
+                       "--wandb_mode", "disabled"])
+    err = capsys.readouterr().err
+    assert code == 1 and "the run was started with other values (lr: 0.002 -> 0.01)" in err
+    assert (out_dir / "resume.pt").is_file()  # nothing touched
