@@ -30,7 +30,7 @@ from utils import UserError, tracking
 from utils.checkpoint import CheckpointKeeper, load_model
 from utils.config import Config, parse_config
 from utils.metrics import classification_metrics
-from utils.resume import RESUME_FILE, check_same_run, find_resume, load_state, rng_state, save_state, set_rng_state
+from utils.resume import RESUME_FILE, restore_training_state, resume_from, save_state, training_state
 from utils.stop import StopSignal, Stopped
 
 
@@ -215,25 +215,8 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
 
     start_epoch, best_probs = 1, None
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        stepper.scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        stepper.steps, keeper.top, keeper.best_score, keeper.best_epoch = state["steps"], [tuple(t) for t in state["top"]], \
-            state["best_score"], state["best_epoch"]
-        best_probs, start_epoch = state["best_probs"].numpy(), cfg.epochs + 1 if state["complete"] else state["epoch"] + 1
-        set_rng_state(state["rng"])
+        best_probs, start_epoch = restore_training_state(state, stepper, keeper), state["next_epoch"]
         print(f"resumed at epoch {start_epoch} of {cfg.epochs}, best {cfg.monitor} so far {keeper.best_score:.4f}")
-
-    def save_resume_state(epoch: int, complete: bool) -> None:
-        save_state(out_dir / RESUME_FILE, dict(
-            run_id=run.id, epoch=epoch, complete=complete, config=cfg.to_dict(), model=model.state_dict(),
-            ema=ema.state_dict() if ema is not None else None, optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(), scaler=stepper.scaler.state_dict(), steps=stepper.steps,
-            top=[list(t) for t in keeper.top], best_score=keeper.best_score, best_epoch=keeper.best_epoch,
-            best_probs=torch.from_numpy(best_probs), rng=rng_state(), **tracking.position(run)))
 
     for epoch in range(start_epoch, cfg.epochs + 1):
         start = time.perf_counter()
@@ -274,7 +257,9 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
         if early_stop:
             print(f"early stop: no new best {cfg.monitor} for {cfg.patience} epochs")
             tracking.set_summary(run, {prefix + "stopped_epoch": epoch})
-        save_resume_state(epoch, complete=early_stop or epoch == cfg.epochs)
+        save_state(out_dir / RESUME_FILE, {"run_id": run.id, "config": cfg.to_dict(), **tracking.position(run),
+                                           "next_epoch": cfg.epochs + 1 if early_stop else epoch + 1,
+                                           **training_state(stepper, keeper, best_probs)})
         if early_stop:
             break
 
@@ -333,25 +318,13 @@ def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None 
           + (f" | wrote {out_dir / 'submission.csv'}" if test_probs is not None else ""))
 
 
-def resume_state(cfg: Config, out_dir: Path) -> tuple[dict | None, Path]:
-    """The saved state to continue from (None: a fresh start) and the run's folder."""
-    path = find_resume(cfg.resume, out_dir)
-    if path is None:
-        return None, out_dir
-    if cfg.cv:
-        raise UserError("--resume of a --cv run is not supported yet; start it again with --resume ''")
-    state = load_state(path)
-    check_same_run(state["config"], cfg.to_dict(), path)
-    return state, Path(cfg.out_dir) if cfg.out_dir else path.parent
-
-
 def main(argv: list[str] | None = None) -> int:
     with StopSignal() as stop:  # from the start: a stop during set-up still finishes the W&B run
         cfg = parse_config(argv)
         run_id = tracking.new_run_id()
         out_dir = Path(cfg.out_dir or Path(os.environ.get("SWEEPCLS_RUNS_DIR") or "runs") / run_id)
         try:
-            state, out_dir = resume_state(cfg, out_dir)
+            state, out_dir = resume_from(cfg, out_dir)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

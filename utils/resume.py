@@ -6,9 +6,9 @@ The file holds tensors and plain Python values only, and is read with torch.load
 a crafted pickle that would run code is refused, never executed.
 
 Usage:
-    path = find_resume(cfg.resume, out_dir)      # None: start fresh
-    state = load_state(path); set_rng_state(state["rng"])
-    save_state(out_dir / RESUME_FILE, {..., "rng": rng_state()})
+    state, out_dir = resume_from(cfg, out_dir)             # state None: start fresh
+    best_probs = restore_training_state(state, stepper, keeper)
+    save_state(out_dir / RESUME_FILE, {"next_epoch": ..., **training_state(stepper, keeper, best_probs)})
 """
 import io
 import pickle
@@ -85,3 +85,39 @@ def check_same_run(saved: dict, current: dict, path: Path) -> None:
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in changed[:8])
         raise UserError(f"--resume {path}: the run was started with other values ({diffs}); resume with the same "
                         f"config, or start a new run")
+
+
+def training_state(stepper, keeper, best_probs) -> dict:
+    """train.py's Stepper (model, optimizer, scheduler, scaler, EMA, step count) and CheckpointKeeper
+    (top-k ranking, best so far), the best epoch's validation probabilities, and every RNG."""
+    return dict(model=stepper.model.state_dict(), ema=stepper.ema.state_dict() if stepper.ema is not None else None,
+                optimizer=stepper.optimizer.state_dict(), scheduler=stepper.scheduler.state_dict(),
+                scaler=stepper.scaler.state_dict(), steps=stepper.steps, top=[list(t) for t in keeper.top],
+                best_score=keeper.best_score, best_epoch=keeper.best_epoch, best_probs=torch.from_numpy(best_probs),
+                rng=rng_state())
+
+
+def restore_training_state(state: dict, stepper, keeper) -> np.ndarray:
+    """The inverse of training_state; returns the best epoch's validation probabilities."""
+    stepper.model.load_state_dict(state["model"])
+    stepper.optimizer.load_state_dict(state["optimizer"])
+    stepper.scheduler.load_state_dict(state["scheduler"])
+    stepper.scaler.load_state_dict(state["scaler"])
+    if stepper.ema is not None:
+        stepper.ema.load_state_dict(state["ema"])
+    stepper.steps = state["steps"]
+    keeper.top, keeper.best_score, keeper.best_epoch = [tuple(t) for t in state["top"]], state["best_score"], state["best_epoch"]
+    set_rng_state(state["rng"])
+    return state["best_probs"].numpy()
+
+
+def resume_from(cfg, out_dir: Path) -> tuple[dict | None, Path]:
+    """The saved state a run continues from (None: a fresh start) and the run's folder."""
+    path = find_resume(cfg.resume, out_dir)
+    if path is None:
+        return None, out_dir
+    if cfg.cv:
+        raise UserError("--resume of a --cv run is not supported yet; start it again with --resume ''")
+    state = load_state(path)
+    check_same_run(state["config"], cfg.to_dict(), path)
+    return state, Path(cfg.out_dir) if cfg.out_dir else path.parent
