@@ -80,7 +80,9 @@ class Stepper:
     sam: SAM | None = None
     ema: ModelEmaV3 | None = None
     clip_grad: float = 0.0
+    nan_patience: int = 5
     steps: int = 0
+    bad_steps: int = 0  # in a row
 
     def _forward_backward(self, batches) -> torch.Tensor:
         total = torch.zeros((), device=self.device)
@@ -92,9 +94,19 @@ class Stepper:
             total += loss.detach() * len(x)
         return total
 
-    def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-        """Returns the summed (per-image) loss at the current weights, on the device (no sync)."""
+    def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
+        """Returns the summed (per-image) loss at the current weights; None when it was NaN/inf and the
+        step was skipped (nan_patience such steps in a row raise UserError, the weights untouched)."""
         loss_sum = self._forward_backward(batches)
+        if not torch.isfinite(loss_sum):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.bad_steps += 1
+            if self.bad_steps >= self.nan_patience:
+                raise UserError(f"the training loss was NaN/inf for {self.bad_steps} optimizer steps in a row (from step "
+                                f"{self.steps + 1}, each skipped); checkpoints are as they were. Lower --lr, set --clip_grad, or check "
+                                f"the data")
+            return None
+        self.bad_steps = 0
         if self.sam is not None and self.sam.perturb(self.scaler.get_scale()):  # 1.0 when the scaler is off
             self.optimizer.zero_grad(set_to_none=True)
             with frozen_norm_stats(self.model):
@@ -124,13 +136,18 @@ def train_one_epoch(stepper: Stepper, loader, accum_steps: int = 1, mixup=None, 
         batches.append((x, y))
         seen += len(x)
         if len(batches) == accum_steps:
-            total += stepper.step(batches)
+            total, seen = _add(total, seen, stepper.step(batches), batches)
             batches = []
             if stop is not None:
                 stop.check()  # between optimizer steps only
     if batches:
-        total += stepper.step(batches)
+        total, seen = _add(total, seen, stepper.step(batches), batches)
     return float(total) / max(seen, 1)
+
+
+def _add(total, seen: int, loss_sum: torch.Tensor | None, batches) -> tuple:
+    """A skipped (NaN/inf) step's images leave the epoch's mean loss."""
+    return (total, seen - sum(len(x) for x, _ in batches)) if loss_sum is None else (total + loss_sum, seen)
 
 
 @torch.no_grad()
@@ -204,7 +221,8 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
     scheduler = build_scheduler(cfg.scheduler, optimizer, **scheduler_kwargs(cfg, math.ceil(len(train_loader) / cfg.accum_steps)))
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
     stepper = Stepper(model, loss_fn, optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
-                      device, amp_dtype, SAM(optimizer, cfg.sam_rho, cfg.sam_adaptive) if cfg.sam else None, ema, cfg.clip_grad)
+                      device, amp_dtype, SAM(optimizer, cfg.sam_rho, cfg.sam_adaptive) if cfg.sam else None, ema, cfg.clip_grad,
+                      cfg.nan_patience)
     eval_model = ema.module if ema is not None else model  # what is evaluated and checkpointed
     keeper = CheckpointKeeper(out_dir, cfg.keep_top_k, cfg.maximize)
     meta_base = dict(format="sweepcls/1", model=cfg.model, classes=classes, targets=data.targets,

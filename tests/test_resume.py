@@ -89,3 +89,54 @@ def test_resume_with_another_config_is_refused(tmp_path, competition, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "the run was started with other values (lr: 0.002 -> 0.01)" in err
     assert (out_dir / "resume.pt").is_file()  # nothing touched
+
+
+class NanFor:
+    """Cross entropy, except that its first `n` calls return NaN."""
+    soft_targets = False
+
+    def __init__(self, n):
+        self.n = n
+
+    def __call__(self, logits, y):
+        self.n -= 1
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        return loss * float("nan") if self.n >= 0 else loss
+
+
+def nan_stepper(n_bad, patience):
+    from train import Stepper
+    from optim import build_scheduler
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return Stepper(model, NanFor(n_bad), optimizer, build_scheduler("none", optimizer),
+                   torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"), nan_patience=patience)
+
+
+def test_nan_steps_are_skipped_then_patience_stops_with_the_weights_untouched():
+    from utils import UserError
+    batch = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    stepper = nan_stepper(n_bad=2, patience=3)
+    before = stepper.model.weight.detach().clone()
+    assert stepper.step(batch) is None and stepper.step(batch) is None  # skipped
+    assert torch.equal(stepper.model.weight, before) and stepper.steps == 0
+    assert torch.isfinite(stepper.step(batch)) and not torch.equal(stepper.model.weight, before)  # training goes on
+    assert stepper.bad_steps == 0 and stepper.steps == 1
+
+    stepper = nan_stepper(n_bad=10, patience=3)
+    before = stepper.model.weight.detach().clone()
+    stepper.step(batch), stepper.step(batch)
+    with pytest.raises(UserError, match="NaN/inf for 3 optimizer steps in a row"):
+        stepper.step(batch)
+    assert torch.equal(stepper.model.weight, before)
+
+
+def test_diverging_run_fails_cleanly(tmp_path, competition):
+    out_dir = tmp_path / "nan"
+    proc = run_train(["--data", str(competition), "--model", TINY_MODEL, "--img_size", "32", "--workers", "0",
+                      "--optimizer", "sgd", "--lr", "1e25", "--nan_patience", "2", "--out_dir", str(out_dir)], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "NaN/inf for 2 optimizer steps" in proc.stderr
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["_exit_code"] == 1 and "NaN/inf" in summary["error"]
+    assert not list(out_dir.glob("*.safetensors"))  # nothing half-trained was saved as a checkpoint

@@ -79,6 +79,8 @@ class Config:
     gamma: float = opt(0.1, "step and plateau: lr multiplier at each drop")
     plateau_patience: int = opt(2, "plateau: epochs without improvement before a drop")
     patience: int = opt(0, "early stopping: stop after this many epochs without a new best; 0 = off")
+    nan_patience: int = opt(5, "a step whose loss is NaN/inf is skipped; this many in a row stop the run (exit 1, "
+                               "checkpoints as they were, the reason in the W&B summary)")
     resume: str = opt("auto", "continue an interrupted run from its last completed epoch: auto = from out_dir/resume.pt "
                               "when there is one (a rerun with the same --out_dir, a relaunched sweep trial); a run dir "
                               "or resume.pt path; '' = always start fresh")
@@ -154,6 +156,7 @@ class Config:
             (self.step_size >= 1 and self.plateau_patience >= 0, "step_size must be >= 1, plateau_patience >= 0"),
             (0 < self.gamma <= 1, "gamma must be in (0, 1]"),
             (self.patience >= 0, "patience must be >= 0 (0 = off)"),
+            (self.nan_patience >= 1, "nan_patience must be >= 1"),
             (0 <= self.cb_beta < 1, "cb_beta must be in [0, 1)"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (self.focal_gamma >= 0 and self.asl_gamma_pos >= 0 and self.asl_gamma_neg >= 0,
