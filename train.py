@@ -21,7 +21,8 @@ from timm.data import Mixup
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from datasets import ImageDataset, build_sampler, load_data, load_image, split_indices, write_oof, write_submission
+from datasets import (ImageDataset, build_sampler, load_data, load_image, screen_images, split_indices, write_oof,
+                      write_submission)
 from datasets.transforms import AUGS, TTA, eval_transform
 from losses import build_loss, loss_kwargs, soft_target_losses
 from models import build_model, check_input_size, normalization
@@ -315,7 +316,11 @@ def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal) -> t
 
 
 def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None = None) -> None:
-    data = load_data(cfg.data, cfg.image_col, cfg.label_col, cfg.group_col)
+    data = load_data(cfg.data, cfg.image_col, cfg.label_col, cfg.group_col, cfg.skip_bad_images)
+    skipped = screen_images(data, cfg.skip_bad_images)
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable training image(s): {skipped[:20]}")
+        tracking.set_summary(run, {"skipped_images": skipped})
     if cfg.cv:
         summary, test_probs = cross_validate(cfg, run, out_dir, data, stop)
     else:

@@ -9,6 +9,7 @@ Sources: "digits" (scikit-learn's bundled digits, see datasets/digits.py), an Im
 """
 import csv
 import io
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,9 @@ class Data:
     submission_columns: tuple[str, str] = ("ID", "target")
 
 
-def load_data(source: str, image_col: str = "ID", label_col: str = "target", group_col: str = "") -> Data:
+def load_data(source: str, image_col: str = "ID", label_col: str = "target", group_col: str = "",
+              skip_bad: bool = False) -> Data:
+    """skip_bad: training rows whose file is missing pass here; screen_images drops them."""
     if source == "digits":
         from datasets.digits import load_digits_data
         return load_digits_data()
@@ -47,7 +50,7 @@ def load_data(source: str, image_col: str = "ID", label_col: str = "target", gro
     if not root.is_dir():
         raise UserError(f"--data {source}: not 'digits' and not a folder")
     if (root / "train.csv").is_file():
-        return _load_csv(root, image_col, label_col, group_col)
+        return _load_csv(root, image_col, label_col, group_col, skip_bad)
     if group_col:
         raise UserError(f"--group_col {group_col!r} needs a train.csv; {root} is an ImageFolder tree")
     return _load_image_folder(root)
@@ -59,6 +62,47 @@ def load_image(item) -> np.ndarray:
         return item
     with Image.open(item) as img:
         return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+
+
+def _unreadable(item) -> str | None:
+    """Why an image file cannot be decoded, or None. JPEGs decode at reduced scale: every byte is still read."""
+    if isinstance(item, np.ndarray):
+        return None
+    try:
+        with Image.open(item) as img:
+            img.draft("RGB", (64, 64))
+            img.load()
+        return None
+    except FileNotFoundError:
+        return "missing"
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return f"{type(e).__name__}: {e}"
+
+
+def screen_images(data: Data, skip_bad: bool) -> list[str]:
+    """Decode every image once before training, so a corrupt, truncated or missing file fails now, by
+    name, not inside a DataLoader worker. skip_bad drops bad training images (their ids are returned);
+    a bad test image is always an error (its row belongs in the submission)."""
+    with ThreadPoolExecutor(8) as pool:
+        bad_train = [(i, why) for i, why in enumerate(pool.map(_unreadable, data.items)) if why]
+        bad_test = [(i, why) for i, why in enumerate(pool.map(_unreadable, data.test_items or [])) if why]
+    if bad_test:
+        raise UserError(f"{len(bad_test)} test image(s) cannot be read, e.g. "
+                        f"{[f'{data.test_items[i]} ({why})' for i, why in bad_test[:3]]}; replace them")
+    if bad_train and not skip_bad:
+        raise UserError(f"{len(bad_train)} training image(s) cannot be read, e.g. "
+                        f"{[f'{data.items[i]} ({why})' for i, why in bad_train[:3]]}; replace them, or pass "
+                        f"--skip_bad_images True to train without them")
+    skipped = [data.ids[i] for i, _ in bad_train]
+    if bad_train:
+        keep = np.setdiff1d(np.arange(len(data.items)), [i for i, _ in bad_train])
+        data.items, data.ids, data.labels = [data.items[i] for i in keep], [data.ids[i] for i in keep], data.labels[keep]
+        data.groups = data.groups[keep] if data.groups is not None else None
+    empty = [c for c, n in zip(data.classes, np.bincount(data.labels, minlength=len(data.classes))) if n == 0]
+    if empty:
+        raise UserError(f"class(es) {empty} have no training image{' left' if skipped else ''}; add images or "
+                        f"remove the class from meta.csv")
+    return skipped
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
@@ -86,14 +130,14 @@ def _image_dir(root: Path, sub: str) -> Path:
     return root / sub if (root / sub).is_dir() else root
 
 
-def _check_files(paths: list[Path], what: str) -> None:
+def _check_files(paths: list[Path], what: str, allow_missing: bool = False) -> None:
     missing = [str(p) for p in paths if not p.is_file()]
-    if missing:
+    if missing and not allow_missing:
         raise UserError(f"{len(missing)} {what} listed but missing, e.g. {missing[:3]}; "
-                        "fix the CSV or the image folder")
+                        "fix the CSV or the image folder (training images: or pass --skip_bad_images True)")
 
 
-def _load_csv(root: Path, image_col: str, label_col: str, group_col: str) -> Data:
+def _load_csv(root: Path, image_col: str, label_col: str, group_col: str, skip_bad: bool = False) -> Data:
     train_csv = root / "train.csv"
     header, rows = _read_csv(train_csv)
     _require_columns(train_csv, header, {image_col: "set by --image_col", label_col: "set by --label_col",
@@ -124,7 +168,7 @@ def _load_csv(root: Path, image_col: str, label_col: str, group_col: str) -> Dat
 
     image_dir = _image_dir(root, "train")
     items = [image_dir / r[image_col] for r in rows]
-    _check_files(items, f"images in {train_csv}")
+    _check_files(items, f"images in {train_csv}", allow_missing=skip_bad)
     groups = np.array([r[group_col] for r in rows]) if group_col else None
     data = Data(classes=classes, targets=targets, items=items, labels=labels,
                 ids=[r[image_col] for r in rows], groups=groups)

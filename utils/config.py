@@ -50,6 +50,8 @@ class Config:
                                  "torchsampler's class-balanced draw with replacement", _names("datasets", "SAMPLERS"))
     tta: str = opt("none", "test-time augmentation at validation and test, averaging probabilities",
                    _names("datasets.transforms", "TTA"))
+    skip_bad_images: bool = opt(False, "train without training images that cannot be read (listed in the log and "
+                                       "the W&B summary) instead of stopping")
     workers: int = opt(-1, "DataLoader worker processes; -1 = one per CPU core, up to 8")
     # --- model ---
     model: str = opt("resnet10t", "any timm model name (timm.list_models())")
