@@ -140,3 +140,33 @@ def test_diverging_run_fails_cleanly(tmp_path, competition):
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["_exit_code"] == 1 and "NaN/inf" in summary["error"]
     assert not list(out_dir.glob("*.safetensors"))  # nothing half-trained was saved as a checkpoint
+
+
+def test_a_full_disk_leaves_earlier_checkpoints_whole(tmp_path):
+    from utils import UserError
+    from utils.checkpoint import CheckpointKeeper, load_checkpoint
+    tmp_path = tmp_path / "ck"
+    keeper = CheckpointKeeper(tmp_path, keep_top_k=2, maximize=True)
+    model = torch.nn.Linear(3, 2)
+    meta = {"model": "x", "classes": ["a", "b"]}
+    keeper.update(model, meta, 1, 0.5)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        model.weight += 1
+    (tmp_path / f".last.safetensors.tmp-{os.getpid()}").symlink_to("/dev/full")  # every write there: ENOSPC
+    with pytest.raises(UserError, match=r"could not write .*last.safetensors .*No space left on device; the files "
+                                        r"already there are intact"):
+        keeper.update(model, meta, 2, 0.9)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert load_checkpoint(tmp_path / "best.safetensors")[1] == meta
+
+
+def test_the_api_key_is_written_nowhere(tmp_path, competition, monkeypatch):
+    secret = "sk-test-0123456789abcdef0123456789abcdef01234567"
+    monkeypatch.setenv("WANDB_API_KEY", secret)  # WANDB_MODE=offline (conftest): a key but no upload
+    out_dir = tmp_path / "run"
+    run_train(["--data", str(competition), *ARGS[:4], "--epochs", "1", "--workers", "0", "--out_dir", str(out_dir)])
+    files = [p for p in out_dir.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in files) and any(p.suffix == ".safetensors" for p in files)
+    leaks = [str(p) for p in files if secret.encode() in p.read_bytes()]
+    assert leaks == []

@@ -14,6 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load as load_bytes, save as save_bytes
 
+from utils import UserError
+
 META_KEY = "sweepcls"
 
 
@@ -22,10 +24,15 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(payload)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(payload)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as e:  # disk full, quota, read-only: the old file is whole, say so
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write {path} ({len(payload) / 2**20:.1f} MiB): {e.strerror or e}; the files already "
+                        f"there are intact. Free space (or lower --keep_top_k) and resume with the same command") from None
     os.replace(tmp, path)
     _fsync_dir(path.parent)
 
