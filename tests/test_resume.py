@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import ROOT, TINY_MODEL, run_train
+from conftest import ROOT, TINY_MODEL, read_run, run_train
 
 # dropout and mixup draw from the torch and numpy RNGs: a resume that lost either would diverge
 ARGS = ["--model", TINY_MODEL, "--img_size", "32", "--epochs", "4", "--batch_size", "16", "--drop_rate", "0.2",
@@ -31,8 +31,9 @@ def start(data: Path, out_dir: Path, workers: int) -> subprocess.Popen:
 
 
 def kill_after(proc: subprocess.Popen, out_dir: Path, epochs_done: int, extra: float) -> None:
+    """SIGKILL once `epochs_done` epochs are logged and the state after the first is saved, plus `extra` s."""
     deadline = time.time() + 180
-    while not (out_dir / "metrics.jsonl").exists() or len(rows(out_dir)) < epochs_done:
+    while not (out_dir / "resume.pt").exists() or len(rows(out_dir)) < epochs_done:
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
     time.sleep(extra)
@@ -46,7 +47,7 @@ def test_killed_and_resumed_run_ends_bit_identical(tmp_path, competition):
     run_train(["--data", str(competition), *ARGS, "--workers", "0", "--out_dir", str(reference)])
 
     out_dir = tmp_path / "killed"
-    kill_after(start(competition, out_dir, workers=2), out_dir, epochs_done=1, extra=0.0)  # about when it saves state
+    kill_after(start(competition, out_dir, workers=2), out_dir, epochs_done=1, extra=0.0)  # as soon as it saved state
     # a kill in the middle of writing a checkpoint leaves only a temp file beside the whole old ones
     (out_dir / ".resume.pt.tmp-999").write_bytes(b"PK\3\4" + os.urandom(1000))
     (out_dir / ".last.safetensors.tmp-999").write_bytes(b"\0" * 100)
@@ -59,6 +60,14 @@ def test_killed_and_resumed_run_ends_bit_identical(tmp_path, competition):
     assert strip(rows(out_dir)) == strip(rows(reference))  # every epoch once, the same numbers
     assert not (out_dir / "resume.pt").exists() and json.loads((out_dir / "summary.json").read_text())["_exit_code"] == 0
     assert (out_dir / "submission.csv").read_text() == (reference / "submission.csv").read_text()
+
+    parts = sorted(out_dir.glob("wandb/offline-run-*"))  # one W&B run in parts: each attempt syncs into it
+    assert len(parts) == 3 and len({p.name.rsplit("-", 1)[1] for p in parts}) == 1
+    history = [r["history"]["item"] for r in read_run(parts[-1]) if r["type"] == "history"]
+    assert history[0]["_step"] == history[0]["resumed_at_step"] > 0 and history[-1]["epoch"] == 4
+    for part in parts:  # each epoch at the step it has in an uninterrupted run: no conflicts when synced
+        rows_ = [r["history"]["item"] for r in read_run(part) if r["type"] == "history"]
+        assert all(h["_step"] == h["epoch"] - 1 for h in rows_)
 
 
 class RunsCode:
