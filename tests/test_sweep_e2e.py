@@ -123,7 +123,8 @@ def test_failures_in_a_row_stop_the_sweep(tmp_path):
     assert [t["state"] for t in trials(tmp_path / "sw")] == ["failed", "failed"]
 
 
-def test_sigterm_saves_and_finishes_the_run(tmp_path, competition):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stop_signal_saves_and_finishes_the_run(tmp_path, competition, sig):
     out_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "train.py", "--data", str(competition), "--model", TINY_MODEL,
                              "--img_size", "32", "--epochs", "50", "--workers", "0", "--batch_size", "16",
@@ -133,15 +134,16 @@ def test_sigterm_saves_and_finishes_the_run(tmp_path, competition):
     while not (out_dir / "metrics.jsonl").exists() or not (out_dir / "metrics.jsonl").read_text():
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     sent = time.time()
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143 and time.time() - sent < 20 and "stopped by SIGTERM" in err
+    assert proc.returncode == 128 + sig and time.time() - sent < 20 and f"stopped by {sig.name}" in err
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["_exit_code"] == 143 and summary["stopped"].startswith("SIGTERM in epoch")
+    assert summary["_exit_code"] == 128 + sig and summary["stopped"].startswith(f"{sig.name} in epoch")
     assert (out_dir / "last.safetensors").is_file() and (out_dir / "best.safetensors").is_file()
+    assert (out_dir / "resume.pt").is_file()  # rerunning the same command resumes from the last completed epoch
     exit_record = next(r for r in read_run(next(out_dir.glob("wandb/offline-run-*"))) if r["type"] == "exit")
-    assert exit_record["exit"]["exit_code"] == 143
+    assert exit_record["exit"]["exit_code"] == 128 + sig
 
 
 def test_cross_validated_trial_reports_the_mean_and_every_oof_probability(tmp_path, competition):
