@@ -31,7 +31,8 @@ from utils import UserError, tracking
 from utils.checkpoint import CheckpointKeeper, load_model
 from utils.config import Config, parse_config
 from utils.metrics import classification_metrics
-from utils.resume import RESUME_FILE, restore_training_state, resume_from, save_state, training_state
+from utils.resume import (RESUME_FILE, load_arrays, restore_training_state, resume_from, save_arrays, save_state,
+                          training_state)
 from utils.stop import StopSignal, Stopped
 
 
@@ -182,11 +183,12 @@ class FitResult:
     test_probs: np.ndarray | None  # the best checkpoint's, rebuilt from the file alone
 
 
-def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "", state: dict | None = None) -> FitResult:
+def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "", state: dict | None = None,
+        resume_path: Path | None = None) -> FitResult:
     """Train on fold cfg.fold (or the holdout split) and predict the test set with the best checkpoint.
     Metrics, tables and artifacts are logged under `prefix` (fold<k>/ in a cross-validated run).
-    After each epoch out_dir/resume.pt holds the whole training state; `state` (that file, loaded)
-    continues from it, bit-identical on the CPU to a run that was never interrupted."""
+    After each epoch resume_path (default out_dir/resume.pt) holds the whole training state; `state`
+    (that file, loaded) continues from it, bit-identical on the CPU to a run that was never interrupted."""
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
     amp_dtype = amp_dtype_for(device, cfg.amp)
@@ -276,7 +278,7 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
         if early_stop:
             print(f"early stop: no new best {cfg.monitor} for {cfg.patience} epochs")
             tracking.set_summary(run, {prefix + "stopped_epoch": epoch})
-        save_state(out_dir / RESUME_FILE, {"run_id": run.id, "config": cfg.to_dict(), **tracking.position(run),
+        save_state(resume_path or out_dir / RESUME_FILE, {"run_id": run.id, "config": cfg.to_dict(), **tracking.position(run),
                                            "next_epoch": cfg.epochs + 1 if early_stop else epoch + 1,
                                            **training_state(stepper, keeper, best_probs)})
         if early_stop:
@@ -291,17 +293,27 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
     return FitResult(val_idx, best_probs, keeper.best_score, keeper.best_epoch, keeper.best_path, test_probs)
 
 
-def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal) -> tuple[dict, np.ndarray | None]:
+def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal,
+                   state: dict | None = None) -> tuple[dict, np.ndarray | None]:
     """All folds in one run: the monitored metric is their mean (std beside it); out-of-fold
     probabilities of every training image go to oof.csv and a W&B artifact; the test set gets the
-    folds' average."""
+    folds' average. Resuming, folds done before `state`'s are read back from fold<k>/result.npz."""
     oof, folds, results = np.full((len(data.labels), len(data.classes)), np.nan), np.zeros(len(data.labels), int), []
+    start = state["config"]["fold"] if state else 0
     for k in range(cfg.folds):
-        r = fit(dataclasses.replace(cfg, fold=k), run, out_dir / f"fold{k}", data, stop, prefix=f"fold{k}/")
+        fold_dir = out_dir / f"fold{k}"
+        if k < start:
+            r = FitResult(**load_arrays(fold_dir / "result.npz"), best_path=fold_dir / "best.safetensors")
+        else:
+            r = fit(dataclasses.replace(cfg, fold=k), run, fold_dir, data, stop, prefix=f"fold{k}/",
+                    state=state if k == start else None, resume_path=out_dir / RESUME_FILE)
+            save_arrays(fold_dir / "result.npz", {f: getattr(r, f) for f in ("val_idx", "val_probs", "best_score",
+                                                                           "best_epoch", "test_probs")})
         oof[r.val_idx], folds[r.val_idx] = r.val_probs, k
         results.append(r)
         scores = [r.best_score for r in results]
-        tracking.log(run, {"fold": k + 1, f"cv/{cfg.monitor}": float(np.mean(scores))})
+        if k >= start:  # a resumed run logged the folds before it already
+            tracking.log(run, {"fold": k + 1, f"cv/{cfg.monitor}": float(np.mean(scores))})
         tracking.set_summary(run, {cfg.monitor: float(np.mean(scores)), f"{cfg.monitor}_std": float(np.std(scores)),
                                    "cv/folds_done": k + 1})
     write_oof(out_dir / "oof.csv", data, oof, folds)
@@ -322,7 +334,7 @@ def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None 
         print(f"skipped {len(skipped)} unreadable training image(s): {skipped[:20]}")
         tracking.set_summary(run, {"skipped_images": skipped})
     if cfg.cv:
-        summary, test_probs = cross_validate(cfg, run, out_dir, data, stop)
+        summary, test_probs = cross_validate(cfg, run, out_dir, data, stop, state)
     else:
         r = fit(cfg, run, out_dir, data, stop, state=state)
         summary, test_probs = {cfg.monitor: r.best_score, "best_epoch": r.best_epoch}, r.test_probs

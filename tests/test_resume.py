@@ -179,3 +179,23 @@ def test_the_api_key_is_written_nowhere(tmp_path, competition, monkeypatch):
     assert any(p.suffix == ".wandb" for p in files) and any(p.suffix == ".safetensors" for p in files)
     leaks = [str(p) for p in files if secret.encode() in p.read_bytes()]
     assert leaks == []
+
+
+@pytest.mark.slow
+def test_killed_cross_validated_run_resumes_at_its_fold(tmp_path, competition):
+    cv = ["--folds", "3", "--cv", "True"]
+    reference = tmp_path / "reference"
+    run_train(["--data", str(competition), *ARGS, *cv, "--epochs", "2", "--workers", "0", "--out_dir", str(reference)])
+    out_dir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "train.py", "--data", str(competition), *ARGS, *cv, "--epochs", "2",
+                             "--workers", "0", "--out_dir", str(out_dir)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=os.environ.copy())
+    kill_after(proc, out_dir, epochs_done=4, extra=0.2)  # fold 0 done (2 epochs + its cv row), fold 1 under way
+    assert (out_dir / "fold0" / "result.npz").is_file() and not (out_dir / "fold2" / "result.npz").exists()
+    run_train(["--data", str(competition), *ARGS, *cv, "--epochs", "2", "--workers", "0", "--out_dir", str(out_dir)])
+    assert (out_dir / "oof.csv").read_text() == (reference / "oof.csv").read_text()
+    for k in range(3):
+        a, b = load_file(reference / f"fold{k}" / "last.safetensors"), load_file(out_dir / f"fold{k}" / "last.safetensors")
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("epoch_seconds")} for r in rs]
+    assert strip(rows(out_dir)) == strip(rows(reference))

@@ -80,7 +80,8 @@ def find_resume(resume: str, out_dir: Path) -> Path | None:
 
 
 def check_same_run(saved: dict, current: dict, path: Path) -> None:
-    changed = sorted(k for k in saved if k not in FREE_KEYS and saved.get(k) != current.get(k))
+    free = FREE_KEYS | ({"fold"} if saved.get("cv") else set())  # a cross-validated run saves the fold it was in
+    changed = sorted(k for k in saved if k not in free and saved.get(k) != current.get(k))
     if changed:
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in changed[:8])
         raise UserError(f"--resume {path}: the run was started with other values ({diffs}); resume with the same "
@@ -116,8 +117,19 @@ def resume_from(cfg, out_dir: Path) -> tuple[dict | None, Path]:
     path = find_resume(cfg.resume, out_dir)
     if path is None:
         return None, out_dir
-    if cfg.cv:
-        raise UserError("--resume of a --cv run is not supported yet; start it again with --resume ''")
     state = load_state(path)
     check_same_run(state["config"], cfg.to_dict(), path)
     return state, Path(cfg.out_dir) if cfg.out_dir else path.parent
+
+
+def save_arrays(path: Path, values: dict) -> None:
+    """A few arrays and numbers as .npz, written atomically; None becomes an empty array."""
+    buffer = io.BytesIO()
+    np.savez(buffer, **{k: np.empty(0) if v is None else np.asarray(v) for k, v in values.items()})
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_arrays(path: Path) -> dict:
+    """The inverse of save_arrays (allow_pickle=False: plain arrays only)."""
+    with np.load(path, allow_pickle=False) as f:
+        return {k: None if f[k].size == 0 and f[k].ndim == 1 else f[k].item() if f[k].ndim == 0 else f[k] for k in f.files}
