@@ -77,6 +77,7 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, project: str = "",
     rows = (out_dir / METRICS_FILE).read_text().splitlines()[:resume["history_rows"]] if resume else []
     (out_dir / METRICS_FILE).write_text("".join(r + "\n" for r in rows))  # rows after the saved state are redone
     _LOCAL[id(run)] = {"dir": out_dir, "summary": dict(resume["summary"]) if resume else {}, "rows": len(rows)}
+    _write_summary(run)  # no stale "_exit_code" from an earlier attempt while this one runs
     if resume and mode != "disabled":
         run.log({"resumed_at_step": resume["wandb_step"]}, step=resume["wandb_step"])  # steps go on from there
     if mode == "offline":
