@@ -9,7 +9,6 @@ Under `wandb agent`, the same flags arrive as --key=value and values the sweep l
 import dataclasses
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from tqdm import tqdm
 
 from datasets import (ImageDataset, build_sampler, load_data, load_image, screen_images, split_indices, write_oof,
                       write_submission)
-from datasets.transforms import AUGS, TTA, eval_transform
+from datasets.transforms import AUGS, eval_transform
 from losses import build_loss, loss_kwargs, soft_target_losses
 from models import build_model, check_input_size, normalization
 from optim import SAM, build_optimizer, build_scheduler, frozen_norm_stats, is_per_epoch, optimizer_kwargs, scheduler_kwargs
@@ -33,41 +32,11 @@ from utils.config import Config, parse_config
 from utils.metrics import classification_metrics
 from utils.resume import (RESUME_FILE, load_arrays, restore_training_state, resume_from, save_arrays, save_state,
                           training_state)
+from utils.runtime import amp_dtype_for, make_loader, nll, pick_device, predict_probs, seed_everything, to_input
 from utils.stop import StopSignal, Stopped
 
 
-# ----------------------------------------------------------------------------- set-up
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but no CUDA device is visible; use --device auto or cpu")
-    return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-
-
-def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
-    if not amp or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def make_loader(dataset, batch_size: int, workers: int, device: torch.device, sampler=None, drop_last=False):
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
-        num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(0))  # worker seeds off the global RNG: a resumed run draws the same
-
-
-# ----------------------------------------------------------------------------- train / predict
-def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    images = images.to(device, non_blocking=True)
-    return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
-
-
+# ----------------------------------------------------------------------------- one step, one epoch
 @dataclass
 class Stepper:
     """One optimizer step from a list of micro-batches: gradient accumulation, SAM/ASAM's second
@@ -150,26 +119,6 @@ def train_one_epoch(stepper: Stepper, loader, accum_steps: int = 1, mixup=None, 
 def _add(total, seen: int, loss_sum: torch.Tensor | None, batches) -> tuple:
     """A skipped (NaN/inf) step's images leave the epoch's mean loss."""
     return (total, seen - sum(len(x) for x, _ in batches)) if loss_sum is None else (total + loss_sum, seen)
-
-
-@torch.no_grad()
-def predict_probs(model, loader, device, amp_dtype=None, tta: str = "none") -> np.ndarray:
-    """Class probabilities, averaged over the TTA views of each batch."""
-    model.eval()
-    views, out = TTA.build(tta), []
-    for images, _, _ in tqdm(loader, desc="predict", leave=False, disable=None):
-        x = to_input(images, device)
-        probs = 0
-        for view in views:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                probs = probs + model(view(x)).float().softmax(1)
-        out.append((probs / len(views)).cpu())
-    return torch.cat(out).numpy()
-
-
-def nll(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Cross entropy of probabilities (of the TTA average, when on)."""
-    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
 
 
 # ----------------------------------------------------------------------------- one run

@@ -28,7 +28,8 @@ def _timed(fn, device: torch.device) -> float:
 
 
 def step_costs(model_name: str, img_size: int, batch_size: int, steps: int, device: torch.device) -> list[tuple]:
-    from train import Stepper, amp_dtype_for, to_input  # late: `python -m utils.bench --help` stays instant
+    from train import Stepper  # late: `python -m utils.bench --help` stays instant
+    from utils.runtime import amp_dtype_for, to_input
     amp_dtype = amp_dtype_for(device, True)
     g = torch.Generator().manual_seed(0)
     x = to_input(torch.randn(batch_size, 3, img_size, img_size, generator=g), device)

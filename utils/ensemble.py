@@ -116,7 +116,7 @@ def member_probs(member: Member, items: list, tta: str, cache_dir: Path | None, 
         return np.load(cached)
     from datasets import ImageDataset
     from datasets.transforms import eval_transform
-    from train import make_loader, pick_device, predict_probs
+    from utils.runtime import make_loader, pick_device, predict_probs
     from utils.checkpoint import load_model
     dev = pick_device(device)
     probs = []
