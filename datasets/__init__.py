@@ -64,7 +64,7 @@ def load_image(item) -> np.ndarray:
         return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
 
 
-def _unreadable(item) -> str | None:
+def unreadable(item) -> str | None:
     """Why an image file cannot be decoded, or None. JPEGs decode at reduced scale: every byte is still read."""
     if isinstance(item, np.ndarray):
         return None
@@ -84,8 +84,8 @@ def screen_images(data: Data, skip_bad: bool) -> list[str]:
     name, not inside a DataLoader worker. skip_bad drops bad training images (their ids are returned);
     a bad test image is always an error (its row belongs in the submission)."""
     with ThreadPoolExecutor(8) as pool:
-        bad_train = [(i, why) for i, why in enumerate(pool.map(_unreadable, data.items)) if why]
-        bad_test = [(i, why) for i, why in enumerate(pool.map(_unreadable, data.test_items or [])) if why]
+        bad_train = [(i, why) for i, why in enumerate(pool.map(unreadable, data.items)) if why]
+        bad_test = [(i, why) for i, why in enumerate(pool.map(unreadable, data.test_items or [])) if why]
     if bad_test:
         raise UserError(f"{len(bad_test)} test image(s) cannot be read, e.g. "
                         f"{[f'{data.test_items[i]} ({why})' for i, why in bad_test[:3]]}; replace them")

@@ -221,3 +221,12 @@ def test_predict_on_a_flat_folder_of_images(tmp_path, capsys):
     rows = list(csv.DictReader(open(tmp_path / "s.csv")))
     assert [r["ID"] for r in rows] == [f"img{i}.png" for i in range(5)] and {r["target"] for r in rows} <= {"0", "1", "2"}
     assert "on 5 images" in capsys.readouterr().out
+
+
+def test_a_corrupt_test_image_is_one_clear_error(tmp_path, competition, capsys):
+    checkpoint = save_checkpoint(tmp_path / "m.safetensors", ["zero", "one", "two", "three", "four", "five", "six", "seven",
+                                                               "eight", "nine"])
+    (competition / "test" / "te_0001.png").write_bytes(b"garbage")
+    assert predict_cli.main([str(checkpoint), "--data", str(competition), "--cache_dir", str(tmp_path / "c")]) == 1
+    err = capsys.readouterr().err
+    assert "te_0001.png (UnidentifiedImageError" in err and "Traceback" not in err

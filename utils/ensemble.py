@@ -180,7 +180,7 @@ def monitor_metric(meta: dict) -> str:
 def load_test_data(source: str, meta: dict):
     """The data a member predicts: --data as train.py reads it (its test set, and its labelled images for
     weights), or a flat folder of test images alone. Its class list must be the member's."""
-    from datasets import IMAGE_EXTS, Data, load_data
+    from datasets import IMAGE_EXTS, Data, load_data, unreadable
     root = Path(source)
     flat = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS) if root.is_dir() else []
     if flat and not (root / "train.csv").is_file():
@@ -192,4 +192,7 @@ def load_test_data(source: str, meta: dict):
         raise UserError(f"--data {source} has classes {data.classes}, the model was trained on {meta['classes']}")
     if not data.test_items:
         raise UserError(f"--data {source}: no test images (test/ or sample_submission.csv); nothing to predict")
+    bad = [f"{item} ({why})" for item in data.test_items if (why := unreadable(item))]
+    if bad:
+        raise UserError(f"{len(bad)} test image(s) cannot be read, e.g. {bad[:3]}; replace them")
     return data
