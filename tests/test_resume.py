@@ -190,7 +190,7 @@ def test_killed_cross_validated_run_resumes_at_its_fold(tmp_path, competition):
     proc = subprocess.Popen([sys.executable, "train.py", "--data", str(competition), *ARGS, *cv, "--epochs", "2",
                              "--workers", "0", "--out_dir", str(out_dir)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=os.environ.copy())
-    kill_after(proc, out_dir, epochs_done=4, extra=0.2)  # fold 0 done (2 epochs + its cv row), fold 1 under way
+    kill_after(proc, out_dir, epochs_done=4, extra=0.0)  # fold 0 done (2 epochs + its cv row), fold 1 under way
     assert (out_dir / "fold0" / "result.npz").is_file() and not (out_dir / "fold2" / "result.npz").exists()
     run_train(["--data", str(competition), *ARGS, *cv, "--epochs", "2", "--workers", "0", "--out_dir", str(out_dir)])
     assert (out_dir / "oof.csv").read_text() == (reference / "oof.csv").read_text()
