@@ -292,3 +292,10 @@ def test_bench_reports_every_variant():
     rows = step_costs("test_resnet", 16, 8, steps=1, device=torch.device("cpu"))
     assert [r[0] for r in rows] == ["plain", "SAM", "ASAM", "EMA", "SAM + EMA", "accum 2 x half batch", "EMA update alone"]
     assert all(ms > 0 for _, ms, _, _ in rows) and rows[0][2] == 1.0
+
+
+def test_pipeline_bench_reports_loader_and_ceiling():
+    from utils.bench import pipeline_figures
+    f = pipeline_figures("test_resnet", 16, 8, steps=2, device=torch.device("cpu"), workers=0)
+    assert f["train_real"] > 0 and f["train_ceiling"] > 0 and f["loader"] > 0
+    assert f["ratio"] == pytest.approx(f["train_real"] / f["train_ceiling"])

@@ -1,8 +1,12 @@
 """Benchmarks that print figures (no pass/fail). Usage:
     python -m utils.bench --model resnet18 --img_size 64 --batch_size 64 [--steps 20] [--device auto]
+    python -m utils.bench --pipeline [--data digits] [--workers -1] [--epochs 2]
 
-Prints the cost of one optimizer step (forward + backward + update on an in-memory batch) for the
+Default: the cost of one optimizer step (forward + backward + update on an in-memory batch) for the
 training options that change it: plain, SAM, ASAM, EMA, SAM + EMA, and 2-step accumulation.
+--pipeline: whether training runs at the model's speed or the loader's: (a) train.py's step over
+real batches from its loader, (b) the same step on one in-memory batch (the ceiling), (c) a/b,
+(d) train.py's epoch time with W&B offline and disabled, and their ratio, (e) the loader alone.
 """
 import argparse
 import statistics
@@ -67,6 +71,84 @@ def step_costs(model_name: str, img_size: int, batch_size: int, steps: int, devi
             for name, t in times.items()]
 
 
+def pipeline_figures(model_name: str, img_size: int, batch_size: int, steps: int, device: torch.device,
+                     data_source: str = "digits", workers: int = -1) -> dict:
+    """(a) train images/s over the real loader, (b) over one in-memory batch, (e) the loader alone."""
+    import os
+    from datasets import ImageDataset, build_sampler, load_data
+    from datasets.transforms import AUGS
+    from models import normalization
+    from train import Stepper
+    from utils.runtime import amp_dtype_for, make_loader, to_input
+    amp_dtype = amp_dtype_for(device, True)
+    data = load_data(data_source)
+    workers = workers if workers >= 0 else min(8, os.cpu_count() or 1)
+    torch.manual_seed(0)
+    model = build_model(model_name, len(data.classes), img_size=img_size).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    mean, std = normalization(model)
+    dataset = ImageDataset(data.items, data.labels, AUGS.build("light", img_size, 1.0, mean, std))
+    sampler = build_sampler("random", data.labels, 0)
+    loader = make_loader(dataset, batch_size, workers, device, sampler, drop_last=True)
+    optimizer = build_optimizer("adamw", model, lr=1e-3, weight_decay=0.05)
+    stepper = Stepper(model, build_loss("ce"), optimizer, build_scheduler("none", optimizer),
+                      torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16), device, amp_dtype)
+
+    def batches(n):  # endless: epoch after epoch
+        epoch = 0
+        while True:
+            epoch += 1
+            sampler.set_epoch(epoch)
+            for images, labels, _ in loader:
+                yield images, labels
+                n -= 1
+                if n == 0:
+                    return
+
+    def train_over(source, n) -> float:
+        model.train()
+        start = None
+        for i, (images, labels) in enumerate(source):
+            if i == 2:  # after warm-up (worker start, allocator)
+                _timed(lambda: None, device)
+                start = time.perf_counter()
+            stepper.step([(to_input(images, device), labels.to(device, non_blocking=True))])
+        _timed(lambda: None, device)
+        return (n - 2) * batch_size / (time.perf_counter() - start)
+
+    fixed = next(batches(1))
+    real = train_over(batches(steps + 2), steps + 2)
+    ceiling = train_over(iter([fixed] * (steps + 2)), steps + 2)
+    start, count = None, 0
+    for i, (images, _) in enumerate(batches(steps + 2)):
+        if i == 2:
+            start = time.perf_counter()
+        elif i > 2:
+            count += len(images)
+    loader_only = (count + batch_size) / (time.perf_counter() - start)
+    return {"train_real": real, "train_ceiling": ceiling, "ratio": real / ceiling, "loader": loader_only,
+            "workers": workers}
+
+
+def wandb_epoch_seconds(model_name: str, img_size: int, batch_size: int, epochs: int, data_source: str,
+                        workers: int) -> dict:
+    """(d) train.py's median epoch time (after the first) with W&B offline and with W&B disabled."""
+    import json
+    import tempfile
+    out = {}
+    for mode in ("disabled", "offline"):
+        with tempfile.TemporaryDirectory() as tmp:
+            import train
+            args = ["--model", model_name, "--img_size", str(img_size), "--batch_size", str(batch_size),
+                    "--epochs", str(epochs), "--data", data_source, "--workers", str(workers), "--wandb_mode", mode,
+                    "--out_dir", f"{tmp}/run", "--resume", ""]
+            assert train.main(args) == 0
+            rows = [json.loads(line) for line in open(f"{tmp}/run/metrics.jsonl")]
+            out[mode] = statistics.median(r["train/epoch_seconds"] for r in rows[1:] or rows)
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="resnet18")
@@ -74,8 +156,24 @@ def main(argv=None) -> None:
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (median reported)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--pipeline", action="store_true", help="loader vs model: figures (a)-(e)")
+    parser.add_argument("--data", default="digits", help="--pipeline: the data to read, as train.py's --data")
+    parser.add_argument("--workers", type=int, default=-1, help="--pipeline: loader workers; -1 = as train.py")
+    parser.add_argument("--epochs", type=int, default=3, help="--pipeline: epochs of each train.py run in (d)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    if args.pipeline:
+        f = pipeline_figures(args.model, args.img_size, args.batch_size, args.steps, device, args.data, args.workers)
+        print(f"{args.model}, {args.img_size} px, batch {args.batch_size}, {device} ({torch.get_num_threads()} threads), "
+              f"{args.data}, {f['workers']} loader workers, {args.steps} steps")
+        print(f"(a) training over the real loader   {f['train_real']:8.0f} img/s")
+        print(f"(b) training on one in-memory batch {f['train_ceiling']:8.0f} img/s  (the ceiling)")
+        print(f"(c) a / b                           {f['ratio']:8.2f}")
+        print(f"(e) the loader alone                {f['loader']:8.0f} img/s")
+        w = wandb_epoch_seconds(args.model, args.img_size, args.batch_size, args.epochs, args.data, args.workers)
+        print(f"(d) epoch with W&B offline {w['offline']:.2f} s, disabled {w['disabled']:.2f} s, "
+              f"ratio {w['offline'] / w['disabled']:.3f}")
+        return
     print(f"{args.model}, {args.img_size} px, batch {args.batch_size}, {device} "
           f"({torch.get_num_threads()} threads), median of {args.steps} steps")
     print(f"{'variant':<22}{'ms/step':>10}{'x plain':>9}{'img/s':>9}")
