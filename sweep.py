@@ -18,10 +18,8 @@ import ctypes
 import json
 import os
 import random
-import secrets
 import shutil
 import signal
-import string
 import subprocess
 import sys
 import time
@@ -30,12 +28,21 @@ from pathlib import Path
 import numpy as np
 
 from utils import UserError
+from utils.resume import RESUME_FILE
 from utils.stop import StopSignal
 from utils.sweep import (DONE, ENGINE_STATE, LIVE, SweepDir, Trial, agent_command, leaderboard, load_sweep,
                          param_file_text, plain, sweeps_engine, varied_keys)
-from utils.tracking import read_local
+from utils.tracking import random_id, read_local
+
+
 def _now() -> str:
     return time.strftime("%H:%M:%S")
+
+
+def _ended(trial: Trial, code: int | None, otherwise: str) -> str:
+    """A trial's state once its process is gone: exit 0 finished it; a hyperband stop stopped it."""
+    return "finished" if code == 0 else "stopped" if trial.state == "stopping" else otherwise
+
 
 def _trial_alive(pid: int, trial_id: str) -> bool:
     """True while that pid is still this trial's process (its environment names the run id), not a
@@ -63,6 +70,7 @@ def _die_with_parent() -> None:
     except (OSError, AttributeError):
         pass
 
+
 # ----------------------------------------------------------------------------- the runner
 class Runner:
     def __init__(self, sweep: dict, sdir: SweepDir, info: dict, count: int | None, workers: int, max_failures: int,
@@ -74,12 +82,18 @@ class Runner:
         self.procs: dict[str, subprocess.Popen] = {}
         self.stop_sent: dict[str, float] = {}
         self.exhausted = False
+        self.ended_files: dict[str, tuple] = {}  # trial id -> (history, summary) of a trial that ended
 
     # --- engine view
     def engine_runs(self) -> list:
         runs = []
         for t in self.trials.values():
-            history, summary = read_local(self.dir.out_dir(t))
+            if t.state not in DONE:
+                history, summary = read_local(self.dir.out_dir(t))
+            else:  # polled every second: an ended trial's files are read once
+                if t.id not in self.ended_files:
+                    self.ended_files[t.id] = read_local(self.dir.out_dir(t))
+                history, summary = self.ended_files[t.id]
             runs.append(self.engine.SweepRun(name=t.id, state=ENGINE_STATE[t.state], history=history,
                                              summary_metrics=summary, config={k: {"value": v} for k, v in t.params.items()}))
         return runs
@@ -93,8 +107,7 @@ class Runner:
             self.exhausted = True
             return None
         params = {k: plain(v["value"]) for k, v in proposal.config.items()}
-        trial_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-        return Trial(trial_id, number, params)
+        return Trial(random_id(), number, params)
 
     def next_trial(self) -> Trial | None:
         for t in self.trials.values():
@@ -107,7 +120,7 @@ class Runner:
     # --- processes
     def launch(self, trial: Trial) -> None:
         out_dir = self.dir.out_dir(trial)
-        if out_dir.exists() and not (out_dir / "resume.pt").is_file():  # interrupted before its first epoch ended:
+        if out_dir.exists() and not (out_dir / RESUME_FILE).is_file():  # interrupted before its first epoch ended:
             aside = self.dir.root / "interrupted" / f"{trial.id}-attempt{trial.attempts}"  # keep it aside, start afresh
             aside.parent.mkdir(exist_ok=True)
             shutil.move(str(out_dir), str(aside))
@@ -156,7 +169,7 @@ class Runner:
             del self.procs[trial_id]
             self.stop_sent.pop(trial_id, None)
             trial.exit_code, trial.ended = code, time.time()
-            trial.state = "finished" if code == 0 else "stopped" if trial.state == "stopping" else "failed"
+            trial.state = _ended(trial, code, "failed")
             self.dir.save(trial)
             print(f"[{_now()}] trial {trial.number} {trial.id} {trial.state}: {self.describe(trial)}", flush=True)
             write_leaderboard(self.sweep, self.dir)
@@ -204,7 +217,7 @@ class Runner:
                 time.sleep(0.2)
             code = read_local(self.dir.out_dir(trial))[1].get("_exit_code")
             trial.exit_code, trial.ended = code, time.time()
-            trial.state = "finished" if code == 0 else "stopped" if trial.state == "stopping" else "interrupted"
+            trial.state = _ended(trial, code, "interrupted")
             self.dir.save(trial)
 
     def shutdown(self, reason: str) -> None:
@@ -220,7 +233,7 @@ class Runner:
                 proc.wait()
             trial = self.trials[trial_id]
             trial.exit_code, trial.ended = proc.returncode, time.time()
-            trial.state = "finished" if proc.returncode == 0 else "stopped" if trial.state == "stopping" else "interrupted"
+            trial.state = _ended(trial, proc.returncode, "interrupted")
             self.dir.save(trial)
         self.procs = {}
 
@@ -242,6 +255,7 @@ class Runner:
                 if not self.procs:
                     return 0
                 time.sleep(self.poll)
+
 
 # ----------------------------------------------------------------------------- leaderboard
 def write_leaderboard(sweep: dict, sdir: SweepDir) -> list[dict]:

@@ -8,7 +8,9 @@ Usage:
     weights = caruana([probs_a, probs_b], labels, "f1_macro")
 """
 import csv
+import functools
 import hashlib
+import io
 import json
 import re
 from dataclasses import dataclass, field
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from utils import UserError, tracking
-from utils.checkpoint import read_meta
+from utils.checkpoint import atomic_write_bytes, read_meta
 from utils.metrics import classification_metrics
 
 CACHE_VERSION = 1  # bump when the prediction path changes what it returns
@@ -66,9 +68,9 @@ def sweep_member_refs(sweep: str, top: int) -> list[str]:
     root = Path(sweep)
     if (root / "sweep.json").is_file():
         from utils.sweep import SweepDir, leaderboard
-        info = json.loads((root / "sweep.json").read_text())
-        rows = [r for r in leaderboard(info["sweep"], SweepDir(root)) if r["metric"] is not None and r["checkpoint"]]
-        return [str(SweepDir(root).runs_dir / r["run_id"]) for r in rows[:top]]
+        sdir = SweepDir(root)
+        rows = [r for r in leaderboard(sdir.info()["sweep"], sdir) if r["metric"] is not None and r["checkpoint"]]
+        return [str(sdir.runs_dir / r["run_id"]) for r in rows[:top]]
     if root.exists():
         raise UserError(f"--sweep {sweep}: a folder but not a sweep dir (no sweep.json)")
     entity, project, _ = sweep.split("/") if sweep.count("/") == 2 else (None, None, None)
@@ -86,6 +88,13 @@ def check_compatible(members: list[Member]) -> None:
 
 
 def _file_digest(path: Path) -> str:
+    st = Path(path).stat()
+    return _digest(str(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=None)
+def _digest(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a checkpoint, once per (file, size, mtime) in a process: val and test reuse it."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -126,10 +135,9 @@ def member_probs(member: Member, items: list, tta: str, cache_dir: Path | None, 
         probs.append(predict_probs(model, make_loader(dataset, batch_size, 0, dev), dev, None, tta))
     out = np.mean(probs, axis=0)
     if cached is not None:
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_name(f".{cached.name}.tmp.npy")
-        np.save(tmp, out)
-        tmp.replace(cached)
+        buffer = io.BytesIO()
+        np.save(buffer, out)
+        atomic_write_bytes(cached, buffer.getvalue())
     return out
 
 

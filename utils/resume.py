@@ -29,10 +29,11 @@ FREE_KEYS = {"resume", "out_dir", "workers", "wandb_mode", "project", "entity", 
 
 def rng_state() -> dict:
     _, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
-            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+            "python": [version, list(internal), gauss_next]}
 
 
 def set_rng_state(state: dict) -> None:

@@ -13,8 +13,6 @@ import itertools
 import json
 import os
 import re
-import secrets
-import string
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -23,8 +21,9 @@ from pathlib import Path
 import yaml
 
 from utils import UserError
+from utils.checkpoint import atomic_write_bytes
 from utils.config import Config
-from utils.tracking import read_local
+from utils.tracking import random_id, read_local
 
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # wandb agent's default
 ENV_MACRO = re.compile(r"\$\{envvar:([A-Z0-9_]*)\}")
@@ -225,9 +224,8 @@ class Trial:
 
 
 def write_json(path: Path, value) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, json.dumps(value, indent=1).encode())
+
 
 class SweepDir:
     """sweep.json (the sweep and its id), trials/<id>.json|.yaml|.log, runs/<id>/ (each trial's out_dir)."""
@@ -245,8 +243,7 @@ class SweepDir:
             return info
         self.trials_dir.mkdir(parents=True, exist_ok=True)
         self.runs_dir.mkdir(exist_ok=True)
-        sweep_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-        info = {"id": sweep_id, "name": sweep.get("name") or Path(source).stem, "source": str(source),
+        info = {"id": random_id(), "name": sweep.get("name") or Path(source).stem, "source": str(source),
                 "created": time.time(), "sweep": sweep}
         write_json(info_path, info)
         return info
@@ -277,6 +274,7 @@ class SweepDir:
 
     def log_path(self, trial: Trial) -> Path:
         return self.trials_dir / f"{trial.id}.log"
+
 
 def varied_keys(sweep: dict) -> list[str]:
     return [k for k, spec in sweep["parameters"].items() if "value" not in spec]

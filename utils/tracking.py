@@ -22,16 +22,21 @@ import numpy as np
 import wandb
 
 from utils import UserError
+from utils.checkpoint import atomic_write_bytes
 
 THUMB_PX = 128  # longest side of table thumbnails
 METRICS_FILE, SUMMARY_FILE = "metrics.jsonl", "summary.json"
 _LOCAL: dict[int, dict] = {}  # id(run) -> {"dir": out_dir, "summary": {...}}, the plain-file record
 
 
+def random_id() -> str:
+    """8 characters of [a-z0-9], the shape of W&B's run ids."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
 def new_run_id() -> str:
     """The agent's run id under `wandb agent` (it sets WANDB_RUN_ID), else a fresh one."""
-    alphabet = string.ascii_lowercase + string.digits
-    return os.environ.get("WANDB_RUN_ID") or "".join(secrets.choice(alphabet) for _ in range(8))
+    return os.environ.get("WANDB_RUN_ID") or random_id()
 
 
 def has_api_key() -> bool:
@@ -111,11 +116,8 @@ def _plain(value):
 
 def _write_summary(run) -> None:
     local = _LOCAL.get(id(run))
-    if local is not None:
-        path = local["dir"] / SUMMARY_FILE
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(local["summary"], indent=1))
-        os.replace(tmp, path)  # a reader sees the old summary or the new one
+    if local is not None:  # a reader sees the old summary or the new one
+        atomic_write_bytes(local["dir"] / SUMMARY_FILE, json.dumps(local["summary"], indent=1).encode())
 
 
 def log(run, metrics: dict) -> None:
