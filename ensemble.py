@@ -44,7 +44,7 @@ def labelled_set(members, data, args) -> tuple[str, np.ndarray, list[np.ndarray]
                                      for m in members]
 
 
-def disagreement_rows(members, data, probs: list[np.ndarray], ensemble: np.ndarray, max_rows: int) -> list[list]:
+def disagreement_rows(data, probs: list[np.ndarray], ensemble: np.ndarray, max_rows: int) -> list[list]:
     """Test images on which the members' predictions differ: most distinct answers, then least sure, first."""
     preds = np.stack([p.argmax(1) for p in probs])
     distinct = np.array([len(set(col)) for col in preds.T])
@@ -92,12 +92,11 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError(f"--weights auto scores members on labelled images, and --data {args.data} has none; "
                             f"pass the training data folder or use --weights equal")
         metric = monitor_metric(members[0].meta)
-        scores, weights = {}, np.full(len(members), 1 / len(members))
+        weights, table = np.full(len(members), 1 / len(members)), {}  # table: set -> each member's score + the ensemble's
         if args.weights == "auto":
             set_name, labels, probs = labelled_set(members, data, args)
             weights = caruana(probs, labels, metric)
-            scores |= {f"{set_name}/{m.name}/{metric}": score(metric, labels, p) for m, p in zip(members, probs)}
-            scores[f"{set_name}/ensemble/{metric}"] = score(metric, labels, sum(w * p for w, p in zip(weights, probs)))
+            table[set_name] = [score(metric, labels, p) for p in probs + [sum(w * p for w, p in zip(weights, probs))]]
         test = [member_probs(m, data.test_items, args.tta, args.cache_dir, args.batch_size, args.device) for m in members]
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -105,16 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     ensemble = sum(w * p for w, p in zip(weights, test))
     write_submission(Path(args.out), data, ensemble.argmax(1))
     if data.test_labels is not None:
-        scores |= {f"test/{m.name}/{metric}": score(metric, data.test_labels, p) for m, p in zip(members, test)}
-        scores[f"test/ensemble/{metric}"] = score(metric, data.test_labels, ensemble)
+        table["test"] = [score(metric, data.test_labels, p) for p in test + [ensemble]]
 
-    print(f"{'member':<40} {'model':<22} {'px':>4} {'weight':>6}  " + "  ".join(
-        s for s in dict.fromkeys(k.split("/")[0] for k in scores)))
-    for name, m, w in [(m.name, m, w) for m, w in zip(members, weights)] + [("ensemble", None, 1.0)]:
-        cells = [f"{scores[k]:.4f}" for k in scores if k.split("/")[1] == name]
-        model, px = (m.meta["model"], str(m.meta["img_size"])) if m else ("", "")
-        print(f"{name[-40:]:<40} {model:<22} {px:>4} {w:>6.3f}  " + "  ".join(f"{c:>6}" for c in cells))
+    names = [m.name for m in members] + ["ensemble"]
+    print(f"{'member':<40} {'model':<22} {'px':>4} {'weight':>6}  " + "  ".join(f"{s:>6}" for s in table))
+    for i, (name, w) in enumerate(zip(names, [*weights, 1.0])):
+        model, px = (members[i].meta["model"], str(members[i].meta["img_size"])) if i < len(members) else ("", "")
+        print(f"{name[-40:]:<40} {model:<22} {px:>4} {w:>6.3f}  " + "  ".join(f"{v[i]:>6.4f}" for v in table.values()))
     print(f"wrote {args.out} ({args.weights} weights, tta {args.tta})")
+    # W&B keys: <set>/<member>/<metric>; a member named by an artifact ref keeps its slashes out of the key
+    scores = {f"{s}/{name.replace('/', '_')}/{metric}": v[i] for s, v in table.items() for i, name in enumerate(names)}
 
     run_id = tracking.new_run_id()
     out_dir = Path(args.out_dir or Path("runs") / f"ensemble-{run_id}")
@@ -125,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     tracking.log_artifact(run, Path(args.out), f"submission-{run_id}", "submission", {"members": refs, "weights": weights.tolist()})
     columns = ["id", "image"] + (["true"] if data.test_labels is not None else []) + ["ensemble", "ensemble_conf"]
     columns += [c for m in members for c in (f"{m.name} pred", f"{m.name} conf")]
-    tracking.log_table(run, "test/disagreement", columns, disagreement_rows(members, data, test, ensemble, args.table_rows))
+    tracking.log_table(run, "test/disagreement", columns, disagreement_rows(data, test, ensemble, args.table_rows))
     tracking.finish(run)
     return 0
 

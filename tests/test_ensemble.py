@@ -230,3 +230,19 @@ def test_a_corrupt_test_image_is_one_clear_error(tmp_path, competition, capsys):
     assert predict_cli.main([str(checkpoint), "--data", str(competition), "--cache_dir", str(tmp_path / "c")]) == 1
     err = capsys.readouterr().err
     assert "te_0001.png (UnidentifiedImageError" in err and "Traceback" not in err
+
+
+def test_an_artifact_member_is_scored_under_its_ref(tmp_path, monkeypatch, capsys):
+    import json
+    digits = [str(d) for d in range(10)]
+    api = FakeApi(save_checkpoint(tmp_path / "remote.safetensors", digits))
+    monkeypatch.setattr(tracking, "wandb_api", lambda: api)
+    local = save_checkpoint(tmp_path / "local.safetensors", digits)
+    out_dir = tmp_path / "ens"
+    assert ensemble_cli.main(["team/comp/model-r2:best", str(local), "--data", "digits", "--out", str(tmp_path / "s.csv"),
+                              "--cache_dir", str(tmp_path / "c"), "--out_dir", str(out_dir)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    summary = json.loads((out_dir / "summary.json").read_text())
+    score = summary["test/team_comp_model-r2:best/f1_macro"]  # the ref's slashes stay out of the W&B key
+    row = next(line for line in out if line.startswith("team/comp/model-r2:best"))
+    assert row.split()[-1] == f"{score:.4f}"  # the printed table scores the member under its ref
