@@ -6,6 +6,7 @@ Usage:
     python train.py --help                            # every key with its default and meaning
 Under `wandb agent`, the same flags arrive as --key=value and values the sweep locks win.
 """
+import contextlib
 import dataclasses
 import math
 import os
@@ -22,17 +23,19 @@ from tqdm import tqdm
 
 from datasets import (ImageDataset, build_sampler, load_data, load_image, screen_images, split_indices, write_oof,
                       write_submission)
+from datasets.cache import take
 from datasets.transforms import AUGS, eval_transform
 from losses import build_loss, loss_kwargs, soft_target_losses
 from models import build_model, check_input_size, normalization
 from optim import SAM, build_optimizer, build_scheduler, frozen_norm_stats, is_per_epoch, optimizer_kwargs, scheduler_kwargs
-from utils import UserError, tracking
+from utils import UserError, distributed, tracking
 from utils.checkpoint import CheckpointKeeper, load_model
 from utils.config import Config, parse_config
 from utils.metrics import classification_metrics
 from utils.resume import (RESUME_FILE, load_arrays, restore_training_state, resume_from, save_arrays, save_state,
                           training_state)
-from utils.runtime import amp_dtype_for, make_loader, nll, pick_device, predict_probs, seed_everything, to_input
+from utils.runtime import (amp_dtype_for, default_workers, make_loader, nll, pick_device, predict_probs, seed_everything,
+                           to_input)
 from utils.stop import StopSignal, Stopped
 
 
@@ -40,7 +43,9 @@ from utils.stop import StopSignal, Stopped
 @dataclass
 class Stepper:
     """One optimizer step from a list of micro-batches: gradient accumulation, SAM/ASAM's second
-    pass, AMP loss scaling, gradient clipping, EMA and the per-iteration lr schedule, in that order."""
+    pass, AMP loss scaling, gradient clipping, EMA and the per-iteration lr schedule, in that order.
+    `net` runs the forward pass (the model under DDP and/or torch.compile; default the model itself);
+    under torchrun the loss is summed over ranks, so every rank skips or takes a step alike."""
     model: torch.nn.Module
     loss_fn: torch.nn.Module
     optimizer: torch.optim.Optimizer
@@ -52,23 +57,27 @@ class Stepper:
     ema: ModelEmaV3 | None = None
     clip_grad: float = 0.0
     nan_patience: int = 5
+    net: torch.nn.Module | None = None
     steps: int = 0
     bad_steps: int = 0  # in a row
 
     def _forward_backward(self, batches) -> torch.Tensor:
+        net = self.net or self.model
         total = torch.zeros((), device=self.device)
-        for x, y in batches:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                logits = self.model(x)
-            loss = self.loss_fn(logits.float(), y)  # losses in fp32, also under AMP
-            self.scaler.scale(loss / len(batches)).backward()
+        for i, (x, y) in enumerate(batches):
+            last = i == len(batches) - 1  # DDP: gradients are all-reduced once, after the last micro-batch
+            with contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    logits = net(x)
+                loss = self.loss_fn(logits.float(), y)  # losses in fp32, also under AMP
+                self.scaler.scale(loss / len(batches)).backward()
             total += loss.detach() * len(x)
         return total
 
     def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
         """Returns the summed (per-image) loss at the current weights; None when it was NaN/inf and the
         step was skipped (nan_patience such steps in a row raise UserError, the weights untouched)."""
-        loss_sum = self._forward_backward(batches)
+        loss_sum = distributed.all_sum(self._forward_backward(batches))
         if not torch.isfinite(loss_sum):
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
@@ -110,9 +119,10 @@ def train_one_epoch(stepper: Stepper, loader, accum_steps: int = 1, mixup=None, 
             total, seen = _add(total, seen, stepper.step(batches), batches)
             batches = []
             if stop is not None:
-                stop.check()  # between optimizer steps only
+                stop.check(distributed.any_rank)  # between optimizer steps only; under torchrun all ranks at one step
     if batches:
         total, seen = _add(total, seen, stepper.step(batches), batches)
+    seen = int(distributed.all_sum(torch.tensor(seen, device=stepper.device)))  # `total` is summed over ranks already
     return float(total) / max(seen, 1)
 
 
@@ -139,8 +149,9 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
     After each epoch resume_path (default out_dir/resume.pt) holds the whole training state; `state`
     (that file, loaded) continues from it, bit-identical on the CPU to a run that was never interrupted."""
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    device = distributed.device_for(pick_device(cfg.device))
     amp_dtype = amp_dtype_for(device, cfg.amp)
+    rank, world = distributed.rank(), distributed.world_size()
     classes = data.classes
     train_idx, val_idx = split_indices(data.labels, data.groups, cfg.val_fraction, cfg.folds, cfg.fold, cfg.seed)
     y_train, y_val = data.labels[train_idx], data.labels[val_idx]
@@ -158,30 +169,38 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
 
     model = build_model(cfg.model, len(classes), cfg.pretrained, cfg.pretrained_path, cfg.drop_rate, cfg.drop_path_rate,
                         cfg.img_size)
+    if cfg.sync_bn and world > 1 and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     check_input_size(model, cfg.model, cfg.img_size)
     mean, std = normalization(model)
     eval_tf = eval_transform(cfg.img_size, mean, std)
-    workers = cfg.workers if cfg.workers >= 0 else min(8, os.cpu_count() or 1)
-    train_ds = ImageDataset([data.items[i] for i in train_idx], y_train,
+    workers = default_workers(cfg.workers, world)
+    train_ds = ImageDataset(take(data.items, train_idx), y_train,
                             AUGS.build(cfg.aug_preset, cfg.img_size, cfg.aug_strength, mean, std))
-    sampler = build_sampler(cfg.sampler, y_train, cfg.seed)
-    train_loader = make_loader(train_ds, cfg.batch_size, workers, device, sampler, drop_last=len(train_ds) > cfg.batch_size)
-    val_loader = make_loader(ImageDataset([data.items[i] for i in val_idx], y_val, eval_tf), cfg.batch_size, workers, device)
+    sampler = build_sampler(cfg.sampler, y_train, cfg.seed, rank, world)
+    train_loader = make_loader(train_ds, cfg.batch_size // world, workers, device, sampler,
+                               drop_last=len(train_ds) > cfg.batch_size)
+    val_part = distributed.shard(len(val_idx))  # this rank's share; the metrics use every rank's predictions
+    val_loader = make_loader(ImageDataset(take(data.items, val_idx[val_part]), y_val[val_part], eval_tf), cfg.batch_size,
+                             workers, device)
 
     optimizer = build_optimizer(cfg.optimizer, model, **optimizer_kwargs(cfg))
     scheduler = build_scheduler(cfg.scheduler, optimizer, **scheduler_kwargs(cfg, math.ceil(len(train_loader) / cfg.accum_steps)))
     ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
     stepper = Stepper(model, loss_fn, optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16),
                       device, amp_dtype, SAM(optimizer, cfg.sam_rho, cfg.sam_adaptive) if cfg.sam else None, ema, cfg.clip_grad,
-                      cfg.nan_patience)
+                      cfg.nan_patience, distributed.wrap(model, device))
+    if cfg.compile:
+        stepper.net = torch.compile(stepper.net)
     eval_model = ema.module if ema is not None else model  # what is evaluated and checkpointed
-    keeper = CheckpointKeeper(out_dir, cfg.keep_top_k, cfg.maximize)
+    keeper = CheckpointKeeper(out_dir, cfg.keep_top_k, cfg.maximize, write=distributed.is_main())
     meta_base = dict(format="sweepcls/1", model=cfg.model, classes=classes, targets=data.targets,
                      img_size=cfg.img_size, mean=mean, std=std, config=cfg.to_dict(), run_id=run.id, fold=cfg.fold)
     print(f"{cfg.model} on {device} | {len(classes)} classes | train {len(train_idx)}, val {len(val_idx)}, "
           f"test {len(data.test_items or [])} | {cfg.loss}, {cfg.optimizer}{'+SAM' if cfg.sam else ''}, "
-          f"{cfg.scheduler}, {cfg.sampler} sampler{', EMA' if ema else ''} | {prefix}out {out_dir}")
+          f"{cfg.scheduler}, {cfg.sampler} sampler{', EMA' if ema else ''} | {workers} loader workers"
+          f"{f' | {world} processes' if world > 1 else ''} | {prefix}out {out_dir}")
 
     start_epoch, best_probs = 1, None
     if state is not None:
@@ -200,7 +219,7 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
             raise
         if not np.isfinite(train_loss):
             raise UserError(f"training loss is {train_loss} at epoch {epoch}; lower --lr or check the data")
-        probs = predict_probs(eval_model, val_loader, device, amp_dtype, cfg.tta)
+        probs = distributed.gather_rows(predict_probs(eval_model, val_loader, device, amp_dtype, cfg.tta), val_part, len(val_idx))
         m = classification_metrics(y_val, probs)
         metrics = {
             "epoch": epoch, "lr": lr, "train/loss": train_loss,
@@ -227,14 +246,15 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
         if early_stop:
             print(f"early stop: no new best {cfg.monitor} for {cfg.patience} epochs")
             tracking.set_summary(run, {prefix + "stopped_epoch": epoch})
-        save_state(resume_path or out_dir / RESUME_FILE, {"run_id": run.id, "config": cfg.to_dict(), **tracking.position(run),
-                                           "next_epoch": cfg.epochs + 1 if early_stop else epoch + 1,
-                                           **training_state(stepper, keeper, best_probs)})
+        if distributed.is_main():
+            save_state(resume_path or out_dir / RESUME_FILE, {"run_id": run.id, "config": cfg.to_dict(), **tracking.position(run),
+                                               "next_epoch": cfg.epochs + 1 if early_stop else epoch + 1,
+                                               **training_state(stepper, keeper, best_probs)})
         if early_stop:
             break
 
     test_probs = None
-    if data.test_items:
+    if data.test_items and distributed.is_main():
         best, meta = load_model(keeper.best_path, device)  # the checkpoint alone, as a user would
         test_tf = eval_transform(meta["img_size"], meta["mean"], meta["std"])
         test_loader = make_loader(ImageDataset(data.test_items, data.test_labels, test_tf), cfg.batch_size, workers, device)
@@ -256,8 +276,9 @@ def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal,
         else:
             r = fit(dataclasses.replace(cfg, fold=k), run, fold_dir, data, stop, prefix=f"fold{k}/",
                     state=state if k == start else None, resume_path=out_dir / RESUME_FILE)
-            save_arrays(fold_dir / "result.npz", {f: getattr(r, f) for f in ("val_idx", "val_probs", "best_score",
-                                                                           "best_epoch", "test_probs")})
+            if distributed.is_main():
+                save_arrays(fold_dir / "result.npz", {f: getattr(r, f) for f in ("val_idx", "val_probs", "best_score",
+                                                                               "best_epoch", "test_probs")})
         oof[r.val_idx], folds[r.val_idx] = r.val_probs, k
         results.append(r)
         scores = [r.best_score for r in results]
@@ -265,6 +286,8 @@ def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal,
             tracking.log(run, {"fold": k + 1, f"cv/{cfg.monitor}": float(np.mean(scores))})
         tracking.set_summary(run, {cfg.monitor: float(np.mean(scores)), f"{cfg.monitor}_std": float(np.std(scores)),
                                    "cv/folds_done": k + 1})
+    if not distributed.is_main():
+        return {}, None
     write_oof(out_dir / "oof.csv", data, oof, folds)
     m = classification_metrics(data.labels, oof)
     tracking.log_artifact(run, out_dir / "oof.csv", f"oof-{run.id}", "oof", {"classes": data.classes, "folds": cfg.folds})
@@ -278,7 +301,10 @@ def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal,
 
 def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None = None) -> None:
     data = load_data(cfg.data, cfg.image_col, cfg.label_col, cfg.group_col, cfg.skip_bad_images)
-    skipped = screen_images(data, cfg.skip_bad_images)
+    start = time.perf_counter()
+    skipped = screen_images(data, cfg.skip_bad_images, cfg.cache, cfg.img_size, cfg.cache_dir or None)
+    print(f"images {'cached' if cfg.cache != 'none' else 'checked'} in {time.perf_counter() - start:.1f}s"
+          + (f" ({data.items.path})" if getattr(data.items, "path", None) else ""))
     if skipped:
         print(f"skipped {len(skipped)} unreadable training image(s): {skipped[:20]}")
         tracking.set_summary(run, {"skipped_images": skipped})
@@ -287,6 +313,8 @@ def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None 
     else:
         r = fit(cfg, run, out_dir, data, stop, state=state)
         summary, test_probs = {cfg.monitor: r.best_score, "best_epoch": r.best_epoch}, r.test_probs
+    if not distributed.is_main():
+        return
     summary["out_dir"] = str(out_dir)
     if test_probs is not None:
         write_submission(out_dir / "submission.csv", data, test_probs.argmax(1))
@@ -305,33 +333,50 @@ def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None 
 def main(argv: list[str] | None = None) -> int:
     with StopSignal() as stop:  # from the start: a stop during set-up still finishes the W&B run
         cfg = parse_config(argv)
-        run_id = tracking.new_run_id()
-        out_dir = Path(cfg.out_dir or Path(os.environ.get("SWEEPCLS_RUNS_DIR") or "runs") / run_id)
+        rank, world = distributed.setup()  # torchrun: one process per GPU; else (0, 1)
         try:
-            state, out_dir = resume_from(cfg, out_dir)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        run = tracking.init(cfg.to_dict(), state["run_id"] if state else run_id, out_dir, cfg.wandb_mode, cfg.project,
-                            cfg.entity, cfg.run_name, resume=state)
-        try:
-            train(Config.from_dict(tracking.config(run)), run, out_dir, stop, state)  # a stop after the last epoch: done anyway
+            if rank > 0:
+                sys.stdout = open(os.devnull, "w")  # one console log, rank 0's; errors still reach stderr
+            return run_and_finish(cfg, stop)
+        finally:
+            distributed.teardown()
+
+
+def run_and_finish(cfg: Config, stop: StopSignal) -> int:
+    """One run, as a W&B run: exit code 0, 1 (a UserError, one line on stderr) or 128 + signal."""
+    if cfg.batch_size % distributed.world_size():
+        print(f"error: --batch_size {cfg.batch_size} is the global batch and must split evenly over the "
+              f"{distributed.world_size()} processes", file=sys.stderr)
+        return 1
+    run_id = distributed.broadcast(tracking.new_run_id())
+    out_dir = Path(cfg.out_dir or Path(os.environ.get("SWEEPCLS_RUNS_DIR") or "runs") / run_id)
+    try:
+        state, out_dir = resume_from(cfg, out_dir)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    run = tracking.init(cfg.to_dict(), state["run_id"] if state else run_id, out_dir, cfg.wandb_mode, cfg.project,
+                        cfg.entity, cfg.run_name, resume=state, console=cfg.wandb_console, record=distributed.is_main())
+    try:
+        cfg = Config.from_dict(distributed.broadcast(tracking.config(run)))  # values a sweep locked win, on every rank
+        train(cfg, run, out_dir, stop, state)  # a stop after the last epoch: done anyway
+        if distributed.is_main():
             (out_dir / RESUME_FILE).unlink(missing_ok=True)  # finished: nothing to resume
-        except UserError as e:
-            tracking.set_summary(run, {"error": str(e)})
-            tracking.finish(run, exit_code=1)
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        except Stopped as e:
-            tracking.finish(run, exit_code=e.exit_code)
-            print(f"stopped by {e}: the weights at the stop are in last.safetensors under {out_dir}; W&B run finished "
-                  f"(exit code {e.exit_code})", file=sys.stderr)
-            return e.exit_code
-        except BaseException:
-            tracking.finish(run, exit_code=1)
-            raise
-        tracking.finish(run)
-        return 0
+    except UserError as e:
+        tracking.set_summary(run, {"error": str(e)})
+        tracking.finish(run, exit_code=1)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Stopped as e:
+        tracking.finish(run, exit_code=e.exit_code)
+        print(f"stopped by {e}: the weights at the stop are in last.safetensors under {out_dir}; W&B run finished "
+              f"(exit code {e.exit_code})", file=sys.stderr)
+        return e.exit_code
+    except BaseException:
+        tracking.finish(run, exit_code=1)
+        raise
+    tracking.finish(run)
+    return 0
 
 
 if __name__ == "__main__":

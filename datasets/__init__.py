@@ -79,24 +79,36 @@ def unreadable(item) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
-def screen_images(data: Data, skip_bad: bool) -> list[str]:
+def screen_images(data: Data, skip_bad: bool, cache: str = "none", img_size: int = 0, cache_dir=None) -> list[str]:
     """Decode every image once before training, so a corrupt, truncated or missing file fails now, by
     name, not inside a DataLoader worker. skip_bad drops bad training images (their ids are returned);
-    a bad test image is always an error (its row belongs in the submission)."""
-    with ThreadPoolExecutor(8) as pool:
-        bad_train = [(i, why) for i, why in enumerate(pool.map(unreadable, data.items)) if why]
-        bad_test = [(i, why) for i, why in enumerate(pool.map(unreadable, data.test_items or [])) if why]
+    a bad test image is always an error (its row belongs in the submission). cache "ram" or "disk"
+    (auto: ram for in-memory data, else disk) keeps the decoded images at img_size (datasets/cache.py)
+    and puts them in data.items and data.test_items in place of the paths."""
+    from datasets.cache import cache_images, take
+    test_items = data.test_items or []
+    if cache == "auto":
+        cache = "ram" if all(isinstance(i, np.ndarray) for i in data.items) else "disk"
+    if cache == "none":
+        with ThreadPoolExecutor(8) as pool:
+            bad_train = {i: why for i, why in enumerate(pool.map(unreadable, data.items)) if why}
+            bad_test = {i: why for i, why in enumerate(pool.map(unreadable, test_items)) if why}
+        items, test = data.items, data.test_items
+    else:
+        items, bad_train = cache_images(data.items, img_size, cache, cache_dir)
+        test, bad_test = cache_images(test_items, img_size, cache, cache_dir) if test_items else (None, {})
     if bad_test:
         raise UserError(f"{len(bad_test)} test image(s) cannot be read, e.g. "
-                        f"{[f'{data.test_items[i]} ({why})' for i, why in bad_test[:3]]}; replace them")
+                        f"{[f'{test_items[i]} ({why})' for i, why in list(bad_test.items())[:3]]}; replace them")
     if bad_train and not skip_bad:
         raise UserError(f"{len(bad_train)} training image(s) cannot be read, e.g. "
-                        f"{[f'{data.items[i]} ({why})' for i, why in bad_train[:3]]}; replace them, or pass "
+                        f"{[f'{data.items[i]} ({why})' for i, why in list(bad_train.items())[:3]]}; replace them, or pass "
                         f"--skip_bad_images True to train without them")
-    skipped = [data.ids[i] for i, _ in bad_train]
+    data.items, data.test_items = items, test
+    skipped = [data.ids[i] for i in bad_train]
     if bad_train:
-        keep = np.setdiff1d(np.arange(len(data.items)), [i for i, _ in bad_train])
-        data.items, data.ids, data.labels = [data.items[i] for i in keep], [data.ids[i] for i in keep], data.labels[keep]
+        keep = np.setdiff1d(np.arange(len(data.items)), list(bad_train))
+        data.items, data.ids, data.labels = take(data.items, keep), [data.ids[i] for i in keep], data.labels[keep]
         data.groups = data.groups[keep] if data.groups is not None else None
     empty = [c for c, n in zip(data.classes, np.bincount(data.labels, minlength=len(data.classes))) if n == 0]
     if empty:
@@ -265,30 +277,36 @@ class ImageDataset(torch.utils.data.Dataset):
 class SeededSampler(torch.utils.data.Sampler):
     """The epoch's order from a generator seeded by (seed, epoch), each position paired with an
     augmentation seed drawn from (seed, epoch, position). With `weights`, draws n indices with
-    replacement in proportion to them (the imbalanced sampler); else a permutation."""
+    replacement in proportion to them (the imbalanced sampler); else a permutation.
+    Under torchrun (world > 1) rank r yields positions r, r + world, ... of that same order, each
+    rank n // world of them: with batch_size / world per rank, the ranks' batches together are the
+    one-process run's batches of batch_size (with drop_last), augmentation seeds included."""
 
-    def __init__(self, n: int, seed: int, weights: torch.Tensor | None = None):
-        self.n, self.seed, self.epoch, self.weights = n, seed, 0, weights
+    def __init__(self, n: int, seed: int, weights: torch.Tensor | None = None, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.epoch, self.weights, self.rank, self.world = n, seed, 0, weights, rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.world
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=g) if self.weights is None else \
             torch.multinomial(self.weights, self.n, replacement=True, generator=g)
-        for k, i in enumerate(order.tolist()):
-            yield i, int(np.random.SeedSequence([self.seed, self.epoch, k]).generate_state(1)[0])
+        order = order.tolist()
+        for k in range(self.rank, len(self) * self.world, self.world):
+            yield order[k], int(np.random.SeedSequence([self.seed, self.epoch, k]).generate_state(1)[0])
 
 
 SAMPLERS = Registry("sampler")
 
 
-def build_sampler(name: str, labels: np.ndarray, seed: int) -> SeededSampler:
-    return SAMPLERS.build(name, labels, seed)
+def build_sampler(name: str, labels: np.ndarray, seed: int, rank: int = 0, world: int = 1) -> SeededSampler:
+    sampler = SAMPLERS.build(name, labels, seed)
+    sampler.rank, sampler.world = rank, world
+    return sampler
 
 
 @SAMPLERS.register("random")

@@ -4,7 +4,11 @@ A fixed, stratified 20% is held out as the test set and gets the competition's k
 noise (small rotations, Gaussian noise, colour shift, blur; no flips or large turns, which change
 what a digit means), so the demo shows the real problem: a clean train set, a noisy test set.
 Usage: data = load_digits_data()
+       python -m datasets.digits --export /tmp/digits-jpg --size 256   # the same images as a folder of JPEGs
 """
+import argparse
+from pathlib import Path
+
 import albumentations as A
 import cv2
 import numpy as np
@@ -44,3 +48,25 @@ def load_digits_data() -> Data:
         test_items=[noise(image=images[i])["image"] for i in test_idx], test_labels=labels[test_idx],
         test_ids=[f"digit-{i:04d}" for i in test_idx],
     )
+
+
+def export(folder: Path, size: int, quality: int = 90) -> Path:
+    """Write the demo as an ImageFolder of JPEG files (train/<class>/, labelled test/<class>/), size x size
+    px: real files to decode, for the loader benchmark and for trying the folder layout."""
+    data = load_digits_data()
+    for split, items, labels, ids in [("train", data.items, data.labels, data.ids),
+                                      ("test", data.test_items, data.test_labels, data.test_ids)]:
+        for image, label, sample_id in zip(items, labels, ids):
+            out = Path(folder) / split / data.classes[label] / f"{sample_id}.jpg"
+            out.parent.mkdir(parents=True, exist_ok=True)
+            big = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC)
+            cv2.imwrite(str(out), cv2.cvtColor(big, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return Path(folder)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Write the digits demo as a folder of JPEG images.")
+    parser.add_argument("--export", required=True, help="folder to write (train/<class>/*.jpg, test/<class>/*.jpg)")
+    parser.add_argument("--size", type=int, default=256, help="side of each image in px")
+    args = parser.parse_args()
+    print(f"wrote {export(Path(args.export), args.size)}")

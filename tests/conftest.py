@@ -28,6 +28,7 @@ def wandb_env(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("NETRC", str(wandb_root / "no-netrc"))
+    monkeypatch.setenv("SWEEPCLS_CACHE_DIR", str(tmp_path / "image-cache"))  # --cache disk files: per test
     return wandb_root
 
 

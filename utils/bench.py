@@ -1,12 +1,14 @@
 """Benchmarks that print figures (no pass/fail). Usage:
     python -m utils.bench --model resnet18 --img_size 64 --batch_size 64 [--steps 20] [--device auto]
-    python -m utils.bench --pipeline [--data digits] [--workers -1] [--epochs 2]
+    python -m utils.bench --pipeline [--data digits|PATH] [--cache auto|ram|disk|none] [--workers -1] [--epochs 3]
 
 Default: the cost of one optimizer step (forward + backward + update on an in-memory batch) for the
 training options that change it: plain, SAM, ASAM, EMA, SAM + EMA, and 2-step accumulation.
 --pipeline: whether training runs at the model's speed or the loader's: (a) train.py's step over
-real batches from its loader, (b) the same step on one in-memory batch (the ceiling), (c) a/b,
-(d) train.py's epoch time with W&B offline and disabled, and their ratio, (e) the loader alone.
+real batches from its loader (its cache, workers, sampler and augmentation), (b) the same step on
+one in-memory batch (the ceiling), (c) a/b, (d) train.py's epoch time with W&B offline and
+disabled, and their ratio, (e) the loader alone. On CUDA with AMP and channels_last, as train.py.
+For a folder of real image files: python -m datasets.digits --export /tmp/digits-jpg --size 256
 """
 import argparse
 import statistics
@@ -72,17 +74,19 @@ def step_costs(model_name: str, img_size: int, batch_size: int, steps: int, devi
 
 
 def pipeline_figures(model_name: str, img_size: int, batch_size: int, steps: int, device: torch.device,
-                     data_source: str = "digits", workers: int = -1) -> dict:
+                     data_source: str = "digits", workers: int = -1, cache: str = "auto") -> dict:
     """(a) train images/s over the real loader, (b) over one in-memory batch, (e) the loader alone."""
-    import os
-    from datasets import ImageDataset, build_sampler, load_data
+    from datasets import ImageDataset, build_sampler, load_data, screen_images
     from datasets.transforms import AUGS
     from models import normalization
     from train import Stepper
-    from utils.runtime import amp_dtype_for, make_loader, to_input
+    from utils.runtime import amp_dtype_for, default_workers, make_loader, to_input
     amp_dtype = amp_dtype_for(device, True)
     data = load_data(data_source)
-    workers = workers if workers >= 0 else min(8, os.cpu_count() or 1)
+    start = time.perf_counter()
+    screen_images(data, False, cache, img_size)
+    prepare_seconds = time.perf_counter() - start
+    workers = default_workers(workers)
     torch.manual_seed(0)
     model = build_model(model_name, len(data.classes), img_size=img_size).to(device)
     if device.type == "cuda":
@@ -128,11 +132,11 @@ def pipeline_figures(model_name: str, img_size: int, batch_size: int, steps: int
             count += len(images)
     loader_only = (count + batch_size) / (time.perf_counter() - start)
     return {"train_real": real, "train_ceiling": ceiling, "ratio": real / ceiling, "loader": loader_only,
-            "workers": workers}
+            "workers": workers, "prepare_seconds": prepare_seconds}
 
 
 def wandb_epoch_seconds(model_name: str, img_size: int, batch_size: int, epochs: int, data_source: str,
-                        workers: int) -> dict:
+                        workers: int, cache: str = "auto") -> dict:
     """(d) train.py's median epoch time (after the first) with W&B offline and with W&B disabled."""
     import json
     import tempfile
@@ -142,7 +146,7 @@ def wandb_epoch_seconds(model_name: str, img_size: int, batch_size: int, epochs:
             import train
             args = ["--model", model_name, "--img_size", str(img_size), "--batch_size", str(batch_size),
                     "--epochs", str(epochs), "--data", data_source, "--workers", str(workers), "--wandb_mode", mode,
-                    "--out_dir", f"{tmp}/run", "--resume", ""]
+                    "--out_dir", f"{tmp}/run", "--resume", "", "--cache", cache]
             assert train.main(args) == 0
             rows = [json.loads(line) for line in open(f"{tmp}/run/metrics.jsonl")]
             out[mode] = statistics.median(r["train/epoch_seconds"] for r in rows[1:] or rows)
@@ -159,18 +163,21 @@ def main(argv=None) -> None:
     parser.add_argument("--pipeline", action="store_true", help="loader vs model: figures (a)-(e)")
     parser.add_argument("--data", default="digits", help="--pipeline: the data to read, as train.py's --data")
     parser.add_argument("--workers", type=int, default=-1, help="--pipeline: loader workers; -1 = as train.py")
+    parser.add_argument("--cache", default="auto", choices=("auto", "ram", "disk", "none"), help="--pipeline: as train.py")
     parser.add_argument("--epochs", type=int, default=3, help="--pipeline: epochs of each train.py run in (d)")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
     if args.pipeline:
-        f = pipeline_figures(args.model, args.img_size, args.batch_size, args.steps, device, args.data, args.workers)
+        f = pipeline_figures(args.model, args.img_size, args.batch_size, args.steps, device, args.data, args.workers,
+                             args.cache)
         print(f"{args.model}, {args.img_size} px, batch {args.batch_size}, {device} ({torch.get_num_threads()} threads), "
-              f"{args.data}, {f['workers']} loader workers, {args.steps} steps")
+              f"{args.data}, cache {args.cache} (ready in {f['prepare_seconds']:.1f} s), {f['workers']} loader workers, "
+              f"{args.steps} steps")
         print(f"(a) training over the real loader   {f['train_real']:8.0f} img/s")
         print(f"(b) training on one in-memory batch {f['train_ceiling']:8.0f} img/s  (the ceiling)")
         print(f"(c) a / b                           {f['ratio']:8.2f}")
         print(f"(e) the loader alone                {f['loader']:8.0f} img/s")
-        w = wandb_epoch_seconds(args.model, args.img_size, args.batch_size, args.epochs, args.data, args.workers)
+        w = wandb_epoch_seconds(args.model, args.img_size, args.batch_size, args.epochs, args.data, args.workers, args.cache)
         print(f"(d) epoch with W&B offline {w['offline']:.2f} s, disabled {w['disabled']:.2f} s, "
               f"ratio {w['offline'] / w['disabled']:.3f}")
         return

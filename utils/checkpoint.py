@@ -94,8 +94,9 @@ class CheckpointKeeper:
     """last.safetensors every epoch, epoch-NNN.safetensors for the top k by the monitored score,
     best.safetensors for the best one, which is never deleted."""
 
-    def __init__(self, out_dir: Path, keep_top_k: int, maximize: bool):
-        self.dir, self.k, self.sign = Path(out_dir), keep_top_k, 1 if maximize else -1
+    def __init__(self, out_dir: Path, keep_top_k: int, maximize: bool, write: bool = True):
+        """write False: keep the ranking, write no file (torchrun's ranks > 0)."""
+        self.dir, self.k, self.sign, self.write = Path(out_dir), keep_top_k, 1 if maximize else -1, write
         self.top: list[tuple[float, int]] = []  # (signed score, epoch), best first
         self.best_score, self.best_epoch = None, None
 
@@ -105,21 +106,26 @@ class CheckpointKeeper:
 
     def save_last(self, model: torch.nn.Module, meta: dict) -> Path:
         last = self.dir / "last.safetensors"
-        atomic_write_bytes(last, checkpoint_bytes(model, meta))  # a new file: best.safetensors keeps its own
+        if self.write:
+            atomic_write_bytes(last, checkpoint_bytes(model, meta))  # a new file: best.safetensors keeps its own
         return last
+
+    def _link(self, src: Path, dst: Path) -> None:
+        if self.write:
+            _atomic_link(src, dst)
 
     def update(self, model: torch.nn.Module, meta: dict, epoch: int, score: float) -> bool:
         last = self.save_last(model, meta)
         is_best = self.best_score is None or self.sign * score > self.sign * self.best_score
         if is_best:
-            _atomic_link(last, self.best_path)
+            self._link(last, self.best_path)
             self.best_score, self.best_epoch = score, epoch
         if self.k > 0:
             self.top.append((self.sign * score, epoch))
             self.top.sort(key=lambda t: (-t[0], t[1]))  # ties: the earlier epoch ranks first
             if (self.sign * score, epoch) in self.top[: self.k]:
-                _atomic_link(last, self.dir / f"epoch-{epoch:03d}.safetensors")
-            for _, dropped in self.top[self.k:]:
+                self._link(last, self.dir / f"epoch-{epoch:03d}.safetensors")
+            for _, dropped in self.top[self.k:] if self.write else []:
                 (self.dir / f"epoch-{dropped:03d}.safetensors").unlink(missing_ok=True)
             self.top = self.top[: self.k]
         return is_best

@@ -52,7 +52,12 @@ class Config:
                    _names("datasets.transforms", "TTA"))
     skip_bad_images: bool = opt(False, "train without training images that cannot be read (listed in the log and "
                                        "the W&B summary) instead of stopping")
-    workers: int = opt(-1, "DataLoader worker processes; -1 = one per CPU core, up to 8")
+    workers: int = opt(-1, "DataLoader worker processes; -1 = one per CPU core (under torchrun: per process's share), up to 8")
+    cache: str = opt("auto", "decode and resize every image once, then augment from the uint8 copy: ram = in this process; "
+                             "disk = a .npy in cache_dir that later runs and sweep trials with the same data and img_size "
+                             "reuse; none = decode each image at every epoch; auto = ram for the digits demo, else disk",
+                     ("auto", "ram", "disk", "none"))
+    cache_dir: str = opt("", "folder of --cache disk files; '' = $SWEEPCLS_CACHE_DIR or ~/.cache/sweepcls")
     # --- model ---
     model: str = opt("resnet10t", "any timm model name (timm.list_models())")
     pretrained: bool = opt(False, "load the model's pretrained weights from the hub (needs internet)")
@@ -98,6 +103,10 @@ class Config:
     asl_gamma_pos: float = opt(1.0, "asl: focusing exponent on the true class")
     asl_gamma_neg: float = opt(4.0, "asl: focusing exponent on the other classes")
     amp: bool = opt(True, "mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU")
+    compile: bool = opt(False, "torch.compile the training forward/backward (minutes of compiling first; the same weights "
+                               "are evaluated and saved uncompiled)")
+    sync_bn: bool = opt(False, "under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm) instead "
+                               "of each GPU's share")
     device: str = opt("auto", "auto = cuda when available, else cpu", ("auto", "cpu", "cuda"))
     seed: int = opt(42, "seed for splits, init, augmentation and sampling")
     # --- model selection, checkpoints, outputs ---
@@ -112,6 +121,8 @@ class Config:
     project: str = opt("", "W&B project; '' = $WANDB_PROJECT or 'sweepcls'")
     entity: str = opt("", "W&B entity (team or user); '' = your default")
     run_name: str = opt("", "W&B run name; '' = W&B's (online) or <model>-<run id> (offline)")
+    wandb_console: bool = opt(False, "also send the console output to W&B (files/output.log); off: no capture on the "
+                                     "training path")
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":

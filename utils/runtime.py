@@ -33,10 +33,23 @@ def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def default_workers(requested: int, processes: int = 1) -> int:
+    """--workers -1: this process's share of the CPU cores (torchrun: cores / processes), up to 8."""
+    from datasets.cache import cores
+    return requested if requested >= 0 else max(1, min(8, cores() // processes))
+
+
+def _worker_init(_: int) -> None:
+    import cv2
+    cv2.setNumThreads(0)  # each loader worker is one thread of parallelism already: no OpenCV pool inside it
+    torch.set_num_threads(1)
+
+
 def make_loader(dataset, batch_size: int, workers: int, device: torch.device, sampler=None, drop_last=False):
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
         num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+        worker_init_fn=_worker_init if workers > 0 else None, prefetch_factor=4 if workers > 0 else None,
         generator=torch.Generator().manual_seed(0))  # worker seeds off the global RNG: a resumed run draws the same
 
 

@@ -46,6 +46,10 @@ class StopSignal:
     def requested(self) -> bool:
         return self.signum is not None
 
-    def check(self) -> None:
-        if self.signum is not None:
-            raise Stopped(self.signum)
+    def check(self, agree=None) -> None:
+        """agree(flag) -> flag on every process (utils.distributed.any_rank): all ranks stop at one step."""
+        flag = self.signum is not None
+        if agree is not None:
+            flag = agree(flag)
+        if flag:
+            raise Stopped(self.signum or signal.SIGTERM)

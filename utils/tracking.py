@@ -64,9 +64,12 @@ def resolve_mode(requested: str) -> str:
 
 
 def init(config: dict, run_id: str, out_dir: Path, mode: str, project: str = "", entity: str = "",
-         name: str = "", job_type: str = "train", resume: dict | None = None):
+         name: str = "", job_type: str = "train", resume: dict | None = None, console: bool = False, record: bool = True):
     """resume: a resumed run's {"wandb_step", "history_rows", "summary"} from its last saved state; W&B
-    continues the same run id (offline: a new offline-run-...-<id>-N folder that syncs into it)."""
+    continues the same run id (offline: a new offline-run-...-<id>-N folder that syncs into it).
+    console: W&B also captures stdout/stderr. record False: no run files at all (torchrun's ranks > 0)."""
+    if not record:
+        return wandb.init(mode="disabled", config=config, id=run_id)
     mode = resolve_mode(mode)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -76,7 +79,7 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, project: str = "",
     run = wandb.init(
         project=project or os.environ.get("WANDB_PROJECT") or "sweepcls", entity=entity or None,
         id=run_id, name=name or None, dir=str(out_dir), config=config, mode=mode, job_type=job_type,
-        resume="allow" if resume else None)
+        resume="allow" if resume else None, settings=wandb.Settings(console="auto" if console else "off"))
     for key, step in [("train/*", "epoch"), ("val/*", "epoch"), ("lr", "epoch"), ("fold*", "epoch"), ("cv/*", "fold")]:
         run.define_metric(key, step_metric=step)  # fold<k>/...: a cross-validated run's folds
     rows = (out_dir / METRICS_FILE).read_text().splitlines()[:resume["history_rows"]] if resume else []

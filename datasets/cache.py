@@ -1,0 +1,129 @@
+"""Decode and resize every image once: one uint8 N x S x S x 3 array per (image list, img_size).
+
+Usage:
+    images, bad = cache_images(data.items, img_size=224, mode="disk", cache_dir=default_cache_dir())
+    image = images[7]                  # HxWx3 uint8, already img_size x img_size
+    train_images = images[train_idx]   # a view, still a CachedImages (cheap to hand to loader workers)
+
+Every augmentation pipeline starts with a resize to img_size x img_size (datasets/transforms.py),
+so resizing here with that same operation yields the same pixels the pipeline would have made: the
+cache changes the speed, not the batches. "ram" holds the array in this process (loader workers
+share it through fork). "disk" writes CACHE_DIR/<key>.npy and maps it read-only; the key hashes the
+image size and each file's path, size and mtime, so every sweep trial and fold with the same data
+and img_size reuses one decode, and an edited image is decoded again. Images that cannot be decoded
+are listed with the reason (also kept beside the .npy, so a reuse reports them without decoding).
+"""
+import fcntl
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+
+FORMAT = "sweepcls-cache/1"
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("SWEEPCLS_CACHE_DIR") or Path.home() / ".cache" / "sweepcls")
+
+
+def cores() -> int:
+    """CPU cores this process may run on (a container's or taskset's share, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class CachedImages:
+    """A read-only sequence of HxWx3 uint8 images backed by one array in RAM or one .npy on disk.
+    Pickles as the file path (disk) so spawned loader workers map the file instead of copying it."""
+
+    def __init__(self, array: np.ndarray | None = None, path: Path | None = None, index: np.ndarray | None = None):
+        self._array, self.path = array, path
+        self.index = index
+
+    @property
+    def array(self) -> np.ndarray:
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+        return self._array
+
+    def __len__(self) -> int:
+        return len(self.index) if self.index is not None else len(self.array)
+
+    def __getitem__(self, key):
+        if isinstance(key, (list, np.ndarray, range)):  # a subset: a view on the same storage
+            key = np.asarray(key, dtype=np.int64)
+            return CachedImages(self._array, self.path, key if self.index is None else self.index[key])
+        row = int(self.index[key]) if self.index is not None else int(key)
+        return self.array[row]
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        if self.path is not None:
+            state["_array"] = None
+        return state
+
+
+def take(items, idx):
+    """items[idx] for a list of paths/arrays or a CachedImages."""
+    return items[idx] if isinstance(items, CachedImages) else [items[i] for i in idx]
+
+
+def _key(items, img_size: int) -> str:
+    h = hashlib.sha256(f"{FORMAT}|{img_size}|{A.__version__}".encode())
+    for item in items:
+        if isinstance(item, np.ndarray):
+            h.update(item.tobytes())
+        else:
+            try:
+                st = os.stat(item)
+                h.update(f"|{os.path.abspath(item)}|{st.st_size}|{st.st_mtime_ns}".encode())
+            except OSError:  # missing: cache_images reports it; the key changes once the file is there
+                h.update(f"|{os.path.abspath(item)}|missing".encode())
+    return h.hexdigest()[:24]
+
+
+def cache_images(items: list, img_size: int, mode: str, cache_dir: Path | None = None,
+                 decode=None) -> tuple[CachedImages, dict[int, str]]:
+    """(the images at img_size x img_size, {index: why} for those that could not be decoded: zeros there).
+    mode "ram" or "disk"; decode(item) -> HxWx3 uint8 (datasets.load_image)."""
+    if decode is None:
+        from datasets import load_image as decode
+    if mode == "ram" or all(isinstance(i, np.ndarray) for i in items):  # in-memory data: nothing to save
+        array = np.zeros((len(items), img_size, img_size, 3), np.uint8)
+        return CachedImages(array), _fill(array, items, img_size, decode)
+    cache_dir = Path(cache_dir or default_cache_dir())
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    key = _key(items, img_size)
+    path, bad_path = cache_dir / f"{key}.npy", cache_dir / f"{key}.bad.json"
+    with open(cache_dir / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two trials starting together: the second waits and maps the first's file
+        if not path.is_file():
+            tmp = cache_dir / f".{key}.tmp-{os.getpid()}.npy"
+            array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(items), img_size, img_size, 3))
+            bad = _fill(array, items, img_size, decode)
+            array.flush()
+            del array
+            bad_path.write_text(json.dumps({str(i): why for i, why in bad.items()}))
+            os.replace(tmp, path)
+    bad = {int(i): why for i, why in json.loads(bad_path.read_text()).items()} if bad_path.is_file() else {}
+    return CachedImages(path=path), bad
+
+
+def _fill(array: np.ndarray, items: list, img_size: int, decode) -> dict[int, str]:
+    resize = A.Resize(img_size, img_size)  # the first op of every transform pipeline, same interpolation
+
+    def one(i):
+        try:
+            array[i] = resize(image=decode(items[i]))["image"]
+            return None
+        except FileNotFoundError:
+            return "missing"
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+            return f"{type(e).__name__}: {e}"
+
+    with ThreadPoolExecutor(max(2, cores())) as pool:  # PIL and OpenCV release the GIL while decoding and resizing
+        reasons = list(pool.map(one, range(len(items))))
+    return {i: why for i, why in enumerate(reasons) if why}

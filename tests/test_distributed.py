@@ -1,0 +1,73 @@
+"""torchrun: 2 CPU processes (gloo) train on the same global batches as one process and log the same
+metrics; only rank 0 writes the W&B run, the checkpoints and the submission."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, read_run
+from datasets import build_sampler
+
+LOSS_RTOL = 1e-4      # losses of the 2-process run vs the 1-process run, relative
+METRIC_ATOL = 0.01    # accuracy / macro-F1, absolute (about 3 of the 288 validation images)
+
+
+@pytest.mark.parametrize("name", ["random", "imbalanced"])
+def test_ranks_split_each_global_batch(name):
+    labels = np.array([0] * 50 + [1] * 30 + [2] * 21)
+    one = list(build_sampler(name, labels, seed=5))
+    ranks = [list(build_sampler(name, labels, seed=5, rank=r, world=3)) for r in range(3)]
+    assert all(len(r) == len(labels) // 3 for r in ranks)
+    batch, per_rank = 24, 8  # global batch 24 = 3 ranks x 8
+    for b in range(len(labels) // batch):  # drop_last: the full global batches
+        together = sorted(sum((r[b * per_rank:(b + 1) * per_rank] for r in ranks), []))
+        assert together == sorted(one[b * batch:(b + 1) * batch])  # same images, same augmentation seeds
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one(tmp_path):
+    args = ["train.py", "--model", "test_convnext", "--img_size", "32", "--epochs", "2", "--batch_size", "32",
+            "--accum_steps", "2", "--sampler", "imbalanced", "--workers", "0", "--resume", "", "--wandb_mode", "offline"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
+                          "--out_dir", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, *args, "--out_dir", str(tmp_path / "one")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "2 processes" in two.stdout and two.stdout.count("epoch   2/2") == 1  # rank 1 prints nothing
+
+    rows = {k: [json.loads(line) for line in open(tmp_path / k / "metrics.jsonl")] for k in ("one", "two")}
+    assert len(rows["one"]) == len(rows["two"]) == 2
+    for a, b in zip(rows["one"], rows["two"]):
+        for key in ("train/loss", "val/loss"):
+            assert b[key] == pytest.approx(a[key], rel=LOSS_RTOL), key
+        for key in ("val/acc", "val/f1_macro", "val/acsa"):
+            assert abs(b[key] - a[key]) <= METRIC_ATOL, key
+
+    run_dirs = list((tmp_path / "two" / "wandb").glob("offline-run-*"))
+    assert len(run_dirs) == 1  # one W&B run, rank 0's
+    records = read_run(run_dirs[0])
+    assert sum(r["type"] == "history" for r in records) == 2 and [r["exit"]["exit_code"] for r in records
+                                                                   if r["type"] == "exit"] == [0]
+    assert not (tmp_path / "two" / "resume.pt").exists()
+    assert (tmp_path / "two" / "best.safetensors").is_file() and (tmp_path / "two" / "submission.csv").is_file()
+    one_sub = (tmp_path / "one" / "submission.csv").read_text().splitlines()
+    two_sub = (tmp_path / "two" / "submission.csv").read_text().splitlines()
+    agree = np.mean([x == y for x, y in zip(one_sub, two_sub)])
+    assert agree >= 0.97, agree
+
+
+def test_batch_size_must_split_over_processes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
+                           "--batch_size", "33", "--wandb_mode", "disabled", "--out_dir", str(tmp_path / "r")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "--batch_size 33 is the global batch and must split evenly over the 2 processes" in proc.stderr
+    assert torch.distributed.is_available()
