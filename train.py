@@ -375,8 +375,7 @@ def run_and_finish(cfg: Config, stop: StopSignal) -> int:
     except BaseException:
         tracking.finish(run, exit_code=1)
         raise
-    tracking.finish(run)
-    return 0
+    return tracking.finish(run)
 
 
 if __name__ == "__main__":

@@ -59,9 +59,11 @@ def test_competition_folder_run(competition, tmp_path):
     col = {c: i for i, c in enumerate(table["columns"])}
     image_cell = table["data"][0][col["image"]]
     assert image_cell["_type"] == "image-file" and files[image_cell["path"]].stat().st_size > 0
-    wrong, _ = staged_table(records, summary, "val/misclassified")
+    wrong, wrong_files = staged_table(records, summary, "val/misclassified")
     wcol = {c: i for i, c in enumerate(wrong["columns"])}
-    assert all(row[wcol["true"]] != row[wcol["pred"]] for row in wrong["data"])
+    assert wrong["data"] and all(row[wcol["true"]] != row[wcol["pred"]] for row in wrong["data"])
+    # one image per sample, shared by both tables: each table's artifact still holds the file its cells name
+    assert all(wrong_files[row[wcol["image"]]["path"]].stat().st_size > 0 for row in wrong["data"])
     assert "val/confusion_matrix_table.artifact_path" in summary and "val/per_class.artifact_path" in summary
 
     models = [r["artifact"] for r in records if r["type"] == "artifact" and r["artifact"]["name"] == f"model-{run_id}"]

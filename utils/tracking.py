@@ -8,14 +8,24 @@ synced whole. Mode "auto" means online when an API key is configured, else offli
 Beside them, in any mode, the scalars go to plain files that need no W&B to read (the offline sweep
 runner reads them while the run is live): out_dir/metrics.jsonl, one line per logged row, and
 out_dir/summary.json, the summary so far, with "_exit_code" once the run has finished.
+
+The plain files are written at once; every W&B call (rows, tables, images, artifacts, summary)
+goes, in order, to one background thread per run, so building tables and staging checkpoints
+overlaps the next epoch instead of delaying it. finish() waits for it; an error on that thread
+is raised by the next call here.
 """
 import json
 import math
 import netrc
 import numbers
 import os
+import queue
 import secrets
+import shutil
 import string
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +37,46 @@ from utils.checkpoint import atomic_write_bytes
 THUMB_PX = 128  # longest side of table thumbnails
 METRICS_FILE, SUMMARY_FILE = "metrics.jsonl", "summary.json"
 _LOCAL: dict[int, dict] = {}  # id(run) -> {"dir": out_dir, "summary": {...}}, the plain-file record
+
+
+class _Writer:
+    """Runs the submitted W&B calls in order on one daemon thread; at most `backlog` wait (then submit waits)."""
+
+    def __init__(self, backlog: int = 16):
+        self.queue: queue.Queue = queue.Queue(backlog)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="wandb-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (fn := self.queue.get()) is not None:
+            try:
+                if self.error is None:  # after a failure, later calls are dropped; the error is raised once
+                    fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the main thread
+                self.error = e
+            finally:
+                self.queue.task_done()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def submit(self, fn) -> None:
+        self.raise_error()
+        self.queue.put(fn)
+
+    def close(self) -> None:
+        """Wait for every submitted call, stop the thread, raise a pending error."""
+        self.queue.put(None)
+        self.thread.join()
+        self.raise_error()
+
+
+def _submit(run, fn) -> None:
+    writer = _LOCAL.get(id(run), {}).get("writer")
+    writer.submit(fn) if writer is not None else fn()
 
 
 def random_id() -> str:
@@ -88,6 +138,8 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, project: str = "",
     _write_summary(run)  # no stale "_exit_code" from an earlier attempt while this one runs
     if resume and mode != "disabled":
         run.log({"resumed_at_step": resume["wandb_step"]}, step=resume["wandb_step"])  # steps go on from there
+    _LOCAL[id(run)] |= {"step": int(run.step) if mode != "disabled" else 0,  # W&B's next step, counted here
+                        "writer": _Writer() if mode != "disabled" else None}
     if mode == "offline":
         print(f"W&B is offline. Upload this run later with: wandb sync {Path(run.dir).parent}")
     return run
@@ -124,10 +176,11 @@ def _write_summary(run) -> None:
 
 
 def log(run, metrics: dict) -> None:
-    run.log(metrics)  # commits the row, with any media logged before it (commit=False)
+    _submit(run, lambda: run.log(metrics))  # commits the row, with any media logged before it (commit=False)
     local = _LOCAL.get(id(run))
     if local is not None:
-        row = {k: _plain(v) for k, v in metrics.items()}
+        local["step"] += local["writer"] is not None
+        row = {k: _plain(v) for k, v in metrics.items()} | {"_time": round(time.time(), 3)}  # wall clock, Unix seconds
         with open(local["dir"] / METRICS_FILE, "a") as fh:
             fh.write(json.dumps({k: v for k, v in row.items() if v is not _SKIP}) + "\n")
         local["rows"] += 1
@@ -135,14 +188,17 @@ def log(run, metrics: dict) -> None:
 
 def position(run) -> dict:
     """Where the run's record stands, for a resume state: W&B's next step, plain history rows, summary."""
-    local = _LOCAL.get(id(run), {"rows": 0, "summary": {}})
-    step = run.step if run.settings.mode != "disabled" else 0
-    return {"wandb_step": int(step), "history_rows": local["rows"], "summary": dict(local["summary"])}
+    local = _LOCAL.get(id(run), {"rows": 0, "summary": {}, "step": 0})
+    return {"wandb_step": local["step"], "history_rows": local["rows"], "summary": dict(local["summary"])}
 
 
 def set_summary(run, values: dict) -> None:
-    for k, v in values.items():
-        run.summary[k] = v
+    values = dict(values)
+
+    def update():
+        for k, v in values.items():
+            run.summary[k] = v
+    _submit(run, update)
     local = _LOCAL.get(id(run))
     if local is not None:
         plain = {k: _plain(v) for k, v in values.items()}
@@ -170,7 +226,7 @@ def read_local(out_dir: Path) -> tuple[list[dict], dict]:
     return history, summary
 
 
-def _thumb(image: np.ndarray, caption: str):
+def _thumb(image: np.ndarray, caption: str = ""):
     h, w = image.shape[:2]
     if max(h, w) > THUMB_PX:
         import cv2
@@ -180,21 +236,29 @@ def _thumb(image: np.ndarray, caption: str):
 
 
 def _prediction_table(rows: np.ndarray, ids, images, y_true, probs, classes):
+    """images(r) -> the row's wandb.Image (one per sample, shared by the tables of one call)."""
     columns = ["id", "image", "true", "pred", "confidence", "correct"] + [f"p_{c}" for c in classes]
     table = wandb.Table(columns=columns)
     pred = probs.argmax(1)
     for r in rows:
         t, p = int(y_true[r]), int(pred[r])
-        table.add_data(str(ids[r]), _thumb(images(r), f"{classes[t]} -> {classes[p]}"), classes[t], classes[p],
-                       float(probs[r, p]), bool(t == p), *map(float, probs[r]))
+        table.add_data(str(ids[r]), images(r), classes[t], classes[p], float(probs[r, p]), bool(t == p),
+                       *map(float, probs[r]))
     return table
 
 
 def log_eval_tables(run, prefix: str, ids, images, y_true, probs, classes, metrics: dict, max_rows: int) -> None:
     """Prediction table, misclassified table (most confident mistakes first), confusion matrix and
-    per-class scores, added to the current history row. `images(i)` returns sample i as HxWx3 uint8."""
+    per-class scores, added to the next history row (tracking.log). `images(i)` returns sample i as
+    HxWx3 uint8; it is called on the writer thread, after this returns."""
     if run.settings.mode == "disabled":  # nothing would keep them; skip decoding and staging images
         return
+    _submit(run, lambda: _log_eval_tables(run, prefix, ids, images, y_true, probs, classes, metrics, max_rows))
+
+
+def _log_eval_tables(run, prefix, ids, images, y_true, probs, classes, metrics, max_rows) -> None:
+    thumbs = {}
+    thumb = lambda r: thumbs[r] if r in thumbs else thumbs.setdefault(r, _thumb(images(r)))
     pred = probs.argmax(1)
     wrong = np.flatnonzero(pred != y_true)
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:max_rows]
@@ -202,8 +266,8 @@ def log_eval_tables(run, prefix: str, ids, images, y_true, probs, classes, metri
         [c, float(metrics["precision"][i]), float(metrics["recall"][i]), float(metrics["f1"][i]),
          int(metrics["support"][i])] for i, c in enumerate(classes)])
     run.log({
-        f"{prefix}/predictions": _prediction_table(np.arange(min(max_rows, len(y_true))), ids, images, y_true, probs, classes),
-        f"{prefix}/misclassified": _prediction_table(wrong, ids, images, y_true, probs, classes),
+        f"{prefix}/predictions": _prediction_table(np.arange(min(max_rows, len(y_true))), ids, thumb, y_true, probs, classes),
+        f"{prefix}/misclassified": _prediction_table(wrong, ids, thumb, y_true, probs, classes),
         f"{prefix}/confusion_matrix": wandb.plot.confusion_matrix(
             y_true=y_true.tolist(), preds=pred.tolist(), class_names=list(classes)),
         f"{prefix}/per_class": per_class,
@@ -214,10 +278,14 @@ def log_table(run, key: str, columns: list[str], rows: list[list]) -> None:
     """A table; HxWx3 uint8 cells become thumbnails."""
     if run.settings.mode == "disabled":
         return
-    table = wandb.Table(columns=columns)
-    for row in rows:
-        table.add_data(*[_thumb(v, "") if isinstance(v, np.ndarray) and v.ndim == 3 else v for v in row])
-    run.log({key: table})
+
+    def log_it():
+        table = wandb.Table(columns=columns)
+        for row in rows:
+            table.add_data(*[_thumb(v) if isinstance(v, np.ndarray) and v.ndim == 3 else v for v in row])
+        run.log({key: table})
+    _submit(run, log_it)
+    _LOCAL[id(run)]["step"] += 1
 
 
 def wandb_api():
@@ -250,17 +318,41 @@ def top_sweep_runs(path: str, k: int) -> list[str]:
 def log_artifact(run, path: Path, name: str, type: str, metadata: dict | None = None, aliases=()) -> None:
     if run.settings.mode == "disabled":  # W&B would still stage a copy of the file
         return
-    artifact = wandb.Artifact(name, type=type, metadata=metadata)
-    artifact.add_file(str(path), name=Path(path).name)
-    run.log_artifact(artifact, aliases=list(aliases))
+    path = Path(path)
+    snapshot = path.with_name(f".{path.name}.artifact-{random_id()}")  # the file as it is now, whatever replaces it
+    try:
+        os.link(path, snapshot)
+    except OSError:  # file systems without hard links
+        shutil.copyfile(path, snapshot)
+
+    def log_it():
+        try:
+            artifact = wandb.Artifact(name, type=type, metadata=metadata)
+            artifact.add_file(str(snapshot), name=path.name)  # copied into W&B's staging area here
+            run.log_artifact(artifact, aliases=list(aliases))
+        finally:
+            snapshot.unlink(missing_ok=True)
+    _submit(run, log_it)
 
 
-def finish(run, exit_code: int = 0) -> None:
-    if id(run) in _LOCAL:
-        _LOCAL[id(run)]["summary"]["_exit_code"] = exit_code
-        _write_summary(run)
-        del _LOCAL[id(run)]
+def finish(run, exit_code: int = 0) -> int:
+    """Wait for the writer thread's W&B calls, then finish the run; _exit_code goes in summary.json last.
+    Returns the exit code: 1 instead of 0 when a W&B call on the writer thread failed (said on stderr)."""
+    local = _LOCAL.pop(id(run), None)
+    error = None
+    if local is not None and local["writer"] is not None:
+        try:
+            local["writer"].close()
+        except Exception as e:  # noqa: BLE001 - still finish the run and write the exit code
+            error, exit_code = e, exit_code or 1
     run.finish(exit_code=exit_code)
+    if local is not None:
+        local["summary"]["_exit_code"] = exit_code
+        atomic_write_bytes(local["dir"] / SUMMARY_FILE, json.dumps(local["summary"], indent=1).encode())
     # wandb's process-wide setup caches the environment (WANDB_SWEEP_PARAM_PATH among it) at the first
     # init; tear it down so a later run in the same process starts from the environment as it is then
     wandb.teardown()
+    if error is not None:
+        print(f"error: W&B could not record part of the run ({type(error).__name__}: {error}); the checkpoints, "
+              f"metrics.jsonl and summary.json are complete", file=sys.stderr)
+    return exit_code
