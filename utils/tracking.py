@@ -319,7 +319,8 @@ def log_artifact(run, path: Path, name: str, type: str, metadata: dict | None = 
     if run.settings.mode == "disabled":  # W&B would still stage a copy of the file
         return
     path = Path(path)
-    snapshot = path.with_name(f".{path.name}.artifact-{random_id()}")  # the file as it is now, whatever replaces it
+    # the file as it is now, whatever replaces it before the writer thread stages it (files here are replaced by rename)
+    snapshot = path.with_name(f".{path.name}.artifact-{random_id()}")
     try:
         os.link(path, snapshot)
     except OSError:  # file systems without hard links

@@ -1,0 +1,54 @@
+"""W&B calls run on a background writer thread: in order, errors surface, the step count the resume
+state records is W&B's own, and an artifact holds the file as it was when it was logged."""
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import read_run
+from utils import tracking
+from utils.checkpoint import atomic_write_bytes
+
+
+def test_writer_runs_in_order_and_raises_a_failure_once():
+    writer, seen = tracking._Writer(backlog=2), []
+    main = threading.current_thread()
+    for i in range(5):
+        writer.submit(lambda i=i: seen.append((i, threading.current_thread() is main)))
+
+    def fail():
+        raise OSError("disk full")
+    hold = threading.Event()
+    writer.submit(hold.wait)
+    writer.submit(fail)
+    writer.submit(lambda: seen.append("after"))  # queued behind the failure: dropped
+    hold.set()
+    writer.queue.join()
+    with pytest.raises(OSError, match="disk full"):
+        writer.submit(lambda: None)
+    writer.submit(lambda: seen.append("later"))  # raised once; then the writer goes on
+    writer.close()
+    assert seen == [(i, False) for i in range(5)] + ["later"]
+
+
+def test_step_count_and_artifact_snapshot(tmp_path):
+    out = tmp_path / "run"
+    run = tracking.init({"model": "m"}, tracking.random_id(), out, "offline")
+    ckpt = out / "best.safetensors"
+    ckpt.write_bytes(b"epoch 1 weights")
+    for epoch in (1, 2, 3):
+        tracking.log(run, {"epoch": epoch, "val/acc": epoch / 10})
+    tracking.log_table(run, "t", ["image", "n"], [[np.zeros((8, 8, 3), np.uint8), 1]])
+    tracking.log_artifact(run, ckpt, "model-x", "model", aliases=["best"])
+    atomic_write_bytes(ckpt, b"epoch 2 weights")  # replaced (as the keeper does) before the writer may have staged it
+    step = tracking.position(run)["wandb_step"]
+    tracking._LOCAL[id(run)]["writer"].queue.join()
+    assert step == run.step == 4  # 3 rows and the table's row
+    assert tracking.finish(run) == 0
+    records = read_run(next((out / "wandb").glob("offline-run-*")))
+    artifact = next(r["artifact"] for r in records if r["type"] == "artifact" and r["artifact"]["name"] == "model-x")
+    (entry,) = artifact["manifest"]["contents"]
+    assert entry["path"] == "best.safetensors" and Path(entry["local_path"]).read_bytes() == b"epoch 1 weights"
+    assert not list(out.glob(".best.safetensors.artifact-*"))  # the snapshot link is gone
+    assert [r["history"]["item"]["epoch"] for r in records if r["type"] == "history"][:3] == [1, 2, 3]
