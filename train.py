@@ -62,7 +62,7 @@ class Stepper:
     bad_steps: int = 0  # in a row
 
     def _forward_backward(self, batches) -> torch.Tensor:
-        net = self.net or self.model
+        net = self.net if self.net is not None else self.model
         total = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(batches):
             last = i == len(batches) - 1  # DDP: gradients are all-reduced once, after the last micro-batch

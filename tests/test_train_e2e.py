@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, read_run, run_train
+from utils.checkpoint import load_checkpoint, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -77,7 +78,6 @@ def test_competition_folder_run(competition, tmp_path):
     # the checkpoint alone rebuilds the model; its validation predictions equal the logged ones
     from datasets import ImageDataset, load_data, split_indices
     from datasets.transforms import eval_transform
-    from utils.checkpoint import load_model
     from utils.config import Config
     model, meta = load_model(out / "best.safetensors")
     cfg = Config.from_dict(meta["config"])
@@ -137,3 +137,13 @@ def test_disabled_mode_still_saves_work_but_stages_nothing(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert [r["epoch"] for r in rows] == [1] and summary["val/f1_macro"] == rows[0]["val/f1_macro"]
     assert summary["_exit_code"] == 0 and summary["best_epoch"] == 1
+
+
+def test_compile_trains_and_saves_plain_weights(tmp_path):
+    out = tmp_path / "out"
+    proc = run_train(["--model", TINY_MODEL, "--img_size=16", "--epochs=1", "--workers=0", "--wandb_mode=disabled",
+                      "--compile=True", f"--out_dir={out}"])
+    state, meta = load_checkpoint(out / "best.safetensors")
+    assert not any(k.startswith("_orig_mod.") for k in state) and meta["config"]["compile"] is True
+    load_model(out / "best.safetensors")  # rebuilds without torch.compile
+    assert "best val/f1_macro" in proc.stdout

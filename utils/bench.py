@@ -110,20 +110,24 @@ def pipeline_figures(model_name: str, img_size: int, batch_size: int, steps: int
                 if n == 0:
                     return
 
-    def train_over(source, n) -> float:
+    def seconds_over(source, n) -> float:
+        """Seconds of the last n - 2 training steps over source (the first 2 warm up: worker start, allocator)."""
         model.train()
         start = None
         for i, (images, labels) in enumerate(source):
-            if i == 2:  # after warm-up (worker start, allocator)
+            if i == 2:
                 _timed(lambda: None, device)
                 start = time.perf_counter()
             stepper.step([(to_input(images, device), labels.to(device, non_blocking=True))])
         _timed(lambda: None, device)
-        return (n - 2) * batch_size / (time.perf_counter() - start)
+        return time.perf_counter() - start
 
     fixed = next(batches(1))
-    real = train_over(batches(steps + 2), steps + 2)
-    ceiling = train_over(iter([fixed] * (steps + 2)), steps + 2)
+    real_s = ceiling_s = 0.0
+    for _ in range(2):  # ceiling, real, ceiling, real: a drift in the machine's speed hits both alike
+        ceiling_s += seconds_over(iter([fixed] * (steps + 2)), steps + 2)
+        real_s += seconds_over(batches(steps + 2), steps + 2)
+    real, ceiling = 2 * steps * batch_size / real_s, 2 * steps * batch_size / ceiling_s
     start, count = None, 0
     for i, (images, _) in enumerate(batches(steps + 2)):
         if i == 2:

@@ -139,7 +139,8 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, project: str = "",
     if resume and mode != "disabled":
         run.log({"resumed_at_step": resume["wandb_step"]}, step=resume["wandb_step"])  # steps go on from there
     _LOCAL[id(run)] |= {"step": int(run.step) if mode != "disabled" else 0,  # W&B's next step, counted here
-                        "writer": _Writer() if mode != "disabled" else None}
+                        "writer": _Writer() if mode != "disabled" else None,
+                        "thumbs": {}}  # (table prefix, sample id) -> its wandb.Image, encoded once per run
     if mode == "offline":
         print(f"W&B is offline. Upload this run later with: wandb sync {Path(run.dir).parent}")
     return run
@@ -257,8 +258,13 @@ def log_eval_tables(run, prefix: str, ids, images, y_true, probs, classes, metri
 
 
 def _log_eval_tables(run, prefix, ids, images, y_true, probs, classes, metrics, max_rows) -> None:
-    thumbs = {}
-    thumb = lambda r: thumbs[r] if r in thumbs else thumbs.setdefault(r, _thumb(images(r)))
+    thumbs = _LOCAL.get(id(run), {}).get("thumbs", {})  # the same sample at every new best: one PNG
+
+    def thumb(r):
+        key = (prefix, str(ids[r]))
+        if key not in thumbs:
+            thumbs[key] = _thumb(images(r))
+        return thumbs[key]
     pred = probs.argmax(1)
     wrong = np.flatnonzero(pred != y_true)
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:max_rows]
