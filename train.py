@@ -29,7 +29,7 @@ from losses import build_loss, loss_kwargs, soft_target_losses
 from models import build_model, check_input_size, normalization
 from optim import SAM, build_optimizer, build_scheduler, frozen_norm_stats, is_per_epoch, optimizer_kwargs, scheduler_kwargs
 from utils import UserError, distributed, tracking
-from utils.checkpoint import CheckpointKeeper, load_model
+from utils.checkpoint import CheckpointKeeper, load_model, read_meta
 from utils.config import Config, parse_config
 from utils.metrics import classification_metrics
 from utils.resume import (RESUME_FILE, load_arrays, restore_training_state, resume_from, save_arrays, save_state,
@@ -195,6 +195,7 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
         stepper.net = torch.compile(stepper.net)
     eval_model = ema.module if ema is not None else model  # what is evaluated and checkpointed
     keeper = CheckpointKeeper(out_dir, cfg.keep_top_k, cfg.maximize, write=distributed.is_main())
+    model_name = f"model-{run.id}{f'-fold{cfg.fold}' if prefix else ''}"  # its W&B artifact
     meta_base = dict(format="sweepcls/1", model=cfg.model, classes=classes, targets=data.targets,
                      img_size=cfg.img_size, mean=mean, std=std, config=cfg.to_dict(), run_id=run.id, fold=cfg.fold)
     print(f"{cfg.model} on {device} | {len(classes)} classes | train {len(train_idx)}, val {len(val_idx)}, "
@@ -215,6 +216,7 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
             train_loss = train_one_epoch(stepper, train_loader, cfg.accum_steps, mixup, f"{prefix}epoch {epoch}/{cfg.epochs}", stop)
         except Stopped as e:  # keep the weights as they are, then let main finish the run
             keeper.save_last(eval_model, {**meta_base, "epoch": epoch - 1, "stopped_in_epoch": epoch})
+            log_best_model(run, keeper, model_name)
             tracking.set_summary(run, {"stopped": f"{e} in {prefix}epoch {epoch}"})
             raise
         if not np.isfinite(train_loss):
@@ -235,8 +237,6 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
             best_probs = probs
             tracking.log_eval_tables(run, f"{prefix}val", [data.ids[i] for i in val_idx], lambda r: load_image(data.items[val_idx[r]]),
                                      y_val, probs, classes, m, cfg.table_rows)
-            tracking.log_artifact(run, keeper.best_path, f"model-{run.id}{f'-fold{cfg.fold}' if prefix else ''}", "model", meta,
-                                  aliases=["best", "latest", f"epoch-{epoch}"])
         tracking.log(run, {k if k == "epoch" else prefix + k: v for k, v in metrics.items()})
         tracking.set_summary(run, {prefix + cfg.monitor: keeper.best_score, prefix + "best_epoch": keeper.best_epoch})
         print(f"{prefix}epoch {epoch:>3}/{cfg.epochs} | train/loss {train_loss:.4f} | val/loss {metrics['val/loss']:.4f} | "
@@ -252,6 +252,7 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
                                                **training_state(stepper, keeper, best_probs)})
         if early_stop:
             break
+    log_best_model(run, keeper, model_name)
 
     test_probs = None
     if data.test_items and distributed.is_main():
@@ -260,6 +261,14 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
         test_loader = make_loader(ImageDataset(data.test_items, data.test_labels, test_tf), cfg.batch_size, workers, device)
         test_probs = predict_probs(best, test_loader, device, amp_dtype, cfg.tta)
     return FitResult(val_idx, best_probs, keeper.best_score, keeper.best_epoch, keeper.best_path, test_probs)
+
+
+def log_best_model(run, keeper: CheckpointKeeper, name: str) -> None:
+    """The best checkpoint as W&B artifact `name` (aliases best, latest, epoch-N), once per fit, at its end or
+    its stop: one staged copy per run instead of one per new best (CPU on the training path, and disk)."""
+    if keeper.best_epoch is not None and distributed.is_main():
+        tracking.log_artifact(run, keeper.best_path, name, "model", read_meta(keeper.best_path),
+                              aliases=["best", "latest", f"epoch-{keeper.best_epoch}"])
 
 
 def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal,
