@@ -122,3 +122,16 @@ def test_status_of_a_missing_dir_is_one_line(tmp_path, capsys):
     assert sweep_cli.main(["--status", str(tmp_path / "nothing")]) == 2
     assert "is not a sweep dir" in capsys.readouterr().err
 
+
+
+def test_torchrun_command_from_the_readme(monkeypatch):
+    """The README's `command:` for multi-GPU trials passes the checks and expands as wandb agent's."""
+    monkeypatch.chdir(ROOT)
+    readme = (ROOT / "README.md").read_text()
+    block = readme[readme.index("```yaml\ncommand:") + len("```yaml\n"):]
+    sweep = _broken(lambda s: s.update(yaml.safe_load(block[:block.index("```")])))
+    assert check_sweep(sweep) == []
+    params = {"lr": 0.003, "model": "resnet18"}
+    argv = agent_command(sweep, params, "a.json")
+    assert argv == wandb_agent_argv(sweep, params, "a.json")
+    assert argv[:5] == ["/usr/bin/env", "torchrun", "--standalone", "--nproc_per_node=2", "train.py"]
