@@ -29,6 +29,7 @@ from losses import build_loss, loss_kwargs, soft_target_losses
 from models import build_model, check_input_size, normalization
 from optim import SAM, build_optimizer, build_scheduler, frozen_norm_stats, is_per_epoch, optimizer_kwargs, scheduler_kwargs
 from utils import UserError, distributed, tracking
+from utils.background import Worker
 from utils.checkpoint import CheckpointKeeper, load_model, read_meta
 from utils.config import Config, parse_config
 from utils.metrics import classification_metrics
@@ -194,7 +195,8 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
     if cfg.compile:
         stepper.net = torch.compile(stepper.net)
     eval_model = ema.module if ema is not None else model  # what is evaluated and checkpointed
-    keeper = CheckpointKeeper(out_dir, cfg.keep_top_k, cfg.maximize, write=distributed.is_main())
+    keeper = CheckpointKeeper(out_dir, cfg.keep_top_k, cfg.maximize, write=distributed.is_main(),
+                              worker=Worker("checkpoint-writer"))  # files written while the next epoch trains
     model_name = f"model-{run.id}{f'-fold{cfg.fold}' if prefix else ''}"  # its W&B artifact
     meta_base = dict(format="sweepcls/1", model=cfg.model, classes=classes, targets=data.targets,
                      img_size=cfg.img_size, mean=mean, std=std, config=cfg.to_dict(), run_id=run.id, fold=cfg.fold)
@@ -203,56 +205,59 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
           f"{cfg.scheduler}, {cfg.sampler} sampler{', EMA' if ema else ''} | {workers} loader workers"
           f"{f' | {world} processes' if world > 1 else ''} | {prefix}out {out_dir}")
 
-    start_epoch, best_probs = 1, None
-    if state is not None:
-        best_probs, start_epoch = restore_training_state(state, stepper, keeper), state["next_epoch"]
-        print(f"resumed at epoch {start_epoch} of {cfg.epochs}, best {cfg.monitor} so far {keeper.best_score:.4f}")
+    try:
+        start_epoch, best_probs = 1, None
+        if state is not None:
+            best_probs, start_epoch = restore_training_state(state, stepper, keeper), state["next_epoch"]
+            print(f"resumed at epoch {start_epoch} of {cfg.epochs}, best {cfg.monitor} so far {keeper.best_score:.4f}")
 
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        start = time.perf_counter()
-        sampler.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        try:
-            train_loss = train_one_epoch(stepper, train_loader, cfg.accum_steps, mixup, f"{prefix}epoch {epoch}/{cfg.epochs}", stop)
-        except Stopped as e:  # keep the weights as they are, then let main finish the run
-            keeper.save_last(eval_model, {**meta_base, "epoch": epoch - 1, "stopped_in_epoch": epoch})
-            log_best_model(run, keeper, model_name)
-            tracking.set_summary(run, {"stopped": f"{e} in {prefix}epoch {epoch}"})
-            raise
-        if not np.isfinite(train_loss):
-            raise UserError(f"training loss is {train_loss} at epoch {epoch}; lower --lr or check the data")
-        probs = distributed.gather_rows(predict_probs(eval_model, val_loader, device, amp_dtype, cfg.tta), val_part, len(val_idx))
-        m = classification_metrics(y_val, probs)
-        metrics = {
-            "epoch": epoch, "lr": lr, "train/loss": train_loss,
-            "val/loss": nll(probs, y_val),  # cross-entropy whatever --loss is, so runs with different losses compare
-            "val/acc": m["acc"], "val/f1_macro": m["f1_macro"], "val/acsa": m["acsa"],
-            **{f"val/f1/{c}": float(f) for c, f in zip(classes, m["f1"])},
-            "train/epoch_seconds": time.perf_counter() - start,
-        }
-        if is_per_epoch(scheduler):
-            scheduler.step(metrics[cfg.monitor])
-        meta = {**meta_base, "epoch": epoch, "metrics": {k: metrics[k] for k in metric_keys[:5]}}
-        if keeper.update(eval_model, meta, epoch, metrics[cfg.monitor]):
-            best_probs = probs
-            tracking.log_eval_tables(run, f"{prefix}val", [data.ids[i] for i in val_idx], lambda r: load_image(data.items[val_idx[r]]),
-                                     y_val, probs, classes, m, cfg.table_rows)
-        tracking.log(run, {k if k == "epoch" else prefix + k: v for k, v in metrics.items()})
-        tracking.set_summary(run, {prefix + cfg.monitor: keeper.best_score, prefix + "best_epoch": keeper.best_epoch})
-        print(f"{prefix}epoch {epoch:>3}/{cfg.epochs} | train/loss {train_loss:.4f} | val/loss {metrics['val/loss']:.4f} | "
-              f"val/acc {m['acc']:.4f} | val/f1_macro {m['f1_macro']:.4f} | val/acsa {m['acsa']:.4f} | "
-              f"{metrics['train/epoch_seconds']:.1f}s{' | best' if keeper.best_epoch == epoch else ''}")
-        early_stop = bool(cfg.patience and epoch - keeper.best_epoch >= cfg.patience and epoch < cfg.epochs)
-        if early_stop:
-            print(f"early stop: no new best {cfg.monitor} for {cfg.patience} epochs")
-            tracking.set_summary(run, {prefix + "stopped_epoch": epoch})
-        if distributed.is_main():
-            save_state(resume_path or out_dir / RESUME_FILE, {"run_id": run.id, "config": cfg.to_dict(), **tracking.position(run),
-                                               "next_epoch": cfg.epochs + 1 if early_stop else epoch + 1,
-                                               **training_state(stepper, keeper, best_probs)})
-        if early_stop:
-            break
-    log_best_model(run, keeper, model_name)
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            start = time.perf_counter()
+            sampler.set_epoch(epoch)
+            lr = optimizer.param_groups[0]["lr"]
+            try:
+                train_loss = train_one_epoch(stepper, train_loader, cfg.accum_steps, mixup, f"{prefix}epoch {epoch}/{cfg.epochs}", stop)
+            except Stopped as e:  # keep the weights as they are, then let main finish the run
+                keeper.save_last(eval_model, {**meta_base, "epoch": epoch - 1, "stopped_in_epoch": epoch})
+                log_best_model(run, keeper, model_name)
+                tracking.set_summary(run, {"stopped": f"{e} in {prefix}epoch {epoch}"})
+                raise
+            if not np.isfinite(train_loss):
+                raise UserError(f"training loss is {train_loss} at epoch {epoch}; lower --lr or check the data")
+            probs = distributed.gather_rows(predict_probs(eval_model, val_loader, device, amp_dtype, cfg.tta), val_part, len(val_idx))
+            m = classification_metrics(y_val, probs)
+            metrics = {
+                "epoch": epoch, "lr": lr, "train/loss": train_loss,
+                "val/loss": nll(probs, y_val),  # cross-entropy whatever --loss is, so runs with different losses compare
+                "val/acc": m["acc"], "val/f1_macro": m["f1_macro"], "val/acsa": m["acsa"],
+                **{f"val/f1/{c}": float(f) for c, f in zip(classes, m["f1"])},
+                "train/epoch_seconds": time.perf_counter() - start,
+            }
+            if is_per_epoch(scheduler):
+                scheduler.step(metrics[cfg.monitor])
+            meta = {**meta_base, "epoch": epoch, "metrics": {k: metrics[k] for k in metric_keys[:5]}}
+            if keeper.update(eval_model, meta, epoch, metrics[cfg.monitor]):
+                best_probs = probs
+                tracking.log_eval_tables(run, f"{prefix}val", [data.ids[i] for i in val_idx], lambda r: load_image(data.items[val_idx[r]]),
+                                         y_val, probs, classes, m, cfg.table_rows)
+            tracking.log(run, {k if k == "epoch" else prefix + k: v for k, v in metrics.items()})
+            tracking.set_summary(run, {prefix + cfg.monitor: keeper.best_score, prefix + "best_epoch": keeper.best_epoch})
+            print(f"{prefix}epoch {epoch:>3}/{cfg.epochs} | train/loss {train_loss:.4f} | val/loss {metrics['val/loss']:.4f} | "
+                  f"val/acc {m['acc']:.4f} | val/f1_macro {m['f1_macro']:.4f} | val/acsa {m['acsa']:.4f} | "
+                  f"{metrics['train/epoch_seconds']:.1f}s{' | best' if keeper.best_epoch == epoch else ''}")
+            early_stop = bool(cfg.patience and epoch - keeper.best_epoch >= cfg.patience and epoch < cfg.epochs)
+            if early_stop:
+                print(f"early stop: no new best {cfg.monitor} for {cfg.patience} epochs")
+                tracking.set_summary(run, {prefix + "stopped_epoch": epoch})
+            if distributed.is_main():
+                save_state(resume_path or out_dir / RESUME_FILE, {"run_id": run.id, "config": cfg.to_dict(), **tracking.position(run),
+                                                   "next_epoch": cfg.epochs + 1 if early_stop else epoch + 1,
+                                                   **training_state(stepper, keeper, best_probs)}, keeper.worker)
+            if early_stop:
+                break
+        log_best_model(run, keeper, model_name)
+    finally:
+        keeper.worker.close()  # every checkpoint and resume.pt written (a write error is raised here)
 
     test_probs = None
     if data.test_items and distributed.is_main():
@@ -266,6 +271,7 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
 def log_best_model(run, keeper: CheckpointKeeper, name: str) -> None:
     """The best checkpoint as W&B artifact `name` (aliases best, latest, epoch-N), once per fit, at its end or
     its stop: one staged copy per run instead of one per new best (CPU on the training path, and disk)."""
+    keeper.flush()
     if keeper.best_epoch is not None and distributed.is_main():
         tracking.log_artifact(run, keeper.best_path, name, "model", read_meta(keeper.best_path),
                               aliases=["best", "latest", f"epoch-{keeper.best_epoch}"])

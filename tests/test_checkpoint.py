@@ -1,12 +1,14 @@
 """Checkpoints: self-contained rebuild, top-k retention that never loses the best, atomic writes."""
 import json
+import time
 
 import pytest
 import torch
 
 from conftest import TINY_MODEL
 from models import build_model
-from utils.checkpoint import CheckpointKeeper, atomic_write_bytes, load_model, read_meta
+from utils.background import Worker
+from utils.checkpoint import CheckpointKeeper, atomic_write_bytes, load_checkpoint, load_model, read_meta
 
 
 def meta_for(epoch):
@@ -27,11 +29,13 @@ def test_rebuild_from_checkpoint_alone(tmp_path):
 
 
 @pytest.mark.parametrize("maximize", [True, False])
-def test_top_k_keeps_best_and_last(tmp_path, maximize):
+@pytest.mark.parametrize("background", [False, True])
+def test_top_k_keeps_best_and_last(tmp_path, maximize, background):
     model = build_model(TINY_MODEL, 3)
-    keeper = CheckpointKeeper(tmp_path, keep_top_k=2, maximize=maximize)
+    keeper = CheckpointKeeper(tmp_path, keep_top_k=2, maximize=maximize, worker=Worker("t") if background else None)
     scores = [0.3, 0.7, 0.5, 0.6, 0.2]
     flags = [keeper.update(model, meta_for(e), e, s) for e, s in enumerate(scores, 1)]
+    keeper.flush()
     order = sorted(range(1, 6), key=lambda e: scores[e - 1], reverse=maximize)
     best = order[0]
     assert keeper.best_epoch == best and read_meta(tmp_path / "best.safetensors")["epoch"] == best
@@ -40,6 +44,24 @@ def test_top_k_keeps_best_and_last(tmp_path, maximize):
     assert kept == sorted(f"epoch-{e:03d}.safetensors" for e in order[:2])
     assert flags == [s == (max if maximize else min)(scores[:i + 1]) for i, s in enumerate(scores)]
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_background_writes_the_weights_as_they_were(tmp_path):
+    """The keeper copies the weights at update(); training that goes on meanwhile does not leak into the file."""
+    torch.manual_seed(0)
+    model = build_model(TINY_MODEL, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    worker = Worker("t")
+    keeper = CheckpointKeeper(tmp_path, keep_top_k=1, maximize=True, worker=worker)
+    worker.submit(lambda: time.sleep(0.3))  # the writer is busy: the file is written after the change below
+    keeper.update(model, meta_for(1), 1, 0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    keeper.flush()
+    saved, _ = load_checkpoint(tmp_path / "best.safetensors")
+    assert all(torch.equal(saved[k], before[k]) for k in before)
+    worker.close()
 
 
 def test_keep_top_k_zero_keeps_only_best_and_last(tmp_path):

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 
 import train
 from conftest import ROOT, TINY_MODEL, read_run, run_train
+from utils.background import Worker
+from utils.resume import RESUME_FILE, load_state, save_state
 
 # dropout and mixup draw from the torch and numpy RNGs: a resume that lost either would diverge
 ARGS = ["--model", TINY_MODEL, "--img_size", "32", "--epochs", "4", "--batch_size", "16", "--drop_rate", "0.2",
@@ -199,3 +201,16 @@ def test_killed_cross_validated_run_resumes_at_its_fold(tmp_path, competition):
         assert all(torch.equal(a[n], b[n]) for n in a)
     strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("epoch_seconds") and k != "_time"} for r in rs]
     assert strip(rows(out_dir)) == strip(rows(reference))
+
+
+def test_background_save_state_keeps_the_values_at_the_call(tmp_path):
+    weights = {"w": torch.zeros(3), "nested": [{"m": torch.ones(2)}], "step": 4}
+    worker = Worker("t")
+    worker.submit(lambda: time.sleep(0.3))  # busy: the write happens after the training below
+    save_state(tmp_path / RESUME_FILE, weights, worker)
+    weights["w"].add_(5)
+    weights["nested"][0]["m"].mul_(3)
+    worker.close()
+    state = load_state(tmp_path / RESUME_FILE)
+    assert torch.equal(state["w"], torch.zeros(3)) and torch.equal(state["nested"][0]["m"], torch.ones(2))
+    assert state["step"] == 4

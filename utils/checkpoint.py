@@ -57,14 +57,14 @@ def _atomic_link(src: Path, dst: Path) -> None:
     _fsync_dir(dst.parent)
 
 
-def checkpoint_bytes(model: torch.nn.Module, meta: dict) -> bytes:
-    tensors, seen = {}, set()
-    for name, t in model.state_dict().items():
-        t = t.detach().to("cpu").contiguous()
-        if t.data_ptr() in seen:  # tied weights: safetensors refuses shared storage
-            t = t.clone()
-        seen.add(t.data_ptr())
-        tensors[name] = t
+def state_tensors(model: torch.nn.Module) -> dict:
+    """The weights as CPU tensors of their own: a snapshot that later training steps do not change."""
+    return {name: t.detach().to("cpu", copy=True).contiguous() for name, t in model.state_dict().items()}
+
+
+def checkpoint_bytes(model: torch.nn.Module | dict, meta: dict) -> bytes:
+    """model: a module, or state_tensors() of one."""
+    tensors = state_tensors(model) if isinstance(model, torch.nn.Module) else model
     return save_bytes(tensors, metadata={META_KEY: json.dumps(meta)})
 
 
@@ -92,11 +92,14 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, 
 
 class CheckpointKeeper:
     """last.safetensors every epoch, epoch-NNN.safetensors for the top k by the monitored score,
-    best.safetensors for the best one, which is never deleted."""
+    best.safetensors for the best one, which is never deleted.
+    With a `worker` (utils.background.Worker) the weights are copied at once and the files are written,
+    in order, on its thread: call flush() before reading them."""
 
-    def __init__(self, out_dir: Path, keep_top_k: int, maximize: bool, write: bool = True):
+    def __init__(self, out_dir: Path, keep_top_k: int, maximize: bool, write: bool = True, worker=None):
         """write False: keep the ranking, write no file (torchrun's ranks > 0)."""
         self.dir, self.k, self.sign, self.write = Path(out_dir), keep_top_k, 1 if maximize else -1, write
+        self.worker = worker
         self.top: list[tuple[float, int]] = []  # (signed score, epoch), best first
         self.best_score, self.best_epoch = None, None
 
@@ -107,12 +110,21 @@ class CheckpointKeeper:
     def save_last(self, model: torch.nn.Module, meta: dict) -> Path:
         last = self.dir / "last.safetensors"
         if self.write:
-            atomic_write_bytes(last, checkpoint_bytes(model, meta))  # a new file: best.safetensors keeps its own
+            tensors = state_tensors(model)
+            self._do(lambda: atomic_write_bytes(last, checkpoint_bytes(tensors, meta)))  # a new file: best keeps its own
         return last
 
-    def _link(self, src: Path, dst: Path) -> None:
+    def _do(self, fn) -> None:
         if self.write:
-            _atomic_link(src, dst)
+            self.worker.submit(fn) if self.worker is not None else fn()
+
+    def flush(self) -> None:
+        """Every file written so far is on disk (raises a write error, e.g. a full disk)."""
+        if self.worker is not None:
+            self.worker.drain()
+
+    def _link(self, src: Path, dst: Path) -> None:
+        self._do(lambda: _atomic_link(src, dst))
 
     def update(self, model: torch.nn.Module, meta: dict, epoch: int, score: float) -> bool:
         last = self.save_last(model, meta)
@@ -125,7 +137,7 @@ class CheckpointKeeper:
             self.top.sort(key=lambda t: (-t[0], t[1]))  # ties: the earlier epoch ranks first
             if (self.sign * score, epoch) in self.top[: self.k]:
                 self._link(last, self.dir / f"epoch-{epoch:03d}.safetensors")
-            for _, dropped in self.top[self.k:] if self.write else []:
-                (self.dir / f"epoch-{dropped:03d}.safetensors").unlink(missing_ok=True)
+            for _, dropped in self.top[self.k:]:
+                self._do(lambda p=self.dir / f"epoch-{dropped:03d}.safetensors": p.unlink(missing_ok=True))
             self.top = self.top[: self.k]
         return is_best

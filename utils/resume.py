@@ -47,10 +47,26 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def save_state(path: Path, state: dict) -> None:
+def save_state(path: Path, state: dict, worker=None) -> None:
+    """With a worker (utils.background.Worker): tensors are copied now, the file is written on its thread."""
+    if worker is not None:
+        snapshot = _copied(state)
+        worker.submit(lambda: save_state(path, snapshot))
+        return
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buffer)
     atomic_write_bytes(path, buffer.getvalue())  # a kill mid-write leaves the previous file whole
+
+
+def _copied(value):
+    """Tensors (on any device) as CPU copies, containers rebuilt; plain values as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(v) for v in value)
+    return value.copy() if isinstance(value, np.ndarray) else value
 
 
 def load_state(path: Path) -> dict:

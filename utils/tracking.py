@@ -19,12 +19,10 @@ import math
 import netrc
 import numbers
 import os
-import queue
 import secrets
 import shutil
 import string
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,46 +30,12 @@ import numpy as np
 import wandb
 
 from utils import UserError
+from utils.background import Worker
 from utils.checkpoint import atomic_write_bytes
 
 THUMB_PX = 128  # longest side of table thumbnails
 METRICS_FILE, SUMMARY_FILE = "metrics.jsonl", "summary.json"
 _LOCAL: dict[int, dict] = {}  # id(run) -> {"dir": out_dir, "summary": {...}}, the plain-file record
-
-
-class _Writer:
-    """Runs the submitted W&B calls in order on one daemon thread; at most `backlog` wait (then submit waits)."""
-
-    def __init__(self, backlog: int = 16):
-        self.queue: queue.Queue = queue.Queue(backlog)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name="wandb-writer", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while (fn := self.queue.get()) is not None:
-            try:
-                if self.error is None:  # after a failure, later calls are dropped; the error is raised once
-                    fn()
-            except BaseException as e:  # noqa: BLE001 - handed to the main thread
-                self.error = e
-            finally:
-                self.queue.task_done()
-
-    def raise_error(self) -> None:
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-
-    def submit(self, fn) -> None:
-        self.raise_error()
-        self.queue.put(fn)
-
-    def close(self) -> None:
-        """Wait for every submitted call, stop the thread, raise a pending error."""
-        self.queue.put(None)
-        self.thread.join()
-        self.raise_error()
 
 
 def _submit(run, fn) -> None:
@@ -139,7 +103,7 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, project: str = "",
     if resume and mode != "disabled":
         run.log({"resumed_at_step": resume["wandb_step"]}, step=resume["wandb_step"])  # steps go on from there
     _LOCAL[id(run)] |= {"step": int(run.step) if mode != "disabled" else 0,  # W&B's next step, counted here
-                        "writer": _Writer() if mode != "disabled" else None,
+                        "writer": Worker("wandb-writer") if mode != "disabled" else None,
                         "thumbs": {}}  # (table prefix, sample id) -> its wandb.Image, encoded once per run
     if mode == "offline":
         print(f"W&B is offline. Upload this run later with: wandb sync {Path(run.dir).parent}")

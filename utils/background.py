@@ -1,0 +1,50 @@
+"""One background thread that runs submitted calls in order, so slow I/O (W&B logging, checkpoint
+files) overlaps training instead of pausing it.
+
+Usage:
+    worker = Worker("checkpoint-writer")
+    worker.submit(lambda: write(path, snapshot))   # returns at once (waits only when `backlog` are queued)
+    worker.drain()                                 # every call so far has run; raises the first failure
+    worker.close()                                 # drain, then stop the thread
+A call that raises is not lost: the exception is raised, once, by the next submit/drain/close on the
+caller's thread; calls queued behind the failure are dropped.
+"""
+import queue
+import threading
+
+
+class Worker:
+    def __init__(self, name: str, backlog: int = 16):
+        self.queue: queue.Queue = queue.Queue(backlog)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (fn := self.queue.get()) is not None:
+            try:
+                if self.error is None:
+                    fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+                self.error = e
+            finally:
+                self.queue.task_done()
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+
+    def submit(self, fn) -> None:
+        self.raise_error()
+        self.queue.put(fn)
+
+    def drain(self) -> None:
+        self.queue.join()
+        self.raise_error()
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+        self.raise_error()
