@@ -11,6 +11,7 @@ disabled, and their ratio, (e) the loader alone. On CUDA with AMP and channels_l
 For a folder of real image files: python -m datasets.digits --export /tmp/digits-jpg --size 256
 """
 import argparse
+import os
 import statistics
 import time
 
@@ -145,16 +146,20 @@ def wandb_epoch_seconds(model_name: str, img_size: int, batch_size: int, epochs:
     logged row to the next (training, validation, and the W&B logging of tables, images and the
     checkpoint artifact at new bests), so the first epoch's start-up is left out. Runs go disabled,
     offline, offline, disabled, so a drift in the machine's speed hits both modes alike."""
+    import contextlib
+    import io
     import json
     import tempfile
     import train
+    os.environ.setdefault("WANDB_SILENT", "true")
     out = {"disabled": [], "offline": []}
     for mode in ("disabled", "offline", "offline", "disabled"):
         with tempfile.TemporaryDirectory() as tmp:
             args = ["--model", model_name, "--img_size", str(img_size), "--batch_size", str(batch_size),
                     "--epochs", str(epochs), "--data", data_source, "--workers", str(workers), "--wandb_mode", mode,
                     "--out_dir", f"{tmp}/run", "--resume", "", "--cache", cache]
-            assert train.main(args) == 0
+            with contextlib.redirect_stdout(io.StringIO()):  # train.py's own log: not the benchmark's figures
+                assert train.main(args) == 0
             times = [json.loads(line)["_time"] for line in open(f"{tmp}/run/metrics.jsonl")]
             out[mode] += [b - a for a, b in zip(times, times[1:])]
     return {mode: statistics.median(seconds) for mode, seconds in out.items()}
