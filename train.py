@@ -32,6 +32,7 @@ from utils import UserError, distributed, tracking
 from utils.background import Worker
 from utils.checkpoint import CheckpointKeeper, load_model, read_meta
 from utils.config import Config, parse_config
+from utils.label_errors import apply_label_fixes, suspect_indices, write_suspects
 from utils.metrics import classification_metrics
 from utils.resume import (RESUME_FILE, load_arrays, restore_training_state, resume_from, save_arrays, save_state,
                           training_state)
@@ -306,8 +307,15 @@ def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal,
     write_oof(out_dir / "oof.csv", data, oof, folds)
     m = classification_metrics(data.labels, oof)
     tracking.log_artifact(run, out_dir / "oof.csv", f"oof-{run.id}", "oof", {"classes": data.classes, "folds": cfg.folds})
+    suspects = suspect_indices(data.labels, oof)
+    write_suspects(out_dir / "suspect_labels.csv", data, oof, suspects)
+    tracking.log_table(run, "oof/suspect_labels", ["id", "image", "given", "predicted", "self_confidence"],
+                       [[data.ids[i], load_image(data.items[i]), data.classes[data.labels[i]], data.classes[oof[i].argmax()],
+                         float(oof[i, data.labels[i]])] for i in suspects[:cfg.table_rows]])
+    print(f"{len(suspects)} suspect label(s), least self-confident first, in {out_dir / 'suspect_labels.csv'}: put a class "
+          f"or 'exclude' in new_label and pass it back with --label_fixes")
     summary = {cfg.monitor: float(np.mean(scores)), f"{cfg.monitor}_std": float(np.std(scores)), "cv/scores": scores,
-               "oof/acc": m["acc"], "oof/f1_macro": m["f1_macro"], "oof/acsa": m["acsa"]}
+               "oof/acc": m["acc"], "oof/f1_macro": m["f1_macro"], "oof/acsa": m["acsa"], "oof/suspect_labels": len(suspects)}
     print(f"cv {cfg.monitor} {np.mean(scores):.4f} +- {np.std(scores):.4f} over {cfg.folds} folds | "
           f"oof/f1_macro {m['f1_macro']:.4f} | wrote {out_dir / 'oof.csv'}")
     test = [r.test_probs for r in results]
@@ -316,6 +324,10 @@ def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal,
 
 def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None = None) -> None:
     data = load_data(cfg.data, cfg.image_col, cfg.label_col, cfg.group_col, cfg.skip_bad_images)
+    if cfg.label_fixes:
+        fixed, excluded = apply_label_fixes(data, cfg.label_fixes)
+        print(f"--label_fixes {cfg.label_fixes}: {fixed} label(s) changed, {excluded} image(s) excluded")
+        tracking.set_summary(run, {"label_fixes/changed": fixed, "label_fixes/excluded": excluded})
     start = time.perf_counter()
     skipped = screen_images(data, cfg.skip_bad_images, cfg.cache, cfg.img_size, cfg.cache_dir or None)
     print(f"images {'cached' if cfg.cache != 'none' else 'checked'} in {time.perf_counter() - start:.1f}s"

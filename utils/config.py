@@ -50,6 +50,8 @@ class Config:
                                  "torchsampler's class-balanced draw with replacement", _names("datasets", "SAMPLERS"))
     tta: str = opt("none", "test-time augmentation at validation and test, averaging probabilities",
                    _names("datasets.transforms", "TTA"))
+    label_fixes: str = opt("", "CSV of id,new_label (a --cv run's suspect_labels.csv, edited): relabel each listed training "
+                               "image to its new_label, or drop it where new_label is 'exclude'; blank rows are kept as they are")
     skip_bad_images: bool = opt(False, "train without training images that cannot be read (listed in the log and "
                                        "the W&B summary) instead of stopping")
     workers: int = opt(-1, "DataLoader worker processes; -1 = one per CPU core (under torchrun: per process's share), up to 8")

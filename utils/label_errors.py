@@ -1,0 +1,78 @@
+"""Suspect labels from out-of-fold probabilities (confident learning, Northcutt et al. 2021, via
+cleanlab), and the edited list fed back to train.py.
+
+Usage:
+    python train.py --cv True --folds 5 ...             # writes suspect_labels.csv beside oof.csv
+    # edit suspect_labels.csv: in new_label put a class name (a fix) or "exclude"; blank keeps the label
+    python train.py --label_fixes runs/<id>/suspect_labels.csv ...
+In code: ranked = suspect_indices(labels, oof_probs); apply_label_fixes(data, path)
+"""
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from utils import UserError
+from utils.checkpoint import atomic_write_bytes
+
+EXCLUDE = "exclude"
+FIX_COLUMNS = ("id", "new_label")
+
+
+def suspect_indices(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
+    """Indices of the images whose given label confident learning finds off, least self-confident first."""
+    from cleanlab.filter import find_label_issues  # late: only cross-validated runs need it
+    return find_label_issues(labels, probs, return_indices_ranked_by="self_confidence", n_jobs=1)
+
+
+def write_suspects(path: Path, data, probs: np.ndarray, ranked: np.ndarray) -> None:
+    """id, given, predicted, self_confidence, new_label (blank, for the user), p_<class>... per suspect."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow([*FIX_COLUMNS[:1], "given", "predicted", "self_confidence", FIX_COLUMNS[1]]
+                    + [f"p_{c}" for c in data.classes])
+    for i in ranked:
+        y, p = data.labels[i], probs[i].argmax()
+        writer.writerow([data.ids[i], data.classes[y], data.classes[p], f"{probs[i, y]:.4f}", "",
+                         *(f"{q:.4f}" for q in probs[i])])
+    atomic_write_bytes(Path(path), text.getvalue().encode())
+
+
+def apply_label_fixes(data, path: str) -> tuple[int, int]:
+    """Relabel (new_label = a class name) or drop (new_label = exclude) training images by id, in place;
+    blank rows keep their label. Returns (fixed, excluded)."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            rows = list(reader)
+            header = reader.fieldnames or []
+    except OSError as e:
+        raise UserError(f"--label_fixes {path}: {e.strerror}") from None
+    missing = [c for c in FIX_COLUMNS if c not in header]
+    if missing:
+        raise UserError(f"--label_fixes {path}: no column(s) {missing}; columns are {header} (suspect_labels.csv has "
+                        f"both: put a class name or '{EXCLUDE}' in new_label)")
+    where = {sample_id: i for i, sample_id in enumerate(data.ids)}
+    classes = {name: k for k, name in enumerate(data.classes)} | {str(t): k for k, t in enumerate(data.targets)}
+    fixes, drop = {}, set()
+    for line, row in enumerate(rows, 2):
+        new = (row["new_label"] or "").strip()
+        if not new:
+            continue
+        if row["id"] not in where:
+            raise UserError(f"--label_fixes {path}, line {line}: id {row['id']!r} is not a training image")
+        if new == EXCLUDE:
+            drop.add(where[row["id"]])
+        elif new in classes:
+            fixes[where[row["id"]]] = classes[new]
+        else:
+            raise UserError(f"--label_fixes {path}, line {line}: new_label {new!r} is not a class {data.classes} "
+                            f"nor '{EXCLUDE}'")
+    for i, k in fixes.items():
+        data.labels[i] = k
+    if drop:
+        keep = np.setdiff1d(np.arange(len(data.labels)), sorted(drop))
+        data.items, data.ids, data.labels = [data.items[i] for i in keep], [data.ids[i] for i in keep], data.labels[keep]
+        data.groups = data.groups[keep] if data.groups is not None else None
+    return len(fixes), len(drop)
