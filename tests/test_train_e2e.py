@@ -66,6 +66,17 @@ def test_competition_folder_run(competition, tmp_path):
     # one image per sample, shared by both tables: each table's artifact still holds the file its cells name
     assert all(wrong_files[row[wcol["image"]]["path"]].stat().st_size > 0 for row in wrong["data"])
     assert "val/confusion_matrix_table.artifact_path" in summary and "val/per_class.artifact_path" in summary
+    assert "val/per_class_f1_table.artifact_path" in summary  # the per-class F1 bar chart's data
+    pairs, pair_files = staged_table(records, summary, "val/confused_pairs")
+    pcol = {c: i for i, c in enumerate(pairs["columns"])}
+    counts = [row[pcol["count"]] for row in pairs["data"]]
+    wrong_pairs = [(row[wcol["true"]], row[wcol["pred"]]) for row in wrong["data"]]
+    assert counts == sorted(counts, reverse=True) and 1 <= len(counts) <= 10
+    for row in pairs["data"]:  # the misclassified table holds the most confident mistakes: a subset of each pair
+        assert row[pcol["true"]] != row[pcol["predicted"]]
+        assert row[pcol["count"]] >= wrong_pairs.count((row[pcol["true"]], row[pcol["predicted"]]))
+    top = pairs["data"][0]
+    assert pair_files[top[pcol["example_1"]]["path"]].stat().st_size > 0
 
     models = [r["artifact"] for r in records if r["type"] == "artifact" and r["artifact"]["name"] == f"model-{run_id}"]
     best_artifact = [a for a in models if "best" in a["aliases"]][-1]
@@ -91,6 +102,14 @@ def test_competition_folder_run(competition, tmp_path):
     assert [meta["classes"][p] for p in probs.argmax(1)] == [row[col["pred"]] for row in table["data"]]
     logged = np.array([[row[col[f"p_{c}"]] for c in meta["classes"]] for row in table["data"]])
     np.testing.assert_allclose(probs, logged, atol=1e-5)
+    # the confused pairs are the whole validation set's most frequent mistakes
+    vds = ImageDataset([data.items[i] for i in val_idx], data.labels[val_idx], ds.transform)
+    with torch.no_grad():
+        vpred = model(torch.stack([vds[i][0] for i in range(len(vds))])).argmax(1).numpy()
+    mistakes = [(meta["classes"][t], meta["classes"][p]) for t, p in zip(data.labels[val_idx], vpred) if t != p]
+    index = meta["classes"].index
+    expected = sorted({(mistakes.count(m), m) for m in mistakes}, key=lambda c: (-c[0], index(c[1][0]), index(c[1][1])))
+    assert [(row[pcol["count"]], (row[pcol["true"]], row[pcol["predicted"]])) for row in pairs["data"]] == expected[:10]
 
     with open(competition / "sample_submission.csv") as fh:
         sample_ids = [r["ID"] for r in csv.DictReader(fh)]

@@ -241,7 +241,23 @@ def _log_eval_tables(run, prefix, ids, images, y_true, probs, classes, metrics, 
         f"{prefix}/confusion_matrix": wandb.plot.confusion_matrix(
             y_true=y_true.tolist(), preds=pred.tolist(), class_names=list(classes)),
         f"{prefix}/per_class": per_class,
+        f"{prefix}/per_class_f1": wandb.plot.bar(per_class, "class", "f1", title=f"{prefix} F1 per class"),
+        f"{prefix}/confused_pairs": _confused_pairs(y_true, probs, classes, metrics["confusion"], thumb),
     }, commit=False)
+
+
+def _confused_pairs(y_true, probs, classes, confusion: np.ndarray, thumb, top: int = 10, examples: int = 4):
+    """The most frequent (true, predicted) mistakes, each with its most confident examples."""
+    pred = probs.argmax(1)
+    pairs = sorted(((int(confusion[t, p]), t, p) for t, p in zip(*np.nonzero(confusion)) if t != p),
+                   key=lambda c: (-c[0], c[1], c[2]))[:top]
+    table = wandb.Table(columns=["true", "predicted", "count", "share_of_true", *[f"example_{k}" for k in range(1, examples + 1)]])
+    for n, t, p in pairs:
+        rows = np.flatnonzero((y_true == t) & (pred == p))
+        rows = rows[np.argsort(-probs[rows, p], kind="stable")][:examples]
+        table.add_data(classes[t], classes[p], n, n / int(confusion[t].sum()),
+                       *[thumb(r) for r in rows], *[None] * (examples - len(rows)))
+    return table
 
 
 def log_table(run, key: str, columns: list[str], rows: list[list]) -> None:
