@@ -34,6 +34,7 @@ from utils.checkpoint import CheckpointKeeper, load_model, read_meta
 from utils.config import Config, parse_config
 from utils.label_errors import apply_label_fixes, suspect_indices, write_suspects
 from utils.metrics import classification_metrics
+from utils.report import write_report
 from utils.resume import (RESUME_FILE, load_arrays, restore_training_state, resume_from, save_arrays, save_state,
                           training_state)
 from utils.runtime import (amp_dtype_for, default_workers, make_loader, nll, pick_device, predict_probs, seed_everything,
@@ -242,6 +243,8 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
                 tracking.log_eval_tables(run, f"{prefix}val", [data.ids[i] for i in val_idx], lambda r: load_image(data.items[val_idx[r]]),
                                          y_val, probs, classes, m, cfg.table_rows)
             tracking.log(run, {k if k == "epoch" else prefix + k: v for k, v in metrics.items()})
+            if keeper.best_epoch == epoch:
+                submit_report(cfg, run, out_dir, prefix, data, val_idx, probs, keeper)
             tracking.set_summary(run, {prefix + cfg.monitor: keeper.best_score, prefix + "best_epoch": keeper.best_epoch})
             print(f"{prefix}epoch {epoch:>3}/{cfg.epochs} | train/loss {train_loss:.4f} | val/loss {metrics['val/loss']:.4f} | "
                   f"val/acc {m['acc']:.4f} | val/f1_macro {m['f1_macro']:.4f} | val/acsa {m['acsa']:.4f} | "
@@ -257,6 +260,8 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
             if early_stop:
                 break
         log_best_model(run, keeper, model_name)
+        if best_probs is not None:
+            submit_report(cfg, run, out_dir, prefix, data, val_idx, best_probs, keeper)  # the curves of every epoch
     finally:
         keeper.worker.close()  # every checkpoint and resume.pt written (a write error is raised here)
 
@@ -267,6 +272,20 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
         test_loader = make_loader(ImageDataset(data.test_items, data.test_labels, test_tf), cfg.batch_size, workers, device)
         test_probs = predict_probs(best, test_loader, device, amp_dtype, cfg.tta)
     return FitResult(val_idx, best_probs, keeper.best_score, keeper.best_epoch, keeper.best_path, test_probs)
+
+
+def submit_report(cfg: Config, run, out_dir: Path, prefix: str, data, val_idx: np.ndarray, probs: np.ndarray,
+                  keeper: CheckpointKeeper) -> None:
+    """out_dir/report.html (utils/report.py) for the best epoch so far, written on the checkpoint writer's thread."""
+    if not distributed.is_main():
+        return
+    summary = {"run": run.id, "fold": cfg.fold if prefix else "", "model": cfg.model, "img_size": cfg.img_size,
+               "loss": cfg.loss, "optimizer": cfg.optimizer, "lr": cfg.lr, "epochs": cfg.epochs,
+               "best_epoch": keeper.best_epoch, cfg.monitor: keeper.best_score}
+    args = (out_dir / "report.html", f"{cfg.model}, run {run.id} {prefix.rstrip('/')}", summary, tracking.history(run, prefix),
+            data.classes, data.labels[val_idx], probs, [data.ids[i] for i in val_idx],
+            lambda r: load_image(data.items[val_idx[r]]), cfg.table_rows)
+    keeper.worker.submit(lambda: write_report(*args))
 
 
 def log_best_model(run, keeper: CheckpointKeeper, name: str) -> None:

@@ -157,6 +157,14 @@ def position(run) -> dict:
     return {"wandb_step": local["step"], "history_rows": local["rows"], "summary": dict(local["summary"])}
 
 
+def history(run, prefix: str = "") -> list[dict]:
+    """The rows logged so far (resumed attempts included), keys under `prefix` with the prefix taken off."""
+    local = _LOCAL.get(id(run))
+    rows = read_local(local["dir"])[0] if local is not None else []
+    return [{k[len(prefix):] if k != "epoch" else k: v for k, v in r.items() if k.startswith(prefix) or k == "epoch"}
+            for r in rows if any(k.startswith(prefix) for k in r)]
+
+
 def set_summary(run, values: dict) -> None:
     values = dict(values)
 
