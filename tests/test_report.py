@@ -6,7 +6,6 @@ import subprocess
 from html.parser import HTMLParser
 
 import cv2
-import numpy as np
 import pytest
 
 from conftest import TINY_MODEL, run_train

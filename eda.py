@@ -1,0 +1,165 @@
+"""Look at the data before training, and at two models' differences after: each a W&B run (job_type=eda).
+
+Usage:
+    python eda.py --data /data/comp                     # classes, sizes, samples, duplicates, train-vs-test gap
+    python eda.py --diff runs/a runs/b --data /data/comp   # runs, checkpoints or submission CSVs
+--data takes what train.py takes. The train-vs-test table says, per statistic (brightness, contrast,
+estimated noise, sharpness), how far the test images sit from the training images in training
+standard deviations: the clean-train / noisy-test gap in numbers. Duplicates are near-identical
+perceptual hashes (pHash, at most --max_distance of 64 bits apart), across train and test too.
+The run diff lists the images one model gets right and the other wrong (the test set must be
+labelled, e.g. test/<class>/), else the images where they disagree.
+"""
+import argparse
+import csv
+import io
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from datasets import load_data, load_image
+from utils import UserError, tracking
+from utils.checkpoint import atomic_write_bytes
+from utils.eda import describe, near_duplicates, split_gap
+
+SAMPLES = 8
+
+
+def explore(args, run, out_dir: Path) -> dict:
+    data = load_data(args.data, args.image_col, args.label_col)
+    records = describe(data)
+    train = [r for r in records if r["split"] == "train"]
+    counts = np.bincount(data.labels, minlength=len(data.classes))
+    tracking.log_table(run, "eda/class_distribution", ["class", "images", "share"],
+                       [[c, int(n), n / counts.sum()] for c, n in zip(data.classes, counts)])
+    tracking.log_table(run, "eda/image_sizes", ["id", "split", "label", "width", "height", "aspect"],
+                       [[r["id"], r["split"], r["label"], r["width"], r["height"], r["aspect"]] for r in records])
+    item = lambda r: data.items[r["index"]] if r["split"] == "train" else data.test_items[r["index"]]
+    grid = []
+    for k, c in enumerate(data.classes):
+        rows = np.flatnonzero(data.labels == k)[:SAMPLES]
+        grid.append([c, int(counts[k]), *[load_image(data.items[i]) for i in rows], *[None] * (SAMPLES - len(rows))])
+    tracking.log_table(run, "eda/samples", ["class", "images", *[f"sample_{i}" for i in range(1, SAMPLES + 1)]], grid)
+
+    pairs = near_duplicates(np.array([r["hash"] for r in records], np.uint64), args.max_distance)
+    rows = []
+    for i, j, d in pairs:
+        a, b = records[i], records[j]
+        kind = "-".join(sorted((a["split"], b["split"]), key=["train", "test"].index))
+        conflict = kind == "train-train" and a["label"] != b["label"]
+        rows.append([a["id"], a["split"], a["label"], load_image(item(a)), b["id"], b["split"], b["label"],
+                     load_image(item(b)), d, kind, conflict])
+    columns = ["id_a", "split_a", "label_a", "image_a", "id_b", "split_b", "label_b", "image_b", "distance", "kind",
+               "label_conflict"]
+    tracking.log_table(run, "eda/duplicates", columns, rows[:args.table_rows])
+    _write_csv(out_dir / "duplicates.csv", [c for c in columns if not c.startswith("image")],
+               [[v for c, v in zip(columns, r) if not c.startswith("image")] for r in rows])
+
+    gap = split_gap(records)
+    if gap:
+        tracking.log_table(run, "eda/train_vs_test", list(gap[0]), [list(g.values()) for g in gap])
+    summary = {"eda/train_images": len(train), "eda/test_images": len(records) - len(train),
+               "eda/classes": len(data.classes), "eda/imbalance": float(counts.max() / max(counts.min(), 1)),
+               "eda/duplicates": len(rows), "eda/duplicates_train_test": sum(r[9] == "train-test" for r in rows),
+               "eda/duplicate_label_conflicts": sum(r[10] for r in rows),
+               **{f"eda/gap/{g['stat']}": g["gap_in_train_std"] for g in gap}}
+    print(f"{len(train)} training images in {len(data.classes)} classes (largest/smallest {summary['eda/imbalance']:.1f}), "
+          f"{summary['eda/test_images']} test images")
+    print(f"{len(rows)} near-duplicate pair(s), {summary['eda/duplicates_train_test']} across train and test, "
+          f"{summary['eda/duplicate_label_conflicts']} with different labels: {out_dir / 'duplicates.csv'}")
+    for g in gap:
+        print(f"  {g['stat']:<10} train {g['train_mean']:8.2f} +- {g['train_std']:6.2f} | test {g['test_mean']:8.2f} "
+              f"+- {g['test_std']:6.2f} | gap {g['gap_in_train_std']:+.2f} train std")
+    return summary
+
+
+def _predictions(ref: str, data, cache_dir: Path) -> tuple[str, np.ndarray, np.ndarray | None]:
+    """(name, predicted class per test image, confidence or None) from a submission CSV, a run or a checkpoint."""
+    path = Path(ref)
+    if path.suffix == ".csv" and path.is_file():
+        with open(path, newline="") as fh:
+            rows = {r[0]: r[1] for r in list(csv.reader(fh))[1:] if len(r) >= 2}
+        index = {str(t): k for k, t in enumerate(data.targets)} | {c: k for k, c in enumerate(data.classes)}
+        missing = [i for i in data.test_ids if i not in rows]
+        unknown = sorted({v for v in rows.values() if v not in index})
+        if missing or unknown:
+            raise UserError(f"{ref}: {len(missing)} test id(s) missing (e.g. {missing[:3]}), labels not among the "
+                            f"classes: {unknown[:5]}")
+        return path.name, np.array([index[rows[i]] for i in data.test_ids]), None
+    from utils.ensemble import member_probs, resolve_member
+    member = resolve_member(ref, cache_dir)
+    if member.meta["classes"] != data.classes:
+        raise UserError(f"{ref} was trained on classes {member.meta['classes']}, --data has {data.classes}")
+    probs = member_probs(member, data.test_items, "none", cache_dir)
+    return member.name, probs.argmax(1), probs.max(1)
+
+
+def diff(args, run, out_dir: Path) -> dict:
+    data = load_data(args.data, args.image_col, args.label_col)
+    if not data.test_items:
+        raise UserError(f"--data {args.data}: no test images to compare the two on")
+    (name_a, pred_a, conf_a), (name_b, pred_b, conf_b) = (_predictions(r, data, Path(args.cache_dir)) for r in args.diff)
+    truth = data.test_labels
+    if truth is not None:
+        rows = np.flatnonzero((pred_a == truth) != (pred_b == truth))
+        kind = lambda i: f"{'A' if pred_a[i] == truth[i] else 'B'} right"
+    else:
+        rows = np.flatnonzero(pred_a != pred_b)
+        kind = lambda i: "differ"
+    conf = lambda c, i: float(c[i]) if c is not None else None
+    columns = ["id", "image", "true", f"A: {name_a}", "A conf", f"B: {name_b}", "B conf", "who is right"]
+    table = [[data.test_ids[i], load_image(data.test_items[i]), data.classes[truth[i]] if truth is not None else "",
+              data.classes[pred_a[i]], conf(conf_a, i), data.classes[pred_b[i]], conf(conf_b, i), kind(i)] for i in rows]
+    tracking.log_table(run, "diff/images", columns, table[:args.table_rows])
+    _write_csv(out_dir / "diff.csv", [c for c in columns if c != "image"], [r[:1] + r[2:] for r in table])
+    summary = {"diff/images": len(table), "diff/agree": float(np.mean(pred_a == pred_b))}
+    if truth is not None:
+        summary |= {"diff/A_right_B_wrong": int(np.sum((pred_a == truth) & (pred_b != truth))),
+                    "diff/B_right_A_wrong": int(np.sum((pred_b == truth) & (pred_a != truth))),
+                    "diff/A_acc": float(np.mean(pred_a == truth)), "diff/B_acc": float(np.mean(pred_b == truth))}
+    print(f"A = {name_a}, B = {name_b}: agree on {summary['diff/agree']:.1%} of {len(pred_a)} test images; "
+          + (f"A right and B wrong on {summary['diff/A_right_B_wrong']}, B right and A wrong on "
+             f"{summary['diff/B_right_A_wrong']}" if truth is not None else f"{len(table)} differ (no test labels)")
+          + f": {out_dir / 'diff.csv'}")
+    return summary
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows([header, *rows])
+    atomic_write_bytes(path, text.getvalue().encode())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="digits", help="as train.py's --data")
+    parser.add_argument("--diff", nargs=2, metavar=("A", "B"), help="two runs, checkpoints or submission CSVs")
+    parser.add_argument("--image_col", default="ID")
+    parser.add_argument("--label_col", default="target")
+    parser.add_argument("--max_distance", type=int, default=4, help="pHash bits two near-duplicates may differ in (of 64)")
+    parser.add_argument("--table_rows", type=int, default=200)
+    parser.add_argument("--cache_dir", default=".cache/ensemble", help="--diff: downloaded artifacts, cached predictions")
+    parser.add_argument("--out_dir", default="", help="'' = runs/eda-<run id>")
+    parser.add_argument("--wandb_mode", default="auto", choices=("auto", "online", "offline", "disabled"))
+    parser.add_argument("--project", default="")
+    parser.add_argument("--entity", default="")
+    args = parser.parse_args(argv)
+    run_id = tracking.new_run_id()
+    out_dir = Path(args.out_dir or Path("runs") / f"eda-{run_id}")
+    run = tracking.init({k: v for k, v in vars(args).items() if k not in ("out_dir",)}, run_id, out_dir, args.wandb_mode,
+                        args.project, args.entity, f"{'diff' if args.diff else 'eda'}-{run_id}", job_type="eda")
+    try:
+        tracking.set_summary(run, diff(args, run, out_dir) if args.diff else explore(args, run, out_dir))
+    except UserError as e:
+        tracking.finish(run, exit_code=1)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except BaseException:
+        tracking.finish(run, exit_code=1)
+        raise
+    return tracking.finish(run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
