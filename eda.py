@@ -4,7 +4,7 @@ Usage:
     python eda.py --data /data/comp                     # classes, sizes, samples, duplicates, train-vs-test gap
     python eda.py --diff runs/a runs/b --data /data/comp   # runs, checkpoints or submission CSVs
 --data takes what train.py takes. The train-vs-test table says, per statistic (brightness, contrast,
-estimated noise, sharpness), how far the test images sit from the training images in training
+estimated noise, sharpness, orientation, landscape share), how far the test images sit from the training images in training
 standard deviations: the clean-train / noisy-test gap in numbers. Duplicates are near-identical
 perceptual hashes (pHash, at most --max_distance of 64 bits apart), across train and test too.
 The run diff lists the images one model gets right and the other wrong (the test set must be

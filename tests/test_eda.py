@@ -1,7 +1,6 @@
 """eda.py: duplicates (a resized copy, across train and test; a relabelled copy), the noisy-test gap of
 the digits demo, and the run diff on a constructed pair of submissions; read back from W&B's files."""
 import csv
-import json
 
 import cv2
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 import eda
 from conftest import make_competition_folder, read_run
 from datasets import load_data
-from utils.eda import near_duplicates, noise_sigma
+from utils.eda import dominant_orientation, near_duplicates, noise_sigma
 
 
 def summary_of(out_dir):
@@ -32,6 +31,10 @@ def test_near_duplicates_and_noise_estimate():
     rng = np.random.default_rng(0)
     flat = np.full((64, 64), 128.0)
     assert noise_sigma(flat) == 0 and abs(noise_sigma(flat + rng.normal(0, 10, flat.shape)) - 10) < 1
+    stripes = np.tile((np.arange(64) % 8 < 4) * 255.0, (64, 1))  # vertical stripes: gradients along x
+    assert dominant_orientation(stripes) == pytest.approx(0, abs=1) and dominant_orientation(stripes.T) == pytest.approx(0, abs=1)
+    turned = cv2.warpAffine(stripes, cv2.getRotationMatrix2D((32, 32), 30, 1.0), (64, 64))[16:48, 16:48]
+    assert dominant_orientation(turned) == pytest.approx(30, abs=3)
 
 
 def test_copies_are_found_across_train_and_test(tmp_path):

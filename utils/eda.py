@@ -15,7 +15,7 @@ from PIL import Image
 from datasets import load_image
 from datasets.cache import cores
 
-STATS = ("brightness", "contrast", "noise", "sharpness")
+STATS = ("brightness", "contrast", "noise", "sharpness", "orientation", "landscape")
 _IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float64)
 
 
@@ -29,9 +29,19 @@ def noise_sigma(gray: np.ndarray) -> float:
     return float(np.sqrt(np.pi / 2) * response.sum() / (6 * (w - 2) * (h - 2)))
 
 
+def dominant_orientation(gray: np.ndarray) -> float:
+    """How far, in degrees (0-45), the dominant gradient direction (structure tensor) lies from the nearest
+    image axis: about 0 for upright scans and documents, larger for images turned by an odd angle."""
+    gx = cv2.Sobel(gray.astype(np.float64), cv2.CV_64F, 1, 0)
+    gy = cv2.Sobel(gray.astype(np.float64), cv2.CV_64F, 0, 1)
+    angle = np.degrees(0.5 * np.arctan2(2 * (gx * gy).sum(), (gx * gx - gy * gy).sum())) % 90
+    return float(min(angle, 90 - angle))
+
+
 def image_record(item, side: int = 128) -> dict:
     """Size, brightness and contrast (mean and std of grey, 0-255), noise (Immerkaer), sharpness
-    (variance of the Laplacian), computed at most `side` px; and a 64-bit perceptual hash."""
+    (variance of the Laplacian), orientation (dominant gradient direction off the axes), landscape (1 when wider
+    than tall), computed at most `side` px; and a 64-bit perceptual hash."""
     image = load_image(item)
     h, w = image.shape[:2]
     scale = side / max(h, w)
@@ -41,6 +51,7 @@ def image_record(item, side: int = 128) -> dict:
     bits = imagehash.phash(Image.fromarray(small)).hash.flatten()
     return {"width": w, "height": h, "aspect": w / h, "brightness": float(gray.mean()), "contrast": float(gray.std()),
             "noise": noise_sigma(gray), "sharpness": float(cv2.Laplacian(gray, cv2.CV_64F).var()),
+            "orientation": dominant_orientation(gray), "landscape": float(w > h),
             "hash": int(np.packbits(bits).view(">u8")[0])}
 
 
