@@ -328,9 +328,14 @@ def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal,
     tracking.log_artifact(run, out_dir / "oof.csv", f"oof-{run.id}", "oof", {"classes": data.classes, "folds": cfg.folds})
     suspects = suspect_indices(data.labels, oof)
     write_suspects(out_dir / "suspect_labels.csv", data, oof, suspects)
-    tracking.log_table(run, "oof/suspect_labels", ["id", "image", "given", "predicted", "self_confidence"],
+    tracking.log_table(run, "oof/suspect_labels", ["id", "image", "given", "predicted", "self_confidence"]
+                       + [f"p_{c}" for c in data.classes],
                        [[data.ids[i], load_image(data.items[i]), data.classes[data.labels[i]], data.classes[oof[i].argmax()],
-                         float(oof[i, data.labels[i]])] for i in suspects[:cfg.table_rows]])
+                         float(oof[i, data.labels[i]]), *map(float, oof[i])] for i in suspects[:cfg.table_rows]])
+    write_report(out_dir / "report.html", f"{cfg.model}, run {run.id}, {cfg.folds}-fold out-of-fold predictions",
+                 {"run": run.id, "model": cfg.model, "img_size": cfg.img_size, "folds": cfg.folds, "scores": str(scores),
+                  cfg.monitor: float(np.mean(scores)), "suspect labels": len(suspects)}, [], data.classes, data.labels,
+                 oof, data.ids, lambda i: load_image(data.items[i]), cfg.table_rows)
     print(f"{len(suspects)} suspect label(s), least self-confident first, in {out_dir / 'suspect_labels.csv'}: put a class "
           f"or 'exclude' in new_label and pass it back with --label_fixes")
     summary = {cfg.monitor: float(np.mean(scores)), f"{cfg.monitor}_std": float(np.std(scores)), "cv/scores": scores,

@@ -160,9 +160,13 @@ def test_cross_validated_trial_reports_the_mean_and_every_oof_probability(tmp_pa
     assert sorted(r["id"] for r in rows) == sorted(train_ids)  # every training image exactly once
     assert sorted({r["fold"] for r in rows}) == ["0", "1", "2"]
     probs = np.array([[float(r[k]) for k in r if k.startswith("p_")] for r in rows])
+    competition_classes = [k[2:] for k in rows[0] if k.startswith("p_")]
     assert np.allclose(probs.sum(1), 1, atol=1e-4)
     for k in range(3):
-        assert (out_dir / f"fold{k}" / "best.safetensors").is_file()
+        assert (out_dir / f"fold{k}" / "best.safetensors").is_file() and (out_dir / f"fold{k}" / "report.html").is_file()
+    page = (out_dir / "report.html").read_text()  # the run's own page: the out-of-fold mistakes
+    wrong = int(np.sum(probs.argmax(1) != np.array([competition_classes.index(r["label"]) for r in rows])))
+    assert f"{wrong} misclassified" in page and page.count('class="card"') == min(wrong, 4)
     records = read_run(next(out_dir.glob("wandb/offline-run-*")))
     artifacts = {r["artifact"]["type"] for r in records if r["type"] == "artifact"}
     assert {"oof", "model", "submission"} <= artifacts
