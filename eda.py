@@ -149,16 +149,8 @@ def main(argv=None) -> int:
     out_dir = Path(args.out_dir or Path("runs") / f"eda-{run_id}")
     run = tracking.init({k: v for k, v in vars(args).items() if k not in ("out_dir",)}, run_id, out_dir, args.wandb_mode,
                         args.project, args.entity, f"{'diff' if args.diff else 'eda'}-{run_id}", job_type="eda")
-    try:
-        tracking.set_summary(run, diff(args, run, out_dir) if args.diff else explore(args, run, out_dir))
-    except UserError as e:
-        tracking.finish(run, exit_code=1)
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except BaseException:
-        tracking.finish(run, exit_code=1)
-        raise
-    return tracking.finish(run)
+    return tracking.run_to_end(run, lambda: tracking.set_summary(
+        run, diff(args, run, out_dir) if args.diff else explore(args, run, out_dir)))
 
 
 if __name__ == "__main__":

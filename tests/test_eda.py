@@ -94,3 +94,11 @@ def test_run_diff_on_a_constructed_pair(tmp_path):
     summary = summary_of(out)
     assert summary["diff/A_right_B_wrong"] == 3 and summary["diff/B_right_A_wrong"] == 2
     assert summary["diff/images.artifact_path"]
+
+
+def test_diff_of_a_submission_with_missing_rows_is_one_error(tmp_path, capsys):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("ID,target\ndigit-0001,3\n")
+    code = eda.main(["--diff", str(bad), str(bad), "--data", "digits", "--out_dir", str(tmp_path / "d"),
+                     "--wandb_mode", "disabled"])
+    assert code == 1 and "test id(s) missing" in capsys.readouterr().err

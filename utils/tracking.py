@@ -330,6 +330,22 @@ def log_artifact(run, path: Path, name: str, type: str, metadata: dict | None = 
     _submit(run, log_it)
 
 
+def run_to_end(run, work) -> int:
+    """work() inside the run, then finish it: exit code 0; 1 after a UserError (one 'error:' line on stderr,
+    also in the summary); any other exception finishes the run with 1 and propagates."""
+    try:
+        work()
+    except UserError as e:
+        set_summary(run, {"error": str(e)})
+        finish(run, exit_code=1)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except BaseException:
+        finish(run, exit_code=1)
+        raise
+    return finish(run)
+
+
 def finish(run, exit_code: int = 0) -> int:
     """Wait for the writer thread's W&B calls, then finish the run; _exit_code goes in summary.json last.
     Returns the exit code: 1 instead of 0 when a W&B call on the writer thread failed (said on stderr)."""
