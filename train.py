@@ -279,7 +279,7 @@ def submit_report(cfg: Config, run, out_dir: Path, prefix: str, data, val_idx: n
     """out_dir/report.html (utils/report.py) for the best epoch so far, written on the checkpoint writer's thread."""
     if not distributed.is_main():
         return
-    summary = {"run": run.id, "fold": cfg.fold if prefix else "", "model": cfg.model, "img_size": cfg.img_size,
+    summary = {"run": run.id, **({"fold": cfg.fold} if prefix else {}), "model": cfg.model, "img_size": cfg.img_size,
                "loss": cfg.loss, "optimizer": cfg.optimizer, "lr": cfg.lr, "epochs": cfg.epochs,
                "best_epoch": keeper.best_epoch, cfg.monitor: keeper.best_score}
     args = (out_dir / "report.html", f"{cfg.model}, run {run.id} {prefix.rstrip('/')}", summary, tracking.history(run, prefix),
