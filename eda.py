@@ -12,15 +12,13 @@ labelled, e.g. test/<class>/), else the images where they disagree.
 """
 import argparse
 import csv
-import io
 import sys
 from pathlib import Path
 
 import numpy as np
 
-from datasets import load_data, load_image
+from datasets import load_data, load_image, write_csv
 from utils import UserError, tracking
-from utils.checkpoint import atomic_write_bytes
 from utils.eda import describe, near_duplicates, split_gap
 
 SAMPLES = 8
@@ -53,7 +51,7 @@ def explore(args, run, out_dir: Path) -> dict:
     columns = ["id_a", "split_a", "label_a", "image_a", "id_b", "split_b", "label_b", "image_b", "distance", "kind",
                "label_conflict"]
     tracking.log_table(run, "eda/duplicates", columns, rows[:args.table_rows])
-    _write_csv(out_dir / "duplicates.csv", [c for c in columns if not c.startswith("image")],
+    write_csv(out_dir / "duplicates.csv", [c for c in columns if not c.startswith("image")],
                [[v for c, v in zip(columns, r) if not c.startswith("image")] for r in rows])
 
     gap = split_gap(records)
@@ -112,7 +110,7 @@ def diff(args, run, out_dir: Path) -> dict:
     table = [[data.test_ids[i], load_image(data.test_items[i]), data.classes[truth[i]] if truth is not None else "",
               data.classes[pred_a[i]], conf(conf_a, i), data.classes[pred_b[i]], conf(conf_b, i), kind(i)] for i in rows]
     tracking.log_table(run, "diff/images", columns, table[:args.table_rows])
-    _write_csv(out_dir / "diff.csv", [c for c in columns if c != "image"], [r[:1] + r[2:] for r in table])
+    write_csv(out_dir / "diff.csv", [c for c in columns if c != "image"], [r[:1] + r[2:] for r in table])
     summary = {"diff/images": len(table), "diff/agree": float(np.mean(pred_a == pred_b))}
     if truth is not None:
         summary |= {"diff/A_right_B_wrong": int(np.sum((pred_a == truth) & (pred_b != truth))),
@@ -123,12 +121,6 @@ def diff(args, run, out_dir: Path) -> dict:
              f"{summary['diff/B_right_A_wrong']}" if truth is not None else f"{len(table)} differ (no test labels)")
           + f": {out_dir / 'diff.csv'}")
     return summary
-
-
-def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows([header, *rows])
-    atomic_write_bytes(path, text.getvalue().encode())
 
 
 def main(argv=None) -> int:

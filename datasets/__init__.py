@@ -39,6 +39,13 @@ class Data:
     test_labels: np.ndarray | None = None  # known only for the digits demo and labelled test folders
     submission_columns: tuple[str, str] = ("ID", "target")
 
+    def drop(self, rows) -> None:
+        """Remove these training rows (indices) from items, ids, labels and groups alike."""
+        from datasets.cache import take
+        keep = np.setdiff1d(np.arange(len(self.labels)), sorted(rows))
+        self.items, self.ids, self.labels = take(self.items, keep), [self.ids[i] for i in keep], self.labels[keep]
+        self.groups = self.groups[keep] if self.groups is not None else None
+
 
 def load_data(source: str, image_col: str = "ID", label_col: str = "target", group_col: str = "",
               skip_bad: bool = False) -> Data:
@@ -85,7 +92,7 @@ def screen_images(data: Data, skip_bad: bool, cache: str = "none", img_size: int
     a bad test image is always an error (its row belongs in the submission). cache "ram" or "disk"
     (auto: ram for in-memory data, else disk) keeps the decoded images at img_size (datasets/cache.py)
     and puts them in data.items and data.test_items in place of the paths."""
-    from datasets.cache import cache_images, take
+    from datasets.cache import cache_images
     test_items = data.test_items or []
     if cache == "auto":
         cache = "ram" if all(isinstance(i, np.ndarray) for i in data.items) else "disk"
@@ -107,9 +114,7 @@ def screen_images(data: Data, skip_bad: bool, cache: str = "none", img_size: int
     data.items, data.test_items = items, test
     skipped = [data.ids[i] for i in bad_train]
     if bad_train:
-        keep = np.setdiff1d(np.arange(len(data.items)), list(bad_train))
-        data.items, data.ids, data.labels = take(data.items, keep), [data.ids[i] for i in keep], data.labels[keep]
-        data.groups = data.groups[keep] if data.groups is not None else None
+        data.drop(bad_train)
     empty = [c for c, n in zip(data.classes, np.bincount(data.labels, minlength=len(data.classes))) if n == 0]
     if empty:
         raise UserError(f"class(es) {empty} have no training image{' left' if skipped else ''}; add images or "
@@ -323,20 +328,21 @@ def imbalanced_sampler(labels, seed):
     return SeededSampler(len(labels), seed, weights)
 
 
-def write_submission(path: Path, data: Data, pred: np.ndarray) -> None:
-    """ID,target rows in the order of data.test_ids (the sample submission's order where there is one)."""
+def write_csv(path: Path, header, rows) -> None:
+    """A CSV file written atomically: a reader sees the old file or the whole new one."""
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(data.submission_columns)
-    writer.writerows((i, data.targets[p]) for i, p in zip(data.test_ids, pred))
+    writer.writerow(header)
+    writer.writerows(rows)
     atomic_write_bytes(Path(path), text.getvalue().encode())
+
+
+def write_submission(path: Path, data: Data, pred: np.ndarray) -> None:
+    """ID,target rows in the order of data.test_ids (the sample submission's order where there is one)."""
+    write_csv(path, data.submission_columns, ((i, data.targets[p]) for i, p in zip(data.test_ids, pred)))
 
 
 def write_oof(path: Path, data: Data, probs: np.ndarray, folds: np.ndarray) -> None:
     """Out-of-fold probabilities of every labelled image: id, label, fold, p_<class>..."""
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["id", "label", "fold"] + [f"p_{c}" for c in data.classes])
-    writer.writerows([i, data.classes[y], f, *(f"{p:.6g}" for p in row)]
-                     for i, y, f, row in zip(data.ids, data.labels, folds, probs))
-    atomic_write_bytes(Path(path), text.getvalue().encode())
+    write_csv(path, ["id", "label", "fold"] + [f"p_{c}" for c in data.classes],
+              ([i, data.classes[y], f, *(f"{p:.6g}" for p in row)] for i, y, f, row in zip(data.ids, data.labels, folds, probs)))

@@ -8,13 +8,12 @@ Usage:
 In code: ranked = suspect_indices(labels, oof_probs); apply_label_fixes(data, path)
 """
 import csv
-import io
 from pathlib import Path
 
 import numpy as np
 
+from datasets import write_csv
 from utils import UserError
-from utils.checkpoint import atomic_write_bytes
 
 EXCLUDE = "exclude"
 FIX_COLUMNS = ("id", "new_label")
@@ -28,15 +27,9 @@ def suspect_indices(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
 
 def write_suspects(path: Path, data, probs: np.ndarray, ranked: np.ndarray) -> None:
     """id, given, predicted, self_confidence, new_label (blank, for the user), p_<class>... per suspect."""
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow([*FIX_COLUMNS[:1], "given", "predicted", "self_confidence", FIX_COLUMNS[1]]
-                    + [f"p_{c}" for c in data.classes])
-    for i in ranked:
-        y, p = data.labels[i], probs[i].argmax()
-        writer.writerow([data.ids[i], data.classes[y], data.classes[p], f"{probs[i, y]:.4f}", "",
-                         *(f"{q:.4f}" for q in probs[i])])
-    atomic_write_bytes(Path(path), text.getvalue().encode())
+    write_csv(path, [*FIX_COLUMNS[:1], "given", "predicted", "self_confidence", FIX_COLUMNS[1]] + [f"p_{c}" for c in data.classes],
+              ([data.ids[i], data.classes[data.labels[i]], data.classes[probs[i].argmax()], f"{probs[i, data.labels[i]]:.4f}",
+                "", *(f"{q:.4f}" for q in probs[i])] for i in ranked))
 
 
 def apply_label_fixes(data, path: str) -> tuple[int, int]:
@@ -72,7 +65,5 @@ def apply_label_fixes(data, path: str) -> tuple[int, int]:
     for i, k in fixes.items():
         data.labels[i] = k
     if drop:
-        keep = np.setdiff1d(np.arange(len(data.labels)), sorted(drop))
-        data.items, data.ids, data.labels = [data.items[i] for i in keep], [data.ids[i] for i in keep], data.labels[keep]
-        data.groups = data.groups[keep] if data.groups is not None else None
+        data.drop(drop)
     return len(fixes), len(drop)

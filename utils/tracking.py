@@ -99,7 +99,7 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, project: str = "",
     rows = (out_dir / METRICS_FILE).read_text().splitlines()[:resume["history_rows"]] if resume else []
     (out_dir / METRICS_FILE).write_text("".join(r + "\n" for r in rows))  # rows after the saved state are redone
     _LOCAL[id(run)] = {"dir": out_dir, "summary": dict(resume["summary"]) if resume else {}, "rows": len(rows)}
-    _write_summary(run)  # no stale "_exit_code" from an earlier attempt while this one runs
+    _write_summary(_LOCAL[id(run)])  # no stale "_exit_code" from an earlier attempt while this one runs
     if resume and mode != "disabled":
         run.log({"resumed_at_step": resume["wandb_step"]}, step=resume["wandb_step"])  # steps go on from there
     _LOCAL[id(run)] |= {"step": int(run.step) if mode != "disabled" else 0,  # W&B's next step, counted here
@@ -134,8 +134,7 @@ def _plain(value):
     return _SKIP
 
 
-def _write_summary(run) -> None:
-    local = _LOCAL.get(id(run))
+def _write_summary(local: dict | None) -> None:
     if local is not None:  # a reader sees the old summary or the new one
         atomic_write_bytes(local["dir"] / SUMMARY_FILE, json.dumps(local["summary"], indent=1).encode())
 
@@ -176,7 +175,7 @@ def set_summary(run, values: dict) -> None:
     if local is not None:
         plain = {k: _plain(v) for k, v in values.items()}
         local["summary"].update({k: v for k, v in plain.items() if v is not _SKIP})
-        _write_summary(run)
+        _write_summary(local)
 
 
 def read_local(out_dir: Path) -> tuple[list[dict], dict]:
@@ -359,7 +358,7 @@ def finish(run, exit_code: int = 0) -> int:
     run.finish(exit_code=exit_code)
     if local is not None:
         local["summary"]["_exit_code"] = exit_code
-        atomic_write_bytes(local["dir"] / SUMMARY_FILE, json.dumps(local["summary"], indent=1).encode())
+        _write_summary(local)
     # wandb's process-wide setup caches the environment (WANDB_SWEEP_PARAM_PATH among it) at the first
     # init; tear it down so a later run in the same process starts from the environment as it is then
     wandb.teardown()
