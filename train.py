@@ -28,7 +28,7 @@ from datasets.transforms import AUGS, eval_transform
 from losses import build_loss, loss_kwargs, soft_target_losses
 from models import build_model, check_input_size, normalization
 from optim import SAM, build_optimizer, build_scheduler, frozen_norm_stats, is_per_epoch, optimizer_kwargs, scheduler_kwargs
-from utils import UserError, distributed, tracking
+from utils import UserError, distributed, lineage, tracking
 from utils.background import Worker
 from utils.checkpoint import CheckpointKeeper, load_model, read_meta
 from utils.config import Config, parse_config
@@ -146,11 +146,12 @@ class FitResult:
 
 
 def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "", state: dict | None = None,
-        resume_path: Path | None = None) -> FitResult:
+        resume_path: Path | None = None, lineage_meta: dict | None = None) -> FitResult:
     """Train on fold cfg.fold (or the holdout split) and predict the test set with the best checkpoint.
     Metrics, tables and artifacts are logged under `prefix` (fold<k>/ in a cross-validated run).
     After each epoch resume_path (default out_dir/resume.pt) holds the whole training state; `state`
-    (that file, loaded) continues from it, bit-identical on the CPU to a run that was never interrupted."""
+    (that file, loaded) continues from it, bit-identical on the CPU to a run that was never interrupted.
+    lineage_meta (utils/lineage.record: code state, data fingerprint, changed keys) goes in every checkpoint."""
     seed_everything(cfg.seed)
     device = distributed.device_for(pick_device(cfg.device))
     amp_dtype = amp_dtype_for(device, cfg.amp)
@@ -158,7 +159,8 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
     classes = data.classes
     train_idx, val_idx = split_indices(data.labels, data.groups, cfg.val_fraction, cfg.folds, cfg.fold, cfg.seed)
     y_train, y_val = data.labels[train_idx], data.labels[val_idx]
-    metric_keys = ["train/loss", "val/loss", "val/acc", "val/f1_macro", "val/acsa"] + [f"val/f1/{c}" for c in classes]
+    scalar_keys = ["train/loss", "val/loss", "val/acc", "val/f1_macro", "val/acsa", "val/auc_macro"]
+    metric_keys = scalar_keys + [f"val/f1/{c}" for c in classes]
     if cfg.monitor not in metric_keys:
         raise UserError(f"--monitor {cfg.monitor!r} is not a logged metric; choose one of {metric_keys}")
     loss_fn = build_loss(cfg.loss, **loss_kwargs(cfg, np.bincount(y_train, minlength=len(classes)))).to(device)
@@ -201,7 +203,8 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
                               worker=Worker("checkpoint-writer"))  # files written while the next epoch trains
     model_name = f"model-{run.id}{f'-fold{cfg.fold}' if prefix else ''}"  # its W&B artifact
     meta_base = dict(format="sweepcls/1", model=cfg.model, classes=classes, targets=data.targets,
-                     img_size=cfg.img_size, mean=mean, std=std, config=cfg.to_dict(), run_id=run.id, fold=cfg.fold)
+                     img_size=cfg.img_size, mean=mean, std=std, config=cfg.to_dict(), run_id=run.id, fold=cfg.fold,
+                     lineage=lineage_meta)
     print(f"{cfg.model} on {device} | {len(classes)} classes | train {len(train_idx)}, val {len(val_idx)}, "
           f"test {len(data.test_items or [])} | {cfg.loss}, {cfg.optimizer}{'+SAM' if cfg.sam else ''}, "
           f"{cfg.scheduler}, {cfg.sampler} sampler{', EMA' if ema else ''} | {workers} loader workers"
@@ -231,13 +234,13 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
             metrics = {
                 "epoch": epoch, "lr": lr, "train/loss": train_loss,
                 "val/loss": nll(probs, y_val),  # cross-entropy whatever --loss is, so runs with different losses compare
-                "val/acc": m["acc"], "val/f1_macro": m["f1_macro"], "val/acsa": m["acsa"],
+                "val/acc": m["acc"], "val/f1_macro": m["f1_macro"], "val/acsa": m["acsa"], "val/auc_macro": m["auc_macro"],
                 **{f"val/f1/{c}": float(f) for c, f in zip(classes, m["f1"])},
                 "train/epoch_seconds": time.perf_counter() - start,
             }
             if is_per_epoch(scheduler):
                 scheduler.step(metrics[cfg.monitor])
-            meta = {**meta_base, "epoch": epoch, "metrics": {k: metrics[k] for k in metric_keys[:5]}}
+            meta = {**meta_base, "epoch": epoch, "metrics": {k: metrics[k] for k in scalar_keys}}
             if keeper.update(eval_model, meta, epoch, metrics[cfg.monitor]):
                 best_probs = probs
                 tracking.log_eval_tables(run, f"{prefix}val", [data.ids[i] for i in val_idx], lambda r: load_image(data.items[val_idx[r]]),
@@ -247,7 +250,7 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
                 submit_report(cfg, run, out_dir, prefix, data, val_idx, probs, keeper)
             tracking.set_summary(run, {prefix + cfg.monitor: keeper.best_score, prefix + "best_epoch": keeper.best_epoch})
             print(f"{prefix}epoch {epoch:>3}/{cfg.epochs} | train/loss {train_loss:.4f} | val/loss {metrics['val/loss']:.4f} | "
-                  f"val/acc {m['acc']:.4f} | val/f1_macro {m['f1_macro']:.4f} | val/acsa {m['acsa']:.4f} | "
+                  f"val/acc {m['acc']:.4f} | val/f1_macro {m['f1_macro']:.4f} | val/acsa {m['acsa']:.4f} | val/auc {m['auc_macro']:.4f} | "
                   f"{metrics['train/epoch_seconds']:.1f}s{' | best' if keeper.best_epoch == epoch else ''}")
             early_stop = bool(cfg.patience and epoch - keeper.best_epoch >= cfg.patience and epoch < cfg.epochs)
             if early_stop:
@@ -293,12 +296,13 @@ def log_best_model(run, keeper: CheckpointKeeper, name: str) -> None:
     its stop: one staged copy per run instead of one per new best (CPU on the training path, and disk)."""
     keeper.flush()
     if keeper.best_epoch is not None and distributed.is_main():
-        tracking.log_artifact(run, keeper.best_path, name, "model", read_meta(keeper.best_path),
-                              aliases=["best", "latest", f"epoch-{keeper.best_epoch}"])
+        meta = read_meta(keeper.best_path)
+        (meta.get("lineage") or {}).get("code", {}).pop("diff", None)  # in the file and the run's diff.patch; not in W&B metadata
+        tracking.log_artifact(run, keeper.best_path, name, "model", meta, aliases=["best", "latest", f"epoch-{keeper.best_epoch}"])
 
 
-def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal,
-                   state: dict | None = None) -> tuple[dict, np.ndarray | None]:
+def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal, state: dict | None = None,
+                   lineage_meta: dict | None = None) -> tuple[dict, np.ndarray | None]:
     """All folds in one run: the monitored metric is their mean (std beside it); out-of-fold
     probabilities of every training image go to oof.csv and a W&B artifact; the test set gets the
     folds' average. Resuming, folds done before `state`'s are read back from fold<k>/result.npz."""
@@ -310,7 +314,7 @@ def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal,
             r = FitResult(**load_arrays(fold_dir / "result.npz"), best_path=fold_dir / "best.safetensors")
         else:
             r = fit(dataclasses.replace(cfg, fold=k), run, fold_dir, data, stop, prefix=f"fold{k}/",
-                    state=state if k == start else None, resume_path=out_dir / RESUME_FILE)
+                    state=state if k == start else None, resume_path=out_dir / RESUME_FILE, lineage_meta=lineage_meta)
             if distributed.is_main():
                 save_arrays(fold_dir / "result.npz", {f: getattr(r, f) for f in ("val_idx", "val_probs", "best_score",
                                                                                "best_epoch", "test_probs")})
@@ -339,7 +343,8 @@ def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal,
     print(f"{len(suspects)} suspect label(s), least self-confident first, in {out_dir / 'suspect_labels.csv'}: put a class "
           f"or 'exclude' in new_label and pass it back with --label_fixes")
     summary = {cfg.monitor: float(np.mean(scores)), f"{cfg.monitor}_std": float(np.std(scores)), "cv/scores": scores,
-               "oof/acc": m["acc"], "oof/f1_macro": m["f1_macro"], "oof/acsa": m["acsa"], "oof/suspect_labels": len(suspects)}
+               "oof/acc": m["acc"], "oof/f1_macro": m["f1_macro"], "oof/acsa": m["acsa"], "oof/auc_macro": m["auc_macro"],
+               "oof/suspect_labels": len(suspects)}
     print(f"cv {cfg.monitor} {np.mean(scores):.4f} +- {np.std(scores):.4f} over {cfg.folds} folds | "
           f"oof/f1_macro {m['f1_macro']:.4f} | wrote {out_dir / 'oof.csv'}")
     test = [r.test_probs for r in results]
@@ -347,11 +352,14 @@ def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal,
 
 
 def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None = None) -> None:
-    data = load_data(cfg.data, cfg.image_col, cfg.label_col, cfg.group_col, cfg.skip_bad_images)
+    source, artifact = lineage.data_source(cfg.data, run, cfg.cache_dir)  # wandb:E/P/NAME:ALIAS -> downloaded
+    data = load_data(source, cfg.image_col, cfg.label_col, cfg.group_col, cfg.skip_bad_images)
+    source_rows = lineage.manifest(data)  # before screening replaces the paths with decoded images
     if cfg.label_fixes:
         fixed, excluded = apply_label_fixes(data, cfg.label_fixes)
         print(f"--label_fixes {cfg.label_fixes}: {fixed} label(s) changed, {excluded} image(s) excluded")
         tracking.set_summary(run, {"label_fixes/changed": fixed, "label_fixes/excluded": excluded})
+    rows = lineage.manifest(data) if cfg.label_fixes else source_rows
     start = time.perf_counter()
     skipped = screen_images(data, cfg.skip_bad_images, cfg.cache, cfg.img_size, cfg.cache_dir or None)
     print(f"images {'cached' if cfg.cache != 'none' else 'checked'} in {time.perf_counter() - start:.1f}s"
@@ -359,10 +367,15 @@ def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None 
     if skipped:
         print(f"skipped {len(skipped)} unreadable training image(s): {skipped[:20]}")
         tracking.set_summary(run, {"skipped_images": skipped})
+    lineage_meta = None
+    if distributed.is_main():
+        kept = set(data.ids)  # the images that train: skipped ones left out
+        lineage_meta = lineage.record(cfg, run, out_dir, [r for r in rows if r[0] != "train" or r[1] in kept], data.classes,
+                                      source_rows, artifact, resumed=state is not None)
     if cfg.cv:
-        summary, test_probs = cross_validate(cfg, run, out_dir, data, stop, state)
+        summary, test_probs = cross_validate(cfg, run, out_dir, data, stop, state, lineage_meta)
     else:
-        r = fit(cfg, run, out_dir, data, stop, state=state)
+        r = fit(cfg, run, out_dir, data, stop, state=state, lineage_meta=lineage_meta)
         summary, test_probs = {cfg.monitor: r.best_score, "best_epoch": r.best_epoch}, r.test_probs
     if not distributed.is_main():
         return
@@ -373,7 +386,7 @@ def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None 
                               {cfg.monitor: summary[cfg.monitor]})
         if data.test_labels is not None:
             tm = classification_metrics(data.test_labels, test_probs)
-            summary |= {"test/acc": tm["acc"], "test/f1_macro": tm["f1_macro"], "test/acsa": tm["acsa"]}
+            summary |= {"test/acc": tm["acc"], "test/f1_macro": tm["f1_macro"], "test/acsa": tm["acsa"], "test/auc_macro": tm["auc_macro"]}
     tracking.set_summary(run, summary)
     print(f"best {cfg.monitor} {summary[cfg.monitor]:.4f}"
           + (f" at epoch {summary['best_epoch']}" if "best_epoch" in summary else " (mean over folds)")
@@ -407,7 +420,8 @@ def run_and_finish(cfg: Config, stop: StopSignal) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     run = tracking.init(cfg.to_dict(), state["run_id"] if state else run_id, out_dir, cfg.wandb_mode, cfg.project,
-                        cfg.entity, cfg.run_name, resume=state, console=cfg.wandb_console, record=distributed.is_main())
+                        cfg.entity, cfg.run_name, resume=state, console=cfg.wandb_console, record=distributed.is_main(),
+                        notes=cfg.notes, tags=cfg.tags)
     try:
         cfg = Config.from_dict(distributed.broadcast(tracking.config(run)))  # values a sweep locked win, on every rank
         train(cfg, run, out_dir, stop, state)  # a stop after the last epoch: done anyway

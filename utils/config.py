@@ -125,6 +125,11 @@ class Config:
     run_name: str = opt("", "W&B run name; '' = W&B's (online) or <model>-<run id> (offline)")
     wandb_console: bool = opt(False, "also send the console output to W&B (files/output.log); off: no capture on the "
                                      "training path")
+    # --- lineage: what this run is for (none of these change what it computes) ---
+    notes: str = opt("", "the run's hypothesis or remark: W&B run notes, run.json and the journal (python -m utils.journal)")
+    tags: str = opt("", "comma-separated W&B run tags (a sweep's own tags are kept)")
+    parent: str = opt("", "the run this one varies: a run dir, a run id under the runs folder, or ENTITY/PROJECT/RUN_ID; "
+                          "its changed keys are logged as changed_vs_parent and the journal scores against it")
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
@@ -186,6 +191,16 @@ class Config:
         if self.monitor_mode == "auto":
             return not self.monitor.endswith("loss")
         return self.monitor_mode == "max"
+
+
+# keys that never change what a run computes: where it writes and logs, how fast, and what it is for.
+# They may differ on resume, and they are not "what changed" in a run's record.
+FREE_KEYS = {"resume", "out_dir", "workers", "wandb_mode", "project", "entity", "run_name", "table_rows", "device",
+             "cache", "cache_dir", "compile", "wandb_console", "notes", "tags", "parent"}
+# where the data is read from: the data fingerprint tells what it was, so these are no "change" either
+DATA_KEYS = {"data", "image_col", "label_col"}
+# config entries a run adds to its W&B config beside the Config keys (utils/lineage.py); read back, they are dropped
+RECORD_KEYS = {"changed", "changed_keys", "changed_vs_parent", "parent_run", "data_fingerprint", "code"}
 
 
 def choices_of(f: dataclasses.Field) -> list | None:

@@ -20,12 +20,10 @@ import torch
 
 from utils import UserError
 from utils.checkpoint import atomic_write_bytes
+from utils.config import FREE_KEYS  # may change between an interrupted run and its resumption
 
 RESUME_FILE = "resume.pt"
 FORMAT = "sweepcls-resume/1"
-# keys that may change between an interrupted run and its resumption without changing what it computes
-FREE_KEYS = {"resume", "out_dir", "workers", "wandb_mode", "project", "entity", "run_name", "table_rows", "device",
-             "cache", "cache_dir", "compile", "wandb_console"}
 
 
 def rng_state() -> dict:

@@ -32,6 +32,7 @@ import wandb
 from utils import UserError
 from utils.background import Worker
 from utils.checkpoint import atomic_write_bytes
+from utils.config import RECORD_KEYS
 
 THUMB_PX = 128  # longest side of table thumbnails
 METRICS_FILE, SUMMARY_FILE = "metrics.jsonl", "summary.json"
@@ -78,10 +79,13 @@ def resolve_mode(requested: str) -> str:
 
 
 def init(config: dict, run_id: str, out_dir: Path, mode: str, project: str = "", entity: str = "",
-         name: str = "", job_type: str = "train", resume: dict | None = None, console: bool = False, record: bool = True):
+         name: str = "", job_type: str = "train", resume: dict | None = None, console: bool = False, record: bool = True,
+         notes: str = "", tags: str | list = ""):
     """resume: a resumed run's {"wandb_step", "history_rows", "summary"} from its last saved state; W&B
     continues the same run id (offline: a new offline-run-...-<id>-N folder that syncs into it).
-    console: W&B also captures stdout/stderr. record False: no run files at all (torchrun's ranks > 0)."""
+    console: W&B also captures stdout/stderr. record False: no run files at all (torchrun's ranks > 0).
+    tags: added to those in $WANDB_TAGS (the offline sweep runner's), which an explicit list would replace.
+    W&B records the git commit, remote and a diff.patch of uncommitted changes of the working directory."""
     if not record:
         return wandb.init(mode="disabled", config=config, id=run_id)
     mode = resolve_mode(mode)
@@ -93,7 +97,8 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, project: str = "",
     run = wandb.init(
         project=project or os.environ.get("WANDB_PROJECT") or "sweepcls", entity=entity or None,
         id=run_id, name=name or None, dir=str(out_dir), config=config, mode=mode, job_type=job_type,
-        resume="allow" if resume else None, settings=wandb.Settings(console="auto" if console else "off"))
+        resume="allow" if resume else None, settings=wandb.Settings(console="auto" if console else "off"),
+        notes=notes or None, tags=split_tags(os.environ.get("WANDB_TAGS", ""), tags) or None)
     for key, step in [("train/*", "epoch"), ("val/*", "epoch"), ("lr", "epoch"), ("fold*", "epoch"), ("cv/*", "fold")]:
         run.define_metric(key, step_metric=step)  # fold<k>/...: a cross-validated run's folds
     rows = (out_dir / METRICS_FILE).read_text().splitlines()[:resume["history_rows"]] if resume else []
@@ -110,9 +115,41 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, project: str = "",
     return run
 
 
+def split_tags(*tags) -> list[str]:
+    """Comma-separated text (or lists) -> tags in order, each once."""
+    found = [t.strip() for group in tags for t in (group.split(",") if isinstance(group, str) else group)]
+    return list(dict.fromkeys(t for t in found if t))
+
+
 def config(run) -> dict:
-    """The run's config as W&B holds it, sweep-locked values included."""
-    return {k: v for k, v in dict(run.config).items() if not k.startswith("_")}
+    """The run's config as W&B holds it, sweep-locked values included; the lineage record left out."""
+    return {k: v for k, v in dict(run.config).items() if not k.startswith("_") and k not in RECORD_KEYS}
+
+
+def update_config(run, values: dict) -> None:
+    """Entries beside the Config keys (utils/lineage.py's record), replaced on a resumed run."""
+    values = dict(values)
+    _submit(run, lambda: run.config.update(values, allow_val_change=True))
+
+
+def use_artifact(run, ref: str, download_to: Path | None = None) -> Path | None:
+    """Online: the run uses artifact `ref` (an input edge in W&B's lineage graph), downloaded into download_to
+    when given; returns that folder. Offline and disabled runs cannot (W&B refuses): None."""
+    if run.settings.mode != "online":
+        return None
+    found = []
+
+    def use():
+        try:
+            artifact = run.use_artifact(ref)
+            found.append(Path(artifact.download(root=str(download_to))) if download_to is not None else None)
+        except Exception as e:  # noqa: BLE001 - wandb raises CommError, ValueError...
+            raise UserError(f"W&B artifact {ref}: {e}") from None
+    _submit(run, use)  # in order with the run's other W&B calls, and waited for
+    writer = _LOCAL.get(id(run), {}).get("writer")
+    if writer is not None:
+        writer.drain()
+    return found[0]
 
 
 _SKIP = object()
