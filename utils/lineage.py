@@ -16,6 +16,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -204,7 +205,7 @@ def record(cfg: Config, run, out_dir: Path, rows: list[tuple], classes: list[str
     changed_data = describe_changes(old_rows, rows) if old_rows is not None else ""
     if changed_data:
         print(f"warning: the data changed since this run started: {changed_data}. The epochs before the resume "
-              f"trained on the old data; start a new run (--resume '') to train on this data alone", flush=True)
+              f"trained on the old data; start a new run (--resume '') to train on this data alone", file=sys.stderr, flush=True)
         tracking.set_summary(run, {"data_changed_on_resume": changed_data})
     if artifact is None and not cfg.data.startswith("wandb:"):
         marker = registered(cfg.data, fp["source_digest"])
@@ -241,7 +242,7 @@ def record(cfg: Config, run, out_dir: Path, rows: list[tuple], classes: list[str
                                  "data_fingerprint": fp, **({"parent_run": parent["id"], "changed_vs_parent":
                                                              rec["changed_vs_parent"]} if parent else {})})
     print(f"data {fp['digest']} ({fp['train_images']} train, {fp['test_images']} test images)"
-          + (f" from {artifact}" if artifact else "")
+          + (f" = dataset artifact {artifact}" if artifact else "")
           + f" | code {str(code['commit'])[:10]}{' +uncommitted changes (code.diff)' if code['dirty'] else ''}"
           + f" | changed: {rec['changed'] or 'nothing (the defaults)'}"
           + (f" | vs parent {parent['id']}: {rec['changed_vs_parent'] or 'nothing'}" if parent else ""))

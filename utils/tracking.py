@@ -366,6 +366,30 @@ def log_artifact(run, path: Path, name: str, type: str, metadata: dict | None = 
     _submit(run, log_it)
 
 
+def log_dataset(run, name: str, files: list[tuple[Path, str]], columns: list[str], rows: list[list], metadata: dict,
+                references: bool = False, aliases=(), description: str = "") -> None:
+    """A W&B artifact of type dataset: each (file, its name in the artifact) copied in, or with references a
+    file:// reference with its checksum (nothing copied); and the table `samples` of `rows`, whose
+    callable cells are called here (one image decoded at a time) and HxWx3 uint8 cells become thumbnails."""
+    if run.settings.mode == "disabled":
+        return
+
+    def log_it():
+        artifact = wandb.Artifact(name, type="dataset", description=description or None, metadata=metadata)
+        for path, arcname in files:
+            if references:
+                artifact.add_reference(Path(path).resolve().as_uri(), name=arcname, checksum=True)
+            else:
+                artifact.add_file(str(path), name=arcname)
+        table = wandb.Table(columns=columns)
+        for row in rows:
+            cells = [v() if callable(v) else v for v in row]
+            table.add_data(*[_thumb(v) if isinstance(v, np.ndarray) and v.ndim == 3 else v for v in cells])
+        artifact.add(table, "samples")
+        run.log_artifact(artifact, aliases=list(aliases))
+    _submit(run, log_it)
+
+
 def run_to_end(run, work) -> int:
     """work() inside the run, then finish it: exit code 0; 1 after a UserError (one 'error:' line on stderr,
     also in the summary); any other exception finishes the run with 1 and propagates."""

@@ -1,0 +1,101 @@
+"""Register a data folder as a W&B dataset artifact, so runs trained on it link to it in W&B's lineage graph.
+
+Usage:
+    python -m datasets.register /data/comp --name comp-train                 # files copied into the artifact
+    python -m datasets.register /data/comp --name comp-train --files reference   # large data: checksummed file:// refs
+Then train with --data /data/comp (linked to this version while its images and labels are unchanged), or
+anywhere online with --data wandb:ENTITY/PROJECT/comp-train:latest (downloaded first).
+
+The artifact holds the images under their paths in the folder, the label CSVs (train.csv, meta.csv,
+sample_submission.csv), and a table `samples` of every image: id, thumbnail, label, split, bytes, size.
+Its metadata and its alias fp-<digest> carry the data fingerprint train.py records (utils/lineage.py),
+and PATH/.sweepcls-dataset.json remembers the registration for later runs. Offline, the artifact is
+staged with the run under runs/register-<id>/; `wandb sync` it like any run.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+from datasets import load_data, load_image
+from utils import UserError, tracking
+from utils.checkpoint import atomic_write_bytes
+from utils.lineage import MARKER_FILE, fingerprint, manifest
+
+LABEL_FILES = ("train.csv", "meta.csv", "sample_submission.csv")
+
+
+def register(args, run) -> dict:
+    root = Path(args.path)
+    if args.path == "digits":
+        raise UserError("digits lives in scikit-learn, not in a folder: write it out first with "
+                        "python -m datasets.digits --export DIR, then register DIR")
+    if not root.is_dir():
+        raise UserError(f"{args.path}: not a folder; pass a data folder as train.py's --data reads it")
+    data = load_data(args.path, args.image_col, args.label_col, args.group_col)
+    rows = manifest(data)
+    fp = fingerprint(rows, data.classes)
+    items = list(data.items) + list(data.test_items or [])
+    missing = [str(p) for p, r in zip(items, rows) if r[2] < 0]
+    if missing:
+        raise UserError(f"{len(missing)} listed image(s) are missing, e.g. {missing[:3]}; fix the folder, then register it")
+    files = [(p, Path(p).resolve().relative_to(root.resolve()).as_posix()) for p in items]
+    files += [(root / f, f) for f in LABEL_FILES if (root / f).is_file()]
+    total = sum(r[2] for r in rows)
+    references = args.files == "reference" or (args.files == "auto" and total > args.max_copy_gb * 2**30)
+
+    def image_cell(path, k):
+        return (lambda: load_image(path)) if k < args.thumbnails else None
+
+    def size(path):
+        from PIL import Image
+        with Image.open(path) as img:
+            return img.size
+    table = [[i, image_cell(p, k), y, s, b, *size(p)] for k, (p, (s, i, b, y)) in enumerate(zip(items, rows))]
+    metadata = {"fingerprint": fp, "classes": data.classes, "source": str(root.resolve()),
+                "layout": "csv" if (root / "train.csv").is_file() else "imagefolder", "references": references}
+    tracking.log_dataset(run, args.name, files, ["id", "image", "label", "split", "bytes", "width", "height"], table,
+                         metadata, references, aliases=["latest", f"fp-{fp['digest']}"], description=args.description)
+    project = args.project or os.environ.get("WANDB_PROJECT") or "sweepcls"
+    marker = {"name": args.name, "project": project, "entity": args.entity, "digest": fp["digest"],
+              "registered": time.time(), "run_id": run.id}
+    try:
+        atomic_write_bytes(root / MARKER_FILE, json.dumps(marker, indent=1).encode())
+    except UserError:  # a read-only data folder: the artifact is still logged; runs just are not linked by themselves
+        print(f"note: could not write {root / MARKER_FILE}; runs on this folder will not link to the artifact by themselves")
+    print(f"registered {fp['train_images']} training and {fp['test_images']} test images ({total / 2**20:.1f} MiB, "
+          f"{'checksummed references' if references else 'copied'}) as dataset artifact {project}/{args.name}:fp-{fp['digest']}")
+    return {"dataset/images": len(rows), "dataset/bytes": total, "dataset/digest": fp["digest"], "dataset/references": references}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", help="a data folder as train.py's --data reads it (ImageFolder or train.csv layout)")
+    parser.add_argument("--name", default="", help="artifact name; '' = the folder's name")
+    parser.add_argument("--description", default="")
+    parser.add_argument("--files", default="auto", choices=("auto", "copy", "reference"),
+                        help="copy the images into the artifact, or add checksummed file:// references (nothing copied; "
+                             "the files must stay where they are); auto = references above --max_copy_gb")
+    parser.add_argument("--max_copy_gb", type=float, default=2.0)
+    parser.add_argument("--thumbnails", type=int, default=100_000, help="images with a thumbnail in the table (the rest: none)")
+    parser.add_argument("--image_col", default="ID")
+    parser.add_argument("--label_col", default="target")
+    parser.add_argument("--group_col", default="")
+    parser.add_argument("--out_dir", default="", help="'' = runs/register-<run id>")
+    parser.add_argument("--wandb_mode", default="auto", choices=("auto", "online", "offline", "disabled"))
+    parser.add_argument("--project", default="")
+    parser.add_argument("--entity", default="")
+    args = parser.parse_args(argv)
+    args.name = args.name or re.sub(r"[^\w.-]", "-", Path(args.path).resolve().name)
+    run_id = tracking.new_run_id()
+    out_dir = Path(args.out_dir or Path("runs") / f"register-{run_id}")
+    run = tracking.init({k: v for k, v in vars(args).items() if k != "out_dir"}, run_id, out_dir, args.wandb_mode,
+                        args.project, args.entity, f"register-{args.name}", job_type="register-data")
+    return tracking.run_to_end(run, lambda: tracking.set_summary(run, register(args, run)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
