@@ -19,8 +19,8 @@ import numpy as np
 from datasets import load_image, split_indices, write_submission
 from datasets.transforms import TTA
 from utils import UserError, tracking
-from utils.ensemble import (caruana, check_compatible, load_test_data, member_probs, monitor_metric, read_oof,
-                            resolve_member, score, sweep_member_refs)
+from utils.ensemble import (caruana, check_compatible, is_artifact_ref, load_test_data, member_probs, monitor_metric,
+                            read_oof, resolve_member, score, sweep_member_refs)
 
 
 def labelled_set(members, data, args) -> tuple[str, np.ndarray, list[np.ndarray]]:
@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     run = tracking.init({"members": refs, "weights": weights.tolist(), "weighting": args.weights, "tta": args.tta,
                          "data": args.data, "metric": metric, "models": [m.meta["model"] for m in members]},
                         run_id, out_dir, args.wandb_mode, args.project, args.entity, f"ensemble-{run_id}", job_type="ensemble")
+    for ref in refs:  # online: model artifact -> this ensemble in W&B's lineage graph (downloaded already)
+        if is_artifact_ref(ref):
+            tracking.use_artifact(run, ref)
     tracking.set_summary(run, scores)
     tracking.log_artifact(run, Path(args.out), f"submission-{run_id}", "submission", {"members": refs, "weights": weights.tolist()})
     columns = ["id", "image"] + (["true"] if data.test_labels is not None else []) + ["ensemble", "ensemble_conf"]

@@ -286,6 +286,7 @@ def print_status(sweep: dict, sdir: SweepDir, info: dict) -> None:
         print(f"\nupload the runs:        wandb sync {sdir.runs_dir}/*/wandb/offline-run-*"
               f"\nthen attach them to a server-side sweep (bayes learns from them):"
               f"\n  wandb sweep -p {project} {' '.join('-R ' + i for i in finished)} {info['source']}")
+        print(f"the journal (what each trial changed, its score against the baseline): python -m utils.journal --sweep {sdir.root}")
 
 
 def _short(value) -> str:

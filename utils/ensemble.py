@@ -40,6 +40,11 @@ def _checkpoint_member(name: str, paths: list[Path], oof: Path | None = None) ->
         raise UserError(f"{paths[0]}: not a readable sweepcls checkpoint ({e})") from None
 
 
+def is_artifact_ref(ref: str) -> bool:
+    """ENTITY/PROJECT/NAME[:ALIAS] that is not a local path."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+/[\w.-]+(:[\w.-]+)?", ref)) and not Path(ref).exists()
+
+
 def resolve_member(ref: str, cache_dir: Path) -> Member:
     """A checkpoint file, a run dir (best.safetensors, or fold*/best.safetensors of a --cv run), or a W&B
     artifact ref ENTITY/PROJECT/model-<id>:ALIAS, downloaded into cache_dir (online only)."""
@@ -53,7 +58,7 @@ def resolve_member(ref: str, cache_dir: Path) -> Member:
         if folds:
             return _checkpoint_member(path.name, folds, path / "oof.csv" if (path / "oof.csv").is_file() else None)
         raise UserError(f"{path}: no best.safetensors (nor fold*/best.safetensors) in this folder")
-    if re.fullmatch(r"[\w.-]+/[\w.-]+/[\w.-]+(:[\w.-]+)?", ref) and not path.exists():
+    if is_artifact_ref(ref):
         root = Path(cache_dir) / "artifacts" / ref.replace("/", "_").replace(":", "_")
         files = sorted(tracking.download_artifact(ref, root).glob("**/*.safetensors"))
         if not files:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 from utils import UserError
 from utils.lineage import RUN_FILE, changes, compact, defaults
-from utils.tracking import read_local, wandb_api
+from utils import tracking
+from utils.tracking import read_local
 
 
 @dataclass
@@ -107,7 +108,7 @@ def sweep_folder(root: Path) -> tuple[list[Entry], str]:
 def project_runs(project: str, entity: str = "") -> list[Entry]:
     """The train.py runs of a W&B project, from the public API (needs a key and a server)."""
     try:
-        runs = list(wandb_api().runs(f"{entity}/{project}" if entity else project, order="+created_at"))
+        runs = list(tracking.wandb_api().runs(f"{entity}/{project}" if entity else project, order="+created_at"))
     except Exception as e:  # noqa: BLE001 - wandb raises CommError, ValueError, UsageError...
         raise UserError(f"cannot read W&B project {entity + '/' if entity else ''}{project}: {e}") from None
     entries = []
