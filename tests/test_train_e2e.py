@@ -150,8 +150,9 @@ def test_disabled_mode_still_saves_work_but_stages_nothing(tmp_path):
     out = tmp_path / "out"
     run_train(["--model", TINY_MODEL, "--img_size=32", "--epochs=1", "--workers=0", "--wandb_mode=disabled",
                f"--out_dir={out}"])
-    assert sorted(p.name for p in out.iterdir()) == ["best.safetensors", "epoch-001.safetensors", "last.safetensors",
-                                                      "metrics.jsonl", "report.html", "submission.csv", "summary.json"]
+    written = sorted(p.name for p in out.iterdir() if p.name != "code.diff")  # code.diff: only from a checkout with edits
+    assert written == ["best.safetensors", "data_manifest.csv", "epoch-001.safetensors", "last.safetensors", "metrics.jsonl",
+                       "report.html", "run.json", "submission.csv", "summary.json"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # what a sweep runner reads
     summary = json.loads((out / "summary.json").read_text())
     assert [r["epoch"] for r in rows] == [1] and summary["val/f1_macro"] == rows[0]["val/f1_macro"]
