@@ -351,8 +351,21 @@ def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal, stat
     return summary, None if test[0] is None else np.mean(test, axis=0)
 
 
+def data_source(cfg: Config, run) -> tuple[str, str | None]:
+    """--data as a folder (wandb:E/P/NAME:ALIAS downloaded by rank 0) and the dataset artifact; every rank gets
+    rank 0's answer, or its error."""
+    try:
+        answer = lineage.data_source(cfg.data, run, cfg.cache_dir) if distributed.is_main() else None
+    except UserError as e:
+        answer = str(e)
+    answer = distributed.broadcast(answer)
+    if isinstance(answer, str):
+        raise UserError(answer)
+    return answer
+
+
 def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None = None) -> None:
-    source, artifact = lineage.data_source(cfg.data, run, cfg.cache_dir)  # wandb:E/P/NAME:ALIAS -> downloaded
+    source, artifact = data_source(cfg, run)
     data = load_data(source, cfg.image_col, cfg.label_col, cfg.group_col, cfg.skip_bad_images)
     source_rows = lineage.manifest(data)  # before screening replaces the paths with decoded images
     if cfg.label_fixes:

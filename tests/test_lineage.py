@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -114,8 +116,11 @@ def test_run_records_changes_parent_notes_code_and_data(tmp_path):
     common = ["--epochs", "1", "--workers", "0", "--cache", "ram", "--table_rows", "4"]
     run_train([*common, "--lr", "0.01", "--out_dir", str(tmp_path / "a"), "--notes", "hypothesis: a higher lr helps",
                "--tags", "lr,probe"])
-    records = read_run(next((tmp_path / "a" / "wandb").glob("offline-run-*")))
+    run_dir = next((tmp_path / "a" / "wandb").glob("offline-run-*"))
+    records = read_run(run_dir)
     config, run = config_of(records), next(r["run"] for r in records if r["type"] == "run")
+    assert (run_dir / "files" / "code" / "train.py").is_file()  # W&B's code saving
+    assert (run_dir / "files" / "data_manifest.csv").read_text() == (tmp_path / "a" / "data_manifest.csv").read_text()
     assert config["changed"] == "epochs=1 lr=0.01" and config["changed_keys"] == ["epochs", "lr"]
     assert run["notes"] == "hypothesis: a higher lr helps" and run["tags"] == ["lr", "probe"]
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
@@ -206,7 +211,7 @@ def test_journal_reads_a_project_from_the_wandb_api(tmp_path, monkeypatch, capsy
     base = defaults() | {"epochs": 5}
     runs = [FakeRun("r1", "2026-11-20T10:00:00Z", base | {"changed": "epochs=5", "changed_keys": ["epochs"]},
                     {"val/f1_macro": 0.80, "best_epoch": 3}, "baseline"),
-            FakeRun("r2", "2026-11-21T10:00:00Z", base | {"lr": 0.01, "changed_keys": ["epochs", "lr"], "parent_run": "r1",
+            FakeRun("r2", "2026-11-21T10:00:00", base | {"lr": 0.01, "changed_keys": ["epochs", "lr"], "parent_run": "r1",
                                                           "code": {"commit": "abcdef0123", "dirty": True}},
                     {"val/f1_macro": 0.85, "best_epoch": 4}, "higher lr", ["lr"]),
             FakeRun("e1", "2026-11-22T10:00:00Z", {"members": ["x"]}, {})]  # an ensemble run: not listed
@@ -220,6 +225,8 @@ def test_journal_reads_a_project_from_the_wandb_api(tmp_path, monkeypatch, capsy
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and not line.startswith("| #")]
     assert len(lines) == 2
     r2 = [c.strip() for c in lines[1].split("|")[1:-1]]
+    noon_utc = datetime(2026, 11, 21, 10, tzinfo=timezone.utc).timestamp()  # W&B's created_at is UTC, zone or not
+    assert r2[1] == time.strftime("%Y-%m-%d %H:%M", time.localtime(noon_utc))
     assert r2[2:8] == ["r2", "finished", "lr=0.01", "**0.8500**", "+0.0500 vs r1 (parent)", "higher lr [lr]"]
     assert r2[9:] == ["abcdef01+dirty", "team/comp/model-r2:best"]
     assert "Every run changes: `epochs=5`." in (tmp_path / "j.md").read_text()

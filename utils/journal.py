@@ -17,7 +17,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 
 from utils import UserError
@@ -105,6 +105,12 @@ def sweep_folder(root: Path) -> tuple[list[Entry], str]:
     return entries, f"sweep {info['name']} ({info['id']}), {Path(root)}"
 
 
+def _utc(iso: str) -> float:
+    """W&B's created_at (ISO 8601, UTC, with or without a zone) as a Unix time."""
+    when = datetime.fromisoformat(str(iso).replace("Z", "+00:00"))
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+
+
 def project_runs(project: str, entity: str = "") -> list[Entry]:
     """The train.py runs of a W&B project, from the public API (needs a key and a server)."""
     try:
@@ -121,7 +127,7 @@ def project_runs(project: str, entity: str = "") -> list[Entry]:
         changed = {k: config[k] for k in keys if k in config} if keys is not None else changes(config, defaults())
         cv = "" if not config.get("cv") else "-fold0"
         entries.append(Entry(
-            id=r.id, created=datetime.fromisoformat(str(r.created_at).replace("Z", "+00:00")).timestamp(), state=r.state,
+            id=r.id, created=_utc(r.created_at), state=r.state,
             changed=changed, metric_key=key, metric=_number(r.summary.get(key)), maximize=_maximize(config, key),
             parent=config.get("parent_run"), notes=r.notes or "", tags=list(r.tags or []),
             checkpoint=f"{r.entity}/{r.project}/model-{r.id}{cv}:best" if r.summary.get("best_epoch") or cv else "",

@@ -173,7 +173,8 @@ def find_parent(ref: str, near: Path) -> dict:
     """{"id", "config", "dir"} of --parent: a run folder, a run id in the folder beside this run's (a sweep's
     runs/), in $SWEEPCLS_RUNS_DIR or in runs/, or ENTITY/PROJECT/RUN_ID from the W&B API (online)."""
     path = Path(ref)
-    folders = [path] if path.is_dir() else [d / ref for d in (Path(near).parent, Path(os.environ.get("SWEEPCLS_RUNS_DIR") or "runs"))]
+    roots = dict.fromkeys([Path(near).parent, Path(os.environ.get("SWEEPCLS_RUNS_DIR") or "runs"), Path("runs")])
+    folders = [path] if path.is_dir() else [root / ref for root in roots]
     for folder in folders:
         if (folder / RUN_FILE).is_file():
             rec = json.loads((folder / RUN_FILE).read_text())
@@ -188,7 +189,7 @@ def find_parent(ref: str, near: Path) -> dict:
         except Exception as e:  # noqa: BLE001 - wandb raises CommError, ValueError, UsageError...
             raise UserError(f"--parent {ref}: cannot read that W&B run ({e})") from None
         return {"id": r.id, "config": {k: v for k, v in dict(r.config).items() if not k.startswith("_")}, "dir": None}
-    raise UserError(f"--parent {ref}: no run there; pass a run folder, a run id under {folders[-1].parent}, or "
+    raise UserError(f"--parent {ref}: no run there; pass a run folder, a run id in {' or '.join(map(str, roots))}, or "
                     f"ENTITY/PROJECT/RUN_ID (online)")
 
 
@@ -228,6 +229,7 @@ def record(cfg: Config, run, out_dir: Path, rows: list[tuple], classes: list[str
     if code["dirty"]:
         atomic_write_bytes(out_dir / DIFF_FILE, (code["diff"] + "".join(f"# untracked: {f}\n" for f in code["untracked"])).encode())
     write_manifest(out_dir / MANIFEST_FILE, rows)
+    tracking.save_file(run, out_dir / MANIFEST_FILE)  # the file list, sizes and labels, in the W&B run's files
     try:
         created = json.loads((out_dir / RUN_FILE).read_text())["created"] if resumed else time.time()
     except (OSError, ValueError, KeyError):

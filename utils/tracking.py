@@ -85,7 +85,7 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, project: str = "",
     continues the same run id (offline: a new offline-run-...-<id>-N folder that syncs into it).
     console: W&B also captures stdout/stderr. record False: no run files at all (torchrun's ranks > 0).
     tags: added to those in $WANDB_TAGS (the offline sweep runner's), which an explicit list would replace.
-    W&B records the git commit, remote and a diff.patch of uncommitted changes of the working directory."""
+    save_code: W&B keeps the script (files/code/) and, in a git checkout, the commit, remote and diff.patch."""
     if not record:
         return wandb.init(mode="disabled", config=config, id=run_id)
     mode = resolve_mode(mode)
@@ -97,7 +97,7 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, project: str = "",
     run = wandb.init(
         project=project or os.environ.get("WANDB_PROJECT") or "sweepcls", entity=entity or None,
         id=run_id, name=name or None, dir=str(out_dir), config=config, mode=mode, job_type=job_type,
-        resume="allow" if resume else None, settings=wandb.Settings(console="auto" if console else "off"),
+        resume="allow" if resume else None, settings=wandb.Settings(console="auto" if console else "off", save_code=True),
         notes=notes or None, tags=split_tags(os.environ.get("WANDB_TAGS", ""), tags) or None)
     for key, step in [("train/*", "epoch"), ("val/*", "epoch"), ("lr", "epoch"), ("fold*", "epoch"), ("cv/*", "fold")]:
         run.define_metric(key, step_metric=step)  # fold<k>/...: a cross-validated run's folds
@@ -276,9 +276,10 @@ def _log_eval_tables(run, prefix, ids, images, y_true, probs, classes, metrics, 
     pred = probs.argmax(1)
     wrong = np.flatnonzero(pred != y_true)
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:max_rows]
-    per_class = wandb.Table(columns=["class", "precision", "recall", "f1", "support"], data=[
+    per_class = wandb.Table(columns=["class", "precision", "recall", "f1", "auc", "support"], data=[
         [c, float(metrics["precision"][i]), float(metrics["recall"][i]), float(metrics["f1"][i]),
-         int(metrics["support"][i])] for i, c in enumerate(classes)])
+         None if np.isnan(metrics["auc"][i]) else float(metrics["auc"][i]), int(metrics["support"][i])]
+        for i, c in enumerate(classes)])
     run.log({
         f"{prefix}/predictions": _prediction_table(np.arange(min(max_rows, len(y_true))), ids, thumb, y_true, probs, classes),
         f"{prefix}/misclassified": _prediction_table(wrong, ids, thumb, y_true, probs, classes),
@@ -364,6 +365,12 @@ def log_artifact(run, path: Path, name: str, type: str, metadata: dict | None = 
         finally:
             snapshot.unlink(missing_ok=True)
     _submit(run, log_it)
+
+
+def save_file(run, path: Path) -> None:
+    """A plain file of the run folder also in the W&B run's files (offline: synced with the run)."""
+    if run.settings.mode != "disabled":
+        _submit(run, lambda: run.save(str(path), base_path=str(Path(path).parent), policy="now"))
 
 
 def log_dataset(run, name: str, files: list[tuple[Path, str]], columns: list[str], rows: list[list], metadata: dict,
