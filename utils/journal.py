@@ -167,8 +167,9 @@ def markdown(entries: list[Entry], title: str) -> str:
         (e.metric for e in scored if e.metric_key == k), default=None) for k in keys}
     lines = [f"# Journal: {title}", "",
              f"{len(entries)} run(s), oldest first; written {time.strftime('%Y-%m-%d %H:%M')}."]
-    if common:
-        lines.append(f"Every run changes: `{compact({k: json.loads(v) for k, v in sorted(common, key=lambda kv: list(entries[0].changed).index(kv[0]))})}`.")
+    if common:  # in config order
+        shared = {k: v for k, v in entries[0].changed.items() if (k, json.dumps(v, sort_keys=True)) in common}
+        lines.append(f"Every run changes: `{compact(shared)}`.")
     metric_head = keys[0] if len(keys) == 1 else "metric"
     lines += ["", f"| # | date | run | state | changed | {metric_head} | Δ | notes | data | code | checkpoint |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -116,13 +116,23 @@ def data_source(source: str, run, cache_dir: str = "") -> tuple[str, str | None]
     return str(tracking.use_artifact(run, ref, download_to=root)), ref
 
 
-def registered(source: str, digest: str) -> dict | None:
-    """The register marker of a data folder, when it still describes this data (same fingerprint)."""
+def link_registered(run, source: str, digest: str) -> str | None:
+    """The dataset artifact `python -m datasets.register` made of this folder, if the data still has its
+    fingerprint; online the run uses it (the lineage edge dataset -> run), offline it is recorded only."""
     try:
         marker = json.loads((Path(source) / MARKER_FILE).read_text())
     except (OSError, ValueError):
         return None
-    return marker if marker.get("digest") == digest else {**marker, "stale": True}
+    if marker.get("digest") != digest:
+        print(f"note: {source} changed since it was registered as dataset {marker.get('name')}; register it again "
+              f"(python -m datasets.register) to link this data to its runs")
+        return None
+    artifact = f"{marker['project']}/{marker['name']}:fp-{digest}"
+    try:
+        tracking.use_artifact(run, artifact)
+    except UserError as e:  # registered offline and never synced, say: train anyway
+        print(f"note: not linked to the registered dataset ({e}); `wandb sync` its register run to link later runs")
+    return artifact
 
 
 # ----------------------------------------------------------------------------- code
@@ -209,16 +219,7 @@ def record(cfg: Config, run, out_dir: Path, rows: list[tuple], classes: list[str
               f"trained on the old data; start a new run (--resume '') to train on this data alone", file=sys.stderr, flush=True)
         tracking.set_summary(run, {"data_changed_on_resume": changed_data})
     if artifact is None and not cfg.data.startswith("wandb:"):
-        marker = registered(cfg.data, fp["source_digest"])
-        if marker and marker.get("stale"):
-            print(f"note: {cfg.data} changed since it was registered as dataset {marker.get('name')}; register it again "
-                  f"(python -m datasets.register) to link this data to its runs")
-        elif marker:
-            artifact = f"{marker['project']}/{marker['name']}:fp-{marker['digest']}"
-            try:
-                tracking.use_artifact(run, artifact)  # online: the lineage edge dataset -> run; offline: recorded only
-            except UserError as e:  # registered offline and never synced, say: train anyway
-                print(f"note: not linked to the registered dataset ({e}); `wandb sync` its register run to link later runs")
+        artifact = link_registered(run, cfg.data, fp["source_digest"])
     fp["artifact"] = artifact
 
     changed = changes(cfg.to_dict(), defaults())
@@ -228,6 +229,8 @@ def record(cfg: Config, run, out_dir: Path, rows: list[tuple], classes: list[str
     code = code_state()
     if code["dirty"]:
         atomic_write_bytes(out_dir / DIFF_FILE, (code["diff"] + "".join(f"# untracked: {f}\n" for f in code["untracked"])).encode())
+    else:
+        (out_dir / DIFF_FILE).unlink(missing_ok=True)  # a resumed run's, from before a commit
     write_manifest(out_dir / MANIFEST_FILE, rows)
     tracking.save_file(run, out_dir / MANIFEST_FILE)  # the file list, sizes and labels, in the W&B run's files
     try:
