@@ -20,12 +20,31 @@ import sys
 import time
 from pathlib import Path
 
+from PIL import Image
+
 from datasets import load_data, load_image
 from utils import UserError, tracking
 from utils.checkpoint import atomic_write_bytes
 from utils.lineage import MARKER_FILE, fingerprint, manifest
 
 LABEL_FILES = ("train.csv", "meta.csv", "sample_submission.csv")
+
+
+def image_size(path) -> tuple[int, int] | None:
+    """(width, height) from the header; None for a file PIL cannot open."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError...
+        return None
+
+
+def decoded(path):
+    """The image for its thumbnail (decoded on W&B's writer thread); None when only its header was readable."""
+    try:
+        return load_image(path)
+    except Exception:  # noqa: BLE001 - a truncated file: PIL raises OSError, SyntaxError...
+        return None
 
 
 def register(args, run) -> dict:
@@ -47,14 +66,13 @@ def register(args, run) -> dict:
     total = sum(r[2] for r in rows)
     references = args.files == "reference" or (args.files == "auto" and total > args.max_copy_gb * 2**30)
 
-    def image_cell(path, k):
-        return (lambda: load_image(path)) if k < args.thumbnails else None
-
-    def size(path):
-        from PIL import Image
-        with Image.open(path) as img:
-            return img.size
-    table = [[i, image_cell(p, k), y, s, b, *size(p)] for k, (p, (s, i, b, y)) in enumerate(zip(items, rows))]
+    sizes = [image_size(p) for p in items]
+    bad = [str(p) for p, wh in zip(items, sizes) if wh is None]
+    if bad:
+        print(f"warning: {len(bad)} image(s) cannot be read, e.g. {bad[:3]}; registered as they are (no thumbnail, no "
+              f"size): replace them, or train with --skip_bad_images True", file=sys.stderr)
+    table = [[i, (lambda p=p: decoded(p)) if k < args.thumbnails and wh else None, y, s, b, *(wh or (None, None))]
+             for k, (p, wh, (s, i, b, y)) in enumerate(zip(items, sizes, rows))]
     metadata = {"fingerprint": fp, "classes": data.classes, "source": str(root.resolve()),
                 "layout": "csv" if (root / "train.csv").is_file() else "imagefolder", "references": references}
     tracking.log_dataset(run, args.name, files, ["id", "image", "label", "split", "bytes", "width", "height"], table,
@@ -68,7 +86,8 @@ def register(args, run) -> dict:
         print(f"note: could not write {root / MARKER_FILE}; runs on this folder will not link to the artifact by themselves")
     print(f"registered {fp['train_images']} training and {fp['test_images']} test images ({total / 2**20:.1f} MiB, "
           f"{'checksummed references' if references else 'copied'}) as dataset artifact {project}/{args.name}:fp-{fp['digest']}")
-    return {"dataset/images": len(rows), "dataset/bytes": total, "dataset/digest": fp["digest"], "dataset/references": references}
+    return {"dataset/images": len(rows), "dataset/bytes": total, "dataset/digest": fp["digest"], "dataset/references": references,
+            "dataset/unreadable": len(bad)}
 
 
 def main(argv=None) -> int:
