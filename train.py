@@ -6,7 +6,6 @@ Usage:
     python train.py --help                            # every key with its default and meaning
 Under `wandb agent`, the same flags arrive as --key=value and values the sweep locks win.
 """
-import contextlib
 import dataclasses
 import math
 import os
@@ -19,7 +18,6 @@ import numpy as np
 import torch
 from timm.data import Mixup
 from timm.utils import ModelEmaV3
-from tqdm import tqdm
 
 from datasets import (ImageDataset, build_sampler, load_data, load_image, screen_images, split_indices, write_oof,
                       write_submission)
@@ -27,7 +25,8 @@ from datasets.cache import take
 from datasets.transforms import AUGS, eval_transform
 from losses import build_loss, loss_kwargs, soft_target_losses
 from models import build_model, check_input_size, normalization
-from optim import SAM, build_optimizer, build_scheduler, frozen_norm_stats, is_per_epoch, optimizer_kwargs, scheduler_kwargs
+from optim import SAM, build_optimizer, build_scheduler, is_per_epoch, optimizer_kwargs, scheduler_kwargs
+from optim.stepper import Stepper, train_one_epoch
 from utils import UserError, distributed, lineage, tracking
 from utils.background import Worker
 from utils.checkpoint import CheckpointKeeper, load_model, read_meta
@@ -37,101 +36,8 @@ from utils.metrics import classification_metrics
 from utils.report import write_report
 from utils.resume import (RESUME_FILE, load_arrays, restore_training_state, resume_from, save_arrays, save_state,
                           training_state)
-from utils.runtime import (amp_dtype_for, default_workers, make_loader, nll, pick_device, predict_probs, seed_everything,
-                           to_input)
+from utils.runtime import amp_dtype_for, default_workers, make_loader, nll, pick_device, predict_probs, seed_everything
 from utils.stop import StopSignal, Stopped
-
-
-# ----------------------------------------------------------------------------- one step, one epoch
-@dataclass
-class Stepper:
-    """One optimizer step from a list of micro-batches: gradient accumulation, SAM/ASAM's second
-    pass, AMP loss scaling, gradient clipping, EMA and the per-iteration lr schedule, in that order.
-    `net` runs the forward pass (the model under DDP and/or torch.compile; default the model itself);
-    under torchrun the loss is summed over ranks, so every rank skips or takes a step alike."""
-    model: torch.nn.Module
-    loss_fn: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
-    scaler: torch.amp.GradScaler
-    device: torch.device
-    amp_dtype: torch.dtype | None = None
-    sam: SAM | None = None
-    ema: ModelEmaV3 | None = None
-    clip_grad: float = 0.0
-    nan_patience: int = 5
-    net: torch.nn.Module | None = None
-    steps: int = 0
-    bad_steps: int = 0  # in a row
-
-    def _forward_backward(self, batches) -> torch.Tensor:
-        net = self.net if self.net is not None else self.model
-        total = torch.zeros((), device=self.device)
-        for i, (x, y) in enumerate(batches):
-            last = i == len(batches) - 1  # DDP: gradients are all-reduced once, after the last micro-batch
-            with contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync():
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    logits = net(x)
-                loss = self.loss_fn(logits.float(), y)  # losses in fp32, also under AMP
-                self.scaler.scale(loss / len(batches)).backward()
-            total += loss.detach() * len(x)
-        return total
-
-    def step(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor | None:
-        """Returns the summed (per-image) loss at the current weights; None when it was NaN/inf and the
-        step was skipped (nan_patience such steps in a row raise UserError, the weights untouched)."""
-        loss_sum = distributed.all_sum(self._forward_backward(batches))
-        if not torch.isfinite(loss_sum):
-            self.optimizer.zero_grad(set_to_none=True)
-            self.bad_steps += 1
-            if self.bad_steps >= self.nan_patience:
-                raise UserError(f"the training loss was NaN/inf for {self.bad_steps} optimizer steps in a row (from step "
-                                f"{self.steps + 1}, each skipped); checkpoints are as they were. Lower --lr, set --clip_grad, or check "
-                                f"the data")
-            return None
-        self.bad_steps = 0
-        if self.sam is not None and self.sam.perturb(self.scaler.get_scale()):  # 1.0 when the scaler is off
-            self.optimizer.zero_grad(set_to_none=True)
-            with frozen_norm_stats(self.model):
-                self._forward_backward(batches)
-            self.sam.restore()
-        self.scaler.unscale_(self.optimizer)
-        if self.clip_grad:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.steps += 1
-        if self.ema is not None:
-            self.ema.update(self.model, step=self.steps)
-        if not is_per_epoch(self.scheduler):
-            self.scheduler.step()
-        return loss_sum
-
-
-def train_one_epoch(stepper: Stepper, loader, accum_steps: int = 1, mixup=None, desc="", stop: StopSignal | None = None) -> float:
-    stepper.model.train()
-    total, seen, batches = 0.0, 0, []
-    for images, labels, _ in tqdm(loader, desc=desc, leave=False, disable=None):
-        x, y = to_input(images, stepper.device), labels.to(stepper.device, non_blocking=True)
-        if mixup is not None and len(x) % 2 == 0:  # timm's Mixup pairs images; an odd tail batch stays unmixed
-            x, y = mixup(x, y)
-        batches.append((x, y))
-        seen += len(x)
-        if len(batches) == accum_steps:
-            total, seen = _add(total, seen, stepper.step(batches), batches)
-            batches = []
-            if stop is not None:
-                stop.check(distributed.any_rank)  # between optimizer steps only; under torchrun all ranks at one step
-    if batches:
-        total, seen = _add(total, seen, stepper.step(batches), batches)
-    seen = int(distributed.all_sum(torch.tensor(seen, device=stepper.device)))  # `total` is summed over ranks already
-    return float(total) / max(seen, 1)
-
-
-def _add(total, seen: int, loss_sum: torch.Tensor | None, batches) -> tuple:
-    """A skipped (NaN/inf) step's images leave the epoch's mean loss."""
-    return (total, seen - sum(len(x) for x, _ in batches)) if loss_sum is None else (total + loss_sum, seen)
 
 
 # ----------------------------------------------------------------------------- one run

@@ -12,7 +12,8 @@ from datasets import build_sampler
 from datasets.transforms import AUGS, TTA, eval_transform
 from losses import LOSSES, build_loss, soft_target_losses, weights_for
 from optim import SAM, build_scheduler
-from train import Stepper, predict_probs
+from optim.stepper import Stepper
+from utils.runtime import predict_probs
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 

@@ -44,7 +44,7 @@ def test_every_loss_trains_a_step(name, soft):
 @pytest.mark.parametrize("sam", [False, True], ids=["plain", "sam"])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_every_optimizer_trains_a_step(name, sam):
-    from train import Stepper
+    from optim.stepper import Stepper
     torch.manual_seed(0)
     model = build_model(TINY_MODEL, 4)
     optimizer = build_optimizer(name, model, lr=1e-2, weight_decay=0.05)

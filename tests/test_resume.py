@@ -116,7 +116,7 @@ class NanFor:
 
 
 def nan_stepper(n_bad, patience):
-    from train import Stepper
+    from optim.stepper import Stepper
     from optim import build_scheduler
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)

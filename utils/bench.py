@@ -35,7 +35,7 @@ def _timed(fn, device: torch.device) -> float:
 
 
 def step_costs(model_name: str, img_size: int, batch_size: int, steps: int, device: torch.device) -> list[tuple]:
-    from train import Stepper  # late: `python -m utils.bench --help` stays instant
+    from optim.stepper import Stepper  # late: `python -m utils.bench --help` stays instant
     from utils.runtime import amp_dtype_for, to_input
     amp_dtype = amp_dtype_for(device, True)
     g = torch.Generator().manual_seed(0)
@@ -80,7 +80,7 @@ def pipeline_figures(model_name: str, img_size: int, batch_size: int, steps: int
     from datasets import ImageDataset, build_sampler, load_data, screen_images
     from datasets.transforms import AUGS
     from models import normalization
-    from train import Stepper
+    from optim.stepper import Stepper
     from utils.runtime import amp_dtype_for, default_workers, make_loader, to_input
     amp_dtype = amp_dtype_for(device, True)
     data = load_data(data_source)

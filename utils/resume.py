@@ -105,7 +105,7 @@ def check_same_run(saved: dict, current: dict, path: Path) -> None:
 
 
 def training_state(stepper, keeper, best_probs) -> dict:
-    """train.py's Stepper (model, optimizer, scheduler, scaler, EMA, step count) and CheckpointKeeper
+    """optim.stepper.Stepper (model, optimizer, scheduler, scaler, EMA, step count) and CheckpointKeeper
     (top-k ranking, best so far), the best epoch's validation probabilities, and every RNG."""
     return dict(model=stepper.model.state_dict(), ema=stepper.ema.state_dict() if stepper.ema is not None else None,
                 optimizer=stepper.optimizer.state_dict(), scheduler=stepper.scheduler.state_dict(),
