@@ -19,7 +19,8 @@ from conftest import NAMES, ROOT, TINY_MODEL, make_competition_folder, read_run,
 from datasets import load_data
 from utils import tracking
 from utils.checkpoint import read_meta
-from utils.lineage import MARKER_FILE, changes, compact, defaults, describe_changes, fingerprint, manifest
+from utils.lineage import (MARKER_FILE, changes, code_state, compact, defaults, describe_changes, fingerprint,
+                           manifest)
 
 
 def run_module(*args) -> subprocess.CompletedProcess:
@@ -102,6 +103,25 @@ def test_one_changed_label_changes_the_fingerprint(competition):
     assert describe_changes(rows, rows) == "" and "another order" in describe_changes(rows, rows[::-1])
 
 
+def test_code_state_of_a_git_checkout(tmp_path):
+    git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t", *a],
+                                    capture_output=True, text=True, check=True).stdout.strip()
+    assert code_state(tmp_path)["commit"] is None  # not a checkout: nothing to record
+    git("init", "-q")
+    (tmp_path / "model.py").write_text("width = 1\n")
+    git("add", "model.py")
+    git("commit", "-qm", "first")
+    clean = code_state(tmp_path)
+    assert clean["commit"] == git("rev-parse", "HEAD") and clean["dirty"] is False and clean["diff"] == ""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "img.png").write_bytes(b"png")  # data in the checkout is no code change
+    assert code_state(tmp_path)["dirty"] is False
+    (tmp_path / "model.py").write_text("width = 2\n")
+    (tmp_path / "extra.py").write_text("")
+    edited = code_state(tmp_path)
+    assert edited["dirty"] is True and "-width = 1\n+width = 2" in edited["diff"] and edited["untracked"] == ["extra.py"]
+
+
 def test_changed_keys_of_a_run_with_two_overrides():
     cfg = defaults() | {"lr": 0.01, "epochs": 3, "workers": 0, "out_dir": "/x", "data": "/comp", "notes": "n"}
     assert compact(changes(cfg, defaults())) == "epochs=3 lr=0.01"  # bookkeeping and data location are no change
@@ -123,15 +143,14 @@ def test_run_records_changes_parent_notes_code_and_data(tmp_path):
     assert (run_dir / "files" / "data_manifest.csv").read_text() == (tmp_path / "a" / "data_manifest.csv").read_text()
     assert config["changed"] == "epochs=1 lr=0.01" and config["changed_keys"] == ["epochs", "lr"]
     assert run["notes"] == "hypothesis: a higher lr helps" and run["tags"] == ["lr", "probe"]
-    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = bool(subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain"], capture_output=True, text=True).stdout.strip())
-    assert config["code"]["commit"] == head and config["code"]["dirty"] == dirty
+    code = code_state()  # of this checkout, as the run saw it (the tests change no file)
+    head, dirty = code["commit"], code["dirty"]
+    assert config["code"] == {"commit": head, "branch": code["branch"], "dirty": dirty} and len(head) == 40
     digits = fingerprint(manifest(load_data("digits")), [str(d) for d in range(10)])
     assert config["data_fingerprint"]["digest"] == digits["digest"] and config["data_fingerprint"]["split"]["seed"] == 42
     meta = read_meta(tmp_path / "a" / "best.safetensors")["lineage"]
     assert meta["code"]["commit"] == head and meta["code"]["dirty"] == dirty and meta["data"]["digest"] == digits["digest"]
-    diff = subprocess.run(["git", "-C", str(ROOT), "diff", "HEAD"], capture_output=True, text=True).stdout
-    assert meta["code"]["diff_sha256"] == hashlib.sha256(diff.encode()).hexdigest()
+    assert meta["code"]["diff_sha256"] == hashlib.sha256(code["diff"].encode()).hexdigest()
     assert (tmp_path / "a" / "code.diff").is_file() == dirty
     model = next(r["artifact"] for r in records if r["type"] == "artifact" and r["artifact"]["type"] == "model")
     assert json.loads(model["metadata"])["lineage"]["code"]["commit"] == head  # and no diff in W&B's metadata

@@ -29,6 +29,7 @@ from utils.config import DATA_KEYS, FREE_KEYS, Config
 ROOT = Path(__file__).resolve().parents[1]  # the sweepcls checkout whose code state a run records
 RUN_FILE, MANIFEST_FILE, DIFF_FILE = "run.json", "data_manifest.csv", "code.diff"
 MARKER_FILE = ".sweepcls-dataset.json"  # written into a data folder by `python -m datasets.register`
+CODE_SUFFIXES = {".py", ".yaml", ".yml", ".toml", ".cfg", ".json", ".sh", ".ipynb"}  # new files that count as a code change
 MAX_META_DIFF = 64_000  # characters of the diff kept in checkpoint metadata; the whole diff is in code.diff
 
 
@@ -136,24 +137,25 @@ def link_registered(run, source: str, digest: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------- code
-def _git(*args) -> str | None:
+def _git(root: Path, *args) -> str | None:
     try:
-        out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout if out.returncode == 0 else None
 
 
-def code_state() -> dict:
+def code_state(root: Path = ROOT) -> dict:
     """The commit of the sweepcls checkout, its branch, whether it has uncommitted changes (tracked files
-    changed, or new files git does not ignore), the diff of the tracked ones, and the new files' names.
+    changed, or new code files git does not ignore), the diff of the tracked ones, and the new files' names.
     Not a git checkout (or no git): commit None."""
-    commit = _git("rev-parse", "HEAD")
+    commit = _git(root, "rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "branch": None, "dirty": None, "diff": "", "untracked": []}
-    diff = _git("diff", "HEAD", "--no-color") or ""
-    untracked = (_git("ls-files", "--others", "--exclude-standard") or "").split()
-    return {"commit": commit.strip(), "branch": (_git("rev-parse", "--abbrev-ref", "HEAD") or "").strip(),
+    diff = _git(root, "diff", "HEAD", "--no-color") or ""
+    untracked = [f for f in (_git(root, "ls-files", "--others", "--exclude-standard") or "").splitlines()
+                 if Path(f).suffix in CODE_SUFFIXES]  # a data folder inside the checkout is no code change
+    return {"commit": commit.strip(), "branch": (_git(root, "rev-parse", "--abbrev-ref", "HEAD") or "").strip(),
             "dirty": bool(diff or untracked), "diff": diff, "untracked": untracked}
 
 
