@@ -78,7 +78,8 @@ def register(args, run) -> dict:
     tracking.log_dataset(run, args.name, files, ["id", "image", "label", "split", "bytes", "width", "height"], table,
                          metadata, references, aliases=["latest", f"fp-{fp['digest']}"], description=args.description)
     project = args.project or os.environ.get("WANDB_PROJECT") or "sweepcls"
-    marker = {"name": args.name, "project": project, "entity": args.entity, "digest": fp["digest"],
+    entity = (run.entity if run.settings.mode == "online" else "") or args.entity  # offline: the default entity at sync
+    marker = {"name": args.name, "project": project, "entity": entity, "digest": fp["digest"],
               "registered": time.time(), "run_id": run.id}
     try:
         atomic_write_bytes(root / MARKER_FILE, json.dumps(marker, indent=1).encode())

@@ -128,7 +128,7 @@ def link_registered(run, source: str, digest: str) -> str | None:
         print(f"note: {source} changed since it was registered as dataset {marker.get('name')}; register it again "
               f"(python -m datasets.register) to link this data to its runs")
         return None
-    artifact = f"{marker['project']}/{marker['name']}:fp-{digest}"
+    artifact = "/".join(filter(None, [marker.get("entity"), marker["project"], f"{marker['name']}:fp-{digest}"]))
     try:
         tracking.use_artifact(run, artifact)
     except UserError as e:  # registered offline and never synced, say: train anyway
