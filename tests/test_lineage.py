@@ -36,6 +36,10 @@ def config_of(records) -> dict:
     return config
 
 
+def data_rows(folder: Path) -> list[tuple]:
+    return manifest(load_data(str(folder)))
+
+
 def relabel(folder: Path, image_id: str, label) -> None:
     with open(folder / "train.csv") as fh:
         rows = list(csv.reader(fh))
@@ -87,6 +91,26 @@ def test_register_logs_a_dataset_artifact_whose_table_lists_every_file(competiti
     entry = next(c for c in artifact["manifest"]["contents"] if c["path"] == "train/tr_0007.png")
     assert entry["ref"] == (competition / "train" / "tr_0007.png").resolve().as_uri() and "local_path" not in entry
     assert base64.b64decode(entry["digest"]) == hashlib.md5((competition / "train" / "tr_0007.png").read_bytes()).digest()
+
+
+@pytest.mark.slow
+def test_runs_on_a_registered_folder_name_its_artifact_until_the_data_changes(competition, tmp_path):
+    assert run_module("datasets.register", competition, "--name", "comp-train", "--out_dir", tmp_path / "reg").returncode == 0
+    digest = json.loads((competition / MARKER_FILE).read_text())["digest"]
+    args = ["--data", str(competition), "--model", TINY_MODEL, "--img_size", "32", "--epochs", "1", "--workers", "0",
+            "--table_rows", "4"]
+    run_train([*args, "--out_dir", str(tmp_path / "a")])
+    data = json.loads((tmp_path / "a" / "run.json").read_text())["data"]
+    assert data["artifact"] == f"sweepcls/comp-train:fp-{digest}" and data["digest"] == data["source_digest"] == digest
+
+    relabel(competition, "tr_0003.png", (NAMES.index(data_rows(competition)[3][3]) + 1) % 10)
+    fixes = tmp_path / "fixes.csv"
+    fixes.write_text("id,new_label\ntr_0009.png,exclude\n")
+    proc = run_train([*args, "--out_dir", str(tmp_path / "b"), "--label_fixes", str(fixes)])
+    assert f"{competition} changed since it was registered as dataset comp-train" in proc.stdout
+    data = json.loads((tmp_path / "b" / "run.json").read_text())["data"]
+    assert data["artifact"] is None and data["source_digest"] not in (digest, data["digest"])  # what trained: one image fewer
+    assert data["train_images"] == 239 and "tr_0009.png" not in (tmp_path / "b" / "data_manifest.csv").read_text()
 
 
 def test_one_changed_label_changes_the_fingerprint(competition):
