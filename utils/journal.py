@@ -84,7 +84,11 @@ def local_entry(folder: Path, metric_key: str = "", maximize: bool | None = None
 
 
 def runs_folder(root: Path) -> list[Entry]:
-    return [e for d in sorted(Path(root).iterdir()) if d.is_dir() and (e := local_entry(d)) is not None] if Path(root).is_dir() else []
+    """The train.py runs among root's subfolders (eda, register and ensemble runs have no run.json)."""
+    if not Path(root).is_dir():
+        return []
+    entries = (local_entry(d) for d in sorted(Path(root).iterdir()) if d.is_dir())
+    return [e for e in entries if e is not None]
 
 
 def sweep_folder(root: Path) -> tuple[list[Entry], str]:
@@ -170,7 +174,7 @@ def markdown(entries: list[Entry], title: str) -> str:
     if common:  # in config order
         shared = {k: v for k, v in entries[0].changed.items() if (k, json.dumps(v, sort_keys=True)) in common}
         lines.append(f"Every run changes: `{compact(shared)}`.")
-    metric_head = keys[0] if len(keys) == 1 else "metric"
+    metric_head = f"{keys[0]} {'↑' if scored and scored[0].maximize else '↓'}" if len(keys) == 1 else "metric"
     lines += ["", f"| # | date | run | state | changed | {metric_head} | Δ | notes | data | code | checkpoint |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for n, e in enumerate(entries, 1):
