@@ -139,6 +139,7 @@ def test_code_state_of_a_git_checkout(tmp_path):
     assert clean["commit"] == git("rev-parse", "HEAD") and clean["dirty"] is False and clean["diff"] == ""
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "img.png").write_bytes(b"png")  # data in the checkout is no code change
+    (tmp_path / "data" / MARKER_FILE).write_text("{}")  # nor is a registered folder's marker
     assert code_state(tmp_path)["dirty"] is False
     (tmp_path / "model.py").write_text("width = 2\n")
     (tmp_path / "extra.py").write_text("")

@@ -29,7 +29,7 @@ from utils.config import DATA_KEYS, FREE_KEYS, Config
 ROOT = Path(__file__).resolve().parents[1]  # the sweepcls checkout whose code state a run records
 RUN_FILE, MANIFEST_FILE, DIFF_FILE = "run.json", "data_manifest.csv", "code.diff"
 MARKER_FILE = ".sweepcls-dataset.json"  # written into a data folder by `python -m datasets.register`
-CODE_SUFFIXES = {".py", ".yaml", ".yml", ".toml", ".cfg", ".json", ".sh", ".ipynb"}  # new files that count as a code change
+CODE_SUFFIXES = {".py", ".yaml", ".yml", ".toml", ".cfg", ".sh", ".ipynb"}  # new files that count as a code change (not .json: data)
 MAX_META_DIFF = 64_000  # characters of the diff kept in checkpoint metadata; the whole diff is in code.diff
 
 
