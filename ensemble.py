@@ -120,9 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     run = tracking.init({"members": refs, "weights": weights.tolist(), "weighting": args.weights, "tta": args.tta,
                          "data": args.data, "metric": metric, "models": [m.meta["model"] for m in members]},
                         run_id, out_dir, args.wandb_mode, args.project, args.entity, f"ensemble-{run_id}", job_type="ensemble")
-    for ref in refs:  # online: model artifact -> this ensemble in W&B's lineage graph (downloaded already)
-        if is_artifact_ref(ref):
+    for ref in filter(is_artifact_ref, refs):  # online: model artifact -> this ensemble in W&B's lineage graph
+        try:
             tracking.use_artifact(run, ref)
+        except UserError as e:  # the submission is written already: say so, and finish the run
+            print(f"note: the ensemble run is not linked to {ref} ({e})", file=sys.stderr)
     tracking.set_summary(run, scores)
     tracking.log_artifact(run, Path(args.out), f"submission-{run_id}", "submission", {"members": refs, "weights": weights.tolist()})
     columns = ["id", "image"] + (["true"] if data.test_labels is not None else []) + ["ensemble", "ensemble_conf"]
