@@ -19,8 +19,7 @@ import torch
 from timm.data import Mixup
 from timm.utils import ModelEmaV3
 
-from datasets import (ImageDataset, build_sampler, load_data, load_image, screen_images, split_indices, write_oof,
-                      write_submission)
+from datasets import ImageDataset, build_sampler, load_data, load_image, screen_images, split_indices, write_submission
 from datasets.cache import take
 from datasets.transforms import AUGS, eval_transform
 from losses import build_loss, loss_kwargs, soft_target_losses
@@ -31,7 +30,7 @@ from utils import UserError, distributed, lineage, tracking
 from utils.background import Worker
 from utils.checkpoint import CheckpointKeeper, load_model, read_meta
 from utils.config import Config, parse_config
-from utils.label_errors import apply_label_fixes, suspect_indices, write_suspects
+from utils.label_errors import analyse_oof, apply_label_fixes
 from utils.metrics import classification_metrics
 from utils.report import write_report
 from utils.resume import (RESUME_FILE, load_arrays, restore_training_state, resume_from, save_arrays, save_state,
@@ -233,26 +232,7 @@ def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal, stat
                                    "cv/folds_done": k + 1})
     if not distributed.is_main():
         return {}, None
-    write_oof(out_dir / "oof.csv", data, oof, folds)
-    m = classification_metrics(data.labels, oof)
-    tracking.log_artifact(run, out_dir / "oof.csv", f"oof-{run.id}", "oof", {"classes": data.classes, "folds": cfg.folds})
-    suspects = suspect_indices(data.labels, oof)
-    write_suspects(out_dir / "suspect_labels.csv", data, oof, suspects)
-    tracking.log_table(run, "oof/suspect_labels", ["id", "image", "given", "predicted", "self_confidence"]
-                       + [f"p_{c}" for c in data.classes],
-                       [[data.ids[i], load_image(data.items[i]), data.classes[data.labels[i]], data.classes[oof[i].argmax()],
-                         float(oof[i, data.labels[i]]), *map(float, oof[i])] for i in suspects[:cfg.table_rows]])
-    write_report(out_dir / "report.html", f"{cfg.model}, run {run.id}, {cfg.folds}-fold out-of-fold predictions",
-                 {"run": run.id, "model": cfg.model, "img_size": cfg.img_size, "folds": cfg.folds, "scores": str(scores),
-                  cfg.monitor: float(np.mean(scores)), "suspect labels": len(suspects)}, [], data.classes, data.labels,
-                 oof, data.ids, lambda i: load_image(data.items[i]), cfg.table_rows)
-    print(f"{len(suspects)} suspect label(s), least self-confident first, in {out_dir / 'suspect_labels.csv'}: put a class "
-          f"or 'exclude' in new_label and pass it back with --label_fixes")
-    summary = {cfg.monitor: float(np.mean(scores)), f"{cfg.monitor}_std": float(np.std(scores)), "cv/scores": scores,
-               "oof/acc": m["acc"], "oof/f1_macro": m["f1_macro"], "oof/acsa": m["acsa"], "oof/auc_macro": m["auc_macro"],
-               "oof/suspect_labels": len(suspects)}
-    print(f"cv {cfg.monitor} {np.mean(scores):.4f} +- {np.std(scores):.4f} over {cfg.folds} folds | "
-          f"oof/f1_macro {m['f1_macro']:.4f} | wrote {out_dir / 'oof.csv'}")
+    summary = analyse_oof(cfg, run, out_dir, data, oof, folds, scores)
     test = [r.test_probs for r in results]
     return summary, None if test[0] is None else np.mean(test, axis=0)
 

@@ -1,19 +1,22 @@
-"""Suspect labels from out-of-fold probabilities (confident learning, Northcutt et al. 2021, via
-cleanlab), and the edited list fed back to train.py.
+"""A --cv run's out-of-fold analysis (oof.csv, report.html) and its suspect labels (confident learning,
+Northcutt et al. 2021, via cleanlab), and the edited list fed back to train.py.
 
 Usage:
     python train.py --cv True --folds 5 ...             # writes suspect_labels.csv beside oof.csv
     # edit suspect_labels.csv: in new_label put a class name (a fix) or "exclude"; blank keeps the label
     python train.py --label_fixes runs/<id>/suspect_labels.csv ...
-In code: ranked = suspect_indices(labels, oof_probs); apply_label_fixes(data, path)
+In code: summary = analyse_oof(cfg, run, out_dir, data, oof, folds, scores) after the folds;
+         ranked = suspect_indices(labels, oof_probs); apply_label_fixes(data, path)
 """
 import csv
 from pathlib import Path
 
 import numpy as np
 
-from datasets import write_csv
-from utils import UserError
+from datasets import load_image, write_csv, write_oof
+from utils import UserError, tracking
+from utils.metrics import classification_metrics
+from utils.report import write_report
 
 EXCLUDE = "exclude"
 FIX_COLUMNS = ("id", "new_label")
@@ -67,3 +70,29 @@ def apply_label_fixes(data, path: str) -> tuple[int, int]:
     if drop:
         data.drop(drop)
     return len(fixes), len(drop)
+
+
+def analyse_oof(cfg, run, out_dir: Path, data, oof: np.ndarray, folds: np.ndarray, scores: list[float]) -> dict:
+    """After a --cv run's folds: oof.csv (and its W&B artifact), the suspect labels (suspect_labels.csv and the
+    W&B table oof/suspect_labels), the out-of-fold report.html; returns the run's summary."""
+    write_oof(out_dir / "oof.csv", data, oof, folds)
+    m = classification_metrics(data.labels, oof)
+    tracking.log_artifact(run, out_dir / "oof.csv", f"oof-{run.id}", "oof", {"classes": data.classes, "folds": cfg.folds})
+    suspects = suspect_indices(data.labels, oof)
+    write_suspects(out_dir / "suspect_labels.csv", data, oof, suspects)
+    tracking.log_table(run, "oof/suspect_labels", ["id", "image", "given", "predicted", "self_confidence"]
+                       + [f"p_{c}" for c in data.classes],
+                       [[data.ids[i], load_image(data.items[i]), data.classes[data.labels[i]], data.classes[oof[i].argmax()],
+                         float(oof[i, data.labels[i]]), *map(float, oof[i])] for i in suspects[:cfg.table_rows]])
+    write_report(out_dir / "report.html", f"{cfg.model}, run {run.id}, {cfg.folds}-fold out-of-fold predictions",
+                 {"run": run.id, "model": cfg.model, "img_size": cfg.img_size, "folds": cfg.folds, "scores": str(scores),
+                  cfg.monitor: float(np.mean(scores)), "suspect labels": len(suspects)}, [], data.classes, data.labels,
+                 oof, data.ids, lambda i: load_image(data.items[i]), cfg.table_rows)
+    print(f"{len(suspects)} suspect label(s), least self-confident first, in {out_dir / 'suspect_labels.csv'}: put a class "
+          f"or 'exclude' in new_label and pass it back with --label_fixes")
+    summary = {cfg.monitor: float(np.mean(scores)), f"{cfg.monitor}_std": float(np.std(scores)), "cv/scores": scores,
+               "oof/acc": m["acc"], "oof/f1_macro": m["f1_macro"], "oof/acsa": m["acsa"], "oof/auc_macro": m["auc_macro"],
+               "oof/suspect_labels": len(suspects)}
+    print(f"cv {cfg.monitor} {np.mean(scores):.4f} +- {np.std(scores):.4f} over {cfg.folds} folds | "
+          f"oof/f1_macro {m['f1_macro']:.4f} | wrote {out_dir / 'oof.csv'}")
+    return summary
