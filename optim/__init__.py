@@ -62,16 +62,38 @@ def adamw(groups, lr, weight_decay, **_):
     return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
+class _ReshapeViews:
+    """adamp 0.3 flattens weights and gradients with .view(), which fails on the channels_last tensors train.py
+    uses on CUDA ("view size is not compatible with input tensor's size and stride"); .reshape() is the same
+    projection for any memory format (the flattened tensors are only read)."""
+
+    @staticmethod
+    def _channel_view(x):
+        return x.reshape(x.size(0), -1)
+
+    @staticmethod
+    def _layer_view(x):
+        return x.reshape(1, -1)
+
+
+class AdamP(_ReshapeViews, adamp.AdamP):
+    pass
+
+
+class SGDP(_ReshapeViews, adamp.SGDP):
+    pass
+
+
 @OPTIMIZERS.register("adamp")
 def adamp_(groups, lr, weight_decay, **_):
     """AdamP (Heo et al. 2021, adamp package): removes the radial update on scale-invariant weights."""
-    return adamp.AdamP(groups, lr=lr, weight_decay=weight_decay)
+    return AdamP(groups, lr=lr, weight_decay=weight_decay)
 
 
 @OPTIMIZERS.register("sgdp")
 def sgdp(groups, lr, weight_decay, momentum, **_):
     """SGDP (adamp package): SGD with Nesterov momentum and AdamP's projection."""
-    return adamp.SGDP(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
+    return SGDP(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
 
 
 def _timm(opt: str, doc: str):
