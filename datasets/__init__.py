@@ -9,6 +9,7 @@ Sources: "digits" (scikit-learn's bundled digits, see datasets/digits.py), an Im
 """
 import csv
 import io
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,10 @@ from torchsampler import ImbalancedDatasetSampler
 from utils import UserError
 from utils.checkpoint import atomic_write_bytes
 from utils.registry import Registry
+
+# albumentations 2.x asks pypi.org for a newer version on every import (each run, each spawned loader worker):
+# a network call at run time, and a warning on every run of an offline GPU server. Off unless the user sets it.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
 

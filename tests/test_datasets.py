@@ -1,12 +1,15 @@
 """Loading: CSV with int and name labels, ImageFolder, image modes, splits, seeded augmentation."""
 import csv
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from conftest import NAMES, make_competition_folder
+from conftest import NAMES, ROOT, make_competition_folder
 from datasets import (ImageDataset, SeededSampler, load_data, load_image, split_indices, write_submission)
 from datasets.transforms import AUGS, eval_transform
 from utils import UserError
@@ -145,3 +148,19 @@ def test_augmentation_is_seeded_per_sample_not_per_worker():
     for (x0, i0), (x2, i2) in zip(batches(0, 1, weights), batches(2, 1, weights)):
         assert torch.equal(i0, i2) and torch.equal(x0, x2)
     assert not all(torch.equal(a[1], b[1]) for a, b in zip(batches(0, 1), batches(0, 2)))  # reshuffled per epoch
+
+
+def test_importing_the_entry_points_opens_no_connection():
+    """No network at run time: albumentations 2.x asks pypi.org for updates on import unless told not to."""
+    probe = ("import socket\n"
+             "calls = []\n"
+             "def refuse(host, *a, **k):\n"
+             "    calls.append(host)\n"
+             "    raise OSError('no network in this test')\n"
+             "socket.getaddrinfo = refuse\n"
+             "import train, predict, ensemble, eda, sweep, datasets.register, utils.journal, utils.bench\n"
+             "print(calls)\n")
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]" and "Error fetching version" not in proc.stderr
