@@ -296,7 +296,12 @@ def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None 
 def main(argv: list[str] | None = None) -> int:
     with StopSignal() as stop:  # from the start: a stop during set-up still finishes the W&B run
         cfg = parse_config(argv)
-        rank, world = distributed.setup()  # torchrun: one process per GPU; else (0, 1)
+        try:
+            rank, world = distributed.setup(cfg.device)  # torchrun: one process per GPU; else (0, 1)
+        except UserError as e:
+            if distributed.local_rank() == 0:
+                print(f"error: {e}", file=sys.stderr)
+            return 1
         try:
             if rank > 0:
                 sys.stdout = open(os.devnull, "w")  # one console log, rank 0's; errors still reach stderr

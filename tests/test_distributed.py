@@ -30,7 +30,8 @@ def test_ranks_split_each_global_batch(name):
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path):
     args = ["train.py", "--model", "test_convnext", "--img_size", "32", "--epochs", "2", "--batch_size", "32",
-            "--accum_steps", "2", "--sampler", "imbalanced", "--workers", "0", "--resume", "", "--wandb_mode", "offline"]
+            "--accum_steps", "2", "--sampler", "imbalanced", "--workers", "0", "--resume", "", "--wandb_mode", "offline",
+            "--device", "cpu"]  # gloo processes, also on a machine with one GPU
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
                           "--out_dir", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -68,3 +69,18 @@ def test_batch_size_must_split_over_processes(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "--batch_size 33 is the global batch and must split evenly over the 2 processes" in proc.stderr
+
+
+def test_more_processes_than_gpus_is_one_clear_error(monkeypatch, capsys):
+    """torchrun --nproc_per_node=2 on a 1-GPU machine: one line naming the fix, before any process group (the CUDA
+    side is faked here: this machine has no GPU)."""
+    import torch
+    import train
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert train.main(["--epochs", "1"]) == 1
+    assert capsys.readouterr().err == ("error: torchrun started 2 processes on this machine, but 1 GPU(s) are visible: "
+                                       "use --nproc_per_node=1 (one process per GPU), or --device cpu\n")

@@ -3,7 +3,7 @@
 Usage:
     torchrun --nproc_per_node=4 train.py --batch_size 256 ...   # 64 images per GPU, one optimizer step per 256
 In code:
-    rank, world = distributed.setup()      # reads torchrun's env; (0, 1) when launched plainly
+    rank, world = distributed.setup(cfg.device)   # reads torchrun's env; (0, 1) when launched plainly
     part = distributed.shard(n)            # this rank's positions of an n-long evaluation set
     probs = distributed.gather_rows(local_probs, part, n)   # every rank gets all n rows
 
@@ -19,13 +19,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from utils import UserError
 
-def setup() -> tuple[int, int]:
-    """Join torchrun's process group (nccl on CUDA, else gloo) and pin this process to its GPU."""
+
+def setup(device: str = "auto") -> tuple[int, int]:
+    """Join torchrun's process group (nccl on CUDA, gloo for --device cpu or without a GPU) and pin this
+    process to its GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        cuda = torch.cuda.is_available()
+        cuda = device != "cpu" and torch.cuda.is_available()
         if cuda:
+            per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
+            if per_node > gpus:
+                raise UserError(f"torchrun started {per_node} processes on this machine, but {gpus} GPU(s) are "
+                                f"visible: use --nproc_per_node={gpus} (one process per GPU), or --device cpu")
             torch.cuda.set_device(local_rank())
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
     return rank(), world_size()
