@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     with StopSignal() as stop:  # from the start: a stop during set-up still finishes the W&B run
         cfg = parse_config(argv)
         try:
-            rank, world = distributed.setup(cfg.device)  # torchrun: one process per GPU; else (0, 1)
+            rank, world = distributed.setup(pick_device(cfg.device))  # torchrun: one process per GPU; else (0, 1)
         except UserError as e:
             if distributed.local_rank() == 0:
                 print(f"error: {e}", file=sys.stderr)

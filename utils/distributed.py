@@ -3,7 +3,7 @@
 Usage:
     torchrun --nproc_per_node=4 train.py --batch_size 256 ...   # 64 images per GPU, one optimizer step per 256
 In code:
-    rank, world = distributed.setup(cfg.device)   # reads torchrun's env; (0, 1) when launched plainly
+    rank, world = distributed.setup(pick_device(cfg.device))   # torchrun's env; (0, 1) when launched plainly
     part = distributed.shard(n)            # this rank's positions of an n-long evaluation set
     probs = distributed.gather_rows(local_probs, part, n)   # every rank gets all n rows
 
@@ -22,12 +22,11 @@ import torch.distributed as dist
 from utils import UserError
 
 
-def setup(device: str = "auto") -> tuple[int, int]:
-    """Join torchrun's process group (nccl on CUDA, gloo for --device cpu or without a GPU) and pin this
-    process to its GPU."""
+def setup(device: torch.device) -> tuple[int, int]:
+    """Join torchrun's process group (nccl on CUDA, else gloo) and pin this process to its GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        cuda = device != "cpu" and torch.cuda.is_available()
+        cuda = device.type == "cuda"
         if cuda:
             per_node, gpus = int(os.environ.get("LOCAL_WORLD_SIZE", "1")), torch.cuda.device_count()
             if per_node > gpus:
