@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from datasets import load_image, split_indices, write_submission
+from datasets.pseudo import write_probs
+from datasets.shift import any_on, noisy_copies
 from datasets.transforms import TTA
 from utils import UserError, tracking
 from utils.ensemble import (caruana, check_compatible, is_artifact_ref, load_test_data, member_probs, monitor_metric,
@@ -39,8 +41,11 @@ def labelled_set(members, data, args) -> tuple[str, np.ndarray, list[np.ndarray]
         raise UserError(f"members were validated on different splits ({list(splits.values())}: seed, val_fraction "
                         f"or fold differ), so no split is unseen by all; use --weights equal or cross-validated runs")
     val = np.array(next(iter(splits)))
-    items = [data.items[i] for i in val]
-    return "val", data.labels[val], [member_probs(m, items, args.tta, args.cache_dir, args.batch_size, args.device)
+    items, name = [data.items[i] for i in val], "val"
+    shift, config = members[0].meta.get("test_shift"), members[0].meta["config"]
+    if config.get("val_noise") == "auto" and shift and any_on(shift["settings"]):  # as the members were validated
+        items, name = noisy_copies(items, [data.ids[i] for i in val], {**shift["settings"], "noise_scale": 1.0}), "val_noisy"
+    return name, data.labels[val], [member_probs(m, items, args.tta, args.cache_dir, args.batch_size, args.device)
                                      for m in members]
 
 
@@ -68,7 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", required=True, help="as train.py's --data: its test set is predicted")
     parser.add_argument("--weights", default="equal", choices=["equal", "auto"])
     parser.add_argument("--tta", default="none", choices=sorted(TTA))
+    parser.add_argument("--test_bn", default="none", choices=["adapt", "none"],
+                        help="adapt: each member's BatchNorm statistics re-estimated on the test images first")
     parser.add_argument("--out", default="submission.csv")
+    parser.add_argument("--save_probs", default="", help="also write the ensemble's test probabilities "
+                                                         "(id,source,p_<class>...): train.py --pseudo_labels reads them")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--cache_dir", type=Path, default=Path(".cache/sweepcls"))
@@ -97,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             set_name, labels, probs = labelled_set(members, data, args)
             weights = caruana(probs, labels, metric)
             table[set_name] = [score(metric, labels, p) for p in probs + [sum(w * p for w, p in zip(weights, probs))]]
-        test = [member_probs(m, data.test_items, args.tta, args.cache_dir, args.batch_size, args.device) for m in members]
+        test = [member_probs(m, data.test_items, args.tta, args.cache_dir, args.batch_size, args.device, args.test_bn)
+                for m in members]
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -127,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: the ensemble run is not linked to {ref} ({e})", file=sys.stderr)
     tracking.set_summary(run, scores)
     tracking.log_artifact(run, Path(args.out), f"submission-{run_id}", "submission", {"members": refs, "weights": weights.tolist()})
+    if args.save_probs:
+        write_probs(Path(args.save_probs), data.test_ids, ensemble, members[0].meta["classes"],
+                    f"ensemble-{run_id} of {', '.join(m.name for m in members)}")
+        tracking.log_artifact(run, Path(args.save_probs), f"test-probs-{run_id}", "test-probs", {"members": refs})
     columns = ["id", "image"] + (["true"] if data.test_labels is not None else []) + ["ensemble", "ensemble_conf"]
     columns += [c for m in members for c in (f"{m.name} pred", f"{m.name} conf")]
     tracking.log_table(run, "test/disagreement", columns, disagreement_rows(data, test, ensemble, args.table_rows))

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from datasets import write_submission
+from datasets.pseudo import write_probs
 from datasets.transforms import TTA
 from utils import UserError
 from utils.ensemble import load_test_data, member_probs, resolve_member
@@ -22,7 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("member", help="checkpoint file, run dir (a --cv run: its folds averaged) or W&B artifact ref")
     parser.add_argument("--data", required=True, help="as train.py's --data (its test set), or a folder of test images")
     parser.add_argument("--tta", default="none", choices=sorted(TTA), help="test-time augmentation")
+    parser.add_argument("--test_bn", default="none", choices=["adapt", "none"],
+                        help="adapt: re-estimate BatchNorm statistics on the test images first (test-time adaptation)")
     parser.add_argument("--out", default="submission.csv", help="submission file to write")
+    parser.add_argument("--save_probs", default="", help="also write the test probabilities (id,source,p_<class>...): "
+                                                         "train.py --pseudo_labels reads them")
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--cache_dir", default=".cache/sweepcls", help="downloaded artifacts and cached predictions")
@@ -30,8 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         member = resolve_member(args.member, Path(args.cache_dir))
         data = load_test_data(args.data, member.meta)
-        probs = member_probs(member, data.test_items, args.tta, Path(args.cache_dir), args.batch_size, args.device)
+        probs = member_probs(member, data.test_items, args.tta, Path(args.cache_dir), args.batch_size, args.device, args.test_bn)
         write_submission(Path(args.out), data, probs.argmax(1))
+        if args.save_probs:
+            source = f"{member.name} (run {member.meta.get('run_id', '?')}, {member.meta['model']})"
+            write_probs(Path(args.save_probs), data.test_ids, probs, member.meta["classes"], source)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -55,12 +55,12 @@ class Data:
 def load_data(source: str, image_col: str = "ID", label_col: str = "target", group_col: str = "",
               skip_bad: bool = False) -> Data:
     """skip_bad: training rows whose file is missing pass here; screen_images drops them."""
-    if source == "digits":
+    if source in ("digits", "digits_hard"):
         from datasets.digits import load_digits_data
-        return load_digits_data()
+        return load_digits_data(hard=source == "digits_hard")
     root = Path(source)
     if not root.is_dir():
-        raise UserError(f"--data {source}: not 'digits' and not a folder")
+        raise UserError(f"--data {source}: not 'digits' and not a folder (nor 'digits_hard')")
     if (root / "train.csv").is_file():
         return _load_csv(root, image_col, label_col, group_col, skip_bad)
     if group_col:

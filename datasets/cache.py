@@ -66,6 +66,19 @@ class CachedImages:
         return state
 
 
+class JoinedImages:
+    """Two image sequences read as one: the training images, then the pseudo-labelled test images."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    def __getitem__(self, key):
+        return self.first[key] if key < len(self.first) else self.second[key - len(self.first)]
+
+
 def take(items, idx):
     """items[idx] for a list of paths/arrays or a CachedImages."""
     return items[idx] if isinstance(items, CachedImages) else [items[i] for i in idx]

@@ -74,6 +74,53 @@ def test_noise(s):
     ]
 
 
+AUTO_STRENGTH = 1.0  # the aug_strength at which --aug_preset auto applies the settings as measured
+
+
+def matched_ops(settings: dict, scale: float) -> list:
+    """The test set's measured corruption (datasets/shift.py settings) as albumentations operations, each
+    probability and magnitude times `scale` (probabilities capped at 1): turns, flips, small rotation, tint,
+    brightness/contrast, blur, Gaussian noise, in the order a camera or scanner adds them."""
+    p = lambda op: min(1.0, settings[op]["p"] * scale)
+    m = lambda op: settings[op].get("magnitude", 0.0) * scale
+    ops = []
+    if p("turn"):
+        ops.append(A.RandomRotate90(p=p("turn")))
+    if p("flip"):
+        ops.append(A.HorizontalFlip(p=min(0.5, p("flip"))))
+    if p("rotate"):
+        ops.append(A.Rotate(limit=(-m("rotate"), m("rotate")), border_mode=cv2.BORDER_CONSTANT, fill=0, p=p("rotate")))
+    if p("tint"):
+        ops.append(A.RGBShift(r_shift_limit=m("tint"), g_shift_limit=m("tint"), b_shift_limit=m("tint"), p=p("tint")))
+    if p("brightness") or p("contrast"):
+        ops.append(A.RandomBrightnessContrast(brightness_limit=m("brightness"), contrast_limit=m("contrast"),
+                                              p=max(p("brightness"), p("contrast"))))
+    if p("blur"):
+        ops.append(A.GaussianBlur(sigma_limit=(0.3, max(0.3, m("blur"))), p=p("blur")))
+    if p("noise"):
+        ops.append(A.GaussNoise(std_range=(m("noise") / 4, min(1.0, m("noise"))), p=p("noise"),
+                                noise_scale_factor=settings.get("noise_scale", 1.0)))  # at the test's native resolution
+    return ops
+
+
+@AUGS.register("auto")
+def auto(img_size, strength, mean, std, settings: dict | None = None) -> A.Compose:
+    """Test-matched: every operation the test set shows (turns, flips, rotation, noise, blur, tint,
+    brightness/contrast), with the probability and magnitude measured on it (datasets/shift.py), plus the
+    small scale/shift jitter of `light`. aug_strength 1 (the default) applies them as measured, lower values
+    scale every probability and magnitude down. The default whenever the data has a test set; without one, `light`."""
+    if settings is None:
+        return AUGS["light"](img_size, strength, mean, std)
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"aug_strength must be in [0, 1], got {strength}")
+    if strength == 0:
+        return eval_transform(img_size, mean, std)
+    s = strength / AUTO_STRENGTH
+    jitter = A.Affine(scale=(1 - 0.1 * s, 1 + 0.1 * s), translate_percent=(-0.06 * s, 0.06 * s),
+                      border_mode=cv2.BORDER_CONSTANT, fill=0, p=min(1.0, 0.8 * s))
+    return A.Compose([A.Resize(img_size, img_size), jitter, *matched_ops(settings, s), *_finish(img_size, mean, std)[1:]])
+
+
 # ----------------------------------------------------------------------------- TTA: views of an NCHW batch
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x

@@ -3,9 +3,15 @@
 Nothing is downloaded unless pretrained=True; pretrained_path loads a local weight file instead
 (a timm/PyTorch state dict or a sweepcls checkpoint); layers whose shape differs, typically the
 classifier of an ImageNet file, keep their fresh initialization.
+adapt_batchnorm(model, loader) (--test_bn adapt) re-estimates BatchNorm statistics on unlabelled test images.
+find_pretrained(name) (--pretrained auto) looks for a model's weights on this machine first, then on the
+Hugging Face hub within a bounded time, and never hangs.
 """
 import difflib
 import os
+import socket
+import threading
+from pathlib import Path
 
 import timm
 import torch
@@ -73,3 +79,104 @@ def normalization(model: nn.Module) -> tuple[list[float], list[float]]:
     """The mean and std (0-1 pixel scale) the model expects, from its timm data config."""
     data_cfg = timm.data.resolve_model_data_config(model)
     return [float(m) for m in data_cfg["mean"]], [float(s) for s in data_cfg["std"]]
+
+
+DEFAULT_MODEL = "resnet18"  # --model auto for a data folder
+DEMO_MODEL = "resnet10t"    # --model auto for the digits demo
+MIN_AUTO_SIZE = 64          # px: --img_size auto never goes below (stride-32 backbones need room)
+PRETRAINED_TIMEOUT = 90.0  # s: the most --pretrained auto waits for a download before training from scratch
+
+
+def weights_dir() -> Path:
+    """Where --pretrained auto looks first: $SWEEPCLS_WEIGHTS_DIR or ~/.cache/sweepcls/weights, holding
+    <model>.safetensors / .pth / .bin (copy them there on a server without internet)."""
+    return Path(os.environ.get("SWEEPCLS_WEIGHTS_DIR") or Path.home() / ".cache" / "sweepcls" / "weights")
+
+
+def pretrained_input_size(name: str) -> int:
+    """The side the model's pretrained weights were trained at (224 where timm does not say)."""
+    cfg = timm.get_pretrained_cfg(name.split(".")[0] if not timm.get_pretrained_cfg(name) else name)
+    return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else 224
+
+
+def _hub_file(name: str) -> str | None:
+    """The model's weight file in the local Hugging Face cache, if it is there (no network)."""
+    from huggingface_hub import try_to_load_from_cache
+    cfg = timm.get_pretrained_cfg(name)
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    for filename in ("model.safetensors", cfg.hf_hub_filename or "pytorch_model.bin", "pytorch_model.bin"):
+        found = try_to_load_from_cache(cfg.hf_hub_id, filename)
+        if isinstance(found, str) and os.path.isfile(found):
+            return found
+    return None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def find_pretrained(name: str, timeout: float = PRETRAINED_TIMEOUT) -> tuple[str, str]:
+    """(local weight file or '', one line saying where it came from or why there is none): weights_dir(), then the
+    Hugging Face cache, then a download into that cache if the hub answers within `timeout` seconds."""
+    for ext in (".safetensors", ".pth", ".bin"):
+        path = weights_dir() / f"{name}{ext}"
+        if path.is_file():
+            return str(path), f"pretrained weights from {path}"
+    cached = _hub_file(name)
+    if cached:
+        return cached, f"pretrained weights from the local Hugging Face cache ({cached})"
+    if timm.get_pretrained_cfg(name) is None:
+        return "", f"{name} has no pretrained weights in timm; training from random initialization"
+    if not _hub_reachable():
+        return "", (f"no {name} weights in {weights_dir()} or the Hugging Face cache, and the hub cannot be reached; "
+                     f"training from random initialization")
+    done = {}
+
+    def fetch():
+        try:
+            timm.create_model(name, pretrained=True, num_classes=0)  # downloads into the Hugging Face cache
+        except Exception as e:  # noqa: BLE001 - any download or hub error means: no weights
+            done["error"] = e
+    worker = threading.Thread(target=fetch, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    cached = _hub_file(name)
+    if cached:
+        return cached, f"pretrained weights downloaded to {cached}"
+    why = f"({str(done['error']).splitlines()[0][:120]})" if "error" in done else f"(not within {timeout:.0f}s)"
+    return "", f"{name} pretrained weights could not be fetched {why}; training from random initialization"
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: nn.Module, loader, device: torch.device) -> int:
+    """Test-time adaptation to covariate shift (Schneider et al. 2020): every BatchNorm layer's running mean and
+    variance replaced by their average over the loader's images (unlabelled test images), the weights untouched.
+    Returns the number of BatchNorm layers (0: nothing to adapt, the model is unchanged)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    model.eval()
+    saved = [(m.momentum, m.training) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over all batches
+        m.train()
+    for images, *_ in loader:
+        model(images.to(device, non_blocking=True))
+    for m, (momentum, _) in zip(norms, saved):
+        m.momentum = momentum
+    model.eval()
+    return len(norms)
+
+
+def adapt_test_bn(model: nn.Module, loader, device: torch.device, name: str) -> None:
+    """--test_bn adapt: adapt_batchnorm, or one line saying the model has none."""
+    if not adapt_batchnorm(model, loader, device):
+        print(f"--test_bn adapt: {name} has no BatchNorm layers; predicting as trained")

@@ -29,6 +29,8 @@ def wandb_env(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("NETRC", str(wandb_root / "no-netrc"))
     monkeypatch.setenv("SWEEPCLS_CACHE_DIR", str(tmp_path / "image-cache"))  # --cache disk files: per test
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # --pretrained auto: never a download in a test
+    monkeypatch.setenv("SWEEPCLS_WEIGHTS_DIR", str(tmp_path / "weights"))  # ... and no weights but a test's own
     return wandb_root
 
 

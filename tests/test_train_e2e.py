@@ -41,7 +41,7 @@ def test_competition_folder_run(competition, tmp_path):
 
     config = merged(records, "config") | next(r["run"]["config"]["update"] for r in records if r["type"] == "run")
     assert config["model"] == TINY_MODEL and config["img_size"] == 32 and config["epochs"] == 3
-    assert config["lr"] == 0.01 and config["data"] == str(competition) and config["pretrained"] is False
+    assert config["lr"] == 0.01 and config["data"] == str(competition) and merged(records, "config")["pretrained"] == "false"
 
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]

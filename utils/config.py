@@ -16,9 +16,11 @@ import yaml
 from utils import UserError
 
 
-def opt(default, help, choices: Callable[[], list] | tuple | None = None):
-    """A config field with its --help text and, optionally, its valid values (or a function giving them)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
+def opt(default, help, choices: Callable[[], list] | tuple | None = None, auto_bool: bool = False):
+    """A config field with its --help text and, optionally, its valid values (or a function giving them).
+    auto_bool: a text field holding "auto", "true" or "false" (any boolean spelling is accepted)."""
+    return field(default=default, metadata={"help": help, "choices": ("auto", "false", "true") if auto_bool else choices,
+                                            "auto_bool": auto_bool})
 
 
 def _names(module: str, table: str) -> Callable[[], list]:
@@ -39,10 +41,14 @@ class Config:
     fold: int = opt(0, "which fold validates, 0 <= fold < folds")
     cv: bool = opt(False, "train all `folds` folds in one run: the monitored metric becomes their mean (std beside "
                           "it), with out-of-fold probabilities for every training image in oof.csv")
-    img_size: int = opt(48, "square input size in px")
-    aug_preset: str = opt("light", "training augmentation preset", _names("datasets.transforms", "AUGS"))
+    img_size: int = opt(0, "square input size in px; 0 = auto: the images' median side rounded to 32 px, at least 64 "
+                           "and at most the model's pretrained size (the digits demo: 48)")
+    aug_preset: str = opt("auto", "training augmentation preset", _names("datasets.transforms", "AUGS"))
     aug_strength: float = opt(1.0, "0-1, scales every probability and magnitude of the preset: 0 = resize + normalize "
-                                   "only, 1 = full force")
+                                   "only, 1 = full force (auto: 1 = as measured on the test set)")
+    val_noise: str = opt("auto", "auto = validate on images given the corruption measured on the test set (fixed per "
+                                 "image), so the monitor, early stopping and sweeps track the leaderboard; the clean "
+                                 "scores are logged as val_clean/*; none = clean validation", ("auto", "none"))
     mixup: float = opt(0.0, "mixup alpha (timm Mixup); 0 = off; needs a loss that takes soft targets")
     cutmix: float = opt(0.0, "cutmix alpha (timm Mixup); 0 = off; with mixup too, each batch picks one")
     mix_prob: float = opt(1.0, "probability that a batch is mixed when mixup or cutmix is on")
@@ -50,6 +56,12 @@ class Config:
                                  "torchsampler's class-balanced draw with replacement", _names("datasets", "SAMPLERS"))
     tta: str = opt("none", "test-time augmentation at validation and test, averaging probabilities",
                    _names("datasets.transforms", "TTA"))
+    test_bn: str = opt("none", "before predicting the test set, adapt = re-estimate BatchNorm statistics on the test "
+                               "images (test-time adaptation to their noise, Schneider et al. 2020); none = as trained",
+                       ("adapt", "none"))
+    pseudo_labels: str = opt("", "CSV of test-set probabilities (predict.py or ensemble.py --save_probs): the test images "
+                                 "whose top probability is >= pseudo_threshold train with that label (never validate)")
+    pseudo_threshold: float = opt(0.9, "the least top probability that makes a test image a pseudo-label")
     label_fixes: str = opt("", "CSV of id,new_label (a --cv run's suspect_labels.csv, edited): relabel each listed training "
                                "image to its new_label, or drop it where new_label is 'exclude'; blank rows are kept as they are")
     skip_bad_images: bool = opt(False, "train without training images that cannot be read (listed in the log and "
@@ -61,14 +73,17 @@ class Config:
                      ("auto", "ram", "disk", "none"))
     cache_dir: str = opt("", "folder of --cache disk files; '' = $SWEEPCLS_CACHE_DIR or ~/.cache/sweepcls")
     # --- model ---
-    model: str = opt("resnet10t", "any timm model name (timm.list_models())")
-    pretrained: bool = opt(False, "load the model's pretrained weights from the hub (needs internet)")
+    model: str = opt("auto", "any timm model name (timm.list_models()); auto = resnet18 (the digits demo: resnet10t)")
+    pretrained: str = opt("auto", "start from the model's pretrained weights: true = from the hub (needs internet); "
+                                  "auto = from $SWEEPCLS_WEIGHTS_DIR or the Hugging Face cache, else a download bounded "
+                                  "in time, else random initialization, said in one line (the digits demo: false)",
+                          auto_bool=True)
     pretrained_path: str = opt("", "local weight file (.safetensors/.pth) to start from; no download")
     drop_rate: float = opt(0.0, "dropout before the classifier (timm drop_rate)")
     drop_path_rate: float = opt(0.0, "stochastic depth (timm drop_path_rate); 0 = the model's default")
     # --- optimization ---
     epochs: int = opt(12, "training epochs")
-    batch_size: int = opt(64, "images per forward pass; an optimizer step sees batch_size x accum_steps")
+    batch_size: int = opt(32, "images per forward pass; an optimizer step sees batch_size x accum_steps")
     lr: float = opt(2e-3, "peak learning rate")
     weight_decay: float = opt(0.05, "decoupled weight decay (not applied to biases and norm weights)")
     optimizer: str = opt("adamw", "optimizer name", _names("optim", "OPTIMIZERS"))
@@ -83,7 +98,7 @@ class Config:
     ema_decay: float = opt(0.999, "EMA decay (with timm's warm-up, so short runs still move)")
     scheduler: str = opt("cosine", "learning-rate schedule, stepped per iteration (plateau: per epoch)",
                          _names("optim", "SCHEDULERS"))
-    warmup_epochs: float = opt(0.0, "linear lr warm-up (cosine, step, none; onecycle: its rising share)")
+    warmup_epochs: float = opt(1.0, "linear lr warm-up (cosine, step, none; onecycle: its rising share)")
     step_size: int = opt(5, "step: epochs between lr drops")
     gamma: float = opt(0.1, "step and plateau: lr multiplier at each drop")
     plateau_patience: int = opt(2, "plateau: epochs without improvement before a drop")
@@ -155,7 +170,7 @@ class Config:
             (self.lr > 0, "lr must be > 0"),
             (self.batch_size > 0, "batch_size must be > 0"),
             (self.epochs > 0, "epochs must be > 0"),
-            (self.img_size >= 8, "img_size must be >= 8 px"),
+            (self.img_size == 0 or self.img_size >= 8, "img_size must be >= 8 px (or 0 = auto)"),
             (0 < self.val_fraction < 1, "val_fraction must be in (0, 1)"),
             (self.folds == 0 or self.folds >= 2, "folds must be 0 (holdout) or >= 2"),
             (self.folds == 0 or 0 <= self.fold < self.folds, f"fold must satisfy 0 <= fold < folds ({self.folds})"),
@@ -163,6 +178,7 @@ class Config:
             (self.keep_top_k >= 0 and self.table_rows >= 0, "keep_top_k and table_rows must be >= 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (0 <= self.aug_strength <= 1, "aug_strength must be in [0, 1]"),
+            (0 < self.pseudo_threshold <= 1, "pseudo_threshold must be in (0, 1]"),
             (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
             (0 <= self.mix_prob <= 1, "mix_prob must be in [0, 1]"),
             (not (self.mixup or self.cutmix) or self.batch_size % 2 == 0, "mixup/cutmix need an even batch_size"),
@@ -197,10 +213,13 @@ class Config:
 # They may differ on resume, and they are not "what changed" in a run's record.
 FREE_KEYS = {"resume", "out_dir", "workers", "wandb_mode", "project", "entity", "run_name", "table_rows", "device",
              "cache", "cache_dir", "compile", "wandb_console", "notes", "tags", "parent"}
+# keys train.py decides from the data when they are auto (model, img_size 0, pretrained): a resumed run decides again
+AUTO_KEYS = {"model", "img_size", "pretrained", "pretrained_path"}
 # where the data is read from: the data fingerprint tells what it was, so these are no "change" either
 DATA_KEYS = {"data", "image_col", "label_col"}
 # config entries a run adds to its W&B config beside the Config keys (utils/lineage.py); read back, they are dropped
-RECORD_KEYS = {"changed", "changed_keys", "changed_vs_parent", "parent_run", "data_fingerprint", "code"}
+RECORD_KEYS = {"changed", "changed_keys", "changed_vs_parent", "parent_run", "data_fingerprint", "code", "test_shift",
+               "auto", "pseudo_label_source"}
 
 
 def choices_of(f: dataclasses.Field) -> list | None:
@@ -235,6 +254,8 @@ def coerce(f: dataclasses.Field, value):
     try:
         if f.type in (bool, "bool"):
             return parse_bool(value)
+        if f.metadata.get("auto_bool"):
+            return "auto" if str(value).strip().lower() == "auto" else str(parse_bool(value)).lower()
         if f.type in (int, "int"):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(f"{value} is not a whole number")

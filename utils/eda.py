@@ -14,30 +14,9 @@ from PIL import Image
 
 from datasets import load_image
 from datasets.cache import cores
+from utils.image_stats import dominant_orientation, noise_sigma, sharpness
 
 STATS = ("brightness", "contrast", "noise", "sharpness", "orientation", "landscape")
-_IMMERKAER = np.array([[1, -2, 1], [-2, 4, -2], [1, -2, 1]], np.float64)
-
-
-def noise_sigma(gray: np.ndarray) -> float:
-    """Gaussian noise level in grey levels, Immerkaer's estimate (1996): the image convolved with a
-    mask that cancels smooth structure, mean absolute response, scaled."""
-    h, w = gray.shape
-    if h < 3 or w < 3:
-        return 0.0
-    response = np.abs(cv2.filter2D(gray.astype(np.float64), -1, _IMMERKAER, borderType=cv2.BORDER_REFLECT)[1:-1, 1:-1])
-    return float(np.sqrt(np.pi / 2) * response.sum() / (6 * (w - 2) * (h - 2)))
-
-
-def dominant_orientation(gray: np.ndarray) -> float:
-    """How far, in degrees (0-45), the dominant gradient direction (structure tensor) lies from the nearest
-    image axis: about 0 for upright scans and documents, larger for images turned by an odd angle."""
-    gx = cv2.Sobel(gray.astype(np.float64), cv2.CV_64F, 1, 0)
-    gy = cv2.Sobel(gray.astype(np.float64), cv2.CV_64F, 0, 1)
-    angle = np.degrees(0.5 * np.arctan2(2 * (gx * gy).sum(), (gx * gx - gy * gy).sum())) % 90
-    return float(min(angle, 90 - angle))
-
-
 def image_record(item, side: int = 128) -> dict:
     """Size, brightness and contrast (mean and std of grey, 0-255), noise (Immerkaer), sharpness
     (variance of the Laplacian), orientation (dominant gradient direction off the axes), landscape (1 when wider
@@ -50,7 +29,7 @@ def image_record(item, side: int = 128) -> dict:
     gray = cv2.cvtColor(small, cv2.COLOR_RGB2GRAY)
     bits = imagehash.phash(Image.fromarray(small)).hash.flatten()
     return {"width": w, "height": h, "aspect": w / h, "brightness": float(gray.mean()), "contrast": float(gray.std()),
-            "noise": noise_sigma(gray), "sharpness": float(cv2.Laplacian(gray, cv2.CV_64F).var()),
+            "noise": noise_sigma(gray), "sharpness": sharpness(gray),
             "orientation": dominant_orientation(gray), "landscape": float(w > h),
             "hash": int(np.packbits(bits).view(">u8")[0])}
 

@@ -120,11 +120,12 @@ def items_key(items: list) -> str:
 
 
 def member_probs(member: Member, items: list, tta: str, cache_dir: Path | None, batch_size: int = 64,
-                 device: str = "auto") -> np.ndarray:
+                 device: str = "auto", test_bn: str = "none") -> np.ndarray:
     """Class probabilities of `items`, each fold checkpoint with its own preprocessing, folds averaged;
-    read from the cache when this member has already predicted these images with this TTA."""
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, [_file_digest(p) for p in member.paths], items_key(items), tta])
-                         .encode()).hexdigest()[:24]
+    read from the cache when this member has already predicted these images with this TTA. test_bn adapt:
+    BatchNorm statistics re-estimated on `items` first (models.adapt_batchnorm)."""
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, [_file_digest(p) for p in member.paths], items_key(items), tta]
+                                    + ([test_bn] if test_bn != "none" else [])).encode()).hexdigest()[:24]
     cached = Path(cache_dir) / "preds" / f"{key}.npy" if cache_dir else None
     if cached is not None and cached.is_file():
         return np.load(cached)
@@ -137,6 +138,9 @@ def member_probs(member: Member, items: list, tta: str, cache_dir: Path | None, 
     for path in member.paths:
         model, meta = load_model(path, dev)
         dataset = ImageDataset(items, None, eval_transform(meta["img_size"], meta["mean"], meta["std"]))
+        if test_bn == "adapt":
+            from models import adapt_test_bn
+            adapt_test_bn(model, make_loader(dataset, batch_size, 0, dev), dev, member.name)
         probs.append(predict_probs(model, make_loader(dataset, batch_size, 0, dev), dev, None, tta))
     out = np.mean(probs, axis=0)
     if cached is not None:

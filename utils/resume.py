@@ -20,7 +20,7 @@ import torch
 
 from utils import UserError
 from utils.checkpoint import atomic_write_bytes
-from utils.config import FREE_KEYS  # may change between an interrupted run and its resumption
+from utils.config import AUTO_KEYS, FREE_KEYS  # may change between an interrupted run and its resumption
 
 RESUME_FILE = "resume.pt"
 FORMAT = "sweepcls-resume/1"
@@ -97,7 +97,9 @@ def find_resume(resume: str, out_dir: Path) -> Path | None:
 
 def check_same_run(saved: dict, current: dict, path: Path) -> None:
     free = FREE_KEYS | ({"fold"} if saved.get("cv") else set())  # a cross-validated run saves the fold it was in
-    changed = sorted(k for k in saved if k not in free and saved.get(k) != current.get(k))
+    auto = {k for k, v in current.items() if v in ("auto", 0) and k in AUTO_KEYS}  # decided again, the same way
+    auto |= {"pretrained_path"} if current.get("pretrained") == "auto" else set()
+    changed = sorted(k for k in saved if k not in free | auto and saved.get(k) != current.get(k))
     if changed:
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in changed[:8])
         raise UserError(f"--resume {path}: the run was started with other values ({diffs}); resume with the same "

@@ -109,9 +109,11 @@ def check_sweep(sweep: dict) -> list[str]:
 def _check_models(params: dict) -> list[str]:
     """Every model name exists in timm, and each model takes each image size (one blank forward pass on
     the CPU, about a second for five light models): a fixed-grid model at the wrong size fails here."""
-    from models import build_model, check_input_size, check_model_name
+    from models import DEFAULT_MODEL, MIN_AUTO_SIZE, build_model, check_input_size, check_model_name
     names = _candidates("model", params["model"]) if isinstance(params.get("model"), dict) else [Config.model]
     sizes = _candidates("img_size", params["img_size"]) if isinstance(params.get("img_size"), dict) else [Config.img_size]
+    names = [DEFAULT_MODEL if n == "auto" else n for n in names]  # auto: what train.py picks for a data folder
+    sizes = [MIN_AUTO_SIZE if not int(s) else s for s in sizes]  # 0 = auto: the smallest size it picks
     problems, known = [], []
     for name in names:
         try:

@@ -367,6 +367,20 @@ def log_artifact(run, path: Path, name: str, type: str, metadata: dict | None = 
     _submit(run, log_it)
 
 
+def use_file(run, path: Path, name: str, type: str, metadata: dict | None = None) -> None:
+    """A local file as an artifact this run reads: online, an input of the run in W&B's lineage graph; offline
+    (where W&B refuses use_artifact) logged by the run, so it still reaches W&B on sync."""
+    if run.settings.mode != "online":
+        log_artifact(run, path, name, type, metadata)
+        return
+
+    def use_it():
+        artifact = wandb.Artifact(name, type=type, metadata=metadata)
+        artifact.add_file(str(path))
+        run.use_artifact(artifact)
+    _submit(run, use_it)
+
+
 def save_file(run, path: Path) -> None:
     """A plain file of the run folder also in the W&B run's files (offline: synced with the run)."""
     if run.settings.mode != "disabled":

@@ -1,0 +1,151 @@
+"""The hard benchmark's results table: each recipe over several seeds, test macro-F1 mean +- std and wall time.
+
+Usage (from the repository root; about 40 s per 12-epoch run on 2 CPU cores):
+    python benchmarks/hard.py                               # every recipe below, seeds 0 1 2, 12 epochs
+    python benchmarks/hard.py --recipes defaults light --seeds 0
+    python benchmarks/hard.py --sweep 8                     # + an 8-trial sweep.py run of sweep.yaml, its top-3 ensemble
+Each sweepcls run is `python train.py --data digits_hard --epochs E --seed S` plus the recipe's flags, W&B disabled;
+the reference loop (benchmarks/reference_loop.py) reads the same data exported as a competition folder.
+"""
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = {  # name -> train.py flags on top of the defaults
+    "defaults": [],
+    "aug light": ["--aug_preset", "light"],
+    "aug none": ["--aug_preset", "none"],
+    "clean validation": ["--val_noise", "none"],
+    "test-time BN": ["--test_bn", "adapt"],
+    "TTA d4": ["--tta", "d4"],
+    "pseudo-labels": None,  # the defaults run's test probabilities (p >= 0.9) added, trained again
+}
+
+
+def run(cmd: list[str]) -> tuple[str, float]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return proc.stdout, time.perf_counter() - start
+
+
+def test_f1(stdout: str) -> float:
+    return float(re.findall(r"test/f1_macro ([0-9.]+)", stdout)[-1])
+
+
+def train(out: Path, epochs: int, seed: int, flags: list[str]) -> tuple[float, float]:
+    stdout, wall = run([sys.executable, "train.py", "--data", "digits_hard", "--epochs", str(epochs), "--seed", str(seed),
+                        "--wandb_mode", "disabled", "--resume", "", "--out_dir", str(out), *flags])
+    return test_f1(stdout), wall
+
+
+def recipe(name: str, work: Path, epochs: int, seed: int) -> tuple[float, float]:
+    if RECIPES[name] is not None:
+        return train(work / f"{name.replace(' ', '_')}-{seed}", epochs, seed, RECIPES[name])
+    first = work / f"defaults-{seed}"
+    if not (first / "best.safetensors").is_file():
+        train(first, epochs, seed, [])
+    probs = work / f"probs-{seed}.csv"
+    _, wall = run([sys.executable, "predict.py", str(first), "--data", "digits_hard", "--out", str(work / "sub.csv"),
+                   "--save_probs", str(probs), "--cache_dir", str(work / "cache")])
+    f1, wall2 = train(work / f"pseudo-{seed}", epochs, seed, ["--pseudo_labels", str(probs)])
+    return f1, wall + wall2
+
+
+def reference(work: Path, epochs: int, seed: int) -> tuple[float, float]:
+    folder = work / "hard"
+    if not folder.is_dir():
+        run([sys.executable, "-m", "datasets.digits", "--export", str(folder), "--hard"])
+    stdout, wall = run([sys.executable, "benchmarks/reference_loop.py", "--data", str(folder), "--answers",
+                        str(folder.with_name("hard.answers.csv")), "--epochs", str(epochs), "--seed", str(seed),
+                        "--out", str(work / "reference.csv")])
+    return float(re.findall(r"test macro-F1 ([0-9.]+)", stdout)[-1]), wall
+
+
+def sweep(work: Path, epochs: int, count: int) -> list[tuple[str, float, float]]:
+    """count trials of sweep.yaml (data: digits_hard, epochs fixed), then the top 3 ensembled on the test set."""
+    spec = yaml.safe_load((ROOT / "sweep.yaml").read_text())
+    spec["parameters"] |= {"data": {"value": "digits_hard"}, "epochs": {"value": epochs}}
+    (work / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    sweep_dir = work / "sweep"
+    _, wall = run([sys.executable, "sweep.py", str(work / "sweep.yaml"), "--count", str(count), "--sweep_dir", str(sweep_dir)])
+    scores = []
+    for log in sorted((sweep_dir / "trials").glob("*.log")):
+        found = re.findall(r"test/f1_macro ([0-9.]+)", log.read_text())
+        if found:
+            scores.append(float(found[-1]))
+    status, _ = run([sys.executable, "sweep.py", "--status", str(sweep_dir)])
+    stdout, wall_ens = run([sys.executable, "ensemble.py", "--sweep", str(sweep_dir), "--top", "3", "--data", "digits_hard",
+                            "--out", str(work / "ensemble.csv"), "--wandb_mode", "disabled", "--cache_dir", str(work / "cache")])
+    ensemble = float(stdout.split("ensemble", 1)[1].split()[-1]) if "ensemble" in stdout else float("nan")
+    top1 = _best_trial_test(sweep_dir)
+    print(status)
+    print(stdout)
+    return [(f"{count}-trial sweep, best trial by val/f1_macro", top1, wall / count),
+            (f"{count}-trial sweep, top-3 ensemble", ensemble, wall + wall_ens),
+            (f"{count}-trial sweep, mean trial", float(np.mean(scores)), wall / count)]
+
+
+def _best_trial_test(sweep_dir: Path) -> float:
+    import csv
+    rows = list(csv.DictReader(open(sweep_dir / "leaderboard.csv")))
+    log = sweep_dir / "trials" / f"{rows[0]['run_id']}.log"
+    return test_f1(log.read_text())
+
+
+def rank_correlation(work: Path) -> str:
+    """Spearman correlation with the test macro-F1, over every run under `work` that logged both: each run's best
+    noisy-validation val/f1_macro and its best clean val_clean/f1_macro."""
+    from scipy.stats import spearmanr
+    sys.path.insert(0, str(ROOT))
+    from utils.tracking import read_local
+    rows = []
+    for metrics in sorted(work.rglob("metrics.jsonl")):
+        history, summary = read_local(metrics.parent)
+        clean = [h["val_clean/f1_macro"] for h in history if "val_clean/f1_macro" in h]
+        if clean and "test/f1_macro" in summary:
+            rows.append((max(h["val/f1_macro"] for h in history if "val/f1_macro" in h), max(clean), summary["test/f1_macro"]))
+    if len(rows) < 3:
+        return "rank correlation: fewer than 3 runs with both scores"
+    noisy, clean, test = map(np.array, zip(*rows))
+    return (f"rank correlation with the test macro-F1 over {len(rows)} runs (Spearman): noisy validation "
+            f"{spearmanr(noisy, test)[0]:.2f}, clean validation {spearmanr(clean, test)[0]:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipes", nargs="*", default=["reference loop", *RECIPES],
+                        help=f"any of: 'reference loop', {', '.join(repr(r) for r in RECIPES)}")
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--sweep", type=int, default=0, help="also run a sweep of this many trials (seed 0)")
+    parser.add_argument("--work", default="", help="folder for the runs; default a temporary one")
+    args = parser.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="sweepcls-hard-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"| recipe ({args.epochs} epochs) | test macro-F1, mean ± std over seeds {args.seeds} | wall s per run |")
+    print("|---|---|---|")
+    for name in args.recipes:
+        results = [reference(work, args.epochs, s) if name == "reference loop" else recipe(name, work, args.epochs, s)
+                   for s in args.seeds]
+        f1 = np.array([r[0] for r in results])
+        print(f"| {name} | {f1.mean():.3f} ± {f1.std():.3f} ({', '.join(f'{v:.3f}' for v in f1)}) | "
+              f"{np.mean([r[1] for r in results]):.0f} |", flush=True)
+    if args.sweep:
+        for name, f1, wall in sweep(work, args.epochs, args.sweep):
+            print(f"| {name} | {f1:.3f} | {wall:.0f} |", flush=True)
+    print(rank_correlation(work))
+    print(f"runs in {work}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""Test-matched augmentation and noisy validation (datasets/shift.py), the hard benchmark, --pretrained auto:
+on constructed sets of real digits, a test set with added noise, turns or tint switches those operations on
+and a clean one leaves them off."""
+import albumentations as A
+import cv2
+import numpy as np
+import pytest
+
+from conftest import _digit_images
+from datasets import load_data
+from datasets.digits import HARD_CLASSES, answers_path, export_hard, score
+from datasets.shift import any_on, corrupt, describe_shift, image_seed, measure_shift, shifted_share
+from datasets.transforms import AUGS
+from models import find_pretrained
+from utils import UserError
+from utils.config import parse_config
+
+MEAN, STD = [0.5] * 3, [0.25] * 3
+
+
+@pytest.fixture(scope="module")
+def digit_sets():
+    images, _ = _digit_images(600, seed=3)
+    rgb = [np.repeat(cv2.resize(g, (48, 48))[..., None], 3, axis=-1) for g in images]
+    return rgb[:300], rgb[300:]
+
+
+def corrupted(images, *ops):
+    tf = A.Compose(list(ops), seed=11)
+    return [tf(image=img)["image"] for img in images]
+
+
+def op_names(compose):
+    return {type(t).__name__ for t in compose.transforms}
+
+
+def test_clean_test_set_leaves_every_operation_off(digit_sets):
+    train, test = digit_sets
+    shift = measure_shift(train, test)
+    assert not any_on(shift["settings"]), describe_shift(shift)
+    ops = op_names(AUGS.build("auto", 48, 1.0, MEAN, STD, settings=shift["settings"]))
+    assert not ops & {"RandomRotate90", "GaussNoise", "RGBShift", "HorizontalFlip", "GaussianBlur"}
+
+
+def test_noise_in_the_test_set_switches_noise_on(digit_sets):
+    train, test = digit_sets
+    shift = measure_shift(train, corrupted(test, A.GaussNoise(std_range=(0.1, 0.2), p=1.0)))
+    noise = shift["settings"]["noise"]
+    assert noise["p"] > 0.7 and 0.05 <= noise["magnitude"] <= 0.4, describe_shift(shift)
+    assert shift["settings"]["turn"]["p"] == 0 and shift["settings"]["tint"]["p"] == 0
+    assert "GaussNoise" in op_names(AUGS.build("auto", 48, 1.0, MEAN, STD, settings=shift["settings"]))
+
+
+def test_turns_and_tint_in_the_test_set_switch_them_on(digit_sets):
+    train, test = digit_sets
+    shift = measure_shift(train, corrupted(test, A.RandomRotate90(p=1.0), A.RGBShift(40, 40, 40, p=1.0)))
+    s = shift["settings"]
+    assert s["turn"]["p"] >= 0.8 and s["tint"]["p"] > 0.7 and s["noise"]["p"] == 0, describe_shift(shift)
+    assert {"RandomRotate90", "RGBShift"} <= op_names(AUGS.build("auto", 48, 1.0, MEAN, STD, settings=s))
+    assert "turned" in describe_shift(shift) and "tint" in describe_shift(shift)
+
+
+def test_share_is_a_significant_ks_bound():
+    rng = np.random.default_rng(0)
+    train = rng.normal(0, 1, 300)
+    assert shifted_share(train, rng.normal(0, 1, 300), "up") == 0  # same distribution: not significant
+    half = np.concatenate([rng.normal(0, 1, 150), rng.normal(10, 1, 150)])  # half the test set shifted far up
+    assert shifted_share(train, half, "up") == pytest.approx(0.5, abs=0.08)
+    assert shifted_share(train, half, "down") == 0
+
+
+def test_auto_preset_strength_and_fallback(digit_sets):
+    train, test = digit_sets
+    settings = measure_shift(train, corrupted(test, A.GaussNoise(std_range=(0.1, 0.2), p=1.0)))["settings"]
+    image = train[0]
+    none = AUGS.build("auto", 48, 0.0, MEAN, STD, settings=settings)(image=image)["image"]
+    plain = AUGS.build("none", 48, 0.0, MEAN, STD)(image=image)["image"]
+    assert np.array_equal(none.numpy(), plain.numpy())  # strength 0: resize + normalize only
+    light = AUGS.build("auto", 48, 1.0, MEAN, STD)  # no test set measured: the light preset
+    assert op_names(light) == op_names(AUGS.build("light", 48, 1.0, MEAN, STD))
+
+
+def test_corruption_is_fixed_per_image(digit_sets):
+    train, test = digit_sets
+    settings = measure_shift(train, corrupted(test, A.GaussNoise(std_range=(0.1, 0.2), p=1.0),
+                                              A.RandomRotate90(p=1.0)))["settings"]
+    a = corrupt(train[0], settings, image_seed("img_001.png"))
+    assert np.array_equal(a, corrupt(train[0], settings, image_seed("img_001.png")))
+    assert not np.array_equal(a, train[0])
+    assert not np.array_equal(a, corrupt(train[0], settings, image_seed("img_002.png")))
+
+
+def test_hard_benchmark_is_a_competition_folder(tmp_path):
+    data = load_data("digits_hard")
+    counts = np.bincount(data.labels)
+    assert [int(c) for c in data.classes] == HARD_CLASSES and "5" not in data.classes and "9" not in data.classes
+    assert counts.max() >= 4 * counts.min() and 1.8 * len(data.labels) <= len(data.test_items) <= 2.5 * len(data.labels)
+    folder = export_hard(tmp_path / "hard")
+    exported = load_data(str(folder))
+    assert exported.test_labels is None and not (folder / "answers.csv").exists()  # the labels are not in the folder
+    assert exported.ids == data.ids and exported.test_ids == data.test_ids
+    assert np.array_equal(exported.test_items and np.asarray(cv2.imread(str(exported.test_items[0]))[..., ::-1]),
+                          data.test_items[0])
+    assert score(answers_path(folder), answers_path(folder)) == 1.0
+    sub = tmp_path / "sub.csv"
+    sub.write_text("ID,target\n" + "".join(f"{i},0\n" for i in data.test_ids[:-1]))
+    with pytest.raises(UserError, match="no prediction"):
+        score(sub, answers_path(folder))
+
+
+def test_pretrained_auto_uses_a_local_file_and_never_waits(tmp_path, monkeypatch):
+    monkeypatch.setenv("SWEEPCLS_WEIGHTS_DIR", str(tmp_path))
+    path, why = find_pretrained("resnet18")  # HF_HUB_OFFLINE (conftest): no hub
+    assert path == "" and "random initialization" in why
+    (tmp_path / "resnet18.safetensors").write_bytes(b"")
+    path, why = find_pretrained("resnet18")
+    assert path == str(tmp_path / "resnet18.safetensors") and str(tmp_path) in why
+
+
+@pytest.mark.parametrize("text, expected", [("auto", "auto"), ("True", "true"), ("0", "false"), ("no", "false")])
+def test_pretrained_is_auto_true_or_false(text, expected):
+    assert parse_config([f"--pretrained={text}"]).pretrained == expected
