@@ -1,14 +1,16 @@
 """Optimizer and scheduler registries, and SAM/ASAM (optim/sam.py). Usage:
     optimizer = build_optimizer("adamp", model, **optimizer_kwargs(cfg))
     scheduler = build_scheduler("cosine", optimizer, **scheduler_kwargs(cfg, steps_per_epoch))
-Weight decay never applies to biases and norm weights (1-d parameters). Schedulers are stepped
-once per optimizer step, except `plateau`, which steps once per epoch on the monitored metric.
+Optimizers are built through timm's create_optimizer_v2 and its parameter groups: weight decay never
+applies to biases, norm weights and the model's no_weight_decay() names, and --layer_decay scales each
+layer's lr (ViT/ConvNeXt fine-tuning). cosine and step are timm's schedulers (--min_lr, --warmup_lr).
+Schedulers are stepped once per optimizer step, except `plateau`, once per epoch on the monitored metric.
 """
-import math
 
 import adamp
 import torch
-from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
+from timm.scheduler import CosineLRScheduler, StepLRScheduler
 
 from optim.sam import SAM, frozen_norm_stats
 from utils.registry import Registry
@@ -21,17 +23,32 @@ SCHEDULERS = Registry("scheduler")
 
 
 def optimizer_kwargs(cfg) -> dict:
-    return dict(lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+    return dict(lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, layer_decay=cfg.layer_decay)
 
 
 def scheduler_kwargs(cfg, steps_per_epoch: int) -> dict:
     return dict(epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=cfg.warmup_epochs,
-                step_size=cfg.step_size, gamma=cfg.gamma, plateau_patience=cfg.plateau_patience, maximize=cfg.maximize)
+                warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_size=cfg.step_size, gamma=cfg.gamma,
+                plateau_patience=cfg.plateau_patience, maximize=cfg.maximize)
 
 
-def build_optimizer(name: str, model: torch.nn.Module, lr: float, weight_decay: float, momentum: float = 0.9):
-    groups = param_groups_weight_decay(model, weight_decay) if model is not None else None
-    return OPTIMIZERS.build(name, groups, lr=lr, weight_decay=weight_decay, momentum=momentum)
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float = 0.0) -> list[dict]:
+    """timm's parameter groups: no decay on 1-d parameters and the model's no_weight_decay() names; with
+    layer_decay in (0, 1), one group per layer depth, lr scaled by layer_decay ** (depth from the top)."""
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    if layer_decay:
+        return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=skip, layer_decay=layer_decay)
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=skip)
+
+
+def build_optimizer(name: str, model: torch.nn.Module, lr: float, weight_decay: float, momentum: float = 0.9,
+                    layer_decay: float = 0.0):
+    if name not in OPTIMIZERS:
+        OPTIMIZERS.build(name)  # the error that lists the known names
+    optimizer = OPTIMIZERS[name](model, lr=lr, weight_decay=weight_decay, momentum=momentum, layer_decay=layer_decay)
+    for group in optimizer.param_groups:  # a layer's lr scale becomes its own lr, which every schedule scales alike
+        group["lr"] *= group.pop("lr_scale", 1.0)
+    return optimizer
 
 
 def build_scheduler(name: str, optimizer: torch.optim.Optimizer, **kw):
@@ -44,22 +61,24 @@ def is_per_epoch(scheduler) -> bool:
 
 
 # ----------------------------------------------------------------------------- optimizers
-@OPTIMIZERS.register("sgd")
-def sgd(groups, lr, weight_decay, momentum, **_):
-    """SGD with Nesterov momentum (--momentum); the classic for CNNs with a long schedule."""
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
+def _timm(name: str, doc: str, opt: str | None = None):
+    """A menu name built by timm's create_optimizer_v2 (its parameter groups, layer decay, no_weight_decay())."""
+    def build(model, lr, weight_decay, momentum=0.9, layer_decay=0.0, **_):
+        timm_opt = opt(momentum) if callable(opt) else opt or name
+        return create_optimizer_v2(model, opt=timm_opt, lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                   layer_decay=layer_decay or None)
+    build.__doc__ = doc
+    OPTIMIZERS.register(name)(build)
 
 
-@OPTIMIZERS.register("adam")
-def adam(groups, lr, weight_decay, **_):
-    """Adam; weight decay as an L2 term in the gradient."""
-    return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
-
-
-@OPTIMIZERS.register("adamw")
-def adamw(groups, lr, weight_decay, **_):
-    """AdamW: Adam with decoupled weight decay; the safe default."""
-    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+_timm("sgd", "SGD with Nesterov momentum (--momentum; 0 = plain SGD); the classic for CNNs with a long schedule",
+      opt=lambda momentum: "sgd" if momentum > 0 else "momentum")
+_timm("adam", "Adam; weight decay as an L2 term in the gradient")
+_timm("adamw", "AdamW: Adam with decoupled weight decay; the safe default")
+_timm("lamb", "LAMB (timm): layer-wise adaptive Adam, for large batches")
+_timm("lion", "Lion (timm): sign-momentum; use a 3-10x smaller lr and larger weight decay than AdamW")
+_timm("radam", "RAdam (timm): Adam with a rectified warm-up of the adaptive term")
+_timm("adan", "Adan (timm): Nesterov-accelerated adaptive momentum")
 
 
 class _ReshapeViews:
@@ -85,56 +104,53 @@ class SGDP(_ReshapeViews, adamp.SGDP):
 
 
 @OPTIMIZERS.register("adamp")
-def adamp_(groups, lr, weight_decay, **_):
+def adamp_(model, lr, weight_decay, layer_decay=0.0, **_):
     """AdamP (Heo et al. 2021, adamp package): removes the radial update on scale-invariant weights."""
-    return AdamP(groups, lr=lr, weight_decay=weight_decay)
+    return AdamP(param_groups(model, weight_decay, layer_decay), lr=lr, weight_decay=weight_decay)
 
 
 @OPTIMIZERS.register("sgdp")
-def sgdp(groups, lr, weight_decay, momentum, **_):
+def sgdp(model, lr, weight_decay, momentum, layer_decay=0.0, **_):
     """SGDP (adamp package): SGD with Nesterov momentum and AdamP's projection."""
-    return SGDP(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=weight_decay)
-
-
-def _timm(opt: str, doc: str):
-    def build(groups, lr, weight_decay, **_):
-        return create_optimizer_v2(groups, opt=opt, lr=lr, weight_decay=weight_decay)
-    build.__doc__ = doc
-    OPTIMIZERS.register(opt)(build)
-
-
-_timm("lamb", "LAMB (timm): layer-wise adaptive Adam, for large batches")
-_timm("lion", "Lion (timm): sign-momentum; use a 3-10x smaller lr and larger weight decay than AdamW")
-_timm("radam", "RAdam (timm): Adam with a rectified warm-up of the adaptive term")
-_timm("adan", "Adan (timm): Nesterov-accelerated adaptive momentum")
+    return SGDP(param_groups(model, weight_decay, layer_decay), lr=lr, momentum=momentum, nesterov=momentum > 0,
+                weight_decay=weight_decay)
 
 
 # ----------------------------------------------------------------------------- schedulers
-def _lambda(optimizer, factor):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+class PerStep:
+    """A timm scheduler stepped once per optimizer step (its step_update), behind torch's step() and
+    state_dict(): the lr is a function of the step count alone, so resuming restores it exactly."""
 
+    def __init__(self, scheduler):
+        self.scheduler, self.updates = scheduler, 0
 
-def _warmup(step: int, warmup_steps: int) -> float:
-    return (step + 1) / warmup_steps if step < warmup_steps else 1.0
+    def step(self) -> None:
+        self.updates += 1
+        self.scheduler.step_update(self.updates)
+
+    def state_dict(self) -> dict:
+        return {"updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = int(state["updates"])
+        self.scheduler.step_update(self.updates)
 
 
 @SCHEDULERS.register("cosine")
-def cosine(optimizer, epochs, steps_per_epoch, warmup_epochs=0.0, **_):
-    """Linear warm-up over --warmup_epochs, then cosine decay to 0 at the last step."""
+def cosine(optimizer, epochs, steps_per_epoch, warmup_epochs=0.0, warmup_lr=0.0, min_lr=0.0, **_):
+    """timm's cosine: a linear warm-up from --warmup_lr over --warmup_epochs, then cosine decay to --min_lr at the
+    last step."""
     total, warm = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
-
-    def factor(step):
-        if step < warm:
-            return _warmup(step, warm)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-    return _lambda(optimizer, factor)
+    return PerStep(CosineLRScheduler(optimizer, t_initial=max(1, total - warm), lr_min=min_lr, warmup_t=warm,
+                                     warmup_lr_init=warmup_lr, warmup_prefix=True, t_in_epochs=False))
 
 
 @SCHEDULERS.register("step")
-def step(optimizer, steps_per_epoch, step_size=5, gamma=0.1, warmup_epochs=0.0, **_):
-    """Multiply the lr by --gamma every --step_size epochs (after the warm-up)."""
-    warm = round(warmup_epochs * steps_per_epoch)
-    return _lambda(optimizer, lambda s: _warmup(s, warm) * gamma ** (max(0, s - warm) // (step_size * steps_per_epoch)))
+def step(optimizer, steps_per_epoch, step_size=5, gamma=0.1, warmup_epochs=0.0, warmup_lr=0.0, **_):
+    """timm's step: multiply the lr by --gamma every --step_size epochs (after the warm-up from --warmup_lr)."""
+    return PerStep(StepLRScheduler(optimizer, decay_t=step_size * steps_per_epoch, decay_rate=gamma,
+                                   warmup_t=round(warmup_epochs * steps_per_epoch), warmup_lr_init=warmup_lr,
+                                   warmup_prefix=True, t_in_epochs=False))
 
 
 @SCHEDULERS.register("plateau")
@@ -155,7 +171,7 @@ def onecycle(optimizer, epochs, steps_per_epoch, warmup_epochs=0.0, **_):
 
 
 @SCHEDULERS.register("none")
-def constant(optimizer, steps_per_epoch=1, warmup_epochs=0.0, **_):
-    """Constant lr (after the warm-up)."""
-    warm = round(warmup_epochs * steps_per_epoch)
-    return _lambda(optimizer, lambda s: _warmup(s, warm))
+def constant(optimizer, steps_per_epoch=1, warmup_epochs=0.0, warmup_lr=0.0, **_):
+    """Constant lr (after the warm-up from --warmup_lr)."""
+    return PerStep(StepLRScheduler(optimizer, decay_t=1, decay_rate=1.0, warmup_t=round(warmup_epochs * steps_per_epoch),
+                                   warmup_lr_init=warmup_lr, warmup_prefix=True, t_in_epochs=False))

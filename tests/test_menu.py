@@ -186,7 +186,7 @@ def _lrs(name, steps_per_epoch=10, epochs=4, metric=None, **kw):
 
 def test_cosine_warms_up_then_decays_to_zero():
     lrs = _lrs("cosine", warmup_epochs=1)
-    assert np.allclose(lrs[:10], 0.1 * np.arange(1, 11) / 10)
+    assert np.allclose(lrs[:10], 0.1 * np.arange(10) / 10)  # timm's warm-up, from --warmup_lr 0
     assert lrs[10] == pytest.approx(0.1) and np.all(np.diff(lrs[10:]) < 0) and lrs[-1] < 0.001
     assert np.allclose(lrs[10:], 0.05 * (1 + np.cos(np.pi * np.arange(30) / 30)))
 
@@ -300,3 +300,19 @@ def test_pipeline_bench_reports_loader_and_ceiling():
     f = pipeline_figures("test_resnet", 16, 8, steps=2, device=torch.device("cpu"), workers=0)
     assert f["train_real"] > 0 and f["train_ceiling"] > 0 and f["loader"] > 0
     assert f["ratio"] == pytest.approx(f["train_real"] / f["train_ceiling"])
+
+
+def test_timm_parameter_groups_layer_decay_and_schedule_bounds():
+    """Optimizers come from timm's factory: the model's no_weight_decay() names take no decay, --layer_decay gives
+    deeper layers smaller lrs (the head keeps --lr); cosine starts at --warmup_lr and ends at --min_lr."""
+    from optim import build_optimizer
+    from models import build_model
+    model = build_model("test_vit", 3)
+    optimizer = build_optimizer("adamw", model, lr=0.1, weight_decay=0.05, layer_decay=0.5)
+    lrs = sorted({round(g["lr"], 12) for g in optimizer.param_groups})
+    assert len(lrs) > 2 and lrs[-1] == pytest.approx(0.1) and lrs[0] < 0.1 * 0.5 ** 2
+    no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert id(model.pos_embed) in no_decay and id(model.cls_token) in no_decay
+    assert all("lr_scale" not in g for g in optimizer.param_groups)
+    lrs = _lrs("cosine", warmup_epochs=1, warmup_lr=0.02, min_lr=0.005)
+    assert lrs[0] == pytest.approx(0.02) and lrs[10] == pytest.approx(0.1) and lrs[-1] == pytest.approx(0.005, abs=1e-3)

@@ -99,6 +99,10 @@ class Config:
     scheduler: str = opt("cosine", "learning-rate schedule, stepped per iteration (plateau: per epoch)",
                          _names("optim", "SCHEDULERS"))
     warmup_epochs: float = opt(1.0, "linear lr warm-up (cosine, step, none; onecycle: its rising share)")
+    warmup_lr: float = opt(0.0, "the lr the warm-up starts from (cosine, step, none)")
+    min_lr: float = opt(0.0, "cosine: the lr at the last step")
+    layer_decay: float = opt(0.0, "in (0, 1): each layer's lr times layer_decay^(its depth from the head), timm's "
+                                  "layer-wise decay for fine-tuning pretrained ViTs/ConvNeXts; 0 = off")
     step_size: int = opt(5, "step: epochs between lr drops")
     gamma: float = opt(0.1, "step and plateau: lr multiplier at each drop")
     plateau_patience: int = opt(2, "plateau: epochs without improvement before a drop")
@@ -189,6 +193,8 @@ class Config:
             (self.clip_grad >= 0, "clip_grad must be >= 0 (0 = off)"),
             (0 < self.ema_decay < 1, "ema_decay must be in (0, 1)"),
             (self.warmup_epochs >= 0, "warmup_epochs must be >= 0"),
+            (self.warmup_lr >= 0 and self.min_lr >= 0, "warmup_lr and min_lr must be >= 0"),
+            (0 <= self.layer_decay < 1, "layer_decay must be in [0, 1) (0 = off)"),
             (self.step_size >= 1 and self.plateau_patience >= 0, "step_size must be >= 1, plateau_patience >= 0"),
             (0 < self.gamma <= 1, "gamma must be in (0, 1]"),
             (self.patience >= 0, "patience must be >= 0 (0 = off)"),
