@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", default="", help="add the top runs of an offline sweep dir or ENTITY/PROJECT/SWEEP_ID")
     parser.add_argument("--top", type=int, default=3, help="how many runs --sweep adds")
     parser.add_argument("--data", required=True, help="as train.py's --data: its test set is predicted")
-    parser.add_argument("--weights", default="equal", choices=["equal", "auto"])
+    parser.add_argument("--weights", default=None, choices=["equal", "auto"],
+                        help="auto: Caruana weights on the validation set the members share (default where there is one, "
+                             "else equal)")
     parser.add_argument("--tta", default="none", choices=sorted(TTA))
     parser.add_argument("--test_bn", default="none", choices=["adapt", "none"],
                         help="adapt: each member's BatchNorm statistics re-estimated on the test images first")
@@ -97,13 +99,23 @@ def main(argv: list[str] | None = None) -> int:
                 m.name = f"{m.name}#{i + 1}"
         check_compatible(members)
         data = load_test_data(args.data, members[0].meta)
+        explicit, args.weights = args.weights is not None, args.weights or "auto"
         if args.weights == "auto" and not len(data.labels):
-            raise UserError(f"--weights auto scores members on labelled images, and --data {args.data} has none; "
-                            f"pass the training data folder or use --weights equal")
+            if explicit:
+                raise UserError(f"--weights auto scores members on labelled images, and --data {args.data} has none; "
+                                f"pass the training data folder or use --weights equal")
+            args.weights = "equal"
         metric = monitor_metric(members[0].meta)
         weights, table = np.full(len(members), 1 / len(members)), {}  # table: set -> each member's score + the ensemble's
         if args.weights == "auto":
-            set_name, labels, probs = labelled_set(members, data, args)
+            try:
+                set_name, labels, probs = labelled_set(members, data, args)
+            except UserError as e:
+                if explicit:
+                    raise
+                print(f"note: equal weights ({e})")
+                args.weights = "equal"
+        if args.weights == "auto":
             weights = caruana(probs, labels, metric)
             table[set_name] = [score(metric, labels, p) for p in probs + [sum(w * p for w, p in zip(weights, probs))]]
         test = [member_probs(m, data.test_items, args.tta, args.cache_dir, args.batch_size, args.device, args.test_bn)

@@ -72,7 +72,8 @@ def reference(work: Path, epochs: int, seed: int) -> tuple[float, float]:
 
 
 def sweep(work: Path, epochs: int, count: int) -> list[tuple[str, float, float]]:
-    """count trials of sweep.yaml (data: digits_hard, epochs fixed), then the top 3 ensembled on the test set."""
+    """count trials of sweep.yaml (data: digits_hard, epochs fixed), then the top 3 ensembled on the test set
+    (ensemble.py's default weights: fitted on the trials' shared noisy validation split)."""
     spec = yaml.safe_load((ROOT / "sweep.yaml").read_text())
     spec["parameters"] |= {"data": {"value": "digits_hard"}, "epochs": {"value": epochs}}
     (work / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -86,7 +87,7 @@ def sweep(work: Path, epochs: int, count: int) -> list[tuple[str, float, float]]
     status, _ = run([sys.executable, "sweep.py", "--status", str(sweep_dir)])
     stdout, wall_ens = run([sys.executable, "ensemble.py", "--sweep", str(sweep_dir), "--top", "3", "--data", "digits_hard",
                             "--out", str(work / "ensemble.csv"), "--wandb_mode", "disabled", "--cache_dir", str(work / "cache")])
-    ensemble = float(stdout.split("ensemble", 1)[1].split()[-1]) if "ensemble" in stdout else float("nan")
+    ensemble = float(next(line for line in stdout.splitlines() if line.startswith("ensemble ")).split()[-1])  # test
     top1 = _best_trial_test(sweep_dir)
     print(status)
     print(stdout)
