@@ -29,12 +29,14 @@ def labelled_set(members, data, args) -> tuple[str, np.ndarray, list[np.ndarray]
     """(name, labels, each member's probabilities) on images no member trained on."""
     if all(m.oof is not None for m in members):
         return "oof", data.labels, [read_oof(m, data.ids) for m in members]
-    if any(m.oof is not None or m.meta["config"].get("cv") for m in members):
+    if any(m.oof is not None or m.meta.get("config", {}).get("cv") for m in members):
         raise UserError("--weights auto needs one labelled set all members share: all cross-validated runs "
                         "(out-of-fold predictions) or none; use --weights equal for this mix")
     splits = {}
     for m in members:
-        c = m.meta["config"]
+        c = m.meta.get("config", {})
+        if any(k not in c for k in ("val_fraction", "folds", "fold", "seed")):
+            raise UserError(f"member {m.name} records no validation split in its checkpoint; use --weights equal")
         val = split_indices(data.labels, data.groups, c["val_fraction"], c["folds"], c["fold"], c["seed"])[1]
         splits.setdefault(tuple(val), []).append(m.name)
     if len(splits) > 1:
@@ -47,6 +49,28 @@ def labelled_set(members, data, args) -> tuple[str, np.ndarray, list[np.ndarray]
         items, name = noisy_copies(items, [data.ids[i] for i in val], {**shift["settings"], "noise_scale": 1.0}), "val_noisy"
     return name, data.labels[val], [member_probs(m, items, args.tta, args.cache_dir, args.batch_size, args.device)
                                      for m in members]
+
+
+def fit_weights(members, data, args, metric: str) -> tuple[np.ndarray, dict]:
+    """(weights, {set name: each member's score and the ensemble's}): Caruana weights on the labelled set the members
+    share when --weights auto, or when it is not given and there is one; else equal weights (args.weights says which)."""
+    explicit, args.weights = args.weights is not None, args.weights or "auto"
+    equal = np.full(len(members), 1 / len(members))
+    if args.weights == "equal":
+        return equal, {}
+    try:
+        if not len(data.labels):
+            raise UserError(f"--weights auto scores members on labelled images, and --data {args.data} has none; "
+                            f"pass the training data folder or use --weights equal")
+        set_name, labels, probs = labelled_set(members, data, args)
+    except UserError as e:
+        if explicit:
+            raise
+        print(f"note: equal weights ({e})")
+        args.weights = "equal"
+        return equal, {}
+    weights = caruana(probs, labels, metric)
+    return weights, {set_name: [score(metric, labels, p) for p in probs + [sum(w * p for w, p in zip(weights, probs))]]}
 
 
 def disagreement_rows(data, probs: list[np.ndarray], ensemble: np.ndarray, max_rows: int) -> list[list]:
@@ -99,25 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                 m.name = f"{m.name}#{i + 1}"
         check_compatible(members)
         data = load_test_data(args.data, members[0].meta)
-        explicit, args.weights = args.weights is not None, args.weights or "auto"
-        if args.weights == "auto" and not len(data.labels):
-            if explicit:
-                raise UserError(f"--weights auto scores members on labelled images, and --data {args.data} has none; "
-                                f"pass the training data folder or use --weights equal")
-            args.weights = "equal"
         metric = monitor_metric(members[0].meta)
-        weights, table = np.full(len(members), 1 / len(members)), {}  # table: set -> each member's score + the ensemble's
-        if args.weights == "auto":
-            try:
-                set_name, labels, probs = labelled_set(members, data, args)
-            except UserError as e:
-                if explicit:
-                    raise
-                print(f"note: equal weights ({e})")
-                args.weights = "equal"
-        if args.weights == "auto":
-            weights = caruana(probs, labels, metric)
-            table[set_name] = [score(metric, labels, p) for p in probs + [sum(w * p for w, p in zip(weights, probs))]]
+        weights, table = fit_weights(members, data, args, metric)  # table: set -> each member's score + the ensemble's
         test = [member_probs(m, data.test_items, args.tta, args.cache_dir, args.batch_size, args.device, args.test_bn)
                 for m in members]
     except UserError as e:

@@ -120,3 +120,35 @@ def test_pretrained_auto_uses_a_local_file_and_never_waits(tmp_path, monkeypatch
 @pytest.mark.parametrize("text, expected", [("auto", "auto"), ("True", "true"), ("0", "false"), ("no", "false")])
 def test_pretrained_is_auto_true_or_false(text, expected):
     assert parse_config([f"--pretrained={text}"]).pretrained == expected
+
+
+def test_pseudo_label_file_is_checked_and_thresholded(tmp_path):
+    from datasets import Data
+    from datasets.pseudo import read_pseudo_labels, write_probs
+    data = Data(classes=["a", "b"], targets=["a", "b"], items=[], labels=np.zeros(0, int), ids=[],
+                test_items=[None] * 3, test_ids=["t1", "t2", "t3"])
+    path = tmp_path / "probs.csv"
+    write_probs(path, ["t3", "t1", "t2"], np.array([[0.95, 0.05], [0.4, 0.6], [0.05, 0.95]]), ["a", "b"], "run x")
+    rows, labels, info = read_pseudo_labels(str(path), data, 0.9)
+    assert rows.tolist() == [2, 1] and labels.tolist() == [0, 1]  # test rows t3 (a) and t2 (b); t1 is unsure
+    assert info["added"] == 2 and info["per_class"] == {"a": 1, "b": 1} and info["source"] == ["run x"]
+    write_probs(path, ["t1", "other"], np.full((2, 2), 0.5), ["a", "b"], "run x")
+    with pytest.raises(UserError, match="not in the test set"):
+        read_pseudo_labels(str(path), data, 0.9)
+    write_probs(path, ["t1"], np.full((1, 3), 0.3), ["a", "b", "c"], "run x")
+    with pytest.raises(UserError, match="p_a, p_b"):
+        read_pseudo_labels(str(path), data, 0.9)
+
+
+def test_batchnorm_adapts_to_the_test_images_and_a_model_without_says_so(capsys):
+    import torch
+    from models import adapt_batchnorm, adapt_test_bn
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    test = [(torch.randn(8, 3, 8, 8) * 3 + 2, None) for _ in range(3)]  # shifted and scaled inputs
+    assert adapt_batchnorm(model, test, torch.device("cpu")) == 1
+    features = torch.cat([model[0](x) for x, _ in test])
+    assert torch.allclose(model[1].running_mean, features.mean((0, 2, 3)), atol=1e-4)
+    assert not model.training and model[1].momentum == 0.1
+    adapt_test_bn(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), test, torch.device("cpu"), "plain")
+    assert "plain has no BatchNorm layers" in capsys.readouterr().out
