@@ -8,6 +8,7 @@ Each sweepcls run is `python train.py --data digits_hard --epochs E --seed S` pl
 the reference loop (benchmarks/reference_loop.py) reads the same data exported as a competition folder.
 """
 import argparse
+import csv
 import re
 import subprocess
 import sys
@@ -97,7 +98,6 @@ def sweep(work: Path, epochs: int, count: int) -> list[tuple[str, float, float]]
 
 
 def _best_trial_test(sweep_dir: Path) -> float:
-    import csv
     rows = list(csv.DictReader(open(sweep_dir / "leaderboard.csv")))
     log = sweep_dir / "trials" / f"{rows[0]['run_id']}.log"
     return test_f1(log.read_text())

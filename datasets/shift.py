@@ -51,8 +51,8 @@ OPERATIONS = {
     "blur": ("sharpness", "down", [0.4, 0.6, 0.8, 1.0, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0]),      # Gaussian sigma, px
     "rotate": ("orientation", "up", [2, 4, 6, 8, 10, 15, 20, 25, 30, 45]),                  # degrees
 }
-CLEAN_ONLY = {"sharpness", "orientation", "contrast"}
-RESOLUTION = {"noise": 0.5, "tint": 2.0, "brightness": 2.0, "contrast": 2.0, "orientation": 1.0}  # smaller: no change  # read on the test images without measured noise
+CLEAN_ONLY = {"sharpness", "orientation", "contrast"}  # read on the test images without measured noise
+RESOLUTION = {"noise": 0.5, "tint": 2.0, "brightness": 2.0, "contrast": 2.0, "orientation": 1.0}  # smaller: no change
 OFF = {"turn": {"p": 0.0}, "flip": {"p": 0.0}, **{op: {"p": 0.0, "magnitude": 0.0} for op in OPERATIONS}}
 
 
@@ -62,7 +62,7 @@ def _grey(rgb: np.ndarray) -> np.ndarray:
 
 STATISTICS = {
     "noise": lambda rgb: noise_sigma(_grey(rgb)),
-    "sharpness": lambda rgb: sharpness(_grey(rgb)) / (float(_grey(rgb).var()) + 1.0),  # blur, not contrast
+    "sharpness": lambda rgb: (lambda g: sharpness(g) / (float(g.var()) + 1.0))(_grey(rgb)),  # blur, not contrast
     "orientation": lambda rgb: dominant_orientation(_grey(rgb)),
     "tint": colour_cast,
     "brightness": lambda rgb: float(_grey(rgb).mean()),
@@ -154,7 +154,8 @@ def measure_poses(train_images: list, test_images: list, photometric: dict) -> d
     """Share of test images turned by a right angle and mirrored, from a logistic-regression pose classifier
     trained on half the training images in all 8 poses (corrupted by the measured photometric operations),
     its confusion matrix on the other half, and its predictions on the test images unmixed through it."""
-    corrupted = [corrupt(img, {**OFF, **photometric}, seed=SEED + i) for i, img in enumerate(train_images)]
+    apply = corrupter({**OFF, **photometric})
+    corrupted = [apply(img, SEED + i) for i, img in enumerate(train_images)]
     half = len(corrupted) // 2
     fit_part, held_part = corrupted[:half], corrupted[half:]
     pose_x = lambda imgs: _standardize(np.stack([p for img in imgs for p in _d4(_pose_features(img))]))
@@ -191,7 +192,8 @@ def measure_shift(train_images: list, test_images: list, native_side: int | None
         images = train_images[:SIMULATE]
         base = train[stat]
         if any_on(before):  # the training images as the operations resolved so far leave them
-            images = [corrupt(img, before, SEED + i) for i, img in enumerate(images)]
+            apply = corrupter(before)
+            images = [apply(img, SEED + i) for i, img in enumerate(images)]
             base = np.array([STATISTICS[stat](img) for img in images])
         share = shifted_share(base, values, direction, RESOLUTION.get(stat, 0.0))  # the shift they leave unexplained
         gap[op] = {"statistic": stat, "train": float(np.median(train[stat])), "test": float(np.median(values)),
@@ -229,11 +231,19 @@ def image_seed(sample_id: str) -> int:
     return zlib.crc32(str(sample_id).encode())
 
 
+def corrupter(settings: dict):
+    """apply(image, seed): the measured corruption, built once, applied deterministically per seed."""
+    tf = A.Compose(matched_ops(settings, 1.0))
+
+    def apply(rgb: np.ndarray, seed: int) -> np.ndarray:
+        tf.set_random_seed(seed)
+        return tf(image=rgb)["image"]
+    return apply
+
+
 def corrupt(rgb: np.ndarray, settings: dict, seed: int) -> np.ndarray:
     """The measured corruption applied once to an image, deterministically (noisy validation)."""
-    tf = A.Compose(matched_ops(settings, 1.0))
-    tf.set_random_seed(seed)
-    return tf(image=rgb)["image"]
+    return corrupter(settings)(rgb, seed)
 
 
 def any_on(settings: dict | None) -> bool:
@@ -272,4 +282,5 @@ def _at_size(image: np.ndarray, side: int) -> np.ndarray:
 
 def noisy_copies(images: list, ids: list, settings: dict) -> list[np.ndarray]:
     """Each image with the measured corruption, seeded by its id (noisy validation)."""
-    return [corrupt(load_image(img), settings, image_seed(i)) for img, i in zip(images, ids)]
+    apply = corrupter(settings)
+    return [apply(load_image(img), image_seed(i)) for img, i in zip(images, ids)]

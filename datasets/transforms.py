@@ -74,9 +74,6 @@ def test_noise(s):
     ]
 
 
-AUTO_STRENGTH = 1.0  # the aug_strength at which --aug_preset auto applies the settings as measured
-
-
 def matched_ops(settings: dict, scale: float) -> list:
     """The test set's measured corruption (datasets/shift.py settings) as albumentations operations, each
     probability and magnitude times `scale` (probabilities capped at 1): turns, flips, small rotation, tint,
@@ -115,7 +112,7 @@ def auto(img_size, strength, mean, std, settings: dict | None = None) -> A.Compo
         raise ValueError(f"aug_strength must be in [0, 1], got {strength}")
     if strength == 0:
         return eval_transform(img_size, mean, std)
-    s = strength / AUTO_STRENGTH
+    s = strength  # 1: the measured probabilities and magnitudes
     jitter = A.Affine(scale=(1 - 0.1 * s, 1 + 0.1 * s), translate_percent=(-0.06 * s, 0.06 * s),
                       border_mode=cv2.BORDER_CONSTANT, fill=0, p=min(1.0, 0.8 * s))
     return A.Compose([A.Resize(img_size, img_size), jitter, *matched_ops(settings, s), *_finish(img_size, mean, std)[1:]])

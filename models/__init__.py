@@ -95,7 +95,7 @@ def weights_dir() -> Path:
 
 def pretrained_input_size(name: str) -> int:
     """The side the model's pretrained weights were trained at (224 where timm does not say)."""
-    cfg = timm.get_pretrained_cfg(name.split(".")[0] if not timm.get_pretrained_cfg(name) else name)
+    cfg = timm.get_pretrained_cfg(name)
     return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else 224
 
 
@@ -105,7 +105,7 @@ def _hub_file(name: str) -> str | None:
     cfg = timm.get_pretrained_cfg(name)
     if cfg is None or not cfg.hf_hub_id:
         return None
-    for filename in ("model.safetensors", cfg.hf_hub_filename or "pytorch_model.bin", "pytorch_model.bin"):
+    for filename in dict.fromkeys(("model.safetensors", cfg.hf_hub_filename or "pytorch_model.bin", "pytorch_model.bin")):
         found = try_to_load_from_cache(cfg.hf_hub_id, filename)
         if isinstance(found, str) and os.path.isfile(found):
             return found
@@ -163,14 +163,14 @@ def adapt_batchnorm(model: nn.Module, loader, device: torch.device) -> int:
     if not norms:
         return 0
     model.eval()
-    saved = [(m.momentum, m.training) for m in norms]
+    momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over all batches
         m.train()
     for images, *_ in loader:
         model(images.to(device, non_blocking=True))
-    for m, (momentum, _) in zip(norms, saved):
+    for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.eval()
     return len(norms)
