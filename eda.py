@@ -19,7 +19,7 @@ import numpy as np
 
 from datasets import load_data, load_image, write_csv
 from utils import UserError, tracking
-from utils.eda import describe, near_duplicates, split_gap
+from workflows.eda import describe, near_duplicates, split_gap
 
 SAMPLES = 8
 
@@ -85,7 +85,7 @@ def _predictions(ref: str, data, cache_dir: Path) -> tuple[str, np.ndarray, np.n
             raise UserError(f"{ref}: {len(missing)} test id(s) missing (e.g. {missing[:3]}), labels not among the "
                             f"classes: {unknown[:5]}")
         return path.name, np.array([index[rows[i]] for i in data.test_ids]), None
-    from utils.ensemble import member_probs, resolve_member
+    from workflows.ensemble import member_probs, resolve_member
     member = resolve_member(ref, cache_dir)
     if member.meta["classes"] != data.classes:
         raise UserError(f"{ref} was trained on classes {member.meta['classes']}, --data has {data.classes}")

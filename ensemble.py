@@ -21,7 +21,7 @@ from datasets.pseudo import write_probs
 from datasets.shift import any_on, noisy_copies
 from datasets.transforms import TTA
 from utils import UserError, tracking
-from utils.ensemble import (caruana, check_compatible, is_artifact_ref, load_test_data, member_probs, monitor_metric,
+from workflows.ensemble import (caruana, check_compatible, is_artifact_ref, load_test_data, member_probs, monitor_metric,
                             read_oof, resolve_member, score, sweep_member_refs)
 
 

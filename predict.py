@@ -14,7 +14,7 @@ from datasets import write_submission
 from datasets.pseudo import write_probs
 from datasets.transforms import TTA
 from utils import UserError
-from utils.ensemble import load_test_data, member_probs, resolve_member
+from workflows.ensemble import load_test_data, member_probs, resolve_member
 from utils.metrics import classification_metrics
 
 

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import UserError
-from utils.resume import RESUME_FILE
+from utils import UserError, cores
+from workflows.resume import RESUME_FILE
 from utils.stop import StopSignal
-from utils.sweep import (DONE, ENGINE_STATE, LIVE, SweepDir, Trial, agent_command, leaderboard, load_sweep,
+from workflows.sweep import (DONE, ENGINE_STATE, LIVE, SweepDir, Trial, agent_command, leaderboard, load_sweep,
                          param_file_text, plain, sweeps_engine, varied_keys)
 from utils.tracking import random_id, read_local
 
@@ -141,8 +141,7 @@ class Runner:
                "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
         env.setdefault("WANDB_MODE", "offline")
         # W trials share the cores: one OpenMP pool per core each, or they spin against each other (10x slower)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // self.workers)))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores() // self.workers)))
         if self.gpus:
             busy = [t.gpu for t in self.trials.values() if t.state in LIVE and t.id != trial.id]
             trial.gpu = min(self.gpus, key=busy.count)
@@ -286,7 +285,7 @@ def print_status(sweep: dict, sdir: SweepDir, info: dict) -> None:
         print(f"\nupload the runs:        wandb sync {sdir.runs_dir}/*/wandb/offline-run-*"
               f"\nthen attach them to a server-side sweep (bayes learns from them):"
               f"\n  wandb sweep -p {project} {' '.join('-R ' + i for i in finished)} {info['source']}")
-        print(f"the journal (what each trial changed, its score against the baseline): python -m utils.journal --sweep {sdir.root}")
+        print(f"the journal (what each trial changed, its score against the baseline): python -m journal --sweep {sdir.root}")
 
 
 def _short(value) -> str:

@@ -20,7 +20,8 @@ from timm.data import Mixup
 from timm.utils import ModelEmaV3
 
 from datasets import ImageDataset, build_sampler, load_data, load_image, screen_images, split_indices, write_submission
-from datasets.cache import JoinedImages, take
+from datasets.cache import JoinedImages
+from datasets.files import take
 from datasets.pseudo import read_pseudo_labels
 from datasets.shift import any_on, describe_shift, measure_data, native_side, noisy_copies
 from datasets.transforms import AUGS, eval_transform
@@ -29,16 +30,18 @@ from models import (DEFAULT_MODEL, DEMO_MODEL, MIN_AUTO_SIZE, adapt_test_bn, bui
                     normalization, pretrained_input_size)
 from optim import SAM, build_optimizer, build_scheduler, is_per_epoch, optimizer_kwargs, scheduler_kwargs
 from optim.stepper import Stepper, train_one_epoch
-from utils import UserError, distributed, lineage, tracking
-from utils.background import Worker
-from utils.checkpoint import CheckpointKeeper, load_model, read_meta
-from utils.config import Config, parse_config
-from utils.label_errors import analyse_oof, apply_label_fixes
-from utils.metrics import classification_metrics
-from utils.report import write_report
-from utils.resume import (RESUME_FILE, load_arrays, restore_training_state, resume_from, save_arrays, save_state,
+from utils import UserError, distributed, tracking
+from workflows import lineage
+from utils.background import BackgroundWriter
+from models.checkpoint import CheckpointKeeper, load_model, read_meta
+from workflows.config import Config, parse_config
+from workflows.label_errors import analyse_oof, apply_label_fixes
+from workflows.report import write_report
+from workflows.resume import (RESUME_FILE, load_arrays, restore_training_state, resume_from, save_arrays, save_state,
                           training_state)
-from utils.runtime import amp_dtype_for, default_workers, make_loader, nll, pick_device, predict_probs, seed_everything
+from utils.device import amp_dtype_for, default_workers, make_loader, pick_device, seed_everything
+from utils.metrics import classification_metrics, nll
+from workflows.inference import predict_probs
 from utils.stop import StopSignal, Stopped
 
 
@@ -122,7 +125,7 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
         stepper.net = torch.compile(stepper.net)
     eval_model = ema.module if ema is not None else model  # what is evaluated and checkpointed
     keeper = CheckpointKeeper(out_dir, cfg.keep_top_k, cfg.maximize, write=distributed.is_main(),
-                              worker=Worker("checkpoint-writer"))  # files written while the next epoch trains
+                              writer=BackgroundWriter("checkpoint-writer"))  # files written while the next epoch trains
     model_name = f"model-{run.id}{f'-fold{cfg.fold}' if prefix else ''}"  # its W&B artifact
     meta_base = dict(format="sweepcls/1", model=cfg.model, classes=classes, targets=data.targets,
                      img_size=cfg.img_size, mean=mean, std=std, config=cfg.to_dict(), run_id=run.id, fold=cfg.fold,
@@ -189,14 +192,14 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
             if distributed.is_main():
                 save_state(resume_path or out_dir / RESUME_FILE, {"run_id": run.id, "config": cfg.to_dict(), **tracking.position(run),
                                                    "next_epoch": cfg.epochs + 1 if early_stop else epoch + 1,
-                                                   **training_state(stepper, keeper, best_probs)}, keeper.worker)
+                                                   **training_state(stepper, keeper, best_probs)}, keeper.writer)
             if early_stop:
                 break
         log_best_model(run, keeper, model_name)
         if best_probs is not None:
             submit_report(cfg, run, out_dir, prefix, data, val_idx, best_probs, keeper, val_images)  # every epoch's curves
     finally:
-        keeper.worker.close()  # every checkpoint and resume.pt written (a write error is raised here)
+        keeper.writer.close()  # every checkpoint and resume.pt written (a write error is raised here)
 
     test_probs = None
     if data.test_items and distributed.is_main():
@@ -211,7 +214,7 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
 
 def submit_report(cfg: Config, run, out_dir: Path, prefix: str, data, val_idx: np.ndarray, probs: np.ndarray,
                   keeper: CheckpointKeeper, val_images: list) -> None:
-    """out_dir/report.html (utils/report.py) for the best epoch so far, written on the checkpoint writer's thread."""
+    """out_dir/report.html (workflows/report.py) for the best epoch so far, written on the checkpoint writer's thread."""
     if not distributed.is_main():
         return
     summary = {"run": run.id, **({"fold": cfg.fold} if prefix else {}), "model": cfg.model, "img_size": cfg.img_size,
@@ -220,7 +223,7 @@ def submit_report(cfg: Config, run, out_dir: Path, prefix: str, data, val_idx: n
     args = (out_dir / "report.html", f"{cfg.model}, run {run.id} {prefix.rstrip('/')}", summary, tracking.history(run, prefix),
             data.classes, data.labels[val_idx], probs, [data.ids[i] for i in val_idx],
             lambda r: load_image(val_images[r]), cfg.table_rows)
-    keeper.worker.submit(lambda: write_report(*args))
+    keeper.writer.submit(lambda: write_report(*args))
 
 
 def log_best_model(run, keeper: CheckpointKeeper, name: str) -> None:

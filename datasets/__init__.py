@@ -7,56 +7,32 @@ Sources: "digits" (scikit-learn's bundled digits, see datasets/digits.py), an Im
 (PATH/<class>/* or PATH/train/<class>/* with optional PATH/test/), or a competition folder
 (PATH/train.csv + PATH/train/, optional meta.csv, sample_submission.csv and PATH/test/).
 """
-import csv
-import io
 import os
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
-import torch
-from PIL import Image, ImageOps
-from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
-from torchsampler import ImbalancedDatasetSampler
-
-from utils import UserError
-from utils.checkpoint import atomic_write_bytes
-from utils.registry import Registry
 
 # albumentations 2.x asks pypi.org for a newer version on every import (each run, each spawned loader worker):
 # a network call at run time, and a warning on every run of an offline GPU server. Off unless the user sets it.
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+# (set before the imports below, which import albumentations)
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import numpy as np
+import torch
+from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train_test_split
+from torchsampler import ImbalancedDatasetSampler
 
-@dataclass
-class Data:
-    classes: list[str]              # class names; the index is the model's output index
-    targets: list                   # per class index, the label as the submission writes it (CSV int/name)
-    items: list                     # training images: file paths or HxWx3 uint8 arrays
-    labels: np.ndarray              # int64 class index per item
-    ids: list[str]                  # sample id per item (CSV ID, relative path, digits index)
-    groups: np.ndarray | None = None
-    test_items: list | None = None
-    test_ids: list[str] | None = None
-    test_labels: np.ndarray | None = None  # known only for the digits demo and labelled test folders
-    submission_columns: tuple[str, str] = ("ID", "target")
-
-    def drop(self, rows) -> None:
-        """Remove these training rows (indices) from items, ids, labels and groups alike."""
-        from datasets.cache import take
-        keep = np.setdiff1d(np.arange(len(self.labels)), sorted(rows))
-        self.items, self.ids, self.labels = take(self.items, keep), [self.ids[i] for i in keep], self.labels[keep]
-        self.groups = self.groups[keep] if self.groups is not None else None
+from datasets.cache import cache_images
+from datasets.digits import load_digits_data
+from datasets.files import IMAGE_EXTS, Data, load_image, read_csv, take, unreadable, write_csv
+from utils import UserError
+from utils.registry import Registry
 
 
 def load_data(source: str, image_col: str = "ID", label_col: str = "target", group_col: str = "",
               skip_bad: bool = False) -> Data:
     """skip_bad: training rows whose file is missing pass here; screen_images drops them."""
     if source in ("digits", "digits_hard"):
-        from datasets.digits import load_digits_data
         return load_digits_data(hard=source == "digits_hard")
     root = Path(source)
     if not root.is_dir():
@@ -68,36 +44,12 @@ def load_data(source: str, image_col: str = "ID", label_col: str = "target", gro
     return _load_image_folder(root)
 
 
-def load_image(item) -> np.ndarray:
-    """An HxWx3 uint8 RGB array from a path or an array (grayscale, RGBA, palette, CMYK become RGB)."""
-    if isinstance(item, np.ndarray):
-        return item
-    with Image.open(item) as img:
-        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
-
-
-def unreadable(item) -> str | None:
-    """Why an image file cannot be decoded, or None. JPEGs decode at reduced scale: every byte is still read."""
-    if isinstance(item, np.ndarray):
-        return None
-    try:
-        with Image.open(item) as img:
-            img.draft("RGB", (64, 64))
-            img.load()
-        return None
-    except FileNotFoundError:
-        return "missing"
-    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return f"{type(e).__name__}: {e}"
-
-
 def screen_images(data: Data, skip_bad: bool, cache: str = "none", img_size: int = 0, cache_dir=None) -> list[str]:
     """Decode every image once before training, so a corrupt, truncated or missing file fails now, by
     name, not inside a DataLoader worker. skip_bad drops bad training images (their ids are returned);
     a bad test image is always an error (its row belongs in the submission). cache "ram" or "disk"
     (auto: ram for in-memory data, else disk) keeps the decoded images at img_size (datasets/cache.py)
     and puts them in data.items and data.test_items in place of the paths."""
-    from datasets.cache import cache_images
     test_items = data.test_items or []
     if cache == "auto":
         cache = "ram" if all(isinstance(i, np.ndarray) for i in data.items) else "disk"
@@ -125,12 +77,6 @@ def screen_images(data: Data, skip_bad: bool, cache: str = "none", img_size: int
         raise UserError(f"class(es) {empty} have no training image{' left' if skipped else ''}; add images or "
                         f"remove the class from meta.csv")
     return skipped
-
-
-def _read_csv(path: Path) -> tuple[list[str], list[dict]]:
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
-        return list(reader.fieldnames or []), list(reader)
 
 
 def _require_columns(path: Path, header: list[str], wanted: dict[str, str]) -> None:
@@ -161,7 +107,7 @@ def _check_files(paths: list[Path], what: str, allow_missing: bool = False) -> N
 
 def _load_csv(root: Path, image_col: str, label_col: str, group_col: str, skip_bad: bool = False) -> Data:
     train_csv = root / "train.csv"
-    header, rows = _read_csv(train_csv)
+    header, rows = read_csv(train_csv)
     _require_columns(train_csv, header, {image_col: "set by --image_col", label_col: "set by --label_col",
                                          group_col: "set by --group_col"})
     if not rows:
@@ -170,7 +116,7 @@ def _load_csv(root: Path, image_col: str, label_col: str, group_col: str, skip_b
 
     meta_csv = root / "meta.csv"
     if meta_csv.is_file():  # target -> class_name, in target order
-        meta_header, meta_rows = _read_csv(meta_csv)
+        meta_header, meta_rows = read_csv(meta_csv)
         _require_columns(meta_csv, meta_header, {label_col: "set by --label_col", "class_name": "meta.csv maps labels to names"})
         meta_rows.sort(key=lambda r: int(r[label_col]) if _is_int(r[label_col]) else r[label_col])
         targets = [int(r[label_col]) if _is_int(r[label_col]) else r[label_col] for r in meta_rows]
@@ -197,7 +143,7 @@ def _load_csv(root: Path, image_col: str, label_col: str, group_col: str, skip_b
 
     sample_csv, test_dir = root / "sample_submission.csv", root / "test"
     if sample_csv.is_file():
-        sample_header, sample_rows = _read_csv(sample_csv)
+        sample_header, sample_rows = read_csv(sample_csv)
         id_col = image_col if image_col in sample_header else sample_header[0]
         target_col = label_col if label_col in sample_header else sample_header[-1]
         data.test_ids = [r[id_col] for r in sample_rows]
@@ -331,15 +277,6 @@ def imbalanced_sampler(labels, seed):
     it works on any subset or fold; drawn with replacement, every class equally often on average."""
     weights = ImbalancedDatasetSampler(labels, labels=[int(y) for y in labels]).weights
     return SeededSampler(len(labels), seed, weights)
-
-
-def write_csv(path: Path, header, rows) -> None:
-    """A CSV file written atomically: a reader sees the old file or the whole new one."""
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(rows)
-    atomic_write_bytes(Path(path), text.getvalue().encode())
 
 
 def write_submission(path: Path, data: Data, pred: np.ndarray) -> None:

@@ -23,16 +23,14 @@ from pathlib import Path
 import albumentations as A
 import numpy as np
 
+from datasets.files import load_image
+from utils import cores
+
 FORMAT = "sweepcls-cache/1"
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("SWEEPCLS_CACHE_DIR") or Path.home() / ".cache" / "sweepcls")
-
-
-def cores() -> int:
-    """CPU cores this process may run on (a container's or taskset's share, not the host's)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class CachedImages:
@@ -59,6 +57,9 @@ class CachedImages:
         row = int(self.index[key]) if self.index is not None else int(key)
         return self.array[row]
 
+    def take(self, idx) -> "CachedImages":
+        return self[idx]
+
     def __getstate__(self):
         state = dict(self.__dict__)
         if self.path is not None:
@@ -79,11 +80,6 @@ class JoinedImages:
         return self.first[key] if key < len(self.first) else self.second[key - len(self.first)]
 
 
-def take(items, idx):
-    """items[idx] for a list of paths/arrays or a CachedImages."""
-    return items[idx] if isinstance(items, CachedImages) else [items[i] for i in idx]
-
-
 def _key(items, img_size: int) -> str:
     h = hashlib.sha256(f"{FORMAT}|{img_size}|{A.__version__}".encode())
     for item in items:
@@ -102,8 +98,7 @@ def cache_images(items: list, img_size: int, mode: str, cache_dir: Path | None =
                  decode=None) -> tuple[CachedImages, dict[int, str]]:
     """(the images at img_size x img_size, {index: why} for those that could not be decoded: zeros there).
     mode "ram" or "disk"; decode(item) -> HxWx3 uint8 (datasets.load_image)."""
-    if decode is None:
-        from datasets import load_image as decode
+    decode = decode or load_image
     if mode == "ram" or all(isinstance(i, np.ndarray) for i in items):  # in-memory data: nothing to save
         array = np.zeros((len(items), img_size, img_size, 3), np.uint8)
         return CachedImages(array), _fill(array, items, img_size, decode)

@@ -23,7 +23,7 @@ from sklearn.datasets import load_digits
 from sklearn.metrics import f1_score
 from sklearn.model_selection import train_test_split
 
-from datasets import Data, _read_csv, write_csv
+from datasets.files import Data, read_csv, write_csv
 from utils import UserError
 
 SIZE = 64          # px, the demo's stored resolution (the training transform resizes to img_size)
@@ -37,7 +37,7 @@ HARD_TEST_PER_CLASS = 90                 # balanced test set: 720 images, 2.2x t
 HARD_SEED = 7
 
 
-def test_noise() -> A.Compose:
+def demo_test_corruption() -> A.Compose:
     return A.Compose([
         A.Affine(rotate=(-15, 15), scale=(0.9, 1.1), p=0.8),
         A.RGBShift(r_shift_limit=50, g_shift_limit=50, b_shift_limit=50, p=0.7),
@@ -46,7 +46,7 @@ def test_noise() -> A.Compose:
     ], seed=TEST_SEED)
 
 
-def hard_test_noise() -> A.Compose:
+def hard_test_corruption() -> A.Compose:
     """The hard test set's corruption: every image turned by a random multiple of 90 degrees, the rest stacked
     at random, as in the document competition's test set."""
     return A.Compose([
@@ -75,7 +75,7 @@ def load_digits_data(hard: bool = False) -> Data:
     idx = np.arange(len(labels))
     train_idx, test_idx = train_test_split(idx, test_size=TEST_FRACTION, stratify=labels, random_state=TEST_SEED)
     train_idx, test_idx = np.sort(train_idx), np.sort(test_idx)
-    noise = test_noise()
+    noise = demo_test_corruption()
     classes = [str(d) for d in range(10)]
     return Data(
         classes=classes, targets=list(range(10)),
@@ -99,7 +99,7 @@ def load_hard_data() -> Data:
     train_idx, test_idx = np.sort(train_idx), rng.permutation(test_idx)  # test ids say nothing of the class
     label_of = {d: k for k, d in enumerate(HARD_CLASSES)}
     labels = np.array([label_of.get(d, -1) for d in digit], np.int64)  # -1: a left-out digit, never picked
-    noise = hard_test_noise()
+    noise = hard_test_corruption()
     return Data(
         classes=[str(d) for d in HARD_CLASSES], targets=list(HARD_CLASSES),
         items=list(images[train_idx]), labels=labels[train_idx], ids=[f"tr_{i:04d}.png" for i in train_idx],
@@ -146,7 +146,7 @@ def score(submission: Path, answers: Path) -> float:
     rows = {}
     for path in (submission, answers):
         try:
-            header, table = _read_csv(Path(path))
+            header, table = read_csv(Path(path))
         except OSError as e:
             raise UserError(f"{path}: {e.strerror}") from None
         rows[path] = {r[header[0]]: r[header[-1]].strip() for r in table}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets import Data, _read_csv, write_csv
+from datasets.files import Data, read_csv, write_csv
 from utils import UserError
 
 
@@ -26,7 +26,7 @@ def read_pseudo_labels(path: str, data: Data, threshold: float) -> tuple[np.ndar
     The file must cover this data's test ids (no others) with this data's classes, in the same order."""
     path = Path(path)
     try:
-        header, rows = _read_csv(path)
+        header, rows = read_csv(path)
     except OSError as e:
         raise UserError(f"--pseudo_labels {path}: {e.strerror}") from None
     wanted = [f"p_{c}" for c in data.classes]

@@ -30,7 +30,7 @@ from PIL import Image
 from scipy.optimize import nnls
 from sklearn.linear_model import LogisticRegression
 
-from datasets import load_image
+from datasets.files import load_image
 from datasets.transforms import matched_ops
 from utils.image_stats import colour_cast, dominant_orientation, noise_sigma, sharpness
 

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from optim import SAM, frozen_norm_stats, is_per_epoch
 from utils import UserError, distributed
-from utils.runtime import to_input
+from utils.device import to_input
 from utils.stop import StopSignal
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import tracking  # noqa: E402
-from utils.config import Config, parse_config  # noqa: E402
+from workflows.config import Config, parse_config  # noqa: E402
 from utils.stop import StopSignal, Stopped  # noqa: E402
 
 

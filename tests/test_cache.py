@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from datasets import ImageDataset, SeededSampler, load_data, load_image, screen_images
-from datasets.cache import CachedImages, cache_images, take
+from datasets.cache import CachedImages, cache_images
+from datasets.files import take
 from datasets.transforms import AUGS
 from utils import UserError
 

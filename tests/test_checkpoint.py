@@ -7,8 +7,9 @@ import torch
 
 from conftest import TINY_MODEL
 from models import build_model
-from utils.background import Worker
-from utils.checkpoint import CheckpointKeeper, atomic_write_bytes, load_checkpoint, load_model, read_meta
+from utils.background import BackgroundWriter
+from models.checkpoint import CheckpointKeeper, load_checkpoint, load_model, read_meta
+from utils.files import atomic_write_bytes
 
 
 def meta_for(epoch):
@@ -32,7 +33,7 @@ def test_rebuild_from_checkpoint_alone(tmp_path):
 @pytest.mark.parametrize("background", [False, True])
 def test_top_k_keeps_best_and_last(tmp_path, maximize, background):
     model = build_model(TINY_MODEL, 3)
-    keeper = CheckpointKeeper(tmp_path, keep_top_k=2, maximize=maximize, worker=Worker("t") if background else None)
+    keeper = CheckpointKeeper(tmp_path, keep_top_k=2, maximize=maximize, writer=BackgroundWriter("t") if background else None)
     scores = [0.3, 0.7, 0.5, 0.6, 0.2]
     flags = [keeper.update(model, meta_for(e), e, s) for e, s in enumerate(scores, 1)]
     keeper.flush()
@@ -51,8 +52,8 @@ def test_background_writes_the_weights_as_they_were(tmp_path):
     torch.manual_seed(0)
     model = build_model(TINY_MODEL, 3)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    worker = Worker("t")
-    keeper = CheckpointKeeper(tmp_path, keep_top_k=1, maximize=True, worker=worker)
+    worker = BackgroundWriter("t")
+    keeper = CheckpointKeeper(tmp_path, keep_top_k=1, maximize=True, writer=worker)
     worker.submit(lambda: time.sleep(0.3))  # the writer is busy: the file is written after the change below
     keeper.update(model, meta_for(1), 1, 0.5)
     with torch.no_grad():

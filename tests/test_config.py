@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from utils import UserError, tracking
-from utils.config import Config, build_parser, parse_config
+from workflows.config import Config, build_parser, parse_config
 
 
 @pytest.mark.parametrize("text,expected", [("True", True), ("False", False), ("true", True), ("false", False),

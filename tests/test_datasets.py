@@ -158,7 +158,7 @@ def test_importing_the_entry_points_opens_no_connection():
              "    calls.append(host)\n"
              "    raise OSError('no network in this test')\n"
              "socket.getaddrinfo = refuse\n"
-             "import train, predict, ensemble, eda, sweep, datasets.register, utils.journal, utils.bench\n"
+             "import train, predict, ensemble, eda, sweep, register, journal, bench\n"
              "print(calls)\n")
     env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
     proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

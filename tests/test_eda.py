@@ -9,7 +9,7 @@ import pytest
 import eda
 from conftest import make_competition_folder, read_run
 from datasets import load_data
-from utils.eda import dominant_orientation, near_duplicates, noise_sigma
+from workflows.eda import dominant_orientation, near_duplicates, noise_sigma
 
 
 def summary_of(out_dir):

@@ -13,8 +13,9 @@ import predict as predict_cli
 from conftest import TINY_MODEL, read_run, run_train
 from test_train_e2e import staged_table
 from utils import UserError, tracking
-from utils.checkpoint import atomic_write_bytes, checkpoint_bytes
-from utils.ensemble import caruana, check_compatible, member_probs, resolve_member, score, sweep_member_refs
+from models.checkpoint import checkpoint_bytes
+from utils.files import atomic_write_bytes
+from workflows.ensemble import caruana, check_compatible, member_probs, resolve_member, score, sweep_member_refs
 from models import build_model
 
 
@@ -75,7 +76,7 @@ def test_predictions_are_cached_per_member_images_and_tta(tmp_path, monkeypatch)
 
     def no_inference(*a, **k):
         raise AssertionError("inference ran again")
-    monkeypatch.setattr("utils.checkpoint.load_model", no_inference)
+    monkeypatch.setattr("models.checkpoint.load_model", no_inference)
     assert np.array_equal(member_probs(member, items, "none", tmp_path / "cache"), first)
     with pytest.raises(AssertionError, match="inference ran again"):  # other TTA: another cache entry
         member_probs(member, items, "flip", tmp_path / "cache")
@@ -172,7 +173,7 @@ def test_predict_and_ensemble_two_backbones_offline(tmp_path, competition):
 
 
 def test_offline_sweep_dir_gives_its_best_run_dirs(tmp_path):
-    from utils.sweep import SweepDir, Trial, write_json
+    from workflows.sweep import SweepDir, Trial, write_json
     sdir = SweepDir(tmp_path / "sw")
     sweep = {"method": "random", "metric": {"name": "val/f1_macro", "goal": "maximize"},
              "parameters": {"lr": {"values": [0.1, 0.2, 0.3]}}}

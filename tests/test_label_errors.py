@@ -8,7 +8,7 @@ import pytest
 from conftest import TINY_MODEL, make_competition_folder, run_train
 from datasets import load_data
 from utils import UserError
-from utils.label_errors import apply_label_fixes
+from workflows.label_errors import apply_label_fixes
 
 FLIPPED = 30
 

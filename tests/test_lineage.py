@@ -18,8 +18,8 @@ import yaml
 from conftest import NAMES, ROOT, TINY_MODEL, make_competition_folder, read_run, run_train
 from datasets import load_data
 from utils import tracking
-from utils.checkpoint import read_meta
-from utils.lineage import (MARKER_FILE, changes, code_state, compact, defaults, describe_changes, fingerprint,
+from models.checkpoint import read_meta
+from workflows.lineage import (MARKER_FILE, changes, code_state, compact, defaults, describe_changes, fingerprint,
                            manifest)
 
 
@@ -51,7 +51,7 @@ def relabel(folder: Path, image_id: str, label) -> None:
 
 
 def test_register_logs_a_dataset_artifact_whose_table_lists_every_file(competition, tmp_path):
-    proc = run_module("datasets.register", competition, "--name", "comp-train", "--out_dir", tmp_path / "reg")
+    proc = run_module("register", competition, "--name", "comp-train", "--out_dir", tmp_path / "reg")
     assert proc.returncode == 0, proc.stderr
     records = read_run(next((tmp_path / "reg" / "wandb").glob("offline-run-*")))
     [artifact] = [r["artifact"] for r in records if r["type"] == "artifact"]
@@ -83,7 +83,7 @@ def test_register_logs_a_dataset_artifact_whose_table_lists_every_file(competiti
     assert json.loads((competition / MARKER_FILE).read_text())["digest"] == digest
 
     # large data: checksummed file:// references, nothing copied
-    proc = run_module("datasets.register", competition, "--name", "comp-refs", "--files", "reference", "--thumbnails", "0",
+    proc = run_module("register", competition, "--name", "comp-refs", "--files", "reference", "--thumbnails", "0",
                       "--out_dir", tmp_path / "refs")
     assert proc.returncode == 0, proc.stderr
     records = read_run(next((tmp_path / "refs" / "wandb").glob("offline-run-*")))
@@ -95,7 +95,7 @@ def test_register_logs_a_dataset_artifact_whose_table_lists_every_file(competiti
 
 @pytest.mark.slow
 def test_runs_on_a_registered_folder_name_its_artifact_until_the_data_changes(competition, tmp_path):
-    assert run_module("datasets.register", competition, "--name", "comp-train", "--out_dir", tmp_path / "reg").returncode == 0
+    assert run_module("register", competition, "--name", "comp-train", "--out_dir", tmp_path / "reg").returncode == 0
     digest = json.loads((competition / MARKER_FILE).read_text())["digest"]
     args = ["--data", str(competition), "--model", TINY_MODEL, "--img_size", "32", "--epochs", "1", "--workers", "0",
             "--table_rows", "4"]
@@ -187,7 +187,7 @@ def test_run_records_changes_parent_notes_code_and_data(tmp_path):
     assert config["changed"] == "epochs=1 lr=0.02" and config["changed_vs_parent"] == "lr=0.02"
     assert config["parent_run"] == parent_id and "vs parent" in child.stdout
 
-    journal = run_module("utils.journal", "--runs", tmp_path)
+    journal = run_module("journal", "--runs", tmp_path)
     assert journal.returncode == 0, journal.stderr
     rows = {cells[2]: cells for cells in ([c.strip() for c in line.split("|")[1:-1]] for line in journal.stdout.splitlines()
                                           if line.startswith("| ") and not line.startswith("| #"))}
@@ -223,7 +223,7 @@ def test_journal_lists_the_runs_of_an_offline_sweep(tmp_path):
     sweep = subprocess.run([sys.executable, "sweep.py", str(spec), "--count", "3", "--workers", "2", "--sweep_dir",
                             str(tmp_path / "sw")], cwd=ROOT, capture_output=True, text=True)
     assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-2000:]
-    proc = run_module("utils.journal", "--sweep", tmp_path / "sw")
+    proc = run_module("journal", "--sweep", tmp_path / "sw")
     assert proc.returncode == 0, proc.stderr
     assert f"Every run changes: `img_size=32 model={TINY_MODEL} epochs=2`." in proc.stdout
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
@@ -251,7 +251,7 @@ class FakeRun:
 
 
 def test_journal_reads_a_project_from_the_wandb_api(tmp_path, monkeypatch, capsys):
-    from utils import journal
+    import journal
     base = defaults() | {"epochs": 5}
     runs = [FakeRun("r1", "2026-11-20T10:00:00Z", base | {"changed": "epochs=5", "changed_keys": ["epochs"]},
                     {"val/f1_macro": 0.80, "best_epoch": 3}, "baseline"),

@@ -13,7 +13,7 @@ from datasets.transforms import AUGS, TTA, eval_transform
 from losses import LOSSES, build_loss, soft_target_losses, weights_for
 from optim import SAM, build_scheduler
 from optim.stepper import Stepper
-from utils.runtime import predict_probs
+from workflows.inference import predict_probs
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 
@@ -289,14 +289,14 @@ def test_tta_averages_the_views():
 
 
 def test_bench_reports_every_variant():
-    from utils.bench import step_costs
+    from workflows.bench import step_costs
     rows = step_costs("test_resnet", 16, 8, steps=1, device=torch.device("cpu"))
     assert [r[0] for r in rows] == ["plain", "SAM", "ASAM", "EMA", "SAM + EMA", "accum 2 x half batch", "EMA update alone"]
     assert all(ms > 0 for _, ms, _, _ in rows) and rows[0][2] == 1.0
 
 
 def test_pipeline_bench_reports_loader_and_ceiling():
-    from utils.bench import pipeline_figures
+    from workflows.bench import pipeline_figures
     f = pipeline_figures("test_resnet", 16, 8, steps=2, device=torch.device("cpu"), workers=0)
     assert f["train_real"] > 0 and f["train_ceiling"] > 0 and f["loader"] > 0
     assert f["ratio"] == pytest.approx(f["train_real"] / f["train_ceiling"])

@@ -11,7 +11,7 @@ import torch
 import train
 from conftest import TINY_MODEL, make_competition_folder
 from losses import LOSSES
-from utils.checkpoint import load_checkpoint, read_meta
+from models.checkpoint import load_checkpoint, read_meta
 
 pytestmark = pytest.mark.slow
 

@@ -137,7 +137,7 @@ def test_metrics_on_an_imbalanced_case():
 def test_fixed_grid_models_are_built_for_the_image_size(tmp_path):
     """EfficientFormerV2 (in the sweep's backbone list) only runs at the size it was built for."""
     from models import check_input_size
-    from utils.checkpoint import CheckpointKeeper, load_model
+    from models.checkpoint import CheckpointKeeper, load_model
     model = build_model("efficientformerv2_s0", 3, img_size=64)
     check_input_size(model, "efficientformerv2_s0", 64)
     with pytest.raises(UserError, match="cannot take --img_size 48"):

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 import train
 from conftest import ROOT, TINY_MODEL, read_run, run_train
-from utils.background import Worker
-from utils.resume import RESUME_FILE, load_state, save_state
+from utils.background import BackgroundWriter
+from workflows.resume import RESUME_FILE, load_state, save_state
 
 # dropout and mixup draw from the torch and numpy RNGs: a resume that lost either would diverge
 ARGS = ["--model", TINY_MODEL, "--img_size", "32", "--epochs", "4", "--batch_size", "16", "--drop_rate", "0.2",
@@ -155,7 +155,7 @@ def test_diverging_run_fails_cleanly(tmp_path, competition):
 
 def test_a_full_disk_leaves_earlier_checkpoints_whole(tmp_path):
     from utils import UserError
-    from utils.checkpoint import CheckpointKeeper, load_checkpoint
+    from models.checkpoint import CheckpointKeeper, load_checkpoint
     tmp_path = tmp_path / "ck"
     keeper = CheckpointKeeper(tmp_path, keep_top_k=2, maximize=True)
     model = torch.nn.Linear(3, 2)
@@ -205,7 +205,7 @@ def test_killed_cross_validated_run_resumes_at_its_fold(tmp_path, competition):
 
 def test_background_save_state_keeps_the_values_at_the_call(tmp_path):
     weights = {"w": torch.zeros(3), "nested": [{"m": torch.ones(2)}], "step": 4}
-    worker = Worker("t")
+    worker = BackgroundWriter("t")
     worker.submit(lambda: time.sleep(0.3))  # busy: the write happens after the training below
     save_state(tmp_path / RESUME_FILE, weights, worker)
     weights["w"].add_(5)

@@ -13,7 +13,7 @@ from datasets.shift import any_on, corrupt, describe_shift, image_seed, measure_
 from datasets.transforms import AUGS
 from models import find_pretrained
 from utils import UserError
-from utils.config import parse_config
+from workflows.config import parse_config
 
 MEAN, STD = [0.5] * 3, [0.25] * 3
 

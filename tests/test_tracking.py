@@ -8,12 +8,12 @@ import pytest
 
 from conftest import read_run
 from utils import tracking
-from utils.background import Worker
-from utils.checkpoint import atomic_write_bytes
+from utils.background import BackgroundWriter
+from utils.files import atomic_write_bytes
 
 
 def test_writer_runs_in_order_and_raises_a_failure_once():
-    writer, seen = Worker("test", backlog=2), []
+    writer, seen = BackgroundWriter("test", backlog=2), []
     main = threading.current_thread()
     for i in range(5):
         writer.submit(lambda i=i: seen.append((i, threading.current_thread() is main)))

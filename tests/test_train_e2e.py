@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import TINY_MODEL, read_run, run_train
-from utils.checkpoint import load_checkpoint, load_model
+from models.checkpoint import load_checkpoint, load_model
 
 pytestmark = pytest.mark.slow
 
@@ -89,7 +89,7 @@ def test_competition_folder_run(competition, tmp_path):
     # the checkpoint alone rebuilds the model; its validation predictions equal the logged ones
     from datasets import ImageDataset, load_data, split_indices
     from datasets.transforms import eval_transform
-    from utils.config import Config
+    from workflows.config import Config
     model, meta = load_model(out / "best.safetensors")
     cfg = Config.from_dict(meta["config"])
     data = load_data(cfg.data, cfg.image_col, cfg.label_col, cfg.group_col)

@@ -2,10 +2,10 @@
 files) overlaps training instead of pausing it.
 
 Usage:
-    worker = Worker("checkpoint-writer")
-    worker.submit(lambda: write(path, snapshot))   # returns at once (waits only when `backlog` are queued)
-    worker.drain()                                 # every call so far has run; raises the first failure
-    worker.close()                                 # drain, then stop the thread
+    writer = BackgroundWriter("checkpoint-writer")
+    writer.submit(lambda: write(path, snapshot))   # returns at once (waits only when `backlog` are queued)
+    writer.drain()                                 # every call so far has run; raises the first failure
+    writer.close()                                 # drain, then stop the thread
 A call that raises is not lost: the exception is raised, once, by the next submit/drain/close on the
 caller's thread; calls queued behind the failure are dropped.
 """
@@ -13,7 +13,7 @@ import queue
 import threading
 
 
-class Worker:
+class BackgroundWriter:
     def __init__(self, name: str, backlog: int = 16):
         self.queue: queue.Queue = queue.Queue(backlog)
         self.error: BaseException | None = None

@@ -109,8 +109,3 @@ def broadcast(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def barrier() -> None:
-    if world_size() > 1:
-        dist.barrier()

@@ -37,3 +37,8 @@ def one_vs_rest_auc(y_true: np.ndarray, probs: np.ndarray) -> np.ndarray:
         if 0 < positive.sum() < len(y_true):
             auc[c] = roc_auc_score(positive, probs[:, c])
     return auc
+
+
+def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Cross entropy of probabilities (of the TTA average, when on)."""
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())

@@ -30,9 +30,9 @@ import numpy as np
 import wandb
 
 from utils import UserError
-from utils.background import Worker
-from utils.checkpoint import atomic_write_bytes
-from utils.config import RECORD_KEYS
+from utils.background import BackgroundWriter
+from utils.files import atomic_write_bytes
+from workflows.config import ADDED_CONFIG_KEYS
 
 THUMB_PX = 128  # longest side of table thumbnails
 METRICS_FILE, SUMMARY_FILE = "metrics.jsonl", "summary.json"
@@ -108,7 +108,7 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, project: str = "",
     if resume and mode != "disabled":
         run.log({"resumed_at_step": resume["wandb_step"]}, step=resume["wandb_step"])  # steps go on from there
     _LOCAL[id(run)] |= {"step": int(run.step) if mode != "disabled" else 0,  # W&B's next step, counted here
-                        "writer": Worker("wandb-writer") if mode != "disabled" else None,
+                        "writer": BackgroundWriter("wandb-writer") if mode != "disabled" else None,
                         "thumbs": {}}  # (table prefix, sample id) -> its wandb.Image, encoded once per run
     if mode == "offline":
         print(f"W&B is offline. Upload this run later with: wandb sync {Path(run.dir).parent}")
@@ -123,11 +123,11 @@ def split_tags(*tags) -> list[str]:
 
 def config(run) -> dict:
     """The run's config as W&B holds it, sweep-locked values included; the lineage record left out."""
-    return {k: v for k, v in dict(run.config).items() if not k.startswith("_") and k not in RECORD_KEYS}
+    return {k: v for k, v in dict(run.config).items() if not k.startswith("_") and k not in ADDED_CONFIG_KEYS}
 
 
 def update_config(run, values: dict) -> None:
-    """Entries beside the Config keys (utils/lineage.py's record), replaced on a resumed run."""
+    """Entries beside the Config keys (workflows/lineage.py's record), replaced on a resumed run."""
     values = dict(values)
     _submit(run, lambda: run.config.update(values, allow_val_change=True))
 

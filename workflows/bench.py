@@ -1,17 +1,8 @@
-"""Benchmarks that print figures (no pass/fail). Usage:
-    python -m utils.bench --model resnet18 --img_size 64 --batch_size 64 [--steps 20] [--device auto]
-    python -m utils.bench --pipeline [--data digits|PATH] [--cache auto|ram|disk|none] [--workers -1] [--epochs 3]
+"""The benchmark's measurements (bench.py prints them): the cost of one optimizer step per training option,
+and the training pipeline's throughput against its ceiling.
 
-Default: the cost of one optimizer step (forward + backward + update on an in-memory batch) for the
-training options that change it: plain, SAM, ASAM, EMA, SAM + EMA, and 2-step accumulation.
---pipeline: whether training runs at the model's speed or the loader's: (a) train.py's step over
-real batches from its loader (its cache, workers, sampler and augmentation), (b) the same step on
-one in-memory batch (the ceiling), (c) a/b, (d) train.py's epoch time with W&B offline and
-disabled, and their ratio, (e) the loader alone. On CUDA with AMP and channels_last, as train.py.
-For a folder of real image files: python -m datasets.digits --export /tmp/digits-jpg --size 256
+Usage: rows = step_costs("resnet18", 64, 64, steps=20, device); figures = pipeline_figures(...)
 """
-import argparse
-import os
 import statistics
 import time
 
@@ -35,8 +26,8 @@ def _timed(fn, device: torch.device) -> float:
 
 
 def step_costs(model_name: str, img_size: int, batch_size: int, steps: int, device: torch.device) -> list[tuple]:
-    from optim.stepper import Stepper  # late: `python -m utils.bench --help` stays instant
-    from utils.runtime import amp_dtype_for, to_input
+    from optim.stepper import Stepper  # late: `python bench.py --help` stays instant
+    from utils.device import amp_dtype_for, to_input
     amp_dtype = amp_dtype_for(device, True)
     g = torch.Generator().manual_seed(0)
     x = to_input(torch.randn(batch_size, 3, img_size, img_size, generator=g), device)
@@ -81,7 +72,7 @@ def pipeline_figures(model_name: str, img_size: int, batch_size: int, steps: int
     from datasets.transforms import AUGS
     from models import normalization
     from optim.stepper import Stepper
-    from utils.runtime import amp_dtype_for, default_workers, make_loader, to_input
+    from utils.device import amp_dtype_for, default_workers, make_loader, to_input
     amp_dtype = amp_dtype_for(device, True)
     data = load_data(data_source)
     start = time.perf_counter()
@@ -138,67 +129,3 @@ def pipeline_figures(model_name: str, img_size: int, batch_size: int, steps: int
     loader_only = (count + batch_size) / (time.perf_counter() - start)
     return {"train_real": real, "train_ceiling": ceiling, "ratio": real / ceiling, "loader": loader_only,
             "workers": workers, "prepare_seconds": prepare_seconds}
-
-
-def wandb_epoch_seconds(model_name: str, img_size: int, batch_size: int, epochs: int, data_source: str,
-                        workers: int, cache: str = "auto") -> dict:
-    """(d) train.py's median epoch time with W&B offline and with W&B disabled: the wall time from one
-    logged row to the next (training, validation, and the W&B logging of tables, images and the
-    checkpoint artifact at new bests), so the first epoch's start-up is left out. Runs go disabled,
-    offline, offline, disabled, so a drift in the machine's speed hits both modes alike."""
-    import contextlib
-    import io
-    import json
-    import tempfile
-    import train
-    os.environ.setdefault("WANDB_SILENT", "true")
-    out = {"disabled": [], "offline": []}
-    for mode in ("disabled", "offline", "offline", "disabled"):
-        with tempfile.TemporaryDirectory() as tmp:
-            args = ["--model", model_name, "--img_size", str(img_size), "--batch_size", str(batch_size),
-                    "--epochs", str(epochs), "--data", data_source, "--workers", str(workers), "--wandb_mode", mode,
-                    "--out_dir", f"{tmp}/run", "--resume", "", "--cache", cache]
-            with contextlib.redirect_stdout(io.StringIO()):  # train.py's own log: not the benchmark's figures
-                assert train.main(args) == 0
-            times = [json.loads(line)["_time"] for line in open(f"{tmp}/run/metrics.jsonl")]
-            out[mode] += [b - a for a, b in zip(times, times[1:])]
-    return {mode: statistics.median(seconds) for mode, seconds in out.items()}
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--img_size", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (median reported)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--pipeline", action="store_true", help="loader vs model: figures (a)-(e)")
-    parser.add_argument("--data", default="digits", help="--pipeline: the data to read, as train.py's --data")
-    parser.add_argument("--workers", type=int, default=-1, help="--pipeline: loader workers; -1 = as train.py")
-    parser.add_argument("--cache", default="auto", choices=("auto", "ram", "disk", "none"), help="--pipeline: as train.py")
-    parser.add_argument("--epochs", type=int, default=4, help="--pipeline: epochs of each train.py run in (d)")
-    args = parser.parse_args(argv)
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    if args.pipeline:
-        f = pipeline_figures(args.model, args.img_size, args.batch_size, args.steps, device, args.data, args.workers,
-                             args.cache)
-        print(f"{args.model}, {args.img_size} px, batch {args.batch_size}, {device} ({torch.get_num_threads()} threads), "
-              f"{args.data}, cache {args.cache} (ready in {f['prepare_seconds']:.1f} s), {f['workers']} loader workers, "
-              f"{args.steps} steps")
-        print(f"(a) training over the real loader   {f['train_real']:8.0f} img/s")
-        print(f"(b) training on one in-memory batch {f['train_ceiling']:8.0f} img/s  (the ceiling)")
-        print(f"(c) a / b                           {f['ratio']:8.2f}")
-        print(f"(e) the loader alone                {f['loader']:8.0f} img/s")
-        w = wandb_epoch_seconds(args.model, args.img_size, args.batch_size, args.epochs, args.data, args.workers, args.cache)
-        print(f"(d) epoch with W&B offline {w['offline']:.2f} s, disabled {w['disabled']:.2f} s, "
-              f"ratio {w['offline'] / w['disabled']:.3f}")
-        return
-    print(f"{args.model}, {args.img_size} px, batch {args.batch_size}, {device} "
-          f"({torch.get_num_threads()} threads), median of {args.steps} steps")
-    print(f"{'variant':<22}{'ms/step':>10}{'x plain':>9}{'img/s':>9}")
-    for name, ms, ratio, ips in step_costs(args.model, args.img_size, args.batch_size, args.steps, device):
-        print(f"{name:<22}{ms:>10.1f}{ratio:>9.2f}{'-' if ips != ips else f'{ips:.0f}':>9}")
-
-
-if __name__ == "__main__":
-    main()

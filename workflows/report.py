@@ -11,7 +11,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from utils.checkpoint import atomic_write_bytes
+from utils.files import atomic_write_bytes
 from utils.metrics import classification_metrics
 
 CSS = """

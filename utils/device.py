@@ -1,18 +1,15 @@
-"""Device, loaders and prediction, shared by train.py, predict.py, ensemble.py and the benchmark.
+"""Device, seeds, CPU cores and loaders, shared by every script and the benchmark.
 
 Usage:
     device = pick_device("auto"); amp_dtype = amp_dtype_for(device, amp=True)
-    loader = make_loader(dataset, batch_size=64, workers=2, device=device)
-    probs = predict_probs(model, loader, device, amp_dtype, tta="flip")
+    loader = make_loader(dataset, batch_size=64, workers=default_workers(-1), device=device)
 """
 import random
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from datasets.transforms import TTA
-from utils import UserError
+from utils import UserError, cores
 
 
 def seed_everything(seed: int) -> None:
@@ -35,7 +32,6 @@ def amp_dtype_for(device: torch.device, amp: bool) -> torch.dtype | None:
 
 def default_workers(requested: int, processes: int = 1) -> int:
     """--workers -1: this process's share of the CPU cores (torchrun: cores / processes), up to 8."""
-    from datasets.cache import cores
     return requested if requested >= 0 else max(1, min(8, cores() // processes))
 
 
@@ -56,23 +52,3 @@ def make_loader(dataset, batch_size: int, workers: int, device: torch.device, sa
 def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     images = images.to(device, non_blocking=True)
     return images.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else images
-
-
-@torch.no_grad()
-def predict_probs(model, loader, device, amp_dtype=None, tta: str = "none") -> np.ndarray:
-    """Class probabilities, averaged over the TTA views of each batch."""
-    model.eval()
-    views, out = TTA.build(tta), []
-    for images, _, _ in tqdm(loader, desc="predict", leave=False, disable=None):
-        x = to_input(images, device)
-        probs = 0
-        for view in views:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                probs = probs + model(view(x)).float().softmax(1)
-        out.append((probs / len(views)).cpu())
-    return torch.cat(out).numpy()
-
-
-def nll(probs: np.ndarray, labels: np.ndarray) -> float:
-    """Cross entropy of probabilities (of the TTA average, when on)."""
-    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())

@@ -7,7 +7,7 @@ Usage (train.py):
 
 A run folder then holds run.json (config, changed keys, parent, notes, tags, code state, data
 fingerprint), data_manifest.csv (the images it trained on, with sizes and labels) and, when the
-code had uncommitted changes, code.diff. utils/journal.py reads them back; so does a resumed run,
+code had uncommitted changes, code.diff. journal.py reads them back; so does a resumed run,
 which warns when the data changed under it.
 """
 import csv
@@ -23,12 +23,13 @@ from pathlib import Path
 import numpy as np
 
 from utils import UserError, tracking
-from utils.checkpoint import atomic_write_bytes, read_meta
-from utils.config import DATA_KEYS, FREE_KEYS, Config
+from models.checkpoint import read_meta
+from utils.files import atomic_write_bytes
+from workflows.config import DATA_KEYS, BOOKKEEPING_KEYS, Config
 
 ROOT = Path(__file__).resolve().parents[1]  # the sweepcls checkout whose code state a run records
 RUN_FILE, MANIFEST_FILE, DIFF_FILE = "run.json", "data_manifest.csv", "code.diff"
-MARKER_FILE = ".sweepcls-dataset.json"  # written into a data folder by `python -m datasets.register`
+MARKER_FILE = ".sweepcls-dataset.json"  # written into a data folder by `python -m register`
 CODE_SUFFIXES = {".py", ".yaml", ".yml", ".toml", ".cfg", ".sh", ".ipynb"}  # new files that count as a code change (not .json: data)
 MAX_META_DIFF = 64_000  # characters of the diff kept in checkpoint metadata; the whole diff is in code.diff
 
@@ -118,7 +119,7 @@ def data_source(source: str, run, cache_dir: str = "") -> tuple[str, str | None]
 
 
 def link_registered(run, source: str, digest: str) -> str | None:
-    """The dataset artifact `python -m datasets.register` made of this folder, if the data still has its
+    """The dataset artifact `python -m register` made of this folder, if the data still has its
     fingerprint; online the run uses it (the lineage edge dataset -> run), offline it is recorded only."""
     try:
         marker = json.loads((Path(source) / MARKER_FILE).read_text())
@@ -126,7 +127,7 @@ def link_registered(run, source: str, digest: str) -> str | None:
         return None
     if marker.get("digest") != digest:
         print(f"note: {source} changed since it was registered as dataset {marker.get('name')}; register it again "
-              f"(python -m datasets.register) to link this data to its runs")
+              f"(python -m register) to link this data to its runs")
         return None
     artifact = "/".join(filter(None, [marker.get("entity"), marker["project"], f"{marker['name']}:fp-{digest}"]))
     try:
@@ -162,8 +163,8 @@ def code_state(root: Path = ROOT) -> dict:
 # ----------------------------------------------------------------------------- what changed
 def changes(config: dict, base: dict) -> dict:
     """The keys whose values differ from `base`, in the config's order; bookkeeping and data-location keys
-    (FREE_KEYS, DATA_KEYS) are no change."""
-    return {k: v for k, v in config.items() if k in base and k not in FREE_KEYS | DATA_KEYS and v != base[k]}
+    (BOOKKEEPING_KEYS, DATA_KEYS) are no change."""
+    return {k: v for k, v in config.items() if k in base and k not in BOOKKEEPING_KEYS | DATA_KEYS and v != base[k]}
 
 
 def _text(value) -> str:

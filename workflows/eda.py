@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from datasets import load_image
-from datasets.cache import cores
+from utils import cores
 from utils.image_stats import dominant_orientation, noise_sigma, sharpness
 
 STATS = ("brightness", "contrast", "noise", "sharpness", "orientation", "landscape")

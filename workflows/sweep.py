@@ -21,8 +21,8 @@ from pathlib import Path
 import yaml
 
 from utils import UserError
-from utils.checkpoint import atomic_write_bytes
-from utils.config import Config
+from utils.files import atomic_write_bytes
+from workflows.config import Config
 from utils.tracking import random_id, read_local
 
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # wandb agent's default

@@ -1,14 +1,14 @@
 """Register a data folder as a W&B dataset artifact, so runs trained on it link to it in W&B's lineage graph.
 
 Usage:
-    python -m datasets.register /data/comp --name comp-train                 # files copied into the artifact
-    python -m datasets.register /data/comp --name comp-train --files reference   # large data: checksummed file:// refs
+    python -m register /data/comp --name comp-train                 # files copied into the artifact
+    python -m register /data/comp --name comp-train --files reference   # large data: checksummed file:// refs
 Then train with --data /data/comp (linked to this version while its images and labels are unchanged), or
 anywhere online with --data wandb:ENTITY/PROJECT/comp-train:latest (downloaded first).
 
 The artifact holds the images under their paths in the folder, the label CSVs (train.csv, meta.csv,
 sample_submission.csv), and a table `samples` of every image: id, thumbnail, label, split, bytes, size.
-Its metadata and its alias fp-<digest> carry the data fingerprint train.py records (utils/lineage.py),
+Its metadata and its alias fp-<digest> carry the data fingerprint train.py records (workflows/lineage.py),
 and PATH/.sweepcls-dataset.json remembers the registration for later runs. Offline, the artifact is
 staged with the run under runs/register-<id>/; `wandb sync` it like any run.
 """
@@ -24,8 +24,8 @@ from PIL import Image
 
 from datasets import load_data, load_image
 from utils import UserError, tracking
-from utils.checkpoint import atomic_write_bytes
-from utils.lineage import MARKER_FILE, fingerprint, manifest
+from utils.files import atomic_write_bytes
+from workflows.lineage import MARKER_FILE, fingerprint, manifest
 
 LABEL_FILES = ("train.csv", "meta.csv", "sample_submission.csv")
 

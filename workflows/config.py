@@ -6,7 +6,6 @@ Every field is a CLI flag of the same snake_case name, the name `wandb agent` pa
 """
 import argparse
 import dataclasses
-import importlib
 import textwrap
 from dataclasses import dataclass, field
 from typing import Callable
@@ -23,9 +22,40 @@ def opt(default, help, choices: Callable[[], list] | tuple | None = None, auto_b
                                             "auto_bool": auto_bool})
 
 
-def _names(module: str, table: str) -> Callable[[], list]:
-    """Valid values of a key, read from a registry when asked (keeps this module free of torch imports)."""
-    return lambda: getattr(importlib.import_module(module), table)
+# Valid values of a key, read from a registry when asked: importing this module stays free of torch.
+def _augs():
+    from datasets.transforms import AUGS
+    return AUGS
+
+
+def _tta():
+    from datasets.transforms import TTA
+    return TTA
+
+
+def _samplers():
+    from datasets import SAMPLERS
+    return SAMPLERS
+
+
+def _optimizers():
+    from optim import OPTIMIZERS
+    return OPTIMIZERS
+
+
+def _schedulers():
+    from optim import SCHEDULERS
+    return SCHEDULERS
+
+
+def _losses():
+    from losses import LOSSES
+    return LOSSES
+
+
+def _class_weights():
+    from losses import CLASS_WEIGHTS
+    return CLASS_WEIGHTS
 
 
 @dataclass
@@ -43,7 +73,7 @@ class Config:
                           "it), with out-of-fold probabilities for every training image in oof.csv")
     img_size: int = opt(0, "square input size in px; 0 = auto: the images' median side rounded to 32 px, at least 64 "
                            "and at most the model's pretrained size (the digits demo: 48)")
-    aug_preset: str = opt("auto", "training augmentation preset", _names("datasets.transforms", "AUGS"))
+    aug_preset: str = opt("auto", "training augmentation preset", _augs)
     aug_strength: float = opt(1.0, "0-1, scales every probability and magnitude of the preset: 0 = resize + normalize "
                                    "only, 1 = full force (auto: 1 = as measured on the test set)")
     val_noise: str = opt("auto", "auto = validate on images given the corruption measured on the test set (fixed per "
@@ -53,9 +83,9 @@ class Config:
     cutmix: float = opt(0.0, "cutmix alpha (timm Mixup); 0 = off; with mixup too, each batch picks one")
     mix_prob: float = opt(1.0, "probability that a batch is mixed when mixup or cutmix is on")
     sampler: str = opt("random", "training sampler: random = each image once per epoch; imbalanced = "
-                                 "torchsampler's class-balanced draw with replacement", _names("datasets", "SAMPLERS"))
+                                 "torchsampler's class-balanced draw with replacement", _samplers)
     tta: str = opt("none", "test-time augmentation at validation and test, averaging probabilities",
-                   _names("datasets.transforms", "TTA"))
+                   _tta)
     test_bn: str = opt("none", "before predicting the test set, adapt = re-estimate BatchNorm statistics on the test "
                                "images (test-time adaptation to their noise, Schneider et al. 2020); none = as trained",
                        ("adapt", "none"))
@@ -86,7 +116,7 @@ class Config:
     batch_size: int = opt(32, "images per forward pass; an optimizer step sees batch_size x accum_steps")
     lr: float = opt(2e-3, "peak learning rate")
     weight_decay: float = opt(0.05, "decoupled weight decay (not applied to biases and norm weights)")
-    optimizer: str = opt("adamw", "optimizer name", _names("optim", "OPTIMIZERS"))
+    optimizer: str = opt("adamw", "optimizer name", _optimizers)
     momentum: float = opt(0.9, "momentum of sgd/sgdp (Nesterov)")
     sam: bool = opt(False, "wrap the optimizer in SAM (sharpness-aware minimization): two passes per step")
     sam_rho: float = opt(0.05, "SAM neighbourhood radius; ASAM typically wants ~10x more (0.5-2)")
@@ -97,7 +127,7 @@ class Config:
                            "the EMA weights are evaluated and checkpointed")
     ema_decay: float = opt(0.999, "EMA decay (with timm's warm-up, so short runs still move)")
     scheduler: str = opt("cosine", "learning-rate schedule, stepped per iteration (plateau: per epoch)",
-                         _names("optim", "SCHEDULERS"))
+                         _schedulers)
     warmup_epochs: float = opt(1.0, "linear lr warm-up (cosine, step, none; onecycle: its rising share)")
     warmup_lr: float = opt(0.0, "the lr the warm-up starts from (cosine, step, none)")
     min_lr: float = opt(0.0, "cosine: the lr at the last step")
@@ -113,10 +143,10 @@ class Config:
                               "when there is one (a rerun with the same --out_dir, a relaunched sweep trial); a run dir "
                               "or resume.pt path; '' = always start fresh")
     # --- loss ---
-    loss: str = opt("ce", "loss name", _names("losses", "LOSSES"))
+    loss: str = opt("ce", "loss name", _losses)
     class_weights: str = opt("inverse", "weighted_ce weights and focal alpha, from training class counts: "
                                         "1/n, 1/sqrt(n) or effective number (Cui et al. 2019)",
-                             _names("losses", "CLASS_WEIGHTS"))
+                             _class_weights)
     cb_beta: float = opt(0.999, "beta of the effective number of samples (class_weights=effective)")
     label_smoothing: float = opt(0.1, "smoothing of label_smoothing, and of asl")
     focal_gamma: float = opt(2.0, "focal: focusing exponent; 0 = cross entropy")
@@ -145,7 +175,7 @@ class Config:
     wandb_console: bool = opt(False, "also send the console output to W&B (files/output.log); off: no capture on the "
                                      "training path")
     # --- lineage: what this run is for (none of these change what it computes) ---
-    notes: str = opt("", "the run's hypothesis or remark: W&B run notes, run.json and the journal (python -m utils.journal)")
+    notes: str = opt("", "the run's hypothesis or remark: W&B run notes, run.json and the journal (python -m journal)")
     tags: str = opt("", "comma-separated W&B run tags (a sweep's own tags are kept)")
     parent: str = opt("", "the run this one varies: a run dir, a run id under the runs folder, or ENTITY/PROJECT/RUN_ID; "
                           "its changed keys are logged as changed_vs_parent and the journal scores against it")
@@ -217,14 +247,14 @@ class Config:
 
 # keys that never change what a run computes: where it writes and logs, how fast, and what it is for.
 # They may differ on resume, and they are not "what changed" in a run's record.
-FREE_KEYS = {"resume", "out_dir", "workers", "wandb_mode", "project", "entity", "run_name", "table_rows", "device",
+BOOKKEEPING_KEYS = {"resume", "out_dir", "workers", "wandb_mode", "project", "entity", "run_name", "table_rows", "device",
              "cache", "cache_dir", "compile", "wandb_console", "notes", "tags", "parent"}
 # keys train.py decides from the data when they are auto (model, img_size 0, pretrained): a resumed run decides again
 AUTO_KEYS = {"model", "img_size", "pretrained", "pretrained_path"}
 # where the data is read from: the data fingerprint tells what it was, so these are no "change" either
 DATA_KEYS = {"data", "image_col", "label_col"}
-# config entries a run adds to its W&B config beside the Config keys (utils/lineage.py); read back, they are dropped
-RECORD_KEYS = {"changed", "changed_keys", "changed_vs_parent", "parent_run", "data_fingerprint", "code", "test_shift",
+# config entries a run adds to its W&B config beside the Config keys (workflows/lineage.py); read back, they are dropped
+ADDED_CONFIG_KEYS = {"changed", "changed_keys", "changed_vs_parent", "parent_run", "data_fingerprint", "code", "test_shift",
                "auto", "pseudo_label_source"}
 
 

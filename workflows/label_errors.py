@@ -16,7 +16,7 @@ import numpy as np
 from datasets import load_image, write_csv, write_oof
 from utils import UserError, tracking
 from utils.metrics import classification_metrics
-from utils.report import write_report
+from workflows.report import write_report
 
 EXCLUDE = "exclude"
 FIX_COLUMNS = ("id", "new_label")

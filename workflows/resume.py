@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from utils import UserError
-from utils.checkpoint import atomic_write_bytes
-from utils.config import AUTO_KEYS, FREE_KEYS  # may change between an interrupted run and its resumption
+from utils.files import atomic_write_bytes
+from workflows.config import AUTO_KEYS, BOOKKEEPING_KEYS  # may change between an interrupted run and its resumption
 
 RESUME_FILE = "resume.pt"
 FORMAT = "sweepcls-resume/1"
@@ -45,11 +45,11 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
-def save_state(path: Path, state: dict, worker=None) -> None:
-    """With a worker (utils.background.Worker): tensors are copied now, the file is written on its thread."""
-    if worker is not None:
+def save_state(path: Path, state: dict, writer=None) -> None:
+    """With a writer (utils.background.BackgroundWriter): tensors are copied now, the file is written on its thread."""
+    if writer is not None:
         snapshot = _copied(state)
-        worker.submit(lambda: save_state(path, snapshot))
+        writer.submit(lambda: save_state(path, snapshot))
         return
     buffer = io.BytesIO()
     torch.save({"format": FORMAT, **state}, buffer)
@@ -96,7 +96,7 @@ def find_resume(resume: str, out_dir: Path) -> Path | None:
 
 
 def check_same_run(saved: dict, current: dict, path: Path) -> None:
-    free = FREE_KEYS | ({"fold"} if saved.get("cv") else set())  # a cross-validated run saves the fold it was in
+    free = BOOKKEEPING_KEYS | ({"fold"} if saved.get("cv") else set())  # a cross-validated run saves the fold it was in
     auto = {k for k, v in current.items() if v in ("auto", 0) and k in AUTO_KEYS}  # decided again, the same way
     auto |= {"pretrained_path"} if current.get("pretrained") == "auto" else set()
     changed = sorted(k for k in saved if k not in free | auto and saved.get(k) != current.get(k))

@@ -15,34 +15,9 @@ from safetensors import safe_open
 from safetensors.torch import load as load_bytes, save as save_bytes
 
 from utils import UserError
+from utils.files import atomic_write_bytes, fsync_dir
 
 META_KEY = "sweepcls"
-
-
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temp file beside `path`, fsync, then rename: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except OSError as e:  # disk full, quota, read-only: the old file is whole, say so
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write {path} ({len(payload) / 2**20:.1f} MiB): {e.strerror or e}; the files already "
-                        f"there are intact. Free space (or lower --keep_top_k) and resume with the same command") from None
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _atomic_link(src: Path, dst: Path) -> None:
@@ -54,7 +29,7 @@ def _atomic_link(src: Path, dst: Path) -> None:
     except OSError:  # file systems without hard links
         tmp.write_bytes(src.read_bytes())
     os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+    fsync_dir(dst.parent)
 
 
 def state_tensors(model: torch.nn.Module) -> dict:
@@ -93,13 +68,13 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, 
 class CheckpointKeeper:
     """last.safetensors every epoch, epoch-NNN.safetensors for the top k by the monitored score,
     best.safetensors for the best one, which is never deleted.
-    With a `worker` (utils.background.Worker) the weights are copied at once and the files are written,
+    With a `writer` (utils.background.BackgroundWriter) the weights are copied at once and the files are written,
     in order, on its thread: call flush() before reading them."""
 
-    def __init__(self, out_dir: Path, keep_top_k: int, maximize: bool, write: bool = True, worker=None):
+    def __init__(self, out_dir: Path, keep_top_k: int, maximize: bool, write: bool = True, writer=None):
         """write False: keep the ranking, write no file (torchrun's ranks > 0)."""
         self.dir, self.k, self.sign, self.write = Path(out_dir), keep_top_k, 1 if maximize else -1, write
-        self.worker = worker
+        self.writer = writer
         self.top: list[tuple[float, int]] = []  # (signed score, epoch), best first
         self.best_score, self.best_epoch = None, None
 
@@ -116,12 +91,12 @@ class CheckpointKeeper:
 
     def _do(self, fn) -> None:
         if self.write:
-            self.worker.submit(fn) if self.worker is not None else fn()
+            self.writer.submit(fn) if self.writer is not None else fn()
 
     def flush(self) -> None:
         """Every file written so far is on disk (raises a write error, e.g. a full disk)."""
-        if self.worker is not None:
-            self.worker.drain()
+        if self.writer is not None:
+            self.writer.drain()
 
     def _link(self, src: Path, dst: Path) -> None:
         self._do(lambda: _atomic_link(src, dst))

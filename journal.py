@@ -2,9 +2,9 @@
 moved against its parent (--parent) or its baseline, notes, data, code, checkpoint.
 
 Usage:
-    python -m utils.journal                          # the train.py runs under runs/ (or $SWEEPCLS_RUNS_DIR)
-    python -m utils.journal --sweep sweeps/sweep     # an offline sweep's trials, scored by the sweep's metric
-    python -m utils.journal --project comp           # online: the project's runs, from the W&B API
+    python -m journal                          # the train.py runs under runs/ (or $SWEEPCLS_RUNS_DIR)
+    python -m journal --sweep sweeps/sweep     # an offline sweep's trials, scored by the sweep's metric
+    python -m journal --project comp           # online: the project's runs, from the W&B API
 It prints the journal as markdown and writes it to journal.md in that folder (online: ./journal-<project>.md).
 
 A run's baseline, when it has no parent, is the run whose changed keys are the largest strict subset of
@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from utils import UserError
-from utils.lineage import RUN_FILE, changes, compact, defaults
+from workflows.lineage import RUN_FILE, changes, compact, defaults
 from utils import tracking
 from utils.tracking import read_local
 
@@ -94,7 +94,7 @@ def runs_folder(root: Path) -> list[Entry]:
 def sweep_folder(root: Path) -> tuple[list[Entry], str]:
     """An offline sweep's trials (sweep.py's folder), scored by the sweep's metric; a trial that never got
     as far as writing run.json is listed from its parameters."""
-    from utils.sweep import SweepDir
+    from workflows.sweep import SweepDir
     sdir = SweepDir(Path(root))
     info = sdir.info()
     metric = (info["sweep"].get("metric") or {})

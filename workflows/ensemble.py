@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from utils import UserError, tracking
-from utils.checkpoint import atomic_write_bytes, read_meta
+from models.checkpoint import read_meta
+from utils.files import atomic_write_bytes
 from utils.metrics import classification_metrics
 
 CACHE_VERSION = 1  # bump when the prediction path changes what it returns
@@ -72,7 +73,7 @@ def sweep_member_refs(sweep: str, top: int) -> list[str]:
     sweep ENTITY/PROJECT/ID by its own metric (each run's best model artifact)."""
     root = Path(sweep)
     if (root / "sweep.json").is_file():
-        from utils.sweep import SweepDir, leaderboard
+        from workflows.sweep import SweepDir, leaderboard
         sdir = SweepDir(root)
         rows = [r for r in leaderboard(sdir.info()["sweep"], sdir) if r["metric"] is not None and r["checkpoint"]]
         return [str(sdir.runs_dir / r["run_id"]) for r in rows[:top]]
@@ -131,8 +132,9 @@ def member_probs(member: Member, items: list, tta: str, cache_dir: Path | None, 
         return np.load(cached)
     from datasets import ImageDataset
     from datasets.transforms import eval_transform
-    from utils.runtime import make_loader, pick_device, predict_probs
-    from utils.checkpoint import load_model
+    from utils.device import make_loader, pick_device
+    from workflows.inference import predict_probs
+    from models.checkpoint import load_model
     dev = pick_device(device)
     probs = []
     for path in member.paths:

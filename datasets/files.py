@@ -1,0 +1,79 @@
+"""What a data folder holds, read and written: the Data record, images (any mode to HxWx3 uint8), CSV files.
+
+Usage: image = load_image("train/a.png"); header, rows = read_csv(path); write_csv(path, header, rows)
+The rest of datasets/ (readers, the cache, the demo data, pseudo-labels) builds on this module.
+"""
+import csv
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from utils.files import atomic_write_bytes
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif"}
+
+
+def take(items, idx):
+    """items[idx] for a list of paths/arrays, or a sequence with its own take (a CachedImages: a view)."""
+    return items.take(idx) if hasattr(items, "take") else [items[i] for i in idx]
+
+
+@dataclass
+class Data:
+    classes: list[str]              # class names; the index is the model's output index
+    targets: list                   # per class index, the label as the submission writes it (CSV int/name)
+    items: list                     # training images: file paths or HxWx3 uint8 arrays
+    labels: np.ndarray              # int64 class index per item
+    ids: list[str]                  # sample id per item (CSV ID, relative path, digits index)
+    groups: np.ndarray | None = None
+    test_items: list | None = None
+    test_ids: list[str] | None = None
+    test_labels: np.ndarray | None = None  # known only for the digits demo and labelled test folders
+    submission_columns: tuple[str, str] = ("ID", "target")
+
+    def drop(self, rows) -> None:
+        """Remove these training rows (indices) from items, ids, labels and groups alike."""
+        keep = np.setdiff1d(np.arange(len(self.labels)), sorted(rows))
+        self.items, self.ids, self.labels = take(self.items, keep), [self.ids[i] for i in keep], self.labels[keep]
+        self.groups = self.groups[keep] if self.groups is not None else None
+
+
+def load_image(item) -> np.ndarray:
+    """An HxWx3 uint8 RGB array from a path or an array (grayscale, RGBA, palette, CMYK become RGB)."""
+    if isinstance(item, np.ndarray):
+        return item
+    with Image.open(item) as img:
+        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+
+
+def unreadable(item) -> str | None:
+    """Why an image file cannot be decoded, or None. JPEGs decode at reduced scale: every byte is still read."""
+    if isinstance(item, np.ndarray):
+        return None
+    try:
+        with Image.open(item) as img:
+            img.draft("RGB", (64, 64))
+            img.load()
+        return None
+    except FileNotFoundError:
+        return "missing"
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
+        return f"{type(e).__name__}: {e}"
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="", encoding="utf-8-sig") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def write_csv(path: Path, header, rows) -> None:
+    """A CSV file written atomically: a reader sees the old file or the whole new one."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    atomic_write_bytes(Path(path), text.getvalue().encode())
