@@ -19,6 +19,7 @@ import numpy as np
 
 from datasets import load_data, load_image, write_csv
 from utils import UserError, tracking
+from utils.runs import new_run_id
 from workflows.eda import describe, near_duplicates, split_gap
 
 SAMPLES = 8
@@ -29,16 +30,16 @@ def explore(args, run, out_dir: Path) -> dict:
     records = describe(data)
     train = [r for r in records if r["split"] == "train"]
     counts = np.bincount(data.labels, minlength=len(data.classes))
-    tracking.log_table(run, "eda/class_distribution", ["class", "images", "share"],
+    run.log_table("eda/class_distribution", ["class", "images", "share"],
                        [[c, int(n), n / counts.sum()] for c, n in zip(data.classes, counts)])
-    tracking.log_table(run, "eda/image_sizes", ["id", "split", "label", "width", "height", "aspect"],
+    run.log_table("eda/image_sizes", ["id", "split", "label", "width", "height", "aspect"],
                        [[r["id"], r["split"], r["label"], r["width"], r["height"], r["aspect"]] for r in records])
     item = lambda r: data.items[r["index"]] if r["split"] == "train" else data.test_items[r["index"]]
     grid = []
     for k, c in enumerate(data.classes):
         rows = np.flatnonzero(data.labels == k)[:SAMPLES]
         grid.append([c, int(counts[k]), *[load_image(data.items[i]) for i in rows], *[None] * (SAMPLES - len(rows))])
-    tracking.log_table(run, "eda/samples", ["class", "images", *[f"sample_{i}" for i in range(1, SAMPLES + 1)]], grid)
+    run.log_table("eda/samples", ["class", "images", *[f"sample_{i}" for i in range(1, SAMPLES + 1)]], grid)
 
     pairs = near_duplicates(np.array([r["hash"] for r in records], np.uint64), args.max_distance)
     rows = []
@@ -50,13 +51,13 @@ def explore(args, run, out_dir: Path) -> dict:
                      load_image(item(b)), d, kind, conflict])
     columns = ["id_a", "split_a", "label_a", "image_a", "id_b", "split_b", "label_b", "image_b", "distance", "kind",
                "label_conflict"]
-    tracking.log_table(run, "eda/duplicates", columns, rows[:args.table_rows])
+    run.log_table("eda/duplicates", columns, rows[:args.table_rows])
     write_csv(out_dir / "duplicates.csv", [c for c in columns if not c.startswith("image")],
                [[v for c, v in zip(columns, r) if not c.startswith("image")] for r in rows])
 
     gap = split_gap(records)
     if gap:
-        tracking.log_table(run, "eda/train_vs_test", list(gap[0]), [list(g.values()) for g in gap])
+        run.log_table("eda/train_vs_test", list(gap[0]), [list(g.values()) for g in gap])
     summary = {"eda/train_images": len(train), "eda/test_images": len(records) - len(train),
                "eda/classes": len(data.classes), "eda/imbalance": float(counts.max() / max(counts.min(), 1)),
                "eda/duplicates": len(rows), "eda/duplicates_train_test": sum(r[9] == "train-test" for r in rows),
@@ -109,7 +110,7 @@ def diff(args, run, out_dir: Path) -> dict:
     columns = ["id", "image", "true", f"A: {name_a}", "A conf", f"B: {name_b}", "B conf", "who is right"]
     table = [[data.test_ids[i], load_image(data.test_items[i]), data.classes[truth[i]] if truth is not None else "",
               data.classes[pred_a[i]], conf(conf_a, i), data.classes[pred_b[i]], conf(conf_b, i), kind(i)] for i in rows]
-    tracking.log_table(run, "diff/images", columns, table[:args.table_rows])
+    run.log_table("diff/images", columns, table[:args.table_rows])
     write_csv(out_dir / "diff.csv", [c for c in columns if c != "image"], [r[:1] + r[2:] for r in table])
     summary = {"diff/images": len(table), "diff/agree": float(np.mean(pred_a == pred_b))}
     if truth is not None:
@@ -137,12 +138,13 @@ def main(argv=None) -> int:
     parser.add_argument("--project", default="")
     parser.add_argument("--entity", default="")
     args = parser.parse_args(argv)
-    run_id = tracking.new_run_id()
+    run_id = new_run_id()
     out_dir = Path(args.out_dir or Path("runs") / f"eda-{run_id}")
     run = tracking.init({k: v for k, v in vars(args).items() if k not in ("out_dir",)}, run_id, out_dir, args.wandb_mode,
-                        args.project, args.entity, f"{'diff' if args.diff else 'eda'}-{run_id}", job_type="eda")
-    return tracking.run_to_end(run, lambda: tracking.set_summary(
-        run, diff(args, run, out_dir) if args.diff else explore(args, run, out_dir)))
+                        project=args.project, entity=args.entity, name=f"{'diff' if args.diff else 'eda'}-{run_id}",
+                        job_type="eda")
+    return run.run_to_end(lambda: run.set_summary(
+        diff(args, run, out_dir) if args.diff else explore(args, run, out_dir)))
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from datasets.pseudo import write_probs
 from datasets.shift import any_on, noisy_copies
 from datasets.transforms import TTA
 from utils import UserError, tracking
+from utils.runs import new_run_id
 from workflows.ensemble import (caruana, check_compatible, is_artifact_ref, load_test_data, member_probs, monitor_metric,
                             read_oof, resolve_member, score, sweep_member_refs)
 
@@ -144,26 +145,27 @@ def main(argv: list[str] | None = None) -> int:
     # W&B keys: <set>/<member>/<metric>; a member named by an artifact ref keeps its slashes out of the key
     scores = {f"{s}/{name.replace('/', '_')}/{metric}": v[i] for s, v in table.items() for i, name in enumerate(names)}
 
-    run_id = tracking.new_run_id()
+    run_id = new_run_id()
     out_dir = Path(args.out_dir or Path("runs") / f"ensemble-{run_id}")
     run = tracking.init({"members": refs, "weights": weights.tolist(), "weighting": args.weights, "tta": args.tta,
                          "data": args.data, "metric": metric, "models": [m.meta["model"] for m in members]},
-                        run_id, out_dir, args.wandb_mode, args.project, args.entity, f"ensemble-{run_id}", job_type="ensemble")
+                        run_id, out_dir, args.wandb_mode, project=args.project, entity=args.entity,
+                        name=f"ensemble-{run_id}", job_type="ensemble")
     for ref in filter(is_artifact_ref, refs):  # online: model artifact -> this ensemble in W&B's lineage graph
         try:
-            tracking.use_artifact(run, ref)
+            run.use_artifact(ref)
         except UserError as e:  # the submission is written already: say so, and finish the run
             print(f"note: the ensemble run is not linked to {ref} ({e})", file=sys.stderr)
-    tracking.set_summary(run, scores)
-    tracking.log_artifact(run, Path(args.out), f"submission-{run_id}", "submission", {"members": refs, "weights": weights.tolist()})
+    run.set_summary(scores)
+    run.log_artifact(Path(args.out), f"submission-{run_id}", "submission", {"members": refs, "weights": weights.tolist()})
     if args.save_probs:
         write_probs(Path(args.save_probs), data.test_ids, ensemble, members[0].meta["classes"],
                     f"ensemble-{run_id} of {', '.join(m.name for m in members)}")
-        tracking.log_artifact(run, Path(args.save_probs), f"test-probs-{run_id}", "test-probs", {"members": refs})
+        run.log_artifact(Path(args.save_probs), f"test-probs-{run_id}", "test-probs", {"members": refs})
     columns = ["id", "image"] + (["true"] if data.test_labels is not None else []) + ["ensemble", "ensemble_conf"]
     columns += [c for m in members for c in (f"{m.name} pred", f"{m.name} conf")]
-    tracking.log_table(run, "test/disagreement", columns, disagreement_rows(data, test, ensemble, args.table_rows))
-    tracking.finish(run)
+    run.log_table("test/disagreement", columns, disagreement_rows(data, test, ensemble, args.table_rows))
+    run.finish()
     return 0
 
 

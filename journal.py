@@ -23,7 +23,7 @@ from pathlib import Path
 from utils import UserError
 from workflows.lineage import RUN_FILE, changes, compact, defaults
 from utils import tracking
-from utils.tracking import read_local
+from utils.runs import read_local
 
 
 @dataclass

@@ -24,6 +24,7 @@ from PIL import Image
 
 from datasets import load_data, load_image
 from utils import UserError, tracking
+from utils.runs import new_run_id
 from utils.files import atomic_write_bytes
 from workflows.lineage import MARKER_FILE, fingerprint, manifest
 
@@ -75,10 +76,10 @@ def register(args, run) -> dict:
              for k, (p, wh, (s, i, b, y)) in enumerate(zip(items, sizes, rows))]
     metadata = {"fingerprint": fp, "classes": data.classes, "source": str(root.resolve()),
                 "layout": "csv" if (root / "train.csv").is_file() else "imagefolder", "references": references}
-    tracking.log_dataset(run, args.name, files, ["id", "image", "label", "split", "bytes", "width", "height"], table,
+    run.log_dataset(args.name, files, ["id", "image", "label", "split", "bytes", "width", "height"], table,
                          metadata, references, aliases=["latest", f"fp-{fp['digest']}"], description=args.description)
     project = args.project or os.environ.get("WANDB_PROJECT") or "sweepcls"
-    entity = (run.entity if run.settings.mode == "online" else "") or args.entity  # offline: the default entity at sync
+    entity = (run.entity if run.mode == "online" else "") or args.entity  # offline: the default entity at sync
     marker = {"name": args.name, "project": project, "entity": entity, "digest": fp["digest"],
               "registered": time.time(), "run_id": run.id}
     try:
@@ -110,11 +111,12 @@ def main(argv=None) -> int:
     parser.add_argument("--entity", default="")
     args = parser.parse_args(argv)
     args.name = args.name or re.sub(r"[^\w.-]", "-", Path(args.path).resolve().name)
-    run_id = tracking.new_run_id()
+    run_id = new_run_id()
     out_dir = Path(args.out_dir or Path("runs") / f"register-{run_id}")
     run = tracking.init({k: v for k, v in vars(args).items() if k != "out_dir"}, run_id, out_dir, args.wandb_mode,
-                        args.project, args.entity, f"register-{args.name}", job_type="register-data")
-    return tracking.run_to_end(run, lambda: tracking.set_summary(run, register(args, run)))
+                        project=args.project, entity=args.entity, name=f"register-{args.name}",
+                        job_type="register-data")
+    return run.run_to_end(lambda: run.set_summary(register(args, run)))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ from utils import UserError, distributed, tracking
 from workflows import lineage
 from utils.background import BackgroundWriter
 from models.checkpoint import CheckpointKeeper, load_model, read_meta
-from workflows.config import Config, parse_config
+from workflows.config import ADDED_CONFIG_KEYS, Config, parse_config
+from utils.runs import new_run_id
 from workflows.label_errors import analyse_oof, apply_label_fixes
 from workflows.report import write_report
 from workflows.resume import (RESUME_FILE, load_arrays, restore_training_state, resume_from, save_arrays, save_state,
@@ -151,7 +152,7 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
             except Stopped as e:  # keep the weights as they are, then let main finish the run
                 keeper.save_last(eval_model, {**meta_base, "epoch": epoch - 1, "stopped_in_epoch": epoch})
                 log_best_model(run, keeper, model_name)
-                tracking.set_summary(run, {"stopped": f"{e} in {prefix}epoch {epoch}"})
+                run.set_summary({"stopped": f"{e} in {prefix}epoch {epoch}"})
                 raise
             if not np.isfinite(train_loss):
                 raise UserError(f"training loss is {train_loss} at epoch {epoch}; lower --lr or check the data")
@@ -175,12 +176,12 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
             meta = {**meta_base, "epoch": epoch, "metrics": {k: metrics[k] for k in scalar_keys}}
             if keeper.update(eval_model, meta, epoch, metrics[cfg.monitor]):
                 best_probs = probs
-                tracking.log_eval_tables(run, f"{prefix}val", [data.ids[i] for i in val_idx], lambda r: load_image(val_images[r]),
+                run.log_eval_tables(f"{prefix}val", [data.ids[i] for i in val_idx], lambda r: load_image(val_images[r]),
                                          y_val, probs, classes, m, cfg.table_rows)
-            tracking.log(run, {k if k == "epoch" else prefix + k: v for k, v in metrics.items()})
+            run.log({k if k == "epoch" else prefix + k: v for k, v in metrics.items()})
             if keeper.best_epoch == epoch:
                 submit_report(cfg, run, out_dir, prefix, data, val_idx, probs, keeper, val_images)
-            tracking.set_summary(run, {prefix + cfg.monitor: keeper.best_score, prefix + "best_epoch": keeper.best_epoch})
+            run.set_summary({prefix + cfg.monitor: keeper.best_score, prefix + "best_epoch": keeper.best_epoch})
             print(f"{prefix}epoch {epoch:>3}/{cfg.epochs} | train/loss {train_loss:.4f} | val/loss {metrics['val/loss']:.4f} | "
                   f"val/acc {m['acc']:.4f} | val/f1_macro {m['f1_macro']:.4f} | val/acsa {m['acsa']:.4f} | val/auc {m['auc_macro']:.4f} | "
                   + (f"val_clean/f1_macro {clean['val_clean/f1_macro']:.4f} | " if clean else "") +
@@ -188,9 +189,9 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
             early_stop = bool(cfg.patience and epoch - keeper.best_epoch >= cfg.patience and epoch < cfg.epochs)
             if early_stop:
                 print(f"early stop: no new best {cfg.monitor} for {cfg.patience} epochs")
-                tracking.set_summary(run, {prefix + "stopped_epoch": epoch})
+                run.set_summary({prefix + "stopped_epoch": epoch})
             if distributed.is_main():
-                save_state(resume_path or out_dir / RESUME_FILE, {"run_id": run.id, "config": cfg.to_dict(), **tracking.position(run),
+                save_state(resume_path or out_dir / RESUME_FILE, {"run_id": run.id, "config": cfg.to_dict(), **run.position(),
                                                    "next_epoch": cfg.epochs + 1 if early_stop else epoch + 1,
                                                    **training_state(stepper, keeper, best_probs)}, keeper.writer)
             if early_stop:
@@ -220,7 +221,7 @@ def submit_report(cfg: Config, run, out_dir: Path, prefix: str, data, val_idx: n
     summary = {"run": run.id, **({"fold": cfg.fold} if prefix else {}), "model": cfg.model, "img_size": cfg.img_size,
                "loss": cfg.loss, "optimizer": cfg.optimizer, "lr": cfg.lr, "epochs": cfg.epochs,
                "best_epoch": keeper.best_epoch, cfg.monitor: keeper.best_score}
-    args = (out_dir / "report.html", f"{cfg.model}, run {run.id} {prefix.rstrip('/')}", summary, tracking.history(run, prefix),
+    args = (out_dir / "report.html", f"{cfg.model}, run {run.id} {prefix.rstrip('/')}", summary, run.history(prefix),
             data.classes, data.labels[val_idx], probs, [data.ids[i] for i in val_idx],
             lambda r: load_image(val_images[r]), cfg.table_rows)
     keeper.writer.submit(lambda: write_report(*args))
@@ -233,7 +234,7 @@ def log_best_model(run, keeper: CheckpointKeeper, name: str) -> None:
     if keeper.best_epoch is not None and distributed.is_main():
         meta = read_meta(keeper.best_path)
         (meta.get("lineage") or {}).get("code", {}).pop("diff", None)  # in the file and the run's diff.patch; not in W&B metadata
-        tracking.log_artifact(run, keeper.best_path, name, "model", meta, aliases=["best", "latest", f"epoch-{keeper.best_epoch}"])
+        run.log_artifact(keeper.best_path, name, "model", meta, aliases=["best", "latest", f"epoch-{keeper.best_epoch}"])
 
 
 def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal, state: dict | None = None,
@@ -259,8 +260,8 @@ def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal, stat
         results.append(r)
         scores = [r.best_score for r in results]
         if k >= start:  # a resumed run logged the folds before it already
-            tracking.log(run, {"fold": k + 1, f"cv/{cfg.monitor}": float(np.mean(scores))})
-        tracking.set_summary(run, {cfg.monitor: float(np.mean(scores)), f"{cfg.monitor}_std": float(np.std(scores)),
+            run.log({"fold": k + 1, f"cv/{cfg.monitor}": float(np.mean(scores))})
+        run.set_summary({cfg.monitor: float(np.mean(scores)), f"{cfg.monitor}_std": float(np.std(scores)),
                                    "cv/folds_done": k + 1})
     if not distributed.is_main():
         return {}, None
@@ -293,7 +294,7 @@ def test_shift(cfg: Config, run, data, native: int | None) -> dict | None:
     shift = measure_data(data.items, data.test_items, cfg.img_size, native)
     print(f"{describe_shift(shift)}\n  ({time.perf_counter() - start:.1f}s; aug_preset {cfg.aug_preset}, "
           f"val_noise {cfg.val_noise})")
-    tracking.update_config(run, {"test_shift": shift})
+    run.update_config({"test_shift": shift})
     return shift
 
 
@@ -314,7 +315,7 @@ def resolve_auto(cfg: Config, run, data) -> Config:
         print(f"pretrained auto: {why}")
     if values:
         print("auto: " + ", ".join(f"{k} {v}" for k, v in values.items()))
-        tracking.update_config(run, {**values, "auto": sorted(values)})
+        run.update_config({**values, "auto": sorted(values)})
     return dataclasses.replace(cfg, **values)
 
 
@@ -327,10 +328,10 @@ def pseudo_labels(cfg: Config, run, data, lineage_meta: dict | None) -> tuple | 
     rows, labels, info = read_pseudo_labels(cfg.pseudo_labels, data, cfg.pseudo_threshold)
     print(f"pseudo-labels: {info['added']} of {info['test_images']} test images at p >= {cfg.pseudo_threshold} "
           f"({', '.join(f'{c} {n}' for c, n in info['per_class'].items())}) from {'; '.join(info['source'])}")
-    tracking.update_config(run, {"pseudo_label_source": info})
-    tracking.set_summary(run, {"pseudo_labels/added": info["added"],
+    run.update_config({"pseudo_label_source": info})
+    run.set_summary({"pseudo_labels/added": info["added"],
                                **{f"pseudo_labels/{c}": n for c, n in info["per_class"].items()}})
-    tracking.use_file(run, Path(cfg.pseudo_labels), f"pseudo-labels-{info['sha256'][:12]}", "pseudo-labels", info)
+    run.use_file(Path(cfg.pseudo_labels), f"pseudo-labels-{info['sha256'][:12]}", "pseudo-labels", info)
     if lineage_meta is not None:
         lineage_meta["pseudo_labels"] = info
     return rows, labels
@@ -344,7 +345,7 @@ def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None 
     if cfg.label_fixes:
         fixed, excluded = apply_label_fixes(data, cfg.label_fixes)
         print(f"--label_fixes {cfg.label_fixes}: {fixed} label(s) changed, {excluded} image(s) excluded")
-        tracking.set_summary(run, {"label_fixes/changed": fixed, "label_fixes/excluded": excluded})
+        run.set_summary({"label_fixes/changed": fixed, "label_fixes/excluded": excluded})
     rows = lineage.manifest(data) if cfg.label_fixes else source_rows
     native = native_side(data.test_items) if data.test_items else None  # before the cache resizes them
     start = time.perf_counter()
@@ -353,7 +354,7 @@ def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None 
           + (f" ({data.items.path})" if getattr(data.items, "path", None) else ""))
     if skipped:
         print(f"skipped {len(skipped)} unreadable training image(s): {skipped[:20]}")
-        tracking.set_summary(run, {"skipped_images": skipped})
+        run.set_summary({"skipped_images": skipped})
     lineage_meta = None
     if distributed.is_main():
         kept = set(data.ids)  # the images that train: skipped ones left out
@@ -371,12 +372,12 @@ def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None 
     summary["out_dir"] = str(out_dir)
     if test_probs is not None:
         write_submission(out_dir / "submission.csv", data, test_probs.argmax(1))
-        tracking.log_artifact(run, out_dir / "submission.csv", f"submission-{run.id}", "submission",
+        run.log_artifact(out_dir / "submission.csv", f"submission-{run.id}", "submission",
                               {cfg.monitor: summary[cfg.monitor]})
         if data.test_labels is not None:
             tm = classification_metrics(data.test_labels, test_probs)
             summary |= {"test/acc": tm["acc"], "test/f1_macro": tm["f1_macro"], "test/acsa": tm["acsa"], "test/auc_macro": tm["auc_macro"]}
-    tracking.set_summary(run, summary)
+    run.set_summary(summary)
     print(f"best {cfg.monitor} {summary[cfg.monitor]:.4f}"
           + (f" at epoch {summary['best_epoch']}" if "best_epoch" in summary else " (mean over folds)")
           + (f" | test/f1_macro {summary['test/f1_macro']:.4f}" if "test/f1_macro" in summary else "")
@@ -406,35 +407,35 @@ def run_and_finish(cfg: Config, stop: StopSignal) -> int:
         print(f"error: --batch_size {cfg.batch_size} is the global batch and must split evenly over the "
               f"{distributed.world_size()} processes", file=sys.stderr)
         return 1
-    run_id = distributed.broadcast(tracking.new_run_id())
+    run_id = distributed.broadcast(new_run_id())
     out_dir = Path(cfg.out_dir or Path(os.environ.get("SWEEPCLS_RUNS_DIR") or "runs") / run_id)
     try:
         state, out_dir = resume_from(cfg, out_dir)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    run = tracking.init(cfg.to_dict(), state["run_id"] if state else run_id, out_dir, cfg.wandb_mode, cfg.project,
-                        cfg.entity, cfg.run_name, resume=state, console=cfg.wandb_console, record=distributed.is_main(),
+    run = tracking.init(cfg.to_dict(), state["run_id"] if state else run_id, out_dir, cfg.wandb_mode,
+                        project=cfg.project, entity=cfg.entity, name=cfg.run_name, resume=state, console=cfg.wandb_console, record=distributed.is_main(),
                         notes=cfg.notes, tags=cfg.tags)
     try:
-        cfg = Config.from_dict(distributed.broadcast(tracking.config(run)))  # values a sweep locked win, on every rank
+        cfg = Config.from_dict(distributed.broadcast(run.config(exclude=ADDED_CONFIG_KEYS)))  # values a sweep locked win, on every rank
         train(cfg, run, out_dir, stop, state)  # a stop after the last epoch: done anyway
         if distributed.is_main():
             (out_dir / RESUME_FILE).unlink(missing_ok=True)  # finished: nothing to resume
     except UserError as e:
-        tracking.set_summary(run, {"error": str(e)})
-        tracking.finish(run, exit_code=1)
+        run.set_summary({"error": str(e)})
+        run.finish(exit_code=1)
         print(f"error: {e}", file=sys.stderr)
         return 1
     except Stopped as e:
-        tracking.finish(run, exit_code=e.exit_code)
+        run.finish(exit_code=e.exit_code)
         print(f"stopped by {e}: the weights at the stop are in last.safetensors under {out_dir}; W&B run finished "
               f"(exit code {e.exit_code})", file=sys.stderr)
         return e.exit_code
     except BaseException:
-        tracking.finish(run, exit_code=1)
+        run.finish(exit_code=1)
         raise
-    return tracking.finish(run)
+    return run.finish()
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ def rank_correlation(work: Path) -> str:
     noisy-validation val/f1_macro and its best clean val_clean/f1_macro."""
     from scipy.stats import spearmanr
     sys.path.insert(0, str(ROOT))
-    from utils.tracking import read_local
+    from utils.runs import read_local
     rows = []
     for metrics in sorted(work.rglob("metrics.jsonl")):
         history, summary = read_local(metrics.parent)

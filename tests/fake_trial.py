@@ -8,19 +8,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import tracking  # noqa: E402
-from workflows.config import Config, parse_config  # noqa: E402
+from workflows.config import ADDED_CONFIG_KEYS, Config, parse_config  # noqa: E402
+from utils.runs import new_run_id  # noqa: E402
 from utils.stop import StopSignal, Stopped  # noqa: E402
 
 
 def main() -> int:
     with StopSignal() as stop:
         cfg = parse_config(sys.argv[1:])
-        run_id = tracking.new_run_id()
+        run_id = new_run_id()
         run = tracking.init(cfg.to_dict(), run_id, Path(os.environ.get("SWEEPCLS_RUNS_DIR", "runs")) / run_id, "disabled")
-        cfg = Config.from_dict(tracking.config(run))
+        cfg = Config.from_dict(run.config(exclude=ADDED_CONFIG_KEYS))
         if cfg.seed % 10 == 3:
             raise RuntimeError("scripted crash")
-        tracking.set_summary(run, {"env": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")}})
+        run.set_summary({"env": {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")}})
         best = 0.0
         try:
             for epoch in range(1, cfg.epochs + 1):
@@ -28,12 +29,12 @@ def main() -> int:
                 stop.check()
                 value = 0.1 if cfg.seed % 10 == 0 else 0.9 - 0.01 * (cfg.seed % 10)
                 best = max(best, value)
-                tracking.log(run, {"epoch": epoch, cfg.monitor: value})
-                tracking.set_summary(run, {cfg.monitor: best})
+                run.log({"epoch": epoch, cfg.monitor: value})
+                run.set_summary({cfg.monitor: best})
         except Stopped as e:
-            tracking.finish(run, exit_code=e.exit_code)
+            run.finish(exit_code=e.exit_code)
             return e.exit_code
-        tracking.finish(run)
+        run.finish()
         return 0
 
 

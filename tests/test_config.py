@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from utils import UserError, tracking
-from workflows.config import Config, build_parser, parse_config
+from workflows.config import ADDED_CONFIG_KEYS, Config, build_parser, parse_config
 
 
 @pytest.mark.parametrize("text,expected", [("True", True), ("False", False), ("true", True), ("false", False),
@@ -79,9 +79,9 @@ def test_sweep_locked_value_wins(tmp_path, monkeypatch):
     cfg = parse_config(["--lr=0.2", "--epochs=9", "--batch_size=16"])
     run = tracking.init(cfg.to_dict(), "lockedrun", tmp_path / "out", mode="offline")
     try:
-        back = Config.from_dict(tracking.config(run))
+        back = Config.from_dict(run.config(exclude=ADDED_CONFIG_KEYS))
     finally:
-        tracking.finish(run)
+        run.finish()
     assert (back.lr, back.epochs, back.batch_size) == (0.5, 4, 16)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import read_run
 from utils import tracking
+from utils.runs import random_id
 from utils.background import BackgroundWriter
 from utils.files import atomic_write_bytes
 
@@ -35,18 +36,18 @@ def test_writer_runs_in_order_and_raises_a_failure_once():
 
 def test_step_count_and_artifact_snapshot(tmp_path):
     out = tmp_path / "run"
-    run = tracking.init({"model": "m"}, tracking.random_id(), out, "offline")
+    run = tracking.init({"model": "m"}, random_id(), out, "offline")
     ckpt = out / "best.safetensors"
     ckpt.write_bytes(b"epoch 1 weights")
     for epoch in (1, 2, 3):
-        tracking.log(run, {"epoch": epoch, "val/acc": epoch / 10})
-    tracking.log_table(run, "t", ["image", "n"], [[np.zeros((8, 8, 3), np.uint8), 1]])
-    tracking.log_artifact(run, ckpt, "model-x", "model", aliases=["best"])
+        run.log({"epoch": epoch, "val/acc": epoch / 10})
+    run.log_table("t", ["image", "n"], [[np.zeros((8, 8, 3), np.uint8), 1]])
+    run.log_artifact(ckpt, "model-x", "model", aliases=["best"])
     atomic_write_bytes(ckpt, b"epoch 2 weights")  # replaced (as the keeper does) before the writer may have staged it
-    step = tracking.position(run)["wandb_step"]
-    tracking._LOCAL[id(run)]["writer"].queue.join()
+    step = run.position()["wandb_step"]
+    run.writer.queue.join()
     assert step == run.step == 4  # 3 rows and the table's row
-    assert tracking.finish(run) == 0
+    assert run.finish() == 0
     records = read_run(next((out / "wandb").glob("offline-run-*")))
     artifact = next(r["artifact"] for r in records if r["type"] == "artifact" and r["artifact"]["name"] == "model-x")
     (entry,) = artifact["manifest"]["contents"]

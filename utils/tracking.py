@@ -1,29 +1,22 @@
 """The W&B boundary: the only module that imports wandb. Usage:
-    run = tracking.init(cfg.to_dict(), run_id, out_dir, mode=cfg.wandb_mode, ...)
-    cfg = Config.from_dict(tracking.config(run))   # values a sweep locked win
-    tracking.log_eval_tables(run, "val", ...); tracking.log(run, metrics); tracking.finish(run)
+    run = tracking.init(cfg.to_dict(), run_id, out_dir, cfg.wandb_mode, project=cfg.project)
+    cfg = Config.from_dict(run.config(exclude=ADDED_CONFIG_KEYS))   # values a sweep locked win
+    run.log_eval_tables("val", ...); run.log(metrics); run.finish()
 
 Run files, staged media and artifacts all go under out_dir, so an offline run can be copied and
 synced whole. Mode "auto" means online when an API key is configured, else offline.
-Beside them, in any mode, the scalars go to plain files that need no W&B to read (the offline sweep
-runner reads them while the run is live): out_dir/metrics.jsonl, one line per logged row, and
-out_dir/summary.json, the summary so far, with "_exit_code" once the run has finished.
+Beside them, in any mode, the scalars go to plain files that need no W&B to read (utils/runs.py):
+out_dir/metrics.jsonl and out_dir/summary.json (with "_exit_code" once the run has finished).
 
 The plain files are written at once; every W&B call (rows, tables, images, artifacts, summary)
-goes, in order, to one background thread per run, so building tables and staging checkpoints
+goes, in order, to the run's own background thread, so building tables and staging checkpoints
 overlaps the next epoch instead of delaying it. finish() waits for it; an error on that thread
 is raised by the next call here.
 """
-import json
-import math
 import netrc
-import numbers
 import os
-import secrets
 import shutil
-import string
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -31,27 +24,10 @@ import wandb
 
 from utils import UserError
 from utils.background import BackgroundWriter
-from utils.files import atomic_write_bytes
-from workflows.config import ADDED_CONFIG_KEYS
+from utils.runs import RunRecord, random_id
+from utils.stop import Stopped
 
 THUMB_PX = 128  # longest side of table thumbnails
-METRICS_FILE, SUMMARY_FILE = "metrics.jsonl", "summary.json"
-_LOCAL: dict[int, dict] = {}  # id(run) -> {"dir": out_dir, "summary": {...}}, the plain-file record
-
-
-def _submit(run, fn) -> None:
-    writer = _LOCAL.get(id(run), {}).get("writer")
-    writer.submit(fn) if writer is not None else fn()
-
-
-def random_id() -> str:
-    """8 characters of [a-z0-9], the shape of W&B's run ids."""
-    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-
-
-def new_run_id() -> str:
-    """The agent's run id under `wandb agent` (it sets WANDB_RUN_ID), else a fresh one."""
-    return os.environ.get("WANDB_RUN_ID") or random_id()
 
 
 def has_api_key() -> bool:
@@ -78,16 +54,16 @@ def resolve_mode(requested: str) -> str:
     return "online" if has_api_key() else "offline"
 
 
-def init(config: dict, run_id: str, out_dir: Path, mode: str, project: str = "", entity: str = "",
-         name: str = "", job_type: str = "train", resume: dict | None = None, console: bool = False, record: bool = True,
-         notes: str = "", tags: str | list = ""):
+def init(config: dict, run_id: str, out_dir: Path, mode: str, *, project: str = "", entity: str = "", name: str = "",
+         job_type: str = "train", resume: dict | None = None, console: bool = False, record: bool = True,
+         notes: str = "", tags: str | list = "") -> "Run":
     """resume: a resumed run's {"wandb_step", "history_rows", "summary"} from its last saved state; W&B
     continues the same run id (offline: a new offline-run-...-<id>-N folder that syncs into it).
     console: W&B also captures stdout/stderr. record False: no run files at all (torchrun's ranks > 0).
     tags: added to those in $WANDB_TAGS (the offline sweep runner's), which an explicit list would replace.
     save_code: W&B keeps the script (files/code/) and, in a git checkout, the commit, remote and diff.patch."""
     if not record:
-        return wandb.init(mode="disabled", config=config, id=run_id)
+        return Run(wandb.init(mode="disabled", config=config, id=run_id), None)
     mode = resolve_mode(mode)
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -101,18 +77,12 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, project: str = "",
         notes=notes or None, tags=split_tags(os.environ.get("WANDB_TAGS", ""), tags) or None)
     for key, step in [("train/*", "epoch"), ("val/*", "epoch"), ("lr", "epoch"), ("fold*", "epoch"), ("cv/*", "fold")]:
         run.define_metric(key, step_metric=step)  # fold<k>/...: a cross-validated run's folds
-    rows = (out_dir / METRICS_FILE).read_text().splitlines()[:resume["history_rows"]] if resume else []
-    (out_dir / METRICS_FILE).write_text("".join(r + "\n" for r in rows))  # rows after the saved state are redone
-    _LOCAL[id(run)] = {"dir": out_dir, "summary": dict(resume["summary"]) if resume else {}, "rows": len(rows)}
-    _write_summary(_LOCAL[id(run)])  # no stale "_exit_code" from an earlier attempt while this one runs
+    record = RunRecord(out_dir, resume)
     if resume and mode != "disabled":
         run.log({"resumed_at_step": resume["wandb_step"]}, step=resume["wandb_step"])  # steps go on from there
-    _LOCAL[id(run)] |= {"step": int(run.step) if mode != "disabled" else 0,  # W&B's next step, counted here
-                        "writer": BackgroundWriter("wandb-writer") if mode != "disabled" else None,
-                        "thumbs": {}}  # (table prefix, sample id) -> its wandb.Image, encoded once per run
     if mode == "offline":
         print(f"W&B is offline. Upload this run later with: wandb sync {Path(run.dir).parent}")
-    return run
+    return Run(run, record)
 
 
 def split_tags(*tags) -> list[str]:
@@ -121,118 +91,235 @@ def split_tags(*tags) -> list[str]:
     return list(dict.fromkeys(t for t in found if t))
 
 
-def config(run) -> dict:
-    """The run's config as W&B holds it, sweep-locked values included; the lineage record left out."""
-    return {k: v for k, v in dict(run.config).items() if not k.startswith("_") and k not in ADDED_CONFIG_KEYS}
+class Run:
+    """One W&B run, its plain-file record (None on torchrun's ranks > 0) and its background writer (None when
+    W&B is disabled). Every method is safe in every mode: what W&B would not keep is not built."""
 
+    def __init__(self, run, record: RunRecord | None):
+        self.wandb, self.record = run, record
+        enabled = record is not None and run.settings.mode != "disabled"
+        self.writer = BackgroundWriter("wandb-writer") if enabled else None
+        self.next_step = int(run.step) if enabled else 0  # W&B's next step, counted here
+        self.thumbs: dict = {}  # (table prefix, sample id) -> its wandb.Image, encoded once per run
 
-def update_config(run, values: dict) -> None:
-    """Entries beside the Config keys (workflows/lineage.py's record), replaced on a resumed run."""
-    values = dict(values)
-    _submit(run, lambda: run.config.update(values, allow_val_change=True))
+    @property
+    def id(self) -> str:
+        return self.wandb.id
 
+    @property
+    def mode(self) -> str:
+        return self.wandb.settings.mode
 
-def use_artifact(run, ref: str, download_to: Path | None = None) -> Path | None:
-    """Online: the run uses artifact `ref` (an input edge in W&B's lineage graph), downloaded into download_to
-    when given; returns that folder. Offline and disabled runs cannot (W&B refuses): None."""
-    if run.settings.mode != "online":
-        return None
-    found = []
+    @property
+    def entity(self) -> str:
+        return self.wandb.entity
 
-    def use():
+    @property
+    def step(self) -> int:
+        """W&B's own step counter (what it has committed so far)."""
+        return self.wandb.step
+
+    def _submit(self, fn) -> None:
+        self.writer.submit(fn) if self.writer is not None else fn()
+
+    def config(self, exclude=()) -> dict:
+        """The run's config as W&B holds it, sweep-locked values included, without W&B's own and `exclude` keys."""
+        return {k: v for k, v in dict(self.wandb.config).items() if not k.startswith("_") and k not in exclude}
+
+    def update_config(self, values: dict) -> None:
+        """Entries beside the Config keys (workflows/lineage.py's record), replaced on a resumed run."""
+        values = dict(values)
+        self._submit(lambda: self.wandb.config.update(values, allow_val_change=True))
+
+    def log(self, metrics: dict) -> None:
+        self._submit(lambda: self.wandb.log(metrics))  # commits the row, with any media logged before it (commit=False)
+        if self.record is not None:
+            self.next_step += self.writer is not None
+            self.record.append(metrics)
+
+    def set_summary(self, values: dict) -> None:
+        values = dict(values)
+
+        def update():
+            for k, v in values.items():
+                self.wandb.summary[k] = v
+        self._submit(update)
+        if self.record is not None:
+            self.record.update_summary(values)
+
+    def position(self) -> dict:
+        """Where the run's record stands, for a resume state: W&B's next step, plain history rows, summary."""
+        if self.record is None:
+            return {"wandb_step": 0, "history_rows": 0, "summary": {}}
+        return {"wandb_step": self.next_step, "history_rows": self.record.rows, "summary": dict(self.record.summary)}
+
+    def history(self, prefix: str = "") -> list[dict]:
+        return self.record.history(prefix) if self.record is not None else []
+
+    def use_artifact(self, ref: str, download_to: Path | None = None) -> Path | None:
+        """Online: the run uses artifact `ref` (an input edge in W&B's lineage graph), downloaded into download_to
+        when given; returns that folder. Offline and disabled runs cannot (W&B refuses): None."""
+        if self.mode != "online":
+            return None
+        found = []
+
+        def use():
+            try:
+                artifact = self.wandb.use_artifact(ref)
+                found.append(Path(artifact.download(root=str(download_to))) if download_to is not None else None)
+            except Exception as e:  # noqa: BLE001 - wandb raises CommError, ValueError...
+                raise UserError(f"W&B artifact {ref}: {e}") from None
+        self._submit(use)  # in order with the run's other W&B calls, and waited for
+        if self.writer is not None:
+            self.writer.drain()
+        return found[0]
+
+    def log_eval_tables(self, prefix: str, ids, images, y_true, probs, classes, metrics: dict, max_rows: int) -> None:
+        """Prediction table, misclassified table (most confident mistakes first), confusion matrix and
+        per-class scores, added to the next history row (run.log). `images(i)` returns sample i as
+        HxWx3 uint8; it is called on the writer thread, after this returns."""
+        if self.mode == "disabled":  # nothing would keep them; skip decoding and staging images
+            return
+        self._submit(lambda: self._log_eval_tables(prefix, ids, images, y_true, probs, classes, metrics, max_rows))
+
+    def _log_eval_tables(self, prefix, ids, images, y_true, probs, classes, metrics, max_rows) -> None:
+        def thumb(r):
+            key = (prefix, str(ids[r]))
+            if key not in self.thumbs:  # the same sample at every new best: one PNG
+                self.thumbs[key] = _thumb(images(r))
+            return self.thumbs[key]
+        pred = probs.argmax(1)
+        wrong = np.flatnonzero(pred != y_true)
+        wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:max_rows]
+        per_class = wandb.Table(columns=["class", "precision", "recall", "f1", "auc", "support"], data=[
+            [c, float(metrics["precision"][i]), float(metrics["recall"][i]), float(metrics["f1"][i]),
+             None if np.isnan(metrics["auc"][i]) else float(metrics["auc"][i]), int(metrics["support"][i])]
+            for i, c in enumerate(classes)])
+        self.wandb.log({
+            f"{prefix}/predictions": _prediction_table(np.arange(min(max_rows, len(y_true))), ids, thumb, y_true, probs, classes),
+            f"{prefix}/misclassified": _prediction_table(wrong, ids, thumb, y_true, probs, classes),
+            f"{prefix}/confusion_matrix": wandb.plot.confusion_matrix(
+                y_true=y_true.tolist(), preds=pred.tolist(), class_names=list(classes)),
+            f"{prefix}/per_class": per_class,
+            f"{prefix}/per_class_f1": wandb.plot.bar(per_class, "class", "f1", title=f"{prefix} F1 per class"),
+            f"{prefix}/confused_pairs": _confused_pairs(y_true, probs, classes, metrics["confusion"], thumb),
+        }, commit=False)
+
+    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
+        """A table; HxWx3 uint8 cells become thumbnails."""
+        if self.mode == "disabled":
+            return
+
+        def log_it():
+            table = wandb.Table(columns=columns)
+            for row in rows:
+                table.add_data(*[_thumb(v) if isinstance(v, np.ndarray) and v.ndim == 3 else v for v in row])
+            self.wandb.log({key: table})
+        self._submit(log_it)
+        self.next_step += 1
+
+    def log_artifact(self, path: Path, name: str, type: str, metadata: dict | None = None, aliases=()) -> None:
+        if self.mode == "disabled":  # W&B would still stage a copy of the file
+            return
+        path = Path(path)
+        # the file as it is now, whatever replaces it before the writer stages it (files here are replaced by rename)
+        snapshot = path.with_name(f".{path.name}.artifact-{random_id()}")
         try:
-            artifact = run.use_artifact(ref)
-            found.append(Path(artifact.download(root=str(download_to))) if download_to is not None else None)
-        except Exception as e:  # noqa: BLE001 - wandb raises CommError, ValueError...
-            raise UserError(f"W&B artifact {ref}: {e}") from None
-    _submit(run, use)  # in order with the run's other W&B calls, and waited for
-    writer = _LOCAL.get(id(run), {}).get("writer")
-    if writer is not None:
-        writer.drain()
-    return found[0]
+            os.link(path, snapshot)
+        except OSError:  # file systems without hard links
+            shutil.copyfile(path, snapshot)
 
+        def log_it():
+            try:
+                artifact = wandb.Artifact(name, type=type, metadata=metadata)
+                artifact.add_file(str(snapshot), name=path.name)  # copied into W&B's staging area here
+                self.wandb.log_artifact(artifact, aliases=list(aliases))
+            finally:
+                snapshot.unlink(missing_ok=True)
+        self._submit(log_it)
 
-_SKIP = object()
+    def use_file(self, path: Path, name: str, type: str, metadata: dict | None = None) -> None:
+        """A local file as an artifact this run reads: online, an input of the run in W&B's lineage graph; offline
+        (where W&B refuses use_artifact) logged by the run, so it still reaches W&B on sync."""
+        if self.mode != "online":
+            self.log_artifact(path, name, type, metadata)
+            return
 
+        def use_it():
+            artifact = wandb.Artifact(name, type=type, metadata=metadata)
+            artifact.add_file(str(path))
+            self.wandb.use_artifact(artifact)
+        self._submit(use_it)
 
-def _plain(value):
-    """JSON-able scalars, NaN and inf as text so every line stays valid JSON; _SKIP for media and tables."""
-    if isinstance(value, (bool, str)) or value is None:
-        return value
-    if isinstance(value, (list, tuple)):
-        items = [_plain(v) for v in value]
-        return items if _SKIP not in items else _SKIP
-    if isinstance(value, dict):
-        items = {str(k): _plain(v) for k, v in value.items()}
-        return items if _SKIP not in items.values() else _SKIP
-    if isinstance(value, numbers.Number):
-        value = float(value) if not isinstance(value, numbers.Integral) else int(value)
-        return value if not isinstance(value, float) or math.isfinite(value) else str(value)
-    return _SKIP
+    def save_file(self, path: Path) -> None:
+        """A plain file of the run folder also in the W&B run's files (offline: synced with the run)."""
+        if self.mode != "disabled":
+            self._submit(lambda: self.wandb.save(str(path), base_path=str(Path(path).parent), policy="now"))
 
+    def log_dataset(self, name: str, files: list[tuple[Path, str]], columns: list[str], rows: list[list],
+                    metadata: dict, references: bool = False, aliases=(), description: str = "") -> None:
+        """A W&B artifact of type dataset: each (file, its name in the artifact) copied in, or with references a
+        file:// reference with its checksum (nothing copied); and the table `samples` of `rows`, whose
+        callable cells are called here (one image decoded at a time) and HxWx3 uint8 cells become thumbnails."""
+        if self.mode == "disabled":
+            return
 
-def _write_summary(local: dict | None) -> None:
-    if local is not None:  # a reader sees the old summary or the new one
-        atomic_write_bytes(local["dir"] / SUMMARY_FILE, json.dumps(local["summary"], indent=1).encode())
+        def log_it():
+            artifact = wandb.Artifact(name, type="dataset", description=description or None, metadata=metadata)
+            for path, arcname in files:
+                if references:
+                    artifact.add_reference(Path(path).resolve().as_uri(), name=arcname, checksum=True)
+                else:
+                    artifact.add_file(str(path), name=arcname)
+            table = wandb.Table(columns=columns)
+            for row in rows:
+                cells = [v() if callable(v) else v for v in row]
+                table.add_data(*[_thumb(v) if isinstance(v, np.ndarray) and v.ndim == 3 else v for v in cells])
+            artifact.add(table, "samples")
+            self.wandb.log_artifact(artifact, aliases=list(aliases))
+        self._submit(log_it)
 
-
-def log(run, metrics: dict) -> None:
-    _submit(run, lambda: run.log(metrics))  # commits the row, with any media logged before it (commit=False)
-    local = _LOCAL.get(id(run))
-    if local is not None:
-        local["step"] += local["writer"] is not None
-        row = {k: _plain(v) for k, v in metrics.items()} | {"_time": round(time.time(), 3)}  # wall clock, Unix seconds
-        with open(local["dir"] / METRICS_FILE, "a") as fh:
-            fh.write(json.dumps({k: v for k, v in row.items() if v is not _SKIP}) + "\n")
-        local["rows"] += 1
-
-
-def position(run) -> dict:
-    """Where the run's record stands, for a resume state: W&B's next step, plain history rows, summary."""
-    local = _LOCAL.get(id(run), {"rows": 0, "summary": {}, "step": 0})
-    return {"wandb_step": local["step"], "history_rows": local["rows"], "summary": dict(local["summary"])}
-
-
-def history(run, prefix: str = "") -> list[dict]:
-    """The rows logged so far (resumed attempts included), keys under `prefix` with the prefix taken off."""
-    local = _LOCAL.get(id(run))
-    rows = read_local(local["dir"])[0] if local is not None else []
-    return [{k[len(prefix):] if k != "epoch" else k: v for k, v in r.items() if k.startswith(prefix) or k == "epoch"}
-            for r in rows if any(k.startswith(prefix) for k in r)]
-
-
-def set_summary(run, values: dict) -> None:
-    values = dict(values)
-
-    def update():
-        for k, v in values.items():
-            run.summary[k] = v
-    _submit(run, update)
-    local = _LOCAL.get(id(run))
-    if local is not None:
-        plain = {k: _plain(v) for k, v in values.items()}
-        local["summary"].update({k: v for k, v in plain.items() if v is not _SKIP})
-        _write_summary(local)
-
-
-def read_local(out_dir: Path) -> tuple[list[dict], dict]:
-    """(history rows, summary) of a run from its plain files, live or finished; empty when absent."""
-    out_dir = Path(out_dir)
-    try:
-        lines = (out_dir / METRICS_FILE).read_text().splitlines()
-    except OSError:
-        lines = []
-    history = []
-    for line in lines:
+    def run_to_end(self, work, stopped_note: str = "") -> int:
+        """work() inside the run, then finish it; the one mapping of how a run ends to its exit code: 0; 1 after a
+        UserError (one 'error:' line on stderr, also in the summary); 128 + signal after a stop (utils/stop.py),
+        said on stderr with stopped_note; any other exception finishes the run with 1 and propagates."""
         try:
-            history.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written
-            break
-    try:
-        summary = json.loads((out_dir / SUMMARY_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        summary = {}
-    return history, summary
+            work()
+        except UserError as e:
+            self.set_summary({"error": str(e)})
+            self.finish(exit_code=1)
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except Stopped as e:
+            self.finish(exit_code=e.exit_code)
+            print(f"stopped by {e}: {stopped_note}W&B run finished (exit code {e.exit_code})", file=sys.stderr)
+            return e.exit_code
+        except BaseException:
+            self.finish(exit_code=1)
+            raise
+        return self.finish()
+
+    def finish(self, exit_code: int = 0) -> int:
+        """Wait for the writer thread's W&B calls, then finish the run; _exit_code goes in summary.json last.
+        Returns the exit code: 1 instead of 0 when a W&B call on the writer thread failed (said on stderr)."""
+        error = None
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except Exception as e:  # noqa: BLE001 - still finish the run and write the exit code
+                error, exit_code = e, exit_code or 1
+            self.writer = None
+        self.wandb.finish(exit_code=exit_code)
+        if self.record is not None:
+            self.record.summary["_exit_code"] = exit_code
+            self.record.write_summary()
+        # wandb's process-wide setup caches the environment (WANDB_SWEEP_PARAM_PATH among it) at the first
+        # init; tear it down so a later run in the same process starts from the environment as it is then
+        wandb.teardown()
+        if error is not None:
+            print(f"error: W&B could not record part of the run ({type(error).__name__}: {error}); the checkpoints, "
+                  f"metrics.jsonl and summary.json are complete", file=sys.stderr)
+        return exit_code
 
 
 def _thumb(image: np.ndarray, caption: str = ""):
@@ -256,41 +343,6 @@ def _prediction_table(rows: np.ndarray, ids, images, y_true, probs, classes):
     return table
 
 
-def log_eval_tables(run, prefix: str, ids, images, y_true, probs, classes, metrics: dict, max_rows: int) -> None:
-    """Prediction table, misclassified table (most confident mistakes first), confusion matrix and
-    per-class scores, added to the next history row (tracking.log). `images(i)` returns sample i as
-    HxWx3 uint8; it is called on the writer thread, after this returns."""
-    if run.settings.mode == "disabled":  # nothing would keep them; skip decoding and staging images
-        return
-    _submit(run, lambda: _log_eval_tables(run, prefix, ids, images, y_true, probs, classes, metrics, max_rows))
-
-
-def _log_eval_tables(run, prefix, ids, images, y_true, probs, classes, metrics, max_rows) -> None:
-    thumbs = _LOCAL.get(id(run), {}).get("thumbs", {})  # the same sample at every new best: one PNG
-
-    def thumb(r):
-        key = (prefix, str(ids[r]))
-        if key not in thumbs:
-            thumbs[key] = _thumb(images(r))
-        return thumbs[key]
-    pred = probs.argmax(1)
-    wrong = np.flatnonzero(pred != y_true)
-    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:max_rows]
-    per_class = wandb.Table(columns=["class", "precision", "recall", "f1", "auc", "support"], data=[
-        [c, float(metrics["precision"][i]), float(metrics["recall"][i]), float(metrics["f1"][i]),
-         None if np.isnan(metrics["auc"][i]) else float(metrics["auc"][i]), int(metrics["support"][i])]
-        for i, c in enumerate(classes)])
-    run.log({
-        f"{prefix}/predictions": _prediction_table(np.arange(min(max_rows, len(y_true))), ids, thumb, y_true, probs, classes),
-        f"{prefix}/misclassified": _prediction_table(wrong, ids, thumb, y_true, probs, classes),
-        f"{prefix}/confusion_matrix": wandb.plot.confusion_matrix(
-            y_true=y_true.tolist(), preds=pred.tolist(), class_names=list(classes)),
-        f"{prefix}/per_class": per_class,
-        f"{prefix}/per_class_f1": wandb.plot.bar(per_class, "class", "f1", title=f"{prefix} F1 per class"),
-        f"{prefix}/confused_pairs": _confused_pairs(y_true, probs, classes, metrics["confusion"], thumb),
-    }, commit=False)
-
-
 def _confused_pairs(y_true, probs, classes, confusion: np.ndarray, thumb, top: int = 10, examples: int = 4):
     """The most frequent (true, predicted) mistakes, each with its most confident examples."""
     pred = probs.argmax(1)
@@ -303,20 +355,6 @@ def _confused_pairs(y_true, probs, classes, confusion: np.ndarray, thumb, top: i
         table.add_data(classes[t], classes[p], n, n / int(confusion[t].sum()),
                        *[thumb(r) for r in rows], *[None] * (examples - len(rows)))
     return table
-
-
-def log_table(run, key: str, columns: list[str], rows: list[list]) -> None:
-    """A table; HxWx3 uint8 cells become thumbnails."""
-    if run.settings.mode == "disabled":
-        return
-
-    def log_it():
-        table = wandb.Table(columns=columns)
-        for row in rows:
-            table.add_data(*[_thumb(v) if isinstance(v, np.ndarray) and v.ndim == 3 else v for v in row])
-        run.log({key: table})
-    _submit(run, log_it)
-    _LOCAL[id(run)]["step"] += 1
 
 
 def wandb_api():
@@ -344,107 +382,3 @@ def top_sweep_runs(path: str, k: int) -> list[str]:
     scored = [r for r in sweep.runs if isinstance(r.summary.get(name), (int, float))]
     scored.sort(key=lambda r: r.summary[name], reverse=maximize)
     return [r.id for r in scored[:k]]
-
-
-def log_artifact(run, path: Path, name: str, type: str, metadata: dict | None = None, aliases=()) -> None:
-    if run.settings.mode == "disabled":  # W&B would still stage a copy of the file
-        return
-    path = Path(path)
-    # the file as it is now, whatever replaces it before the writer thread stages it (files here are replaced by rename)
-    snapshot = path.with_name(f".{path.name}.artifact-{random_id()}")
-    try:
-        os.link(path, snapshot)
-    except OSError:  # file systems without hard links
-        shutil.copyfile(path, snapshot)
-
-    def log_it():
-        try:
-            artifact = wandb.Artifact(name, type=type, metadata=metadata)
-            artifact.add_file(str(snapshot), name=path.name)  # copied into W&B's staging area here
-            run.log_artifact(artifact, aliases=list(aliases))
-        finally:
-            snapshot.unlink(missing_ok=True)
-    _submit(run, log_it)
-
-
-def use_file(run, path: Path, name: str, type: str, metadata: dict | None = None) -> None:
-    """A local file as an artifact this run reads: online, an input of the run in W&B's lineage graph; offline
-    (where W&B refuses use_artifact) logged by the run, so it still reaches W&B on sync."""
-    if run.settings.mode != "online":
-        log_artifact(run, path, name, type, metadata)
-        return
-
-    def use_it():
-        artifact = wandb.Artifact(name, type=type, metadata=metadata)
-        artifact.add_file(str(path))
-        run.use_artifact(artifact)
-    _submit(run, use_it)
-
-
-def save_file(run, path: Path) -> None:
-    """A plain file of the run folder also in the W&B run's files (offline: synced with the run)."""
-    if run.settings.mode != "disabled":
-        _submit(run, lambda: run.save(str(path), base_path=str(Path(path).parent), policy="now"))
-
-
-def log_dataset(run, name: str, files: list[tuple[Path, str]], columns: list[str], rows: list[list], metadata: dict,
-                references: bool = False, aliases=(), description: str = "") -> None:
-    """A W&B artifact of type dataset: each (file, its name in the artifact) copied in, or with references a
-    file:// reference with its checksum (nothing copied); and the table `samples` of `rows`, whose
-    callable cells are called here (one image decoded at a time) and HxWx3 uint8 cells become thumbnails."""
-    if run.settings.mode == "disabled":
-        return
-
-    def log_it():
-        artifact = wandb.Artifact(name, type="dataset", description=description or None, metadata=metadata)
-        for path, arcname in files:
-            if references:
-                artifact.add_reference(Path(path).resolve().as_uri(), name=arcname, checksum=True)
-            else:
-                artifact.add_file(str(path), name=arcname)
-        table = wandb.Table(columns=columns)
-        for row in rows:
-            cells = [v() if callable(v) else v for v in row]
-            table.add_data(*[_thumb(v) if isinstance(v, np.ndarray) and v.ndim == 3 else v for v in cells])
-        artifact.add(table, "samples")
-        run.log_artifact(artifact, aliases=list(aliases))
-    _submit(run, log_it)
-
-
-def run_to_end(run, work) -> int:
-    """work() inside the run, then finish it: exit code 0; 1 after a UserError (one 'error:' line on stderr,
-    also in the summary); any other exception finishes the run with 1 and propagates."""
-    try:
-        work()
-    except UserError as e:
-        set_summary(run, {"error": str(e)})
-        finish(run, exit_code=1)
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except BaseException:
-        finish(run, exit_code=1)
-        raise
-    return finish(run)
-
-
-def finish(run, exit_code: int = 0) -> int:
-    """Wait for the writer thread's W&B calls, then finish the run; _exit_code goes in summary.json last.
-    Returns the exit code: 1 instead of 0 when a W&B call on the writer thread failed (said on stderr)."""
-    local = _LOCAL.pop(id(run), None)
-    error = None
-    if local is not None and local["writer"] is not None:
-        try:
-            local["writer"].close()
-        except Exception as e:  # noqa: BLE001 - still finish the run and write the exit code
-            error, exit_code = e, exit_code or 1
-    run.finish(exit_code=exit_code)
-    if local is not None:
-        local["summary"]["_exit_code"] = exit_code
-        _write_summary(local)
-    # wandb's process-wide setup caches the environment (WANDB_SWEEP_PARAM_PATH among it) at the first
-    # init; tear it down so a later run in the same process starts from the environment as it is then
-    wandb.teardown()
-    if error is not None:
-        print(f"error: W&B could not record part of the run ({type(error).__name__}: {error}); the checkpoints, "
-              f"metrics.jsonl and summary.json are complete", file=sys.stderr)
-    return exit_code

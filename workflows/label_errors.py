@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from datasets import load_image, write_csv, write_oof
-from utils import UserError, tracking
+from utils import UserError
 from utils.metrics import classification_metrics
 from workflows.report import write_report
 
@@ -77,10 +77,10 @@ def analyse_oof(cfg, run, out_dir: Path, data, oof: np.ndarray, folds: np.ndarra
     W&B table oof/suspect_labels), the out-of-fold report.html; returns the run's summary."""
     write_oof(out_dir / "oof.csv", data, oof, folds)
     m = classification_metrics(data.labels, oof)
-    tracking.log_artifact(run, out_dir / "oof.csv", f"oof-{run.id}", "oof", {"classes": data.classes, "folds": cfg.folds})
+    run.log_artifact(out_dir / "oof.csv", f"oof-{run.id}", "oof", {"classes": data.classes, "folds": cfg.folds})
     suspects = suspect_indices(data.labels, oof)
     write_suspects(out_dir / "suspect_labels.csv", data, oof, suspects)
-    tracking.log_table(run, "oof/suspect_labels", ["id", "image", "given", "predicted", "self_confidence"]
+    run.log_table("oof/suspect_labels", ["id", "image", "given", "predicted", "self_confidence"]
                        + [f"p_{c}" for c in data.classes],
                        [[data.ids[i], load_image(data.items[i]), data.classes[data.labels[i]], data.classes[oof[i].argmax()],
                          float(oof[i, data.labels[i]]), *map(float, oof[i])] for i in suspects[:cfg.table_rows]])

@@ -110,12 +110,12 @@ def data_source(source: str, run, cache_dir: str = "") -> tuple[str, str | None]
     ref = source[len("wandb:"):]
     if not re.fullmatch(r"([\w.-]+/){0,2}[\w.-]+:[\w.-]+", ref):
         raise UserError(f"--data {source}: expected wandb:ENTITY/PROJECT/NAME:ALIAS, e.g. wandb:my-team/comp/train-images:latest")
-    if run.settings.mode != "online":
+    if run.mode != "online":
         raise UserError(f"--data {source} needs W&B online (an API key and a server) to download the artifact; on a "
                         f"machine that has both run `wandb artifact get {ref} --root DIR`, copy DIR here and pass --data DIR")
     from datasets.cache import default_cache_dir
     root = Path(cache_dir or default_cache_dir()) / "datasets" / re.sub(r"[^\w.-]", "_", ref)
-    return str(tracking.use_artifact(run, ref, download_to=root)), ref
+    return str(run.use_artifact(ref, download_to=root)), ref
 
 
 def link_registered(run, source: str, digest: str) -> str | None:
@@ -131,7 +131,7 @@ def link_registered(run, source: str, digest: str) -> str | None:
         return None
     artifact = "/".join(filter(None, [marker.get("entity"), marker["project"], f"{marker['name']}:fp-{digest}"]))
     try:
-        tracking.use_artifact(run, artifact)
+        run.use_artifact(artifact)
     except UserError as e:  # registered offline and never synced, say: train anyway
         print(f"note: not linked to the registered dataset ({e}); `wandb sync` its register run to link later runs")
     return artifact
@@ -220,7 +220,7 @@ def record(cfg: Config, run, out_dir: Path, rows: list[tuple], classes: list[str
     if changed_data:
         print(f"warning: the data changed since this run started: {changed_data}. The epochs before the resume "
               f"trained on the old data; start a new run (--resume '') to train on this data alone", file=sys.stderr, flush=True)
-        tracking.set_summary(run, {"data_changed_on_resume": changed_data})
+        run.set_summary({"data_changed_on_resume": changed_data})
     if artifact is None and not cfg.data.startswith("wandb:"):
         artifact = link_registered(run, cfg.data, fp["source_digest"])
     fp["artifact"] = artifact
@@ -235,7 +235,7 @@ def record(cfg: Config, run, out_dir: Path, rows: list[tuple], classes: list[str
     else:
         (out_dir / DIFF_FILE).unlink(missing_ok=True)  # a resumed run's, from before a commit
     write_manifest(out_dir / MANIFEST_FILE, rows)
-    tracking.save_file(run, out_dir / MANIFEST_FILE)  # the file list, sizes and labels, in the W&B run's files
+    run.save_file(out_dir / MANIFEST_FILE)  # the file list, sizes and labels, in the W&B run's files
     try:
         created = json.loads((out_dir / RUN_FILE).read_text())["created"] if resumed else time.time()
     except (OSError, ValueError, KeyError):
@@ -246,7 +246,7 @@ def record(cfg: Config, run, out_dir: Path, rows: list[tuple], classes: list[str
            "changed_vs_parent": compact(vs_parent) if parent else None, "notes": cfg.notes,
            "tags": tracking.split_tags(cfg.tags), "code": summary_code | {"untracked": code["untracked"]}, "data": fp}
     atomic_write_bytes(out_dir / RUN_FILE, json.dumps(rec, indent=1).encode())
-    tracking.update_config(run, {"changed": rec["changed"], "changed_keys": rec["changed_keys"], "code": summary_code,
+    run.update_config({"changed": rec["changed"], "changed_keys": rec["changed_keys"], "code": summary_code,
                                  "data_fingerprint": fp, **({"parent_run": parent["id"], "changed_vs_parent":
                                                              rec["changed_vs_parent"]} if parent else {})})
     print(f"data {fp['digest']} ({fp['train_images']} train, {fp['test_images']} test images)"

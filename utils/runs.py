@@ -1,0 +1,100 @@
+"""A run's plain-file record, readable without W&B: run ids, out_dir/metrics.jsonl (one line per logged row)
+and out_dir/summary.json (the summary so far, with "_exit_code" once the run has finished).
+
+Usage:
+    record = RunRecord(out_dir); record.append({"epoch": 1, "val/acc": 0.9}); record.update_summary({...})
+    history, summary = read_local(out_dir)      # the offline sweep runner and the journal, while a run is live
+utils/tracking.py writes the record beside every W&B run; sweep.py and journal.py read it without importing wandb.
+"""
+import json
+import math
+import numbers
+import os
+import secrets
+import string
+import time
+from pathlib import Path
+
+from utils.files import atomic_write_bytes
+
+METRICS_FILE, SUMMARY_FILE = "metrics.jsonl", "summary.json"
+
+
+def random_id() -> str:
+    """8 characters of [a-z0-9], the shape of W&B's run ids."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def new_run_id() -> str:
+    """The agent's run id under `wandb agent` (it sets WANDB_RUN_ID), else a fresh one."""
+    return os.environ.get("WANDB_RUN_ID") or random_id()
+
+
+SKIP = object()  # what plain() gives for media and tables: left out of the plain files
+
+
+def plain(value):
+    """JSON-able scalars, NaN and inf as text so every line stays valid JSON; SKIP for media and tables."""
+    if isinstance(value, (bool, str)) or value is None:
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [plain(v) for v in value]
+        return items if SKIP not in items else SKIP
+    if isinstance(value, dict):
+        items = {str(k): plain(v) for k, v in value.items()}
+        return items if SKIP not in items.values() else SKIP
+    if isinstance(value, numbers.Number):
+        value = float(value) if not isinstance(value, numbers.Integral) else int(value)
+        return value if not isinstance(value, float) or math.isfinite(value) else str(value)
+    return SKIP
+
+
+class RunRecord:
+    """out_dir's metrics.jsonl and summary.json for one run. resume: the saved {"history_rows", "summary"} of an
+    interrupted run; the rows logged after its saved state are dropped (they are redone)."""
+
+    def __init__(self, out_dir: Path, resume: dict | None = None):
+        self.dir = Path(out_dir)
+        rows = (self.dir / METRICS_FILE).read_text().splitlines()[:resume["history_rows"]] if resume else []
+        (self.dir / METRICS_FILE).write_text("".join(r + "\n" for r in rows))
+        self.rows = len(rows)
+        self.summary = dict(resume["summary"]) if resume else {}
+        self.write_summary()  # no stale "_exit_code" from an earlier attempt while this one runs
+
+    def append(self, metrics: dict) -> None:
+        row = {k: plain(v) for k, v in metrics.items()} | {"_time": round(time.time(), 3)}  # wall clock, Unix seconds
+        with open(self.dir / METRICS_FILE, "a") as fh:
+            fh.write(json.dumps({k: v for k, v in row.items() if v is not SKIP}) + "\n")
+        self.rows += 1
+
+    def update_summary(self, values: dict) -> None:
+        self.summary.update({k: v for k, v in ((k, plain(v)) for k, v in values.items()) if v is not SKIP})
+        self.write_summary()
+
+    def write_summary(self) -> None:  # a reader sees the old summary or the new one
+        atomic_write_bytes(self.dir / SUMMARY_FILE, json.dumps(self.summary, indent=1).encode())
+
+    def history(self, prefix: str = "") -> list[dict]:
+        """The rows logged so far (resumed attempts included), keys under `prefix` with the prefix taken off."""
+        return [{k[len(prefix):] if k != "epoch" else k: v for k, v in r.items() if k.startswith(prefix) or k == "epoch"}
+                for r in read_local(self.dir)[0] if any(k.startswith(prefix) for k in r)]
+
+
+def read_local(out_dir: Path) -> tuple[list[dict], dict]:
+    """(history rows, summary) of a run from its plain files, live or finished; empty when absent."""
+    out_dir = Path(out_dir)
+    try:
+        lines = (out_dir / METRICS_FILE).read_text().splitlines()
+    except OSError:
+        lines = []
+    history = []
+    for line in lines:
+        try:
+            history.append(json.loads(line))
+        except json.JSONDecodeError:  # a line being written
+            break
+    try:
+        summary = json.loads((out_dir / SUMMARY_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        summary = {}
+    return history, summary
