@@ -1,0 +1,89 @@
+"""What train.py decides from the data before it trains: the auto settings (--model auto, --img_size 0,
+--pretrained auto), the test set's measured shift (--aug_preset auto, --val_noise auto), and the
+pseudo-labelled test images (--pseudo_labels). Each is printed and recorded in the W&B run.
+
+Usage:
+    cfg = resolve_auto(cfg, run, data)
+    shift = measure_test_shift(cfg, run, data, native_side(data.test_items))
+    pseudo = load_pseudo_labels(cfg, run, data, lineage_meta)   # (test rows, labels) or None
+    folder, artifact = data_source(cfg, run)
+"""
+import dataclasses
+import time
+from pathlib import Path
+
+from datasets.pseudo import read_pseudo_labels
+from datasets.shift import describe_shift, measure_data, native_side
+from models import DEFAULT_MODEL, DEMO_MODEL, MIN_AUTO_SIZE, find_pretrained, pretrained_input_size
+from utils import UserError, distributed
+from workflows import lineage
+from workflows.config import Config
+
+DEMO_IMG_SIZE = 48  # px: the digits demo keeps its fast settings
+
+
+def resolve_auto(cfg: Config, run, data) -> Config:
+    """--model auto, --img_size 0 and --pretrained auto, decided from the data and this machine; printed, and the
+    decided values replace them in the W&B config (the keys that were auto are listed under `auto`)."""
+    demo = cfg.data == "digits"
+    values = {"model": DEMO_MODEL if demo else DEFAULT_MODEL} if cfg.model == "auto" else {}
+    model = values.get("model", cfg.model)
+    if not cfg.img_size:
+        side = native_side(list(data.items) + list(data.test_items or []))
+        values["img_size"] = DEMO_IMG_SIZE if demo else int(min(max(MIN_AUTO_SIZE, 32 * round(side / 32)),
+                                                                max(MIN_AUTO_SIZE, pretrained_input_size(model))))
+    if cfg.pretrained == "auto":
+        path, why = ("", "the digits demo trains from random initialization") if demo or cfg.pretrained_path \
+            else find_pretrained(model)
+        values |= {"pretrained": "true", "pretrained_path": path} if path else {"pretrained": "false"}
+        print(f"pretrained auto: {why}")
+    if values:
+        print("auto: " + ", ".join(f"{k} {v}" for k, v in values.items()))
+        run.update_config({**values, "auto": sorted(values)})
+    return dataclasses.replace(cfg, **values)
+
+
+def measure_test_shift(cfg: Config, run, data, native: int | None) -> dict | None:
+    """The test set measured against the training set (datasets/shift.py), when --aug_preset auto or --val_noise
+    auto asks for it and there is a test set: printed, and in the W&B config as test_shift."""
+    if not data.test_items or (cfg.aug_preset != "auto" and cfg.val_noise != "auto"):
+        if cfg.aug_preset == "auto":
+            print("aug_preset auto: no test set to measure, so the `light` preset")
+        return None
+    start = time.perf_counter()
+    shift = measure_data(data.items, data.test_items, cfg.img_size, native)
+    print(f"{describe_shift(shift)}\n  ({time.perf_counter() - start:.1f}s; aug_preset {cfg.aug_preset}, "
+          f"val_noise {cfg.val_noise})")
+    run.update_config({"test_shift": shift})
+    return shift
+
+
+def load_pseudo_labels(cfg: Config, run, data, lineage_meta: dict | None) -> tuple | None:
+    """--pseudo_labels: (test rows, labels) at or above --pseudo_threshold, counted per class in the log, the W&B
+    config (pseudo_label_source: file, digest, the run or ensemble that wrote it) and every checkpoint's lineage;
+    the file itself is an artifact of the run."""
+    if not cfg.pseudo_labels:
+        return None
+    rows, labels, info = read_pseudo_labels(cfg.pseudo_labels, data, cfg.pseudo_threshold)
+    print(f"pseudo-labels: {info['added']} of {info['test_images']} test images at p >= {cfg.pseudo_threshold} "
+          f"({', '.join(f'{c} {n}' for c, n in info['per_class'].items())}) from {'; '.join(info['source'])}")
+    run.update_config({"pseudo_label_source": info})
+    run.set_summary({"pseudo_labels/added": info["added"],
+                     **{f"pseudo_labels/{c}": n for c, n in info["per_class"].items()}})
+    run.use_file(Path(cfg.pseudo_labels), f"pseudo-labels-{info['sha256'][:12]}", "pseudo-labels", info)
+    if lineage_meta is not None:
+        lineage_meta["pseudo_labels"] = info
+    return rows, labels
+
+
+def data_source(cfg: Config, run) -> tuple[str, str | None]:
+    """--data as a folder (wandb:E/P/NAME:ALIAS downloaded by rank 0) and the dataset artifact; every rank gets
+    rank 0's answer, or its error."""
+    try:
+        answer = lineage.data_source(cfg.data, run, cfg.cache_dir) if distributed.is_main() else None
+    except UserError as e:
+        answer = str(e)
+    answer = distributed.broadcast(answer)
+    if isinstance(answer, str):
+        raise UserError(answer)
+    return answer

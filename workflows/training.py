@@ -1,0 +1,191 @@
+"""One fit's set-up, as train.py's fit runs it: the split, the loaders (noisy validation images under
+--val_noise auto), loss and mixup, the model, optimizer, schedule, EMA and stepper, the checkpoint keeper;
+then evaluate(), which returns the validation probabilities, and epoch_metrics(), the row logged per epoch.
+
+Usage:
+    s = build_fit(cfg, run.id, out_dir, data, prefix="", shift=shift)
+    probs, clean_probs = evaluate(s, cfg.tta)
+    scores, per_class = epoch_metrics(data.labels[s.val_idx], data.classes, probs, clean_probs)
+    test_probs = predict_test(cfg, data, s)   # from the best checkpoint file alone
+"""
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from timm.data import Mixup
+from timm.utils import ModelEmaV3
+
+from datasets import ImageDataset, build_sampler, split_indices
+from datasets.cache import JoinedImages
+from datasets.files import take
+from datasets.shift import any_on, noisy_copies
+from datasets.transforms import AUGS, eval_transform
+from losses import build_loss, loss_kwargs, soft_target_losses
+from models import adapt_test_bn, build_model, check_input_size, normalization
+from models.checkpoint import CheckpointKeeper, load_model
+from optim import SAM, build_optimizer, build_scheduler, optimizer_kwargs, scheduler_kwargs
+from optim.stepper import Stepper
+from utils import UserError, distributed
+from utils.background import BackgroundWriter
+from utils.device import amp_dtype_for, default_workers, make_loader, pick_device, seed_everything
+from utils.metrics import classification_metrics, nll
+from workflows.config import Config
+from workflows.inference import predict_probs
+
+SCALAR_KEYS = ["train/loss", "val/loss", "val/acc", "val/f1_macro", "val/acsa", "val/auc_macro"]
+CLEAN_KEYS = ["val_clean/loss", "val_clean/acc", "val_clean/f1_macro"]  # beside val/* when validation is noisy
+
+
+@dataclass
+class FitSetup:
+    """Everything one fit trains, evaluates and checkpoints with."""
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    workers: int
+    train_size: int          # training images, pseudo-labelled ones included
+    val_idx: np.ndarray      # rows of the data that validate
+    val_part: np.ndarray     # this rank's share of them (the metrics use every rank's predictions)
+    val_images: list         # what validates: noisy copies under --val_noise auto, else the images themselves
+    scalar_keys: list[str]   # the scores each checkpoint's metadata keeps
+    sampler: object
+    train_loader: torch.utils.data.DataLoader
+    val_loader: torch.utils.data.DataLoader
+    clean_loader: torch.utils.data.DataLoader | None  # the clean validation images, when val/* are noisy
+    mixup: Mixup | None
+    stepper: Stepper
+    eval_model: torch.nn.Module  # the EMA weights when on: what is evaluated and checkpointed
+    keeper: CheckpointKeeper
+    meta: dict               # checkpoint metadata every epoch shares
+    artifact_name: str       # the W&B model artifact of this fit
+
+
+def build_fit(cfg: Config, run_id: str, out_dir: Path, data, prefix: str = "", lineage_meta: dict | None = None,
+              shift: dict | None = None, pseudo: tuple | None = None) -> FitSetup:
+    """The set-up of fold cfg.fold (or the holdout split). shift: the test set's measured corruption
+    (datasets/shift.measure_data), for --aug_preset auto and --val_noise auto. pseudo: (test rows, their labels)
+    that train beside the training split. lineage_meta goes in every checkpoint."""
+    seed_everything(cfg.seed)
+    device = distributed.device_for(pick_device(cfg.device))
+    train_idx, val_idx = split_indices(data.labels, data.groups, cfg.val_fraction, cfg.folds, cfg.fold, cfg.seed)
+    train_items, y_train = take(data.items, train_idx), data.labels[train_idx]
+    if pseudo is not None:  # confident test images, in training only
+        train_items = JoinedImages(train_items, take(data.test_items, pseudo[0]))
+        y_train = np.concatenate([y_train, pseudo[1]])
+    settings = shift["settings"] if shift else None
+    noisy_val = cfg.val_noise == "auto" and any_on(settings)  # val/* noisy, val_clean/* clean
+    scalar_keys = SCALAR_KEYS + (CLEAN_KEYS if noisy_val else [])
+    metric_keys = scalar_keys + [f"val/f1/{c}" for c in data.classes]
+    if cfg.monitor not in metric_keys:
+        raise UserError(f"--monitor {cfg.monitor!r} is not a logged metric; choose one of {metric_keys}")
+    loss_fn, mixup = build_loss_and_mixup(cfg, y_train, len(data.classes), device)
+    model = build_fit_model(cfg, len(data.classes), device)
+    mean, std = normalization(model)
+    workers = default_workers(cfg.workers, distributed.world_size())
+    aug = AUGS.build(cfg.aug_preset, cfg.img_size, cfg.aug_strength, mean, std,
+                     **({"settings": settings} if cfg.aug_preset == "auto" else {}))
+    train_ds = ImageDataset(train_items, y_train, aug)
+    sampler = build_sampler(cfg.sampler, y_train, cfg.seed, distributed.rank(), distributed.world_size())
+    train_loader = make_loader(train_ds, cfg.batch_size // distributed.world_size(), workers, device, sampler,
+                               drop_last=len(train_ds) > cfg.batch_size)
+    val_part = distributed.shard(len(val_idx))
+    val_items = take(data.items, val_idx)
+    val_images = noisy_copies(val_items, [data.ids[i] for i in val_idx], settings) if noisy_val else val_items
+
+    def val_loader(images):
+        dataset = ImageDataset(take(images, val_part), data.labels[val_idx][val_part], eval_transform(cfg.img_size, mean, std))
+        return make_loader(dataset, cfg.batch_size, workers, device)
+    stepper = build_stepper(cfg, model, loss_fn, device, math.ceil(len(train_loader) / cfg.accum_steps))
+    keeper = CheckpointKeeper(out_dir, cfg.keep_top_k, cfg.maximize, write=distributed.is_main(),
+                              writer=BackgroundWriter("checkpoint-writer"))  # files written while the next epoch trains
+    meta = dict(format="sweepcls/1", model=cfg.model, classes=data.classes, targets=data.targets, img_size=cfg.img_size,
+                mean=mean, std=std, config=cfg.to_dict(), run_id=run_id, fold=cfg.fold, lineage=lineage_meta,
+                test_shift=shift)
+    return FitSetup(device=device, amp_dtype=stepper.amp_dtype, workers=workers, train_size=len(train_ds),
+                    val_idx=val_idx, val_part=val_part, val_images=val_images, scalar_keys=scalar_keys, sampler=sampler,
+                    train_loader=train_loader, val_loader=val_loader(val_images),
+                    clean_loader=val_loader(val_items) if noisy_val else None, mixup=mixup, stepper=stepper,
+                    eval_model=stepper.ema.module if stepper.ema is not None else model, keeper=keeper, meta=meta,
+                    artifact_name=f"model-{run_id}{f'-fold{cfg.fold}' if prefix else ''}")
+
+
+def build_loss_and_mixup(cfg: Config, y_train: np.ndarray, num_classes: int, device) -> tuple:
+    loss_fn = build_loss(cfg.loss, **loss_kwargs(cfg, np.bincount(y_train, minlength=num_classes))).to(device)
+    if not (cfg.mixup or cfg.cutmix):
+        return loss_fn, None
+    if not loss_fn.soft_targets:
+        raise UserError(f"--loss {cfg.loss} takes class indices only, but --mixup/--cutmix make soft targets; "
+                        f"use one of {soft_target_losses()} or set --mixup 0 --cutmix 0")
+    return loss_fn, Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mix_prob, label_smoothing=0.0,
+                          num_classes=num_classes)
+
+
+def build_fit_model(cfg: Config, num_classes: int, device: torch.device) -> torch.nn.Module:
+    """The timm model on `device` (channels_last on CUDA; SyncBatchNorm under torchrun with --sync_bn)."""
+    model = build_model(cfg.model, num_classes, cfg.pretrained == "true", cfg.pretrained_path, cfg.drop_rate,
+                        cfg.drop_path_rate, cfg.img_size)
+    if cfg.sync_bn and distributed.world_size() > 1 and device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    check_input_size(model, cfg.model, cfg.img_size)
+    return model
+
+
+def build_stepper(cfg: Config, model: torch.nn.Module, loss_fn, device: torch.device, steps_per_epoch: int) -> Stepper:
+    """Optimizer, schedule, AMP scaler, SAM and EMA around the model (DDP-wrapped under torchrun, compiled with
+    --compile) as one optimizer step."""
+    amp_dtype = amp_dtype_for(device, cfg.amp)
+    optimizer = build_optimizer(cfg.optimizer, model, **optimizer_kwargs(cfg))
+    stepper = Stepper(model=model, loss_fn=loss_fn, optimizer=optimizer,
+                      scheduler=build_scheduler(cfg.scheduler, optimizer, **scheduler_kwargs(cfg, steps_per_epoch)),
+                      scaler=torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16), device=device,
+                      amp_dtype=amp_dtype, sam=SAM(optimizer, cfg.sam_rho, cfg.sam_adaptive) if cfg.sam else None,
+                      ema=ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None,
+                      clip_grad=cfg.clip_grad, nan_patience=cfg.nan_patience, net=distributed.wrap(model, device))
+    if cfg.compile:
+        stepper.net = torch.compile(stepper.net)
+    return stepper
+
+
+def evaluate(s: FitSetup, tta: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """Validation probabilities of every row (all ranks'), and of the clean images when validation is noisy."""
+    def probs(loader):
+        return distributed.gather_rows(predict_probs(s.eval_model, loader, s.device, s.amp_dtype, tta), s.val_part,
+                                       len(s.val_idx))
+    return probs(s.val_loader), probs(s.clean_loader) if s.clean_loader is not None else None
+
+
+def epoch_metrics(y_val: np.ndarray, classes: list[str], probs: np.ndarray,
+                  clean_probs: np.ndarray | None) -> tuple[dict, dict]:
+    """(the validation scores as logged, classification_metrics of the noisy/plain validation for the tables)."""
+    m = classification_metrics(y_val, probs)
+    metrics = {"val/loss": nll(probs, y_val),  # cross-entropy whatever --loss is, so runs with different losses compare
+               "val/acc": m["acc"], "val/f1_macro": m["f1_macro"], "val/acsa": m["acsa"], "val/auc_macro": m["auc_macro"],
+               **{f"val/f1/{c}": float(f) for c, f in zip(classes, m["f1"])}}
+    if clean_probs is not None:
+        cm = classification_metrics(y_val, clean_probs)
+        metrics |= {"val_clean/loss": nll(clean_probs, y_val), "val_clean/acc": cm["acc"],
+                    "val_clean/f1_macro": cm["f1_macro"]}
+    return metrics, m
+
+
+def predict_test(cfg: Config, data, s: FitSetup) -> np.ndarray:
+    """The test set's probabilities from the best checkpoint alone, as a user would load it."""
+    best, meta = load_model(s.keeper.best_path, s.device)
+    loader = make_loader(ImageDataset(data.test_items, data.test_labels,
+                                      eval_transform(meta["img_size"], meta["mean"], meta["std"])),
+                         cfg.batch_size, s.workers, s.device)
+    if cfg.test_bn == "adapt":
+        adapt_test_bn(best, loader, s.device, cfg.model)
+    return predict_probs(best, loader, s.device, s.amp_dtype, cfg.tta)
+
+
+def describe_fit(cfg: Config, s: FitSetup, data, prefix: str, out_dir: Path, pseudo: tuple | None) -> str:
+    """The console line that opens a fit."""
+    world = distributed.world_size()
+    return (f"{cfg.model} on {s.device} | {len(data.classes)} classes | train {s.train_size - len(pseudo[0] if pseudo else [])}"
+            f"{f' + {len(pseudo[0])} pseudo-labelled' if pseudo is not None else ''}, val {len(s.val_idx)}, "
+            f"test {len(data.test_items or [])} | {cfg.loss}, {cfg.optimizer}{'+SAM' if cfg.sam else ''}, "
+            f"{cfg.scheduler}, {cfg.sampler} sampler{', EMA' if cfg.ema else ''} | {s.workers} loader workers"
+            f"{f' | {world} processes' if world > 1 else ''} | {prefix}out {out_dir}")
