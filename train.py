@@ -9,6 +9,7 @@ Under `wandb agent`, the same flags arrive as --key=value and values the sweep l
 Reads top-down: main -> train (data, decisions, lineage) -> fit (one split's epochs) -> the epoch's pieces.
 """
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -62,7 +63,8 @@ def run_and_finish(cfg: Config, stop: StopSignal) -> int:
             raise UserError(f"--batch_size {cfg.batch_size} is the global batch and must split evenly over the "
                             f"{distributed.world_size()} processes")
         run_id = distributed.broadcast(new_run_id())
-        state, out_dir = resume_from(cfg, Path(cfg.out_dir or Path(os.environ.get("SWEEPCLS_RUNS_DIR") or "runs") / run_id))
+        runs_dir = Path(os.environ.get("SWEEPCLS_RUNS_DIR") or "runs")
+        state, out_dir = resume_from(cfg, Path(cfg.out_dir or runs_dir / run_id))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -187,7 +189,8 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
         start_epoch, best_probs = 1, None
         if state is not None:
             best_probs, start_epoch = restore_training_state(state, s.stepper, s.keeper), state["next_epoch"]
-            print(f"resumed at epoch {start_epoch} of {cfg.epochs}, best {cfg.monitor} so far {s.keeper.best_score:.4f}")
+            print(f"resumed at epoch {start_epoch} of {cfg.epochs}, "
+                  f"best {cfg.monitor} so far {s.keeper.best_score:.4f}")
         for epoch in range(start_epoch, cfg.epochs + 1):
             start, lr = time.perf_counter(), s.stepper.optimizer.param_groups[0]["lr"]
             train_loss = train_epoch(cfg, run, s, epoch, prefix, stop)
@@ -258,16 +261,18 @@ def log_epoch(cfg: Config, run, out_dir: Path, data, s: FitSetup, prefix: str, m
 
 
 def submit_report(cfg: Config, run, out_dir: Path, prefix: str, data, s: FitSetup, probs: np.ndarray) -> None:
-    """out_dir/report.html (workflows/report.py) for the best epoch so far, written on the checkpoint writer's thread."""
+    """out_dir/report.html (workflows/report.py) for the best epoch so far, written on the checkpoint writer's
+    thread."""
     if not distributed.is_main():
         return
     summary = {"run": run.id, **({"fold": cfg.fold} if prefix else {}), "model": cfg.model, "img_size": cfg.img_size,
                "loss": cfg.loss, "optimizer": cfg.optimizer, "lr": cfg.lr, "epochs": cfg.epochs,
                "best_epoch": s.keeper.best_epoch, cfg.monitor: s.keeper.best_score}
-    args = (out_dir / "report.html", f"{cfg.model}, run {run.id} {prefix.rstrip('/')}", summary, run.history(prefix),
-            data.classes, data.labels[s.val_idx], probs, [data.ids[i] for i in s.val_idx],
-            lambda r: load_image(s.val_images[r]), cfg.table_rows)
-    s.keeper.writer.submit(lambda: write_report(*args))
+    report = functools.partial(
+        write_report, out_dir / "report.html", title=f"{cfg.model}, run {run.id} {prefix.rstrip('/')}", summary=summary,
+        history=run.history(prefix), classes=data.classes, y_true=data.labels[s.val_idx], probs=probs,
+        ids=[data.ids[i] for i in s.val_idx], images=lambda r: load_image(s.val_images[r]), max_images=cfg.table_rows)
+    s.keeper.writer.submit(report)
 
 
 def log_best_model(run, s: FitSetup) -> None:

@@ -76,8 +76,10 @@ class RunRecord:
 
     def history(self, prefix: str = "") -> list[dict]:
         """The rows logged so far (resumed attempts included), keys under `prefix` with the prefix taken off."""
-        return [{k[len(prefix):] if k != "epoch" else k: v for k, v in r.items() if k.startswith(prefix) or k == "epoch"}
-                for r in read_local(self.dir)[0] if any(k.startswith(prefix) for k in r)]
+        rows = [r for r in read_local(self.dir)[0] if any(k.startswith(prefix) for k in r)]
+        def strip(key: str) -> str:
+            return key if key == "epoch" else key[len(prefix):]
+        return [{strip(k): v for k, v in r.items() if k.startswith(prefix) or k == "epoch"} for r in rows]
 
 
 def read_local(out_dir: Path) -> tuple[list[dict], dict]:

@@ -73,7 +73,8 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, *, project: str = 
     run = wandb.init(
         project=project or os.environ.get("WANDB_PROJECT") or "sweepcls", entity=entity or None,
         id=run_id, name=name or None, dir=str(out_dir), config=config, mode=mode, job_type=job_type,
-        resume="allow" if resume else None, settings=wandb.Settings(console="auto" if console else "off", save_code=True),
+        resume="allow" if resume else None,
+        settings=wandb.Settings(console="auto" if console else "off", save_code=True),
         notes=notes or None, tags=split_tags(os.environ.get("WANDB_TAGS", ""), tags) or None)
     for key, step in [("train/*", "epoch"), ("val/*", "epoch"), ("lr", "epoch"), ("fold*", "epoch"), ("cv/*", "fold")]:
         run.define_metric(key, step_metric=step)  # fold<k>/...: a cross-validated run's folds
@@ -196,7 +197,8 @@ class Run:
              None if np.isnan(metrics["auc"][i]) else float(metrics["auc"][i]), int(metrics["support"][i])]
             for i, c in enumerate(classes)])
         self.wandb.log({
-            f"{prefix}/predictions": _prediction_table(np.arange(min(max_rows, len(y_true))), ids, thumb, y_true, probs, classes),
+            f"{prefix}/predictions": _prediction_table(np.arange(min(max_rows, len(y_true))), ids, thumb, y_true, probs,
+                                                       classes),
             f"{prefix}/misclassified": _prediction_table(wrong, ids, thumb, y_true, probs, classes),
             f"{prefix}/confusion_matrix": wandb.plot.confusion_matrix(
                 y_true=y_true.tolist(), preds=pred.tolist(), class_names=list(classes)),
@@ -348,7 +350,8 @@ def _confused_pairs(y_true, probs, classes, confusion: np.ndarray, thumb, top: i
     pred = probs.argmax(1)
     pairs = sorted(((int(confusion[t, p]), t, p) for t, p in zip(*np.nonzero(confusion)) if t != p),
                    key=lambda c: (-c[0], c[1], c[2]))[:top]
-    table = wandb.Table(columns=["true", "predicted", "count", "share_of_true", *[f"example_{k}" for k in range(1, examples + 1)]])
+    examples_columns = [f"example_{k}" for k in range(1, examples + 1)]
+    table = wandb.Table(columns=["true", "predicted", "count", "share_of_true", *examples_columns])
     for n, t, p in pairs:
         rows = np.flatnonzero((y_true == t) & (pred == p))
         rows = rows[np.argsort(-probs[rows, p], kind="stable")][:examples]
@@ -367,7 +370,8 @@ def download_artifact(ref: str, root: Path) -> Path:
     try:
         artifact = wandb_api().artifact(ref)
     except Exception as e:  # noqa: BLE001 - wandb raises CommError, ValueError, UsageError...
-        raise UserError(f"cannot fetch W&B artifact {ref}: {e}; offline, pass the run dir or checkpoint file instead") from None
+        raise UserError(f"cannot fetch W&B artifact {ref}: {e}; offline, pass the run dir or checkpoint file "
+                        f"instead") from None
     return Path(artifact.download(root=str(root)))
 
 

@@ -94,7 +94,8 @@ def build_fit(cfg: Config, run_id: str, out_dir: Path, data, prefix: str = "", l
     val_images = noisy_copies(val_items, [data.ids[i] for i in val_idx], settings) if noisy_val else val_items
 
     def val_loader(images):
-        dataset = ImageDataset(take(images, val_part), data.labels[val_idx][val_part], eval_transform(cfg.img_size, mean, std))
+        dataset = ImageDataset(take(images, val_part), data.labels[val_idx][val_part],
+                               eval_transform(cfg.img_size, mean, std))
         return make_loader(dataset, cfg.batch_size, workers, device)
     stepper = build_stepper(cfg, model, loss_fn, device, math.ceil(len(train_loader) / cfg.accum_steps))
     keeper = CheckpointKeeper(out_dir, cfg.keep_top_k, cfg.maximize, write=distributed.is_main(),
@@ -161,7 +162,7 @@ def epoch_metrics(y_val: np.ndarray, classes: list[str], probs: np.ndarray,
     """(the validation scores as logged, classification_metrics of the noisy/plain validation for the tables)."""
     m = classification_metrics(y_val, probs)
     metrics = {"val/loss": nll(probs, y_val),  # cross-entropy whatever --loss is, so runs with different losses compare
-               "val/acc": m["acc"], "val/f1_macro": m["f1_macro"], "val/acsa": m["acsa"], "val/auc_macro": m["auc_macro"],
+               **{f"val/{k}": m[k] for k in ("acc", "f1_macro", "acsa", "auc_macro")},
                **{f"val/f1/{c}": float(f) for c, f in zip(classes, m["f1"])}}
     if clean_probs is not None:
         cm = classification_metrics(y_val, clean_probs)
@@ -184,7 +185,8 @@ def predict_test(cfg: Config, data, s: FitSetup) -> np.ndarray:
 def describe_fit(cfg: Config, s: FitSetup, data, prefix: str, out_dir: Path, pseudo: tuple | None) -> str:
     """The console line that opens a fit."""
     world = distributed.world_size()
-    return (f"{cfg.model} on {s.device} | {len(data.classes)} classes | train {s.train_size - len(pseudo[0] if pseudo else [])}"
+    own = s.train_size - (len(pseudo[0]) if pseudo is not None else 0)
+    return (f"{cfg.model} on {s.device} | {len(data.classes)} classes | train {own}"
             f"{f' + {len(pseudo[0])} pseudo-labelled' if pseudo is not None else ''}, val {len(s.val_idx)}, "
             f"test {len(data.test_items or [])} | {cfg.loss}, {cfg.optimizer}{'+SAM' if cfg.sam else ''}, "
             f"{cfg.scheduler}, {cfg.sampler} sampler{', EMA' if cfg.ema else ''} | {s.workers} loader workers"
