@@ -1,6 +1,6 @@
 """Benchmarks that print figures (no pass/fail). Usage:
     python bench.py --model resnet18 --img_size 64 --batch_size 64 [--steps 20] [--device auto]
-    python bench.py --pipeline [--data digits|PATH] [--cache auto|ram|disk|none] [--workers -1] [--epochs 3]
+    python bench.py --pipeline [--data digits|PATH] [--cache auto|ram|disk|none] [--workers -1] [--epochs 4]
 
 Default: the cost of one optimizer step (forward + backward + update on an in-memory batch) for the
 training options that change it: plain, SAM, ASAM, EMA, SAM + EMA, and 2-step accumulation.
@@ -21,7 +21,10 @@ from pathlib import Path
 
 import torch
 
+from utils import UserError
+from utils.device import pick_device
 from workflows.bench import pipeline_figures, step_costs
+from workflows.config import HelpFormatter, add_config_flags
 
 ROOT = Path(__file__).resolve().parent
 
@@ -48,30 +51,29 @@ def wandb_epoch_seconds(model_name: str, img_size: int, batch_size: int, epochs:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--img_size", type=int, default=64)
-    parser.add_argument("--batch_size", type=int, default=64)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant (median reported)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--pipeline", action="store_true", help="loader vs model: figures (a)-(e)")
-    parser.add_argument("--data", default="digits", help="--pipeline: the data to read, as train.py's --data")
-    parser.add_argument("--workers", type=int, default=-1, help="--pipeline: loader workers; -1 = as train.py")
-    parser.add_argument("--cache", default="auto", choices=("auto", "ram", "disk", "none"), help="--pipeline: as train.py")
-    parser.add_argument("--epochs", type=int, default=4, help="--pipeline: epochs of each train.py run in (d)")
+    # a model and a size to time, not ones decided from the data (auto); --epochs: each train.py run of (d)
+    add_config_flags(parser, "device", "data", "workers", "cache", model="resnet18", img_size=64, batch_size=64,
+                     epochs=4)
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    try:
+        device = pick_device(args.device)
+    except UserError as e:
+        raise SystemExit(f"error: {e}") from None
     if args.pipeline:
         f = pipeline_figures(args.model, args.img_size, args.batch_size, args.steps, device, args.data, args.workers,
                              args.cache)
-        print(f"{args.model}, {args.img_size} px, batch {args.batch_size}, {device} ({torch.get_num_threads()} threads), "
-              f"{args.data}, cache {args.cache} (ready in {f['prepare_seconds']:.1f} s), {f['workers']} loader workers, "
-              f"{args.steps} steps")
+        print(f"{args.model}, {args.img_size} px, batch {args.batch_size}, {device} ({torch.get_num_threads()} "
+              f"threads), {args.data}, cache {args.cache} (ready in {f['prepare_seconds']:.1f} s), {f['workers']} "
+              f"loader workers, {args.steps} steps")
         print(f"(a) training over the real loader   {f['train_real']:8.0f} img/s")
         print(f"(b) training on one in-memory batch {f['train_ceiling']:8.0f} img/s  (the ceiling)")
         print(f"(c) a / b                           {f['ratio']:8.2f}")
         print(f"(e) the loader alone                {f['loader']:8.0f} img/s")
-        w = wandb_epoch_seconds(args.model, args.img_size, args.batch_size, args.epochs, args.data, args.workers, args.cache)
+        w = wandb_epoch_seconds(args.model, args.img_size, args.batch_size, args.epochs, args.data, args.workers,
+                                args.cache)
         print(f"(d) epoch with W&B offline {w['offline']:.2f} s, disabled {w['disabled']:.2f} s, "
               f"ratio {w['offline'] / w['disabled']:.3f}")
         return

@@ -4,8 +4,8 @@ Usage:
     python eda.py --data /data/comp                     # classes, sizes, samples, duplicates, train-vs-test gap
     python eda.py --diff runs/a runs/b --data /data/comp   # runs, checkpoints or submission CSVs
 --data takes what train.py takes. The train-vs-test table says, per statistic (brightness, contrast,
-estimated noise, sharpness, orientation, landscape share), how far the test images sit from the training images in training
-standard deviations: the clean-train / noisy-test gap in numbers. Duplicates are near-identical
+estimated noise, sharpness, orientation, landscape share), how far the test images sit from the training
+images in training standard deviations: the clean-train / noisy-test gap in numbers. Duplicates are near-identical
 perceptual hashes (pHash, at most --max_distance of 64 bits apart), across train and test too.
 The run diff lists the images one model gets right and the other wrong (the test set must be
 labelled, e.g. test/<class>/), else the images where they disagree.
@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from datasets import load_data, load_image, write_csv
+from datasets.cache import default_cache_dir
 from utils import UserError, tracking
 from utils.runs import new_run_id
+from workflows.config import HelpFormatter, add_config_flags
 from workflows.eda import describe, near_duplicates, split_gap
 
 SAMPLES = 8
@@ -31,9 +33,9 @@ def explore(args, run, out_dir: Path) -> dict:
     train = [r for r in records if r["split"] == "train"]
     counts = np.bincount(data.labels, minlength=len(data.classes))
     run.log_table("eda/class_distribution", ["class", "images", "share"],
-                       [[c, int(n), n / counts.sum()] for c, n in zip(data.classes, counts)])
+                  [[c, int(n), n / counts.sum()] for c, n in zip(data.classes, counts)])
     run.log_table("eda/image_sizes", ["id", "split", "label", "width", "height", "aspect"],
-                       [[r["id"], r["split"], r["label"], r["width"], r["height"], r["aspect"]] for r in records])
+                  [[r["id"], r["split"], r["label"], r["width"], r["height"], r["aspect"]] for r in records])
     item = lambda r: data.items[r["index"]] if r["split"] == "train" else data.test_items[r["index"]]
     grid = []
     for k, c in enumerate(data.classes):
@@ -63,8 +65,8 @@ def explore(args, run, out_dir: Path) -> dict:
                "eda/duplicates": len(rows), "eda/duplicates_train_test": sum(r[9] == "train-test" for r in rows),
                "eda/duplicate_label_conflicts": sum(r[10] for r in rows),
                **{f"eda/gap/{g['stat']}": g["gap_in_train_std"] for g in gap}}
-    print(f"{len(train)} training images in {len(data.classes)} classes (largest/smallest {summary['eda/imbalance']:.1f}), "
-          f"{summary['eda/test_images']} test images")
+    print(f"{len(train)} training images in {len(data.classes)} classes (largest/smallest "
+          f"{summary['eda/imbalance']:.1f}), {summary['eda/test_images']} test images")
     print(f"{len(rows)} near-duplicate pair(s), {summary['eda/duplicates_train_test']} across train and test, "
           f"{summary['eda/duplicate_label_conflicts']} with different labels: {out_dir / 'duplicates.csv'}")
     for g in gap:
@@ -98,7 +100,8 @@ def diff(args, run, out_dir: Path) -> dict:
     data = load_data(args.data, args.image_col, args.label_col)
     if not data.test_items:
         raise UserError(f"--data {args.data}: no test images to compare the two on")
-    (name_a, pred_a, conf_a), (name_b, pred_b, conf_b) = (_predictions(r, data, Path(args.cache_dir)) for r in args.diff)
+    cache_dir = Path(args.cache_dir or default_cache_dir())
+    (name_a, pred_a, conf_a), (name_b, pred_b, conf_b) = (_predictions(r, data, cache_dir) for r in args.diff)
     truth = data.test_labels
     if truth is not None:
         rows = np.flatnonzero((pred_a == truth) != (pred_b == truth))
@@ -109,7 +112,8 @@ def diff(args, run, out_dir: Path) -> dict:
     conf = lambda c, i: float(c[i]) if c is not None else None
     columns = ["id", "image", "true", f"A: {name_a}", "A conf", f"B: {name_b}", "B conf", "who is right"]
     table = [[data.test_ids[i], load_image(data.test_items[i]), data.classes[truth[i]] if truth is not None else "",
-              data.classes[pred_a[i]], conf(conf_a, i), data.classes[pred_b[i]], conf(conf_b, i), kind(i)] for i in rows]
+              data.classes[pred_a[i]], conf(conf_a, i), data.classes[pred_b[i]], conf(conf_b, i), kind(i)]
+             for i in rows]
     run.log_table("diff/images", columns, table[:args.table_rows])
     write_csv(out_dir / "diff.csv", [c for c in columns if c != "image"], [r[:1] + r[2:] for r in table])
     summary = {"diff/images": len(table), "diff/agree": float(np.mean(pred_a == pred_b))}
@@ -125,22 +129,17 @@ def diff(args, run, out_dir: Path) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="digits", help="as train.py's --data")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--diff", nargs=2, metavar=("A", "B"), help="two runs, checkpoints or submission CSVs")
-    parser.add_argument("--image_col", default="ID")
-    parser.add_argument("--label_col", default="target")
-    parser.add_argument("--max_distance", type=int, default=4, help="pHash bits two near-duplicates may differ in (of 64)")
-    parser.add_argument("--table_rows", type=int, default=200)
-    parser.add_argument("--cache_dir", default=".cache/ensemble", help="--diff: downloaded artifacts, cached predictions")
+    parser.add_argument("--max_distance", type=int, default=4,
+                        help="pHash bits two near-duplicates may differ in (of 64)")
     parser.add_argument("--out_dir", default="", help="'' = runs/eda-<run id>")
-    parser.add_argument("--wandb_mode", default="auto", choices=("auto", "online", "offline", "disabled"))
-    parser.add_argument("--project", default="")
-    parser.add_argument("--entity", default="")
+    add_config_flags(parser, "data", "image_col", "label_col", "table_rows", "cache_dir", "wandb_mode", "project",
+                     "entity")
     args = parser.parse_args(argv)
     run_id = new_run_id()
     out_dir = Path(args.out_dir or Path("runs") / f"eda-{run_id}")
-    run = tracking.init({k: v for k, v in vars(args).items() if k not in ("out_dir",)}, run_id, out_dir, args.wandb_mode,
+    run = tracking.init({k: v for k, v in vars(args).items() if k != "out_dir"}, run_id, out_dir, args.wandb_mode,
                         project=args.project, entity=args.entity, name=f"{'diff' if args.diff else 'eda'}-{run_id}",
                         job_type="eda")
     return run.run_to_end(lambda: run.set_summary(

@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 
 from datasets import load_image, split_indices, write_submission
+from datasets.cache import default_cache_dir
 from datasets.pseudo import write_probs
 from datasets.shift import any_on, noisy_copies
-from datasets.transforms import TTA
 from utils import UserError, tracking
 from utils.runs import new_run_id
-from workflows.ensemble import (caruana, check_compatible, is_artifact_ref, load_test_data, member_probs, monitor_metric,
-                            read_oof, resolve_member, score, sweep_member_refs)
+from workflows.config import HelpFormatter, add_config_flags
+from workflows.ensemble import (caruana, check_compatible, is_artifact_ref, load_test_data, member_probs,
+                                monitor_metric, read_oof, resolve_member, score, sweep_member_refs)
 
 
 def labelled_set(members, data, args) -> tuple[str, np.ndarray, list[np.ndarray]]:
@@ -47,14 +48,16 @@ def labelled_set(members, data, args) -> tuple[str, np.ndarray, list[np.ndarray]
     items, name = [data.items[i] for i in val], "val"
     shift, config = members[0].meta.get("test_shift"), members[0].meta["config"]
     if config.get("val_noise") == "auto" and shift and any_on(shift["settings"]):  # as the members were validated
-        items, name = noisy_copies(items, [data.ids[i] for i in val], {**shift["settings"], "noise_scale": 1.0}), "val_noisy"
+        settings = {**shift["settings"], "noise_scale": 1.0}
+        items, name = noisy_copies(items, [data.ids[i] for i in val], settings), "val_noisy"
     return name, data.labels[val], [member_probs(m, items, args.tta, args.cache_dir, args.batch_size, args.device)
                                      for m in members]
 
 
 def fit_weights(members, data, args, metric: str) -> tuple[np.ndarray, dict]:
-    """(weights, {set name: each member's score and the ensemble's}): Caruana weights on the labelled set the members
-    share when --weights auto, or when it is not given and there is one; else equal weights (args.weights says which)."""
+    """(weights, {set name: each member's score and the ensemble's}): Caruana weights on the labelled set the
+    members share when --weights auto, or when it is not given and there is one; else equal weights (args.weights
+    says which)."""
     explicit, args.weights = args.weights is not None, args.weights or "auto"
     equal = np.full(len(members), 1 / len(members))
     if args.weights == "equal":
@@ -71,7 +74,8 @@ def fit_weights(members, data, args, metric: str) -> tuple[np.ndarray, dict]:
         args.weights = "equal"
         return equal, {}
     weights = caruana(probs, labels, metric)
-    return weights, {set_name: [score(metric, labels, p) for p in probs + [sum(w * p for w, p in zip(weights, probs))]]}
+    ensemble = sum(w * p for w, p in zip(weights, probs))
+    return weights, {set_name: [score(metric, labels, p) for p in probs + [ensemble]]}
 
 
 def disagreement_rows(data, probs: list[np.ndarray], ensemble: np.ndarray, max_rows: int) -> list[list]:
@@ -85,66 +89,59 @@ def disagreement_rows(data, probs: list[np.ndarray], ensemble: np.ndarray, max_r
     for r in rows:
         true = [classes[data.test_labels[r]]] if data.test_labels is not None else []
         out.append([data.test_ids[r], load_image(data.test_items[r]), *true, classes[ensemble[r].argmax()],
-                    float(ensemble[r].max())] + [v for p in probs for v in (classes[p[r].argmax()], float(p[r].max()))])
+                    float(ensemble[r].max())]
+                   + [v for p in probs for v in (classes[p[r].argmax()], float(p[r].max()))])
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ensemble.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                     formatter_class=HelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("members", nargs="*", help="checkpoint files, run dirs or W&B artifact refs")
-    parser.add_argument("--sweep", default="", help="add the top runs of an offline sweep dir or ENTITY/PROJECT/SWEEP_ID")
+    parser.add_argument("--sweep", default="",
+                        help="add the top runs of an offline sweep dir or ENTITY/PROJECT/SWEEP_ID")
     parser.add_argument("--top", type=int, default=3, help="how many runs --sweep adds")
-    parser.add_argument("--data", required=True, help="as train.py's --data: its test set is predicted")
     parser.add_argument("--weights", default=None, choices=["equal", "auto"],
-                        help="auto: Caruana weights on the validation set the members share (default where there is one, "
-                             "else equal)")
-    parser.add_argument("--tta", default="none", choices=sorted(TTA))
-    parser.add_argument("--test_bn", default="none", choices=["adapt", "none"],
-                        help="adapt: each member's BatchNorm statistics re-estimated on the test images first")
+                        help="auto: Caruana weights on the validation set the members share (default where there is "
+                             "one, else equal)")
     parser.add_argument("--out", default="submission.csv")
     parser.add_argument("--save_probs", default="", help="also write the ensemble's test probabilities "
-                                                         "(id,source,p_<class>...): train.py --pseudo_labels reads them")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--cache_dir", type=Path, default=Path(".cache/sweepcls"))
-    parser.add_argument("--table_rows", type=int, default=200)
-    parser.add_argument("--wandb_mode", default="auto", choices=["auto", "online", "offline", "disabled"])
-    parser.add_argument("--project", default="")
-    parser.add_argument("--entity", default="")
+                                                         "(id,source,p_<class>...): train.py --pseudo_labels reads "
+                                                         "them")
     parser.add_argument("--out_dir", default="", help="the ensemble run's folder; '' = runs/ensemble-<run id>")
-    args = parser.parse_args(argv)
-    try:
-        refs = args.members + (sweep_member_refs(args.sweep, args.top) if args.sweep else [])
-        if not refs:
-            parser.error("give members, or --sweep with --top")
-        members = [resolve_member(ref, args.cache_dir) for ref in refs]
-        for i, m in enumerate(members):  # unique names: they key the scores and the table's columns
-            if any(m.name == other.name for other in members[:i]):
-                m.name = f"{m.name}#{i + 1}"
-        check_compatible(members)
-        data = load_test_data(args.data, members[0].meta)
-        metric = monitor_metric(members[0].meta)
-        weights, table = fit_weights(members, data, args, metric)  # table: set -> each member's score + the ensemble's
-        test = [member_probs(m, data.test_items, args.tta, args.cache_dir, args.batch_size, args.device, args.test_bn)
-                for m in members]
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    ensemble = sum(w * p for w, p in zip(weights, test))
-    write_submission(Path(args.out), data, ensemble.argmax(1))
-    if data.test_labels is not None:
-        table["test"] = [score(metric, data.test_labels, p) for p in test + [ensemble]]
+    # --data: its test set is predicted; a larger batch than training's: no gradients are kept
+    add_config_flags(parser, "tta", "test_bn", "device", "cache_dir", "table_rows", "wandb_mode", "project", "entity",
+                     required=("data",), batch_size=64)
+    return parser
 
+
+def load_members(refs: list[str], cache_dir: Path) -> list:
+    """Each ref resolved to its checkpoint(s) and meta, under a unique name (the names key the scores and the
+    table's columns); members that cannot be ensembled (other classes) are refused."""
+    members = [resolve_member(ref, cache_dir) for ref in refs]
+    for i, m in enumerate(members):
+        if any(m.name == other.name for other in members[:i]):
+            m.name = f"{m.name}#{i + 1}"
+    check_compatible(members)
+    return members
+
+
+def print_scores(members, weights: np.ndarray, table: dict) -> None:
+    """One row per member and one for the ensemble: model, image size, weight, and each set's score."""
     names = [m.name for m in members] + ["ensemble"]
     print(f"{'member':<40} {'model':<22} {'px':>4} {'weight':>6}  " + "  ".join(f"{s:>6}" for s in table))
     for i, (name, w) in enumerate(zip(names, [*weights, 1.0])):
         model, px = (members[i].meta["model"], str(members[i].meta["img_size"])) if i < len(members) else ("", "")
-        print(f"{name[-40:]:<40} {model:<22} {px:>4} {w:>6.3f}  " + "  ".join(f"{v[i]:>6.4f}" for v in table.values()))
-    print(f"wrote {args.out} ({args.weights} weights, tta {args.tta})")
+        print(f"{name[-40:]:<40} {model:<22} {px:>4} {w:>6.3f}  "
+              + "  ".join(f"{v[i]:>6.4f}" for v in table.values()))
+
+
+def log_ensemble_run(args, refs: list[str], members, weights: np.ndarray, metric: str, table: dict, data,
+                     test: list[np.ndarray], ensemble: np.ndarray) -> None:
+    """The ensemble as a W&B run: its scores, the submission (and probabilities) as artifacts, the disagreements."""
+    names = [m.name for m in members] + ["ensemble"]
     # W&B keys: <set>/<member>/<metric>; a member named by an artifact ref keeps its slashes out of the key
     scores = {f"{s}/{name.replace('/', '_')}/{metric}": v[i] for s, v in table.items() for i, name in enumerate(names)}
-
     run_id = new_run_id()
     out_dir = Path(args.out_dir or Path("runs") / f"ensemble-{run_id}")
     run = tracking.init({"members": refs, "weights": weights.tolist(), "weighting": args.weights, "tta": args.tta,
@@ -157,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         except UserError as e:  # the submission is written already: say so, and finish the run
             print(f"note: the ensemble run is not linked to {ref} ({e})", file=sys.stderr)
     run.set_summary(scores)
-    run.log_artifact(Path(args.out), f"submission-{run_id}", "submission", {"members": refs, "weights": weights.tolist()})
+    run.log_artifact(Path(args.out), f"submission-{run_id}", "submission",
+                     {"members": refs, "weights": weights.tolist()})
     if args.save_probs:
         write_probs(Path(args.save_probs), data.test_ids, ensemble, members[0].meta["classes"],
                     f"ensemble-{run_id} of {', '.join(m.name for m in members)}")
@@ -166,6 +164,32 @@ def main(argv: list[str] | None = None) -> int:
     columns += [c for m in members for c in (f"{m.name} pred", f"{m.name} conf")]
     run.log_table("test/disagreement", columns, disagreement_rows(data, test, ensemble, args.table_rows))
     run.finish()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.cache_dir = Path(args.cache_dir or default_cache_dir())
+    try:
+        refs = args.members + (sweep_member_refs(args.sweep, args.top) if args.sweep else [])
+        if not refs:
+            parser.error("give members, or --sweep with --top")
+        members = load_members(refs, args.cache_dir)
+        data = load_test_data(args.data, members[0].meta)
+        metric = monitor_metric(members[0].meta)
+        weights, table = fit_weights(members, data, args, metric)  # table: set -> each member's score + the ensemble's
+        test = [member_probs(m, data.test_items, args.tta, args.cache_dir, args.batch_size, args.device, args.test_bn)
+                for m in members]
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    ensemble = sum(w * p for w, p in zip(weights, test))
+    write_submission(Path(args.out), data, ensemble.argmax(1))
+    if data.test_labels is not None:
+        table["test"] = [score(metric, data.test_labels, p) for p in test + [ensemble]]
+    print_scores(members, weights, table)
+    print(f"wrote {args.out} ({args.weights} weights, tta {args.tta})")
+    log_ensemble_run(args, refs, members, weights, metric, table, data, test, ensemble)
     return 0
 
 

@@ -2,9 +2,9 @@
 moved against its parent (--parent) or its baseline, notes, data, code, checkpoint.
 
 Usage:
-    python -m journal                          # the train.py runs under runs/ (or $SWEEPCLS_RUNS_DIR)
-    python -m journal --sweep sweeps/sweep     # an offline sweep's trials, scored by the sweep's metric
-    python -m journal --project comp           # online: the project's runs, from the W&B API
+    python journal.py                          # the train.py runs under runs/ (or $SWEEPCLS_RUNS_DIR)
+    python journal.py --sweep sweeps/sweep     # an offline sweep's trials, scored by the sweep's metric
+    python journal.py --project comp           # online: the project's runs, from the W&B API
 It prints the journal as markdown and writes it to journal.md in that folder (online: ./journal-<project>.md).
 
 A run's baseline, when it has no parent, is the run whose changed keys are the largest strict subset of
@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from utils import UserError
-from workflows.lineage import RUN_FILE, changes, compact, defaults
-from utils import tracking
+from utils import UserError, tracking
 from utils.runs import read_local
+from workflows.config import HelpFormatter, add_config_flags, maximizes
+from workflows.lineage import RUN_FILE, changes, compact, defaults
 
 
 @dataclass
@@ -45,8 +45,8 @@ class Entry:
 
 
 def _maximize(config: dict, key: str) -> bool:
-    mode = config.get("monitor_mode", "auto")
-    return not key.endswith("loss") if mode == "auto" or key != config.get("monitor") else mode == "max"
+    """The run's monitor_mode holds for its monitored key; any other key goes by its name."""
+    return maximizes(key, config.get("monitor_mode", "auto") if key == config.get("monitor") else "auto")
 
 
 def _number(value) -> float | None:
@@ -79,7 +79,8 @@ def local_entry(folder: Path, metric_key: str = "", maximize: bool | None = None
         metric=_number(summary.get(key)), maximize=_maximize(config, key) if maximize is None else maximize,
         parent=(rec.get("parent") or {}).get("id"), parent_dir=(rec.get("parent") or {}).get("dir"),
         notes=rec.get("notes") or "", tags=rec.get("tags") or [],
-        checkpoint=str(checkpoints[0]) if len(checkpoints) == 1 else str(folder / "fold*/best.safetensors") if checkpoints else "",
+        checkpoint=(str(checkpoints[0]) if len(checkpoints) == 1 else str(folder / "fold*/best.safetensors")
+                    if checkpoints else ""),
         data=(rec.get("data") or {}).get("digest", "")[:8], code=_code(rec.get("code")))
 
 
@@ -186,19 +187,20 @@ def markdown(entries: list[Entry], title: str) -> str:
         delta = (f"{e.metric - ref.metric:+.4f} vs {ref.id} ({why})" if ref is not None and e.metric is not None
                  and ref.metric is not None else f"vs {ref.id} ({why}): no score" if ref is not None else "")
         notes = e.notes + (f" [{', '.join(e.tags)}]" if e.tags else "")
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created)) if e.created else ""
         lines.append("| " + " | ".join(_cell(c) for c in (
-            n, time.strftime("%Y-%m-%d %H:%M", time.localtime(e.created)) if e.created else "", e.id, e.state,
-            compact(own) or ("defaults" if not e.changed else "—"), value, delta, notes, e.data, e.code, e.checkpoint)) + " |")
+            n, when, e.id, e.state, compact(own) or ("defaults" if not e.changed else "—"), value, delta, notes,
+            e.data, e.code, e.checkpoint)) + " |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--runs", default="", help="a folder of train.py run folders; '' = $SWEEPCLS_RUNS_DIR or runs")
     source.add_argument("--sweep", default="", help="an offline sweep folder (sweep.py --sweep_dir)")
-    source.add_argument("--project", default="", help="a W&B project (online)")
-    parser.add_argument("--entity", default="", help="with --project: the team or user; '' = your default")
+    source.add_argument("--project", default="", help="a W&B project (online)")  # '' = not this source
+    add_config_flags(parser, "entity")  # with --project
     parser.add_argument("--out", default="", help="markdown file to write; '' = journal.md in the folder read")
     args = parser.parse_args(argv)
     try:

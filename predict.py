@@ -11,31 +11,30 @@ import sys
 from pathlib import Path
 
 from datasets import write_submission
+from datasets.cache import default_cache_dir
 from datasets.pseudo import write_probs
-from datasets.transforms import TTA
 from utils import UserError
-from workflows.ensemble import load_test_data, member_probs, resolve_member
 from utils.metrics import classification_metrics
+from workflows.config import HelpFormatter, add_config_flags
+from workflows.ensemble import load_test_data, member_probs, resolve_member
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="predict.py", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1], formatter_class=HelpFormatter)
     parser.add_argument("member", help="checkpoint file, run dir (a --cv run: its folds averaged) or W&B artifact ref")
-    parser.add_argument("--data", required=True, help="as train.py's --data (its test set), or a folder of test images")
-    parser.add_argument("--tta", default="none", choices=sorted(TTA), help="test-time augmentation")
-    parser.add_argument("--test_bn", default="none", choices=["adapt", "none"],
-                        help="adapt: re-estimate BatchNorm statistics on the test images first (test-time adaptation)")
     parser.add_argument("--out", default="submission.csv", help="submission file to write")
     parser.add_argument("--save_probs", default="", help="also write the test probabilities (id,source,p_<class>...): "
                                                          "train.py --pseudo_labels reads them")
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("--cache_dir", default=".cache/sweepcls", help="downloaded artifacts and cached predictions")
+    # --data: its test set, or a folder of test images (the usage below); a larger batch than training's: no gradients
+    add_config_flags(parser, "tta", "test_bn", "device", "cache_dir", required=("data",), batch_size=64)
     args = parser.parse_args(argv)
+    cache_dir = Path(args.cache_dir or default_cache_dir())
     try:
-        member = resolve_member(args.member, Path(args.cache_dir))
+        member = resolve_member(args.member, cache_dir)
         data = load_test_data(args.data, member.meta)
-        probs = member_probs(member, data.test_items, args.tta, Path(args.cache_dir), args.batch_size, args.device, args.test_bn)
+        probs = member_probs(member, data.test_items, args.tta, cache_dir, args.batch_size, args.device,
+                             args.test_bn)
         write_submission(Path(args.out), data, probs.argmax(1))
         if args.save_probs:
             source = f"{member.name} (run {member.meta.get('run_id', '?')}, {member.meta['model']})"

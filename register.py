@@ -1,8 +1,8 @@
 """Register a data folder as a W&B dataset artifact, so runs trained on it link to it in W&B's lineage graph.
 
 Usage:
-    python -m register /data/comp --name comp-train                 # files copied into the artifact
-    python -m register /data/comp --name comp-train --files reference   # large data: checksummed file:// refs
+    python register.py /data/comp --name comp-train                 # files copied into the artifact
+    python register.py /data/comp --name comp-train --files reference   # large data: checksummed file:// refs
 Then train with --data /data/comp (linked to this version while its images and labels are unchanged), or
 anywhere online with --data wandb:ENTITY/PROJECT/comp-train:latest (downloaded first).
 
@@ -24,8 +24,9 @@ from PIL import Image
 
 from datasets import load_data, load_image
 from utils import UserError, tracking
-from utils.runs import new_run_id
 from utils.files import atomic_write_bytes
+from utils.runs import new_run_id
+from workflows.config import HelpFormatter, add_config_flags
 from workflows.lineage import MARKER_FILE, fingerprint, manifest
 
 LABEL_FILES = ("train.csv", "meta.csv", "sample_submission.csv")
@@ -61,7 +62,8 @@ def register(args, run) -> dict:
     items = list(data.items) + list(data.test_items or [])
     missing = [str(p) for p, r in zip(items, rows) if r[2] < 0]
     if missing:
-        raise UserError(f"{len(missing)} listed image(s) are missing, e.g. {missing[:3]}; fix the folder, then register it")
+        raise UserError(f"{len(missing)} listed image(s) are missing, e.g. {missing[:3]}; fix the folder, "
+                        f"then register it")
     files = [(p, Path(p).resolve().relative_to(root.resolve()).as_posix()) for p in items]
     files += [(root / f, f) for f in LABEL_FILES if (root / f).is_file()]
     total = sum(r[2] for r in rows)
@@ -77,7 +79,7 @@ def register(args, run) -> dict:
     metadata = {"fingerprint": fp, "classes": data.classes, "source": str(root.resolve()),
                 "layout": "csv" if (root / "train.csv").is_file() else "imagefolder", "references": references}
     run.log_dataset(args.name, files, ["id", "image", "label", "split", "bytes", "width", "height"], table,
-                         metadata, references, aliases=["latest", f"fp-{fp['digest']}"], description=args.description)
+                    metadata, references, aliases=["latest", f"fp-{fp['digest']}"], description=args.description)
     project = args.project or os.environ.get("WANDB_PROJECT") or "sweepcls"
     entity = (run.entity if run.mode == "online" else "") or args.entity  # offline: the default entity at sync
     marker = {"name": args.name, "project": project, "entity": entity, "digest": fp["digest"],
@@ -85,30 +87,28 @@ def register(args, run) -> dict:
     try:
         atomic_write_bytes(root / MARKER_FILE, json.dumps(marker, indent=1).encode())
     except UserError:  # a read-only data folder: the artifact is still logged; runs just are not linked by themselves
-        print(f"note: could not write {root / MARKER_FILE}; runs on this folder will not link to the artifact by themselves")
+        print(f"note: could not write {root / MARKER_FILE}; runs on this folder will not link to the artifact by "
+              f"themselves")
     print(f"registered {fp['train_images']} training and {fp['test_images']} test images ({total / 2**20:.1f} MiB, "
-          f"{'checksummed references' if references else 'copied'}) as dataset artifact {project}/{args.name}:fp-{fp['digest']}")
-    return {"dataset/images": len(rows), "dataset/bytes": total, "dataset/digest": fp["digest"], "dataset/references": references,
-            "dataset/unreadable": len(bad)}
+          f"{'checksummed references' if references else 'copied'}) as dataset artifact "
+          f"{project}/{args.name}:fp-{fp['digest']}")
+    return {"dataset/images": len(rows), "dataset/bytes": total, "dataset/digest": fp["digest"],
+            "dataset/references": references, "dataset/unreadable": len(bad)}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("path", help="a data folder as train.py's --data reads it (ImageFolder or train.csv layout)")
     parser.add_argument("--name", default="", help="artifact name; '' = the folder's name")
     parser.add_argument("--description", default="")
     parser.add_argument("--files", default="auto", choices=("auto", "copy", "reference"),
-                        help="copy the images into the artifact, or add checksummed file:// references (nothing copied; "
-                             "the files must stay where they are); auto = references above --max_copy_gb")
+                        help="copy the images into the artifact, or add checksummed file:// references (nothing "
+                             "copied; the files must stay where they are); auto = references above --max_copy_gb")
     parser.add_argument("--max_copy_gb", type=float, default=2.0)
-    parser.add_argument("--thumbnails", type=int, default=100_000, help="images with a thumbnail in the table (the rest: none)")
-    parser.add_argument("--image_col", default="ID")
-    parser.add_argument("--label_col", default="target")
-    parser.add_argument("--group_col", default="")
+    parser.add_argument("--thumbnails", type=int, default=100_000,
+                        help="images with a thumbnail in the table (the rest: none)")
     parser.add_argument("--out_dir", default="", help="'' = runs/register-<run id>")
-    parser.add_argument("--wandb_mode", default="auto", choices=("auto", "online", "offline", "disabled"))
-    parser.add_argument("--project", default="")
-    parser.add_argument("--entity", default="")
+    add_config_flags(parser, "image_col", "label_col", "group_col", "wandb_mode", "project", "entity")
     args = parser.parse_args(argv)
     args.name = args.name or re.sub(r"[^\w.-]", "-", Path(args.path).resolve().name)
     run_id = new_run_id()

@@ -32,7 +32,7 @@ from workflows.resume import RESUME_FILE
 from utils.stop import StopSignal
 from workflows.sweep import (DONE, ENGINE_STATE, LIVE, SweepDir, Trial, agent_command, leaderboard, load_sweep,
                          param_file_text, plain, sweeps_engine, varied_keys)
-from utils.tracking import random_id, read_local
+from utils.runs import random_id, read_local
 
 
 def _now() -> str:
@@ -95,7 +95,8 @@ class Runner:
                     self.ended_files[t.id] = read_local(self.dir.out_dir(t))
                 history, summary = self.ended_files[t.id]
             runs.append(self.engine.SweepRun(name=t.id, state=ENGINE_STATE[t.state], history=history,
-                                             summary_metrics=summary, config={k: {"value": v} for k, v in t.params.items()}))
+                                             summary_metrics=summary,
+                                             config={k: {"value": v} for k, v in t.params.items()}))
         return runs
 
     def propose(self) -> Trial | None:
@@ -135,7 +136,8 @@ class Runner:
         if "${args_json_file}" in map(str, self.sweep.get("command") or []):
             args_json.write_text(json.dumps(trial.params))
         env = {**os.environ, "WANDB_RUN_ID": trial.id, "WANDB_SWEEP_PARAM_PATH": str(param_path),
-               "WANDB_RUN_GROUP": f"sweep-{self.info['id']}", "WANDB_TAGS": f"sweep-{self.info['id']},{self.info['name']}",
+               "WANDB_RUN_GROUP": f"sweep-{self.info['id']}",
+               "WANDB_TAGS": f"sweep-{self.info['id']},{self.info['name']}",
                "SWEEPCLS_RUNS_DIR": str(self.dir.runs_dir.resolve()),
                # `python` resolves as under the agent in this venv: the interpreter running sweep.py comes first
                "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
@@ -285,7 +287,8 @@ def print_status(sweep: dict, sdir: SweepDir, info: dict) -> None:
         print(f"\nupload the runs:        wandb sync {sdir.runs_dir}/*/wandb/offline-run-*"
               f"\nthen attach them to a server-side sweep (bayes learns from them):"
               f"\n  wandb sweep -p {project} {' '.join('-R ' + i for i in finished)} {info['source']}")
-        print(f"the journal (what each trial changed, its score against the baseline): python -m journal --sweep {sdir.root}")
+        print(f"the journal (what each trial changed, its score against the baseline): "
+              f"python journal.py --sweep {sdir.root}")
 
 
 def _short(value) -> str:
@@ -295,7 +298,8 @@ def _short(value) -> str:
 # ----------------------------------------------------------------------------- CLI
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sweep.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("sweep_yaml", nargs="?", help="the sweep file, as for `wandb sweep`")
     parser.add_argument("--count", type=int, default=None, help="total trials in the sweep (grid: default all points)")
     parser.add_argument("--workers", type=int, default=1, help="trials at once")

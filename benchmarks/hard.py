@@ -3,7 +3,8 @@
 Usage (from the repository root; about 40 s per 12-epoch run on 2 CPU cores):
     python benchmarks/hard.py                               # every recipe below, seeds 0 1 2, 12 epochs
     python benchmarks/hard.py --recipes defaults light --seeds 0
-    python benchmarks/hard.py --sweep 8                     # + an 8-trial sweep.py run of sweep.yaml, its top-3 ensemble
+    python benchmarks/hard.py --sweep 8                     # + an 8-trial sweep.py run of sweep.yaml,
+                                                            #   and its top-3 ensemble
 Each sweepcls run is `python train.py --data digits_hard --epochs E --seed S` plus the recipe's flags, W&B disabled;
 the reference loop (benchmarks/reference_loop.py) reads the same data exported as a competition folder.
 """
@@ -44,8 +45,8 @@ def test_f1(stdout: str) -> float:
 
 
 def train(out: Path, epochs: int, seed: int, flags: list[str]) -> tuple[float, float]:
-    stdout, wall = run([sys.executable, "train.py", "--data", "digits_hard", "--epochs", str(epochs), "--seed", str(seed),
-                        "--wandb_mode", "disabled", "--resume", "", "--out_dir", str(out), *flags])
+    stdout, wall = run([sys.executable, "train.py", "--data", "digits_hard", "--epochs", str(epochs),
+                        "--seed", str(seed), "--wandb_mode", "disabled", "--resume", "", "--out_dir", str(out), *flags])
     return test_f1(stdout), wall
 
 
@@ -79,15 +80,17 @@ def sweep(work: Path, epochs: int, count: int) -> list[tuple[str, float, float]]
     spec["parameters"] |= {"data": {"value": "digits_hard"}, "epochs": {"value": epochs}}
     (work / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     sweep_dir = work / "sweep"
-    _, wall = run([sys.executable, "sweep.py", str(work / "sweep.yaml"), "--count", str(count), "--sweep_dir", str(sweep_dir)])
+    _, wall = run([sys.executable, "sweep.py", str(work / "sweep.yaml"), "--count", str(count),
+                   "--sweep_dir", str(sweep_dir)])
     scores = []
     for log in sorted((sweep_dir / "trials").glob("*.log")):
         found = re.findall(r"test/f1_macro ([0-9.]+)", log.read_text())
         if found:
             scores.append(float(found[-1]))
     status, _ = run([sys.executable, "sweep.py", "--status", str(sweep_dir)])
-    stdout, wall_ens = run([sys.executable, "ensemble.py", "--sweep", str(sweep_dir), "--top", "3", "--data", "digits_hard",
-                            "--out", str(work / "ensemble.csv"), "--wandb_mode", "disabled", "--cache_dir", str(work / "cache")])
+    stdout, wall_ens = run([sys.executable, "ensemble.py", "--sweep", str(sweep_dir), "--top", "3",
+                            "--data", "digits_hard", "--out", str(work / "ensemble.csv"), "--wandb_mode", "disabled",
+                            "--cache_dir", str(work / "cache")])
     ensemble = float(next(line for line in stdout.splitlines() if line.startswith("ensemble ")).split()[-1])  # test
     top1 = _best_trial_test(sweep_dir)
     print(status)
@@ -114,7 +117,8 @@ def rank_correlation(work: Path) -> str:
         history, summary = read_local(metrics.parent)
         clean = [h["val_clean/f1_macro"] for h in history if "val_clean/f1_macro" in h]
         if clean and "test/f1_macro" in summary:
-            rows.append((max(h["val/f1_macro"] for h in history if "val/f1_macro" in h), max(clean), summary["test/f1_macro"]))
+            noisy = max(h["val/f1_macro"] for h in history if "val/f1_macro" in h)
+            rows.append((noisy, max(clean), summary["test/f1_macro"]))
     if len(rows) < 3:
         return "rank correlation: fewer than 3 runs with both scores"
     noisy, clean, test = map(np.array, zip(*rows))

@@ -46,7 +46,8 @@ train_tf = A.Compose([
     A.Resize(args.img_size, args.img_size), A.RandomRotate90(), A.HorizontalFlip(),
     A.Rotate(limit=20, border_mode=cv2.BORDER_CONSTANT, fill=0, p=0.7),
     A.RGBShift(40, 40, 40, p=0.5), A.RandomBrightnessContrast(p=0.5), A.GaussianBlur(sigma_limit=(0.1, 1.5), p=0.3),
-    A.GaussNoise(std_range=(0.05, 0.25), p=0.6), A.ImageCompression(quality_range=(30, 90), p=0.3), *norm], seed=args.seed)
+    A.GaussNoise(std_range=(0.05, 0.25), p=0.6), A.ImageCompression(quality_range=(30, 90), p=0.3), *norm],
+    seed=args.seed)
 test_tf = A.Compose([A.Resize(args.img_size, args.img_size), *norm])
 
 
@@ -82,7 +83,8 @@ with torch.no_grad():
 out = Path(args.out or root.with_name(root.name + ".reference_submission.csv"))
 with open(out, "w", newline="") as fh:
     csv.writer(fh).writerows([["ID", "target"], *[[i, classes[k]] for i, k in zip(test_ids, pred)]])
-line = f"reference loop: {args.model} {args.img_size}px {args.epochs} epochs seed {args.seed}: {time.perf_counter() - start:.0f}s"
+line = (f"reference loop: {args.model} {args.img_size}px {args.epochs} epochs seed {args.seed}: "
+        f"{time.perf_counter() - start:.0f}s")
 if args.answers:
     truth = {r["ID"]: r["target"] for r in csv.DictReader(open(args.answers))}
     line += f", test macro-F1 {f1_score([truth[i] for i in test_ids], [classes[k] for k in pred], average='macro'):.4f}"

@@ -66,8 +66,8 @@ def screen_images(data: Data, skip_bad: bool, cache: str = "none", img_size: int
                         f"{[f'{test_items[i]} ({why})' for i, why in list(bad_test.items())[:3]]}; replace them")
     if bad_train and not skip_bad:
         raise UserError(f"{len(bad_train)} training image(s) cannot be read, e.g. "
-                        f"{[f'{data.items[i]} ({why})' for i, why in list(bad_train.items())[:3]]}; replace them, or pass "
-                        f"--skip_bad_images True to train without them")
+                        f"{[f'{data.items[i]} ({why})' for i, why in list(bad_train.items())[:3]]}; replace them, or "
+                        f"pass --skip_bad_images True to train without them")
     data.items, data.test_items = items, test
     skipped = [data.ids[i] for i in bad_train]
     if bad_train:
@@ -117,7 +117,8 @@ def _load_csv(root: Path, image_col: str, label_col: str, group_col: str, skip_b
     meta_csv = root / "meta.csv"
     if meta_csv.is_file():  # target -> class_name, in target order
         meta_header, meta_rows = read_csv(meta_csv)
-        _require_columns(meta_csv, meta_header, {label_col: "set by --label_col", "class_name": "meta.csv maps labels to names"})
+        _require_columns(meta_csv, meta_header,
+                         {label_col: "set by --label_col", "class_name": "meta.csv maps labels to names"})
         meta_rows.sort(key=lambda r: int(r[label_col]) if _is_int(r[label_col]) else r[label_col])
         targets = [int(r[label_col]) if _is_int(r[label_col]) else r[label_col] for r in meta_rows]
         classes = [r["class_name"] for r in meta_rows]
@@ -164,7 +165,8 @@ def _list_images(folder: Path) -> list[Path]:
 def _load_image_folder(root: Path) -> Data:
     train_dir = root / "train" if (root / "train").is_dir() else root
     # "test" is the test set, hidden folders (.ipynb_checkpoints) are not classes
-    classes = sorted(d.name for d in train_dir.iterdir() if d.is_dir() and d.name != "test" and not d.name.startswith("."))
+    classes = sorted(d.name for d in train_dir.iterdir()
+                     if d.is_dir() and d.name != "test" and not d.name.startswith("."))
     if not classes:
         raise UserError(f"{train_dir}: no class folders; expected {train_dir}/<class>/<image> or a train.csv")
     items, labels = [], []
@@ -287,4 +289,5 @@ def write_submission(path: Path, data: Data, pred: np.ndarray) -> None:
 def write_oof(path: Path, data: Data, probs: np.ndarray, folds: np.ndarray) -> None:
     """Out-of-fold probabilities of every labelled image: id, label, fold, p_<class>..."""
     write_csv(path, ["id", "label", "fold"] + [f"p_{c}" for c in data.classes],
-              ([i, data.classes[y], f, *(f"{p:.6g}" for p in row)] for i, y, f, row in zip(data.ids, data.labels, folds, probs)))
+              ([i, data.classes[y], f, *(f"{p:.6g}" for p in row)]
+               for i, y, f, row in zip(data.ids, data.labels, folds, probs)))

@@ -23,7 +23,7 @@ from pathlib import Path
 import albumentations as A
 import numpy as np
 
-from datasets.files import load_image
+from datasets.files import decode_failure, load_image
 from utils import cores
 
 FORMAT = "sweepcls-cache/1"
@@ -80,8 +80,9 @@ class JoinedImages:
         return self.first[key] if key < len(self.first) else self.second[key - len(self.first)]
 
 
-def _key(items, img_size: int) -> str:
-    h = hashlib.sha256(f"{FORMAT}|{img_size}|{A.__version__}".encode())
+def hash_items(h, items) -> None:
+    """Feed a list of images to the hash h: array bytes, or each file's absolute path, size and mtime, so an
+    edited file changes the digest (a missing one too, once it is there)."""
     for item in items:
         if isinstance(item, np.ndarray):
             h.update(item.tobytes())
@@ -89,8 +90,13 @@ def _key(items, img_size: int) -> str:
             try:
                 st = os.stat(item)
                 h.update(f"|{os.path.abspath(item)}|{st.st_size}|{st.st_mtime_ns}".encode())
-            except OSError:  # missing: cache_images reports it; the key changes once the file is there
+            except OSError:  # missing: its reader reports it
                 h.update(f"|{os.path.abspath(item)}|missing".encode())
+
+
+def _key(items, img_size: int) -> str:
+    h = hashlib.sha256(f"{FORMAT}|{img_size}|{A.__version__}".encode())
+    hash_items(h, items)
     return h.hexdigest()[:24]
 
 
@@ -127,10 +133,8 @@ def _fill(array: np.ndarray, items: list, img_size: int, decode) -> dict[int, st
         try:
             array[i] = resize(image=decode(items[i]))["image"]
             return None
-        except FileNotFoundError:
-            return "missing"
         except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-            return f"{type(e).__name__}: {e}"
+            return decode_failure(e)
 
     with ThreadPoolExecutor(max(2, cores())) as pool:  # PIL and OpenCV release the GIL while decoding and resizing
         reasons = list(pool.map(one, range(len(items))))

@@ -137,7 +137,8 @@ def export_hard(folder: Path) -> Path:
             cv2.imwrite(str(folder / split / sample_id), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     write_csv(folder / "train.csv", ["ID", "target"], ([i, data.targets[y]] for i, y in zip(data.ids, data.labels)))
     write_csv(folder / "sample_submission.csv", ["ID", "target"], ([i, data.targets[0]] for i in data.test_ids))
-    write_csv(answers_path(folder), ["ID", "target"], ([i, data.targets[y]] for i, y in zip(data.test_ids, data.test_labels)))
+    write_csv(answers_path(folder), ["ID", "target"],
+              ([i, data.targets[y]] for i, y in zip(data.test_ids, data.test_labels)))
     return folder
 
 

@@ -58,10 +58,13 @@ def unreadable(item) -> str | None:
             img.draft("RGB", (64, 64))
             img.load()
         return None
-    except FileNotFoundError:
-        return "missing"
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-        return f"{type(e).__name__}: {e}"
+        return decode_failure(e)
+
+
+def decode_failure(e: Exception) -> str:
+    """Why an image could not be read, as listed to the user: 'missing', or the exception in one line."""
+    return "missing" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
 
 
 def read_csv(path: Path) -> tuple[list[str], list[dict]]:

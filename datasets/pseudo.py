@@ -33,7 +33,8 @@ def read_pseudo_labels(path: str, data: Data, threshold: float) -> tuple[np.ndar
     columns = [h for h in header if h.startswith("p_")]
     if "id" not in header or columns != wanted:
         raise UserError(f"--pseudo_labels {path}: expected the columns id, source, {', '.join(wanted)} (this data's "
-                        f"classes, in order); found {header[:12]}; write it with predict.py or ensemble.py --save_probs")
+                        f"classes, in order); found {header[:12]}; write it with predict.py or ensemble.py "
+                        f"--save_probs")
     if not data.test_ids:
         raise UserError(f"--pseudo_labels {path}: --data {len(data.labels)} training images but no test set to label")
     where = {i: n for n, i in enumerate(data.test_ids)}
@@ -43,7 +44,8 @@ def read_pseudo_labels(path: str, data: Data, threshold: float) -> tuple[np.ndar
         what = f"{len(unknown)} id(s) are not in the test set, e.g. {unknown[:3]}" if unknown else "an id is repeated"
         raise UserError(f"--pseudo_labels {path}: {what}; the file must come from a prediction of this data's test set")
     try:
-        probs = np.array([[float(r[c]) for c in wanted] for r in rows], dtype=np.float64).reshape(len(rows), len(wanted))
+        probs = np.array([[float(r[c]) for c in wanted] for r in rows],
+                         dtype=np.float64).reshape(len(rows), len(wanted))
     except ValueError as e:
         raise UserError(f"--pseudo_labels {path}: a probability is not a number ({e})") from None
     keep = probs.max(1) >= threshold if len(rows) else np.zeros(0, bool)

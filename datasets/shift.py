@@ -170,7 +170,8 @@ def measure_poses(train_images: list, test_images: list, photometric: dict) -> d
     mix = mix / (mix.sum() or 1)
     turned = float(1 - mix[0] - mix[4])  # any quarter turn (of the image or its mirror)
     mirrored = float(mix[4:].sum())
-    return {"pose_accuracy": accuracy, "turned": turned, "mirrored": mirrored, "poses": [round(float(m), 3) for m in mix]}
+    return {"pose_accuracy": accuracy, "turned": turned, "mirrored": mirrored,
+            "poses": [round(float(m), 3) for m in mix]}
 
 
 def measure_shift(train_images: list, test_images: list, native_side: int | None = None) -> dict:
@@ -277,7 +278,8 @@ def measure_data(train_items: list, test_items: list, img_size: int, native: int
 def _at_size(image: np.ndarray, side: int) -> np.ndarray:
     if image.shape[:2] == (side, side):
         return image
-    return cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA if max(image.shape[:2]) > side else cv2.INTER_LINEAR)
+    shrink = max(image.shape[:2]) > side
+    return cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
 def noisy_copies(images: list, ids: list, settings: dict) -> list[np.ndarray]:

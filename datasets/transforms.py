@@ -50,7 +50,8 @@ def no_aug(img_size, strength, mean, std) -> A.Compose:
 def light(s):
     """Small geometric jitter and mild photometric noise: safe for digits, documents and photos alike."""
     return [
-        A.Affine(scale=(1 - 0.12 * s, 1 + 0.12 * s), translate_percent=(-0.08 * s, 0.08 * s), rotate=(-15 * s, 15 * s), p=s),
+        A.Affine(scale=(1 - 0.12 * s, 1 + 0.12 * s), translate_percent=(-0.08 * s, 0.08 * s),
+                 rotate=(-15 * s, 15 * s), p=s),
         A.ColorJitter(brightness=0.3 * s, contrast=0.3 * s, saturation=0.3 * s, hue=0.05 * s, p=0.7 * s),
         A.GaussNoise(std_range=(0.02 * s, 0.15 * s), p=0.5 * s),
         A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.1, 0.1 + 2.9 * s), p=0.3 * s),
@@ -108,14 +109,12 @@ def auto(img_size, strength, mean, std, settings: dict | None = None) -> A.Compo
     scale every probability and magnitude down. The default whenever the data has a test set; without one, `light`."""
     if settings is None:
         return AUGS["light"](img_size, strength, mean, std)
-    if not 0.0 <= strength <= 1.0:
-        raise ValueError(f"aug_strength must be in [0, 1], got {strength}")
-    if strength == 0:
-        return eval_transform(img_size, mean, std)
-    s = strength  # 1: the measured probabilities and magnitudes
-    jitter = A.Affine(scale=(1 - 0.1 * s, 1 + 0.1 * s), translate_percent=(-0.06 * s, 0.06 * s),
-                      border_mode=cv2.BORDER_CONSTANT, fill=0, p=min(1.0, 0.8 * s))
-    return A.Compose([A.Resize(img_size, img_size), jitter, *matched_ops(settings, s), *_finish(img_size, mean, std)[1:]])
+
+    def ops(s):  # s = 1: the measured probabilities and magnitudes
+        jitter = A.Affine(scale=(1 - 0.1 * s, 1 + 0.1 * s), translate_percent=(-0.06 * s, 0.06 * s),
+                          border_mode=cv2.BORDER_CONSTANT, fill=0, p=min(1.0, 0.8 * s))
+        return [jitter, *matched_ops(settings, s)]
+    return _preset(ops)(img_size, strength, mean, std)
 
 
 # ----------------------------------------------------------------------------- TTA: views of an NCHW batch

@@ -35,7 +35,8 @@ def build_model(name: str, num_classes: int, pretrained: bool = False, pretraine
                 raise
             model = timm.create_model(name, **kwargs)
     except TypeError as e:
-        raise UserError(f"model {name!r} does not take these options ({e}); leave --drop_rate/--drop_path_rate at 0") from None
+        raise UserError(f"model {name!r} does not take these options ({e}); "
+                        f"leave --drop_rate/--drop_path_rate at 0") from None
     if pretrained_path:
         load_weights(model, pretrained_path)
     return model
@@ -105,7 +106,8 @@ def _hub_file(name: str) -> str | None:
     cfg = timm.get_pretrained_cfg(name)
     if cfg is None or not cfg.hf_hub_id:
         return None
-    for filename in dict.fromkeys(("model.safetensors", cfg.hf_hub_filename or "pytorch_model.bin", "pytorch_model.bin")):
+    names = ("model.safetensors", cfg.hf_hub_filename or "pytorch_model.bin", "pytorch_model.bin")
+    for filename in dict.fromkeys(names):
         found = try_to_load_from_cache(cfg.hf_hub_id, filename)
         if isinstance(found, str) and os.path.isfile(found):
             return found

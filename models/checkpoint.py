@@ -86,7 +86,8 @@ class CheckpointKeeper:
         last = self.dir / "last.safetensors"
         if self.write:
             tensors = state_tensors(model)
-            self._do(lambda: atomic_write_bytes(last, checkpoint_bytes(tensors, meta)))  # a new file: best keeps its own
+            # a new file: best keeps its own
+            self._do(lambda: atomic_write_bytes(last, checkpoint_bytes(tensors, meta)))
         return last
 
     def _do(self, fn) -> None:

@@ -173,5 +173,6 @@ def onecycle(optimizer, epochs, steps_per_epoch, warmup_epochs=0.0, **_):
 @SCHEDULERS.register("none")
 def constant(optimizer, steps_per_epoch=1, warmup_epochs=0.0, warmup_lr=0.0, **_):
     """Constant lr (after the warm-up from --warmup_lr)."""
-    return PerStep(StepLRScheduler(optimizer, decay_t=1, decay_rate=1.0, warmup_t=round(warmup_epochs * steps_per_epoch),
-                                   warmup_lr_init=warmup_lr, warmup_prefix=True, t_in_epochs=False))
+    return PerStep(StepLRScheduler(optimizer, decay_t=1, decay_rate=1.0,
+                                   warmup_t=round(warmup_epochs * steps_per_epoch), warmup_lr_init=warmup_lr,
+                                   warmup_prefix=True, t_in_epochs=False))

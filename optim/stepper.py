@@ -60,9 +60,9 @@ class Stepper:
             self.optimizer.zero_grad(set_to_none=True)
             self.bad_steps += 1
             if self.bad_steps >= self.nan_patience:
-                raise UserError(f"the training loss was NaN/inf for {self.bad_steps} optimizer steps in a row (from step "
-                                f"{self.steps + 1}, each skipped); checkpoints are as they were. Lower --lr, set --clip_grad, or check "
-                                f"the data")
+                raise UserError(f"the training loss was NaN/inf for {self.bad_steps} optimizer steps in a row "
+                                f"(from step {self.steps + 1}, each skipped); checkpoints are as they were. Lower "
+                                f"--lr, set --clip_grad, or check the data")
             return None
         self.bad_steps = 0
         if self.sam is not None and self.sam.perturb(self.scaler.get_scale()):  # 1.0 when the scaler is off
@@ -84,7 +84,8 @@ class Stepper:
         return loss_sum
 
 
-def train_one_epoch(stepper: Stepper, loader, accum_steps: int = 1, mixup=None, desc="", stop: StopSignal | None = None) -> float:
+def train_one_epoch(stepper: Stepper, loader, accum_steps: int = 1, mixup=None, desc="",
+                    stop: StopSignal | None = None) -> float:
     stepper.model.train()
     total, seen, batches = 0.0, 0, []
     for images, labels, _ in tqdm(loader, desc=desc, leave=False, disable=None):

@@ -17,7 +17,8 @@ def main() -> int:
     with StopSignal() as stop:
         cfg = parse_config(sys.argv[1:])
         run_id = new_run_id()
-        run = tracking.init(cfg.to_dict(), run_id, Path(os.environ.get("SWEEPCLS_RUNS_DIR", "runs")) / run_id, "disabled")
+        runs_dir = Path(os.environ.get("SWEEPCLS_RUNS_DIR", "runs"))
+        run = tracking.init(cfg.to_dict(), run_id, runs_dir / run_id, "disabled")
         cfg = Config.from_dict(run.config(exclude=ADDED_CONFIG_KEYS))
         if cfg.seed % 10 == 3:
             raise RuntimeError("scripted crash")

@@ -33,7 +33,8 @@ def test_rebuild_from_checkpoint_alone(tmp_path):
 @pytest.mark.parametrize("background", [False, True])
 def test_top_k_keeps_best_and_last(tmp_path, maximize, background):
     model = build_model(TINY_MODEL, 3)
-    keeper = CheckpointKeeper(tmp_path, keep_top_k=2, maximize=maximize, writer=BackgroundWriter("t") if background else None)
+    keeper = CheckpointKeeper(tmp_path, keep_top_k=2, maximize=maximize,
+                              writer=BackgroundWriter("t") if background else None)
     scores = [0.3, 0.7, 0.5, 0.6, 0.2]
     flags = [keeper.update(model, meta_for(e), e, s) for e, s in enumerate(scores, 1)]
     keeper.flush()

@@ -21,11 +21,12 @@ def test_both_flag_forms_and_types():
     assert isinstance(cfg.epochs, int) and isinstance(cfg.lr, float)
 
 
+# --epoch: no abbreviations, a sweep typo must fail
 @pytest.mark.parametrize("argv", [["--learning_rate=0.1"], ["--lr"], ["--pretrained=maybe"], ["--epochs=2.5"],
                                   ["--loss=nope"], ["--wandb_mode=cloud"], ["--lr=-1"], ["--folds=5", "--fold=5"],
                                   ["--epoch=3"], ["--aug_strength=1.5"], ["--mix_prob=2"], ["--accum_steps=0"],
                                   ["--sam_rho=0"], ["--ema_decay=1"], ["--label_smoothing=1"],
-                                  ["--batch_size=33", "--mixup=0.2"], ["--sampler=balanced"], ["--tta=d8"]])  # --epoch: no abbreviations, a sweep typo must fail
+                                  ["--batch_size=33", "--mixup=0.2"], ["--sampler=balanced"], ["--tta=d8"]])
 def test_bad_flags_exit_with_usage(argv, capsys):
     with pytest.raises(SystemExit) as e:
         parse_config(argv)

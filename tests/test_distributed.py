@@ -30,11 +30,12 @@ def test_ranks_split_each_global_batch(name):
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path):
     args = ["train.py", "--model", "test_convnext", "--img_size", "32", "--epochs", "2", "--batch_size", "32",
-            "--accum_steps", "2", "--sampler", "imbalanced", "--workers", "0", "--resume", "", "--wandb_mode", "offline",
-            "--device", "cpu"]  # gloo processes, also on a machine with one GPU
+            "--accum_steps", "2", "--sampler", "imbalanced", "--workers", "0", "--resume", "",
+            "--wandb_mode", "offline", "--device", "cpu"]  # gloo processes, also on a machine with one GPU
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args,
-                          "--out_dir", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          "--out_dir", str(tmp_path / "two")],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     one = subprocess.run([sys.executable, *args, "--out_dir", str(tmp_path / "one")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
@@ -64,8 +65,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
 
 def test_batch_size_must_split_over_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-                           "--batch_size", "33", "--wandb_mode", "disabled", "--out_dir", str(tmp_path / "r")],
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", "--batch_size", "33", "--wandb_mode", "disabled",
+                           "--out_dir", str(tmp_path / "r")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "--batch_size 33 is the global batch and must split evenly over the 2 processes" in proc.stderr

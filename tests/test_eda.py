@@ -32,7 +32,8 @@ def test_near_duplicates_and_noise_estimate():
     flat = np.full((64, 64), 128.0)
     assert noise_sigma(flat) == 0 and abs(noise_sigma(flat + rng.normal(0, 10, flat.shape)) - 10) < 1
     stripes = np.tile((np.arange(64) % 8 < 4) * 255.0, (64, 1))  # vertical stripes: gradients along x
-    assert dominant_orientation(stripes) == pytest.approx(0, abs=1) and dominant_orientation(stripes.T) == pytest.approx(0, abs=1)
+    assert (dominant_orientation(stripes) == pytest.approx(0, abs=1)
+            and dominant_orientation(stripes.T) == pytest.approx(0, abs=1))
     turned = cv2.warpAffine(stripes, cv2.getRotationMatrix2D((32, 32), 30, 1.0), (64, 64))[16:48, 16:48]
     assert dominant_orientation(turned) == pytest.approx(30, abs=3)
 
@@ -89,7 +90,8 @@ def test_run_diff_on_a_constructed_pair(tmp_path):
     assert eda.main(["--diff", a, b, "--data", "digits", "--out_dir", str(out), "--wandb_mode", "offline"]) == 0
     rows = read_csv(out / "diff.csv")
     listed = {r["id"]: r["who is right"] for r in rows}
-    expected = {data.test_ids[k]: "B right" for k in wrong_a - wrong_b} | {data.test_ids[k]: "A right" for k in wrong_b - wrong_a}
+    expected = ({data.test_ids[k]: "B right" for k in wrong_a - wrong_b}
+                | {data.test_ids[k]: "A right" for k in wrong_b - wrong_a})
     assert listed == expected
     summary = summary_of(out)
     assert summary["diff/A_right_B_wrong"] == 3 and summary["diff/B_right_A_wrong"] == 2

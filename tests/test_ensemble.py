@@ -145,8 +145,9 @@ def test_predict_and_ensemble_two_backbones_offline(tmp_path, competition):
     assert predict_cli.main([str(runs["a"]), "--data", str(competition), "--out", str(tmp_path / "pa.csv"),
                              "--cache_dir", str(cache)]) == 0
     alone = submission(tmp_path / "pa.csv")
-    assert ensemble_cli.main([str(runs["a"]), str(runs["a"]), "--data", str(competition), "--out", str(tmp_path / "aa.csv"),
-                              "--cache_dir", str(cache), "--weights", "auto", "--out_dir", str(tmp_path / "aa")]) == 0
+    assert ensemble_cli.main([str(runs["a"]), str(runs["a"]), "--data", str(competition),
+                              "--out", str(tmp_path / "aa.csv"), "--cache_dir", str(cache), "--weights", "auto",
+                              "--out_dir", str(tmp_path / "aa")]) == 0
     assert submission(tmp_path / "aa.csv") == alone
 
     out_dir = tmp_path / "ens"
@@ -166,7 +167,8 @@ def test_predict_and_ensemble_two_backbones_offline(tmp_path, competition):
     table, _ = staged_table(records, summary, "test/disagreement")
     assert table["columns"] == ["id", "image", "ensemble", "ensemble_conf", "a pred", "a conf", "b pred", "b conf"]
     a_test = submission(tmp_path / "pa.csv")
-    b_probs = member_probs(resolve_member(str(runs["b"]), cache), [competition / "test" / i for i in sample_ids], "none", cache)
+    b_probs = member_probs(resolve_member(str(runs["b"]), cache), [competition / "test" / i for i in sample_ids],
+                           "none", cache)
     disagree = {i for i, a, b in zip(sample_ids, a_test, b_probs.argmax(1)) if a != str(b)}
     assert {row[0] for row in table["data"]} == disagree  # every test image the two members disagree on
     assert any(r["type"] == "artifact" and r["artifact"]["type"] == "submission" for r in records)
@@ -198,7 +200,8 @@ def test_cross_validated_members_are_weighted_on_their_out_of_fold_predictions(t
     for name, p1 in [("cv1", [0.9, 0.2, 0.4, 0.3]), ("cv2", [0.6, 0.7, 0.8, 0.1])]:
         run = tmp_path / name
         save_checkpoint(run / "fold0" / "best.safetensors", ["a", "b"])
-        rows = [["id", "label", "fold", "p_a", "p_b"]] + [[i, "?", 0, 1 - p, p] for i, p in zip(reversed(ids), reversed(p1))]
+        rows = [["id", "label", "fold", "p_a", "p_b"]]
+        rows += [[i, "?", 0, 1 - p, p] for i, p in zip(reversed(ids), reversed(p1))]
         (run / "oof.csv").write_text("\n".join(",".join(map(str, r)) for r in rows))
         members.append(resolve_member(str(run), tmp_path))
     data = Data(classes=["a", "b"], targets=[0, 1], items=[None] * 4, labels=labels, ids=ids)
@@ -220,13 +223,14 @@ def test_predict_on_a_flat_folder_of_images(tmp_path, capsys):
     assert predict_cli.main([str(checkpoint), "--data", str(folder), "--out", str(tmp_path / "s.csv"),
                              "--cache_dir", str(tmp_path / "cache")]) == 0
     rows = list(csv.DictReader(open(tmp_path / "s.csv")))
-    assert [r["ID"] for r in rows] == [f"img{i}.png" for i in range(5)] and {r["target"] for r in rows} <= {"0", "1", "2"}
+    assert ([r["ID"] for r in rows] == [f"img{i}.png" for i in range(5)]
+            and {r["target"] for r in rows} <= {"0", "1", "2"})
     assert "on 5 images" in capsys.readouterr().out
 
 
 def test_a_corrupt_test_image_is_one_clear_error(tmp_path, competition, capsys):
-    checkpoint = save_checkpoint(tmp_path / "m.safetensors", ["zero", "one", "two", "three", "four", "five", "six", "seven",
-                                                               "eight", "nine"])
+    checkpoint = save_checkpoint(tmp_path / "m.safetensors", ["zero", "one", "two", "three", "four", "five", "six",
+                                                               "seven", "eight", "nine"])
     (competition / "test" / "te_0001.png").write_bytes(b"garbage")
     assert predict_cli.main([str(checkpoint), "--data", str(competition), "--cache_dir", str(tmp_path / "c")]) == 1
     err = capsys.readouterr().err
@@ -240,8 +244,9 @@ def test_an_artifact_member_is_scored_under_its_ref(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(tracking, "wandb_api", lambda: api)
     local = save_checkpoint(tmp_path / "local.safetensors", digits)
     out_dir = tmp_path / "ens"
-    assert ensemble_cli.main(["team/comp/model-r2:best", str(local), "--data", "digits", "--out", str(tmp_path / "s.csv"),
-                              "--cache_dir", str(tmp_path / "c"), "--out_dir", str(out_dir)]) == 0
+    assert ensemble_cli.main(["team/comp/model-r2:best", str(local), "--data", "digits",
+                              "--out", str(tmp_path / "s.csv"), "--cache_dir", str(tmp_path / "c"),
+                              "--out_dir", str(out_dir)]) == 0
     out = capsys.readouterr().out.splitlines()
     summary = json.loads((out_dir / "summary.json").read_text())
     score = summary["test/team_comp_model-r2:best/f1_macro"]  # the ref's slashes stay out of the W&B key

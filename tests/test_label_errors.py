@@ -74,5 +74,6 @@ def test_flipped_labels_rank_first_and_fixes_feed_back(tmp_path):
         writer.writeheader()
         writer.writerows(suspects)
     proc = run_train(["--data", str(root), "--model", TINY_MODEL, "--img_size", "32", "--epochs", "1", "--workers", "0",
-                      "--wandb_mode", "disabled", "--label_fixes", str(tmp_path / "fixes.csv"), "--out_dir", str(tmp_path / "r")])
+                      "--wandb_mode", "disabled", "--label_fixes", str(tmp_path / "fixes.csv"),
+                      "--out_dir", str(tmp_path / "r")])
     assert f"0 label(s) changed, {len(suspects)} image(s) excluded" in proc.stdout

@@ -62,11 +62,13 @@ def test_register_logs_a_dataset_artifact_whose_table_lists_every_file(competiti
         train = {r["ID"]: NAMES[int(r["target"])] for r in csv.DictReader(fh)}
     with open(competition / "sample_submission.csv") as fh:
         test = [r["ID"] for r in csv.DictReader(fh)]
-    expected = {f"train/{i}" for i in train} | {f"test/{i}" for i in test} | {"train.csv", "meta.csv", "sample_submission.csv"}
+    expected = ({f"train/{i}" for i in train} | {f"test/{i}" for i in test}
+                | {"train.csv", "meta.csv", "sample_submission.csv"})
     assert expected <= set(files)
     staged = files["train/tr_0007.png"]  # copied as it is: md5 and bytes
     assert Path(staged["local_path"]).read_bytes() == (competition / "train" / "tr_0007.png").read_bytes()
-    assert base64.b64decode(staged["digest"]) == hashlib.md5((competition / "train" / "tr_0007.png").read_bytes()).digest()
+    assert (base64.b64decode(staged["digest"])
+            == hashlib.md5((competition / "train" / "tr_0007.png").read_bytes()).digest())
 
     table = json.loads(Path(files["samples.table.json"]["local_path"]).read_text())
     col = {c: i for i, c in enumerate(table["columns"])}
@@ -90,7 +92,8 @@ def test_register_logs_a_dataset_artifact_whose_table_lists_every_file(competiti
     [artifact] = [r["artifact"] for r in records if r["type"] == "artifact"]
     entry = next(c for c in artifact["manifest"]["contents"] if c["path"] == "train/tr_0007.png")
     assert entry["ref"] == (competition / "train" / "tr_0007.png").resolve().as_uri() and "local_path" not in entry
-    assert base64.b64decode(entry["digest"]) == hashlib.md5((competition / "train" / "tr_0007.png").read_bytes()).digest()
+    assert (base64.b64decode(entry["digest"])
+            == hashlib.md5((competition / "train" / "tr_0007.png").read_bytes()).digest())
 
 
 @pytest.mark.slow
@@ -109,7 +112,8 @@ def test_runs_on_a_registered_folder_name_its_artifact_until_the_data_changes(co
     proc = run_train([*args, "--out_dir", str(tmp_path / "b"), "--label_fixes", str(fixes)])
     assert f"{competition} changed since it was registered as dataset comp-train" in proc.stdout
     data = json.loads((tmp_path / "b" / "run.json").read_text())["data"]
-    assert data["artifact"] is None and data["source_digest"] not in (digest, data["digest"])  # what trained: one image fewer
+    # what trained: one image fewer
+    assert data["artifact"] is None and data["source_digest"] not in (digest, data["digest"])
     assert data["train_images"] == 239 and "tr_0009.png" not in (tmp_path / "b" / "data_manifest.csv").read_text()
 
 
@@ -121,7 +125,8 @@ def test_one_changed_label_changes_the_fingerprint(competition):
     changed = manifest(load_data(str(competition)))
     fp2 = fingerprint(changed, NAMES)
     assert fp2["digest"] != fp["digest"] and fp2["labels"] != fp["labels"] and fp2["files"] == fp["files"]
-    assert describe_changes(rows, changed) == f"1 label(s) changed (e.g. train/tr_0003.png: {rows[3][3]} -> {changed[3][3]})"
+    assert (describe_changes(rows, changed)
+            == f"1 label(s) changed (e.g. train/tr_0003.png: {rows[3][3]} -> {changed[3][3]})")
     (competition / "train" / "tr_0005.png").write_bytes((competition / "train" / "tr_0006.png").read_bytes() + b"\0")
     assert fingerprint(manifest(load_data(str(competition))), NAMES)["files"] != fp["files"]
     assert describe_changes(rows, rows) == "" and "another order" in describe_changes(rows, rows[::-1])
@@ -144,7 +149,8 @@ def test_code_state_of_a_git_checkout(tmp_path):
     (tmp_path / "model.py").write_text("width = 2\n")
     (tmp_path / "extra.py").write_text("")
     edited = code_state(tmp_path)
-    assert edited["dirty"] is True and "-width = 1\n+width = 2" in edited["diff"] and edited["untracked"] == ["extra.py"]
+    assert (edited["dirty"] is True and "-width = 1\n+width = 2" in edited["diff"]
+            and edited["untracked"] == ["extra.py"])
 
 
 def test_changed_keys_of_a_run_with_two_overrides():
@@ -172,9 +178,11 @@ def test_run_records_changes_parent_notes_code_and_data(tmp_path):
     head, dirty = code["commit"], code["dirty"]
     assert config["code"] == {"commit": head, "branch": code["branch"], "dirty": dirty} and len(head) == 40
     digits = fingerprint(manifest(load_data("digits")), [str(d) for d in range(10)])
-    assert config["data_fingerprint"]["digest"] == digits["digest"] and config["data_fingerprint"]["split"]["seed"] == 42
+    assert (config["data_fingerprint"]["digest"] == digits["digest"]
+            and config["data_fingerprint"]["split"]["seed"] == 42)
     meta = read_meta(tmp_path / "a" / "best.safetensors")["lineage"]
-    assert meta["code"]["commit"] == head and meta["code"]["dirty"] == dirty and meta["data"]["digest"] == digits["digest"]
+    assert (meta["code"]["commit"] == head and meta["code"]["dirty"] == dirty
+            and meta["data"]["digest"] == digits["digest"])
     assert meta["code"]["diff_sha256"] == hashlib.sha256(code["diff"].encode()).hexdigest()
     assert (tmp_path / "a" / "code.diff").is_file() == dirty
     model = next(r["artifact"] for r in records if r["type"] == "artifact" and r["artifact"]["type"] == "model")
@@ -189,7 +197,8 @@ def test_run_records_changes_parent_notes_code_and_data(tmp_path):
 
     journal = run_module("journal", "--runs", tmp_path)
     assert journal.returncode == 0, journal.stderr
-    rows = {cells[2]: cells for cells in ([c.strip() for c in line.split("|")[1:-1]] for line in journal.stdout.splitlines()
+    rows = {cells[2]: cells for cells in ([c.strip() for c in line.split("|")[1:-1]]
+                                          for line in journal.stdout.splitlines()
                                           if line.startswith("| ") and not line.startswith("| #"))}
     scores = {d: json.loads((tmp_path / d / "summary.json").read_text())["val/f1_macro"] for d in "ab"}
     child_id = json.loads((tmp_path / "b" / "run.json").read_text())["run_id"]
@@ -206,7 +215,8 @@ def test_resume_on_changed_data_warns(tmp_path, competition):
     before = manifest(load_data(str(competition)))
     relabel(competition, "tr_0003.png", (NAMES.index(before[3][3]) + 1) % 10)
     proc = run_train(["--data", str(competition), *ARGS, "--workers", "0", "--out_dir", str(out)])
-    expected = f"1 label(s) changed (e.g. train/tr_0003.png: {before[3][3]} -> {NAMES[(NAMES.index(before[3][3]) + 1) % 10]})"
+    relabelled = NAMES[(NAMES.index(before[3][3]) + 1) % 10]
+    expected = f"1 label(s) changed (e.g. train/tr_0003.png: {before[3][3]} -> {relabelled})"
     assert f"warning: the data changed since this run started: {expected}" in proc.stderr
     assert json.loads((out / "summary.json").read_text())["data_changed_on_resume"] == expected
     assert "resumed at epoch 2" in proc.stdout
@@ -216,10 +226,12 @@ def test_resume_on_changed_data_warns(tmp_path, competition):
 def test_journal_lists_the_runs_of_an_offline_sweep(tmp_path):
     data = make_competition_folder(tmp_path / "comp", n_train=120, n_test=20)
     spec = tmp_path / "grid.yaml"
-    spec.write_text(yaml.safe_dump({"program": "train.py", "method": "grid", "metric": {"name": "val/f1_macro", "goal": "maximize"},
+    spec.write_text(yaml.safe_dump({"program": "train.py", "method": "grid",
+                                    "metric": {"name": "val/f1_macro", "goal": "maximize"},
                                     "parameters": {"data": {"value": str(data)}, "model": {"value": TINY_MODEL},
-                                                   "img_size": {"value": 32}, "epochs": {"value": 2}, "workers": {"value": 0},
-                                                   "table_rows": {"value": 4}, "lr": {"values": [0.002, 0.01, 0.0005]}}}))
+                                                   "img_size": {"value": 32}, "epochs": {"value": 2},
+                                                   "workers": {"value": 0}, "table_rows": {"value": 4},
+                                                   "lr": {"values": [0.002, 0.01, 0.0005]}}}))
     sweep = subprocess.run([sys.executable, "sweep.py", str(spec), "--count", "3", "--workers", "2", "--sweep_dir",
                             str(tmp_path / "sw")], cwd=ROOT, capture_output=True, text=True)
     assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-2000:]
@@ -255,7 +267,8 @@ def test_journal_reads_a_project_from_the_wandb_api(tmp_path, monkeypatch, capsy
     base = defaults() | {"epochs": 5}
     runs = [FakeRun("r1", "2026-11-20T10:00:00Z", base | {"changed": "epochs=5", "changed_keys": ["epochs"]},
                     {"val/f1_macro": 0.80, "best_epoch": 3}, "baseline"),
-            FakeRun("r2", "2026-11-21T10:00:00", base | {"lr": 0.01, "changed_keys": ["epochs", "lr"], "parent_run": "r1",
+            FakeRun("r2", "2026-11-21T10:00:00", base | {"lr": 0.01, "changed_keys": ["epochs", "lr"],
+                                                          "parent_run": "r1",
                                                           "code": {"commit": "abcdef0123", "dirty": True}},
                     {"val/f1_macro": 0.85, "best_epoch": 4}, "higher lr", ["lr"]),
             FakeRun("e1", "2026-11-22T10:00:00Z", {"members": ["x"]}, {})]  # an ensemble run: not listed
@@ -266,7 +279,8 @@ def test_journal_reads_a_project_from_the_wandb_api(tmp_path, monkeypatch, capsy
             return runs
     monkeypatch.setattr(tracking, "wandb_api", lambda: FakeApi())
     assert journal.main(["--project", "comp", "--entity", "team", "--out", str(tmp_path / "j.md")]) == 0
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and not line.startswith("| #")]
+    lines = [line for line in capsys.readouterr().out.splitlines()
+             if line.startswith("| ") and not line.startswith("| #")]
     assert len(lines) == 2
     r2 = [c.strip() for c in lines[1].split("|")[1:-1]]
     noon_utc = datetime(2026, 11, 21, 10, tzinfo=timezone.utc).timestamp()  # W&B's created_at is UTC, zone or not

@@ -291,7 +291,8 @@ def test_tta_averages_the_views():
 def test_bench_reports_every_variant():
     from workflows.bench import step_costs
     rows = step_costs("test_resnet", 16, 8, steps=1, device=torch.device("cpu"))
-    assert [r[0] for r in rows] == ["plain", "SAM", "ASAM", "EMA", "SAM + EMA", "accum 2 x half batch", "EMA update alone"]
+    assert [r[0] for r in rows] == ["plain", "SAM", "ASAM", "EMA", "SAM + EMA", "accum 2 x half batch",
+                                    "EMA update alone"]
     assert all(ms > 0 for _, ms, _, _ in rows) and rows[0][2] == 1.0
 
 

@@ -55,7 +55,8 @@ def test_report_is_valid_and_self_contained(report):
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium package (apt install chromium)")
 def test_report_renders_with_the_gallery_visible(report, tmp_path):
     shot = tmp_path / "report.png"
-    chromium = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,900"]
+    chromium = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                "--window-size=1280,900"]
     subprocess.run([*chromium, f"--screenshot={shot}", report.as_uri()], capture_output=True, timeout=120, check=True)
     dom = subprocess.run([*chromium, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120,
                          check=True).stdout

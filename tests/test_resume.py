@@ -60,7 +60,8 @@ def test_killed_and_resumed_run_ends_bit_identical(tmp_path, competition):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("train/epoch_seconds", "_time")} for r in rs]
     assert strip(rows(out_dir)) == strip(rows(reference))  # every epoch once, the same numbers
-    assert not (out_dir / "resume.pt").exists() and json.loads((out_dir / "summary.json").read_text())["_exit_code"] == 0
+    assert (not (out_dir / "resume.pt").exists()
+            and json.loads((out_dir / "summary.json").read_text())["_exit_code"] == 0)
     assert (out_dir / "submission.csv").read_text() == (reference / "submission.csv").read_text()
 
     parts = sorted(out_dir.glob("wandb/offline-run-*"))  # one W&B run in parts: each attempt syncs into it
@@ -146,7 +147,8 @@ def test_nan_steps_are_skipped_then_patience_stops_with_the_weights_untouched():
 def test_diverging_run_fails_cleanly(tmp_path, competition):
     out_dir = tmp_path / "nan"
     proc = run_train(["--data", str(competition), "--model", TINY_MODEL, "--img_size", "32", "--workers", "0",
-                      "--optimizer", "sgd", "--lr", "1e25", "--nan_patience", "2", "--out_dir", str(out_dir)], check=False)
+                      "--optimizer", "sgd", "--lr", "1e25", "--nan_patience", "2", "--out_dir", str(out_dir)],
+                     check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "NaN/inf for 2 optimizer steps" in proc.stderr
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["_exit_code"] == 1 and "NaN/inf" in summary["error"]
@@ -197,7 +199,8 @@ def test_killed_cross_validated_run_resumes_at_its_fold(tmp_path, competition):
     run_train(["--data", str(competition), *ARGS, *cv, "--epochs", "2", "--workers", "0", "--out_dir", str(out_dir)])
     assert (out_dir / "oof.csv").read_text() == (reference / "oof.csv").read_text()
     for k in range(3):
-        a, b = load_file(reference / f"fold{k}" / "last.safetensors"), load_file(out_dir / f"fold{k}" / "last.safetensors")
+        a = load_file(reference / f"fold{k}" / "last.safetensors")
+        b = load_file(out_dir / f"fold{k}" / "last.safetensors")
         assert all(torch.equal(a[n], b[n]) for n in a)
     strip = lambda rs: [{k: v for k, v in r.items() if not k.endswith("epoch_seconds") and k != "_time"} for r in rs]
     assert strip(rows(out_dir)) == strip(rows(reference))

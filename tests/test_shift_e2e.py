@@ -45,7 +45,8 @@ def test_noisy_test_set_drives_augmentation_validation_and_pseudo_labels(noisy_c
     proc = run_train(args + [f"--out_dir={tmp_path / 'b'}", f"--pseudo_labels={probs}", "--pseudo_threshold=0.05"])
     assert "pseudo-labels: 160 of 160 test images" in proc.stdout and "+ 160 pseudo-labelled" in proc.stdout
     config = merged(read_run(next((tmp_path / "b" / "wandb").glob("offline-run-*"))), "config")
-    assert config["pseudo_label_source"]["added"] == 160 and config["pseudo_label_source"]["source"] == [rows[0]["source"]]
+    assert (config["pseudo_label_source"]["added"] == 160
+            and config["pseudo_label_source"]["source"] == [rows[0]["source"]])
 
     wrong = tmp_path / "wrong.csv"  # another data set's classes
     wrong.write_text("id,source,p_a,p_b\n" + "".join(f"{r['id']},x,0.5,0.5\n" for r in rows))

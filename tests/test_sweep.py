@@ -79,20 +79,28 @@ def _broken(change):
 
 
 BROKEN = [
-    ("unknown key", lambda s: s["parameters"].update(learning_rate={"value": 0.1}), "parameters.learning_rate: not a train.py key"),
+    ("unknown key", lambda s: s["parameters"].update(learning_rate={"value": 0.1}),
+     "parameters.learning_rate: not a train.py key"),
     ("bad choice", lambda s: s["parameters"].update(loss={"values": ["ce", "hinge"]}), "'hinge'"),
-    ("out of range", lambda s: s["parameters"].update(aug_strength={"min": 0.0, "max": 2.0}), "aug_strength must be in [0, 1]"),
+    ("out of range", lambda s: s["parameters"].update(aug_strength={"min": 0.0, "max": 2.0}),
+     "aug_strength must be in [0, 1]"),
     ("bad schema", lambda s: s.update(method="baye"), "schema: 'baye' is not one of"),
-    ("bad distribution", lambda s: s["parameters"].update(lr={"distribution": "log_normal_values", "min": 1}), "schema:"),
-    ("unknown model", lambda s: s["parameters"].update(model={"values": ["resnet18", "resnet_18"]}), "unknown model 'resnet_18'"),
-    ("size a model cannot take", lambda s: s["parameters"].update(model={"value": "efficientformerv2_s0"}, img_size={"value": 48}),
+    ("bad distribution", lambda s: s["parameters"].update(lr={"distribution": "log_normal_values", "min": 1}),
+     "schema:"),
+    ("unknown model", lambda s: s["parameters"].update(model={"values": ["resnet18", "resnet_18"]}),
+     "unknown model 'resnet_18'"),
+    ("size a model cannot take",
+     lambda s: s["parameters"].update(model={"value": "efficientformerv2_s0"}, img_size={"value": 48}),
      "cannot take --img_size 48"),
     ("metric train.py does not report", lambda s: s.update(metric={"name": "val/accuracy", "goal": "maximize"}),
      "not train.py's monitored key"),
-    ("goal against the monitor", lambda s: s.update(metric={"name": "val/f1_macro", "goal": "minimize"}), "metric.goal"),
-    ("bayes without a metric", lambda s: (s.pop("metric"), s.update(method="bayes")), "bayes and early_terminate need metric"),
+    ("goal against the monitor", lambda s: s.update(metric={"name": "val/f1_macro", "goal": "minimize"}),
+     "metric.goal"),
+    ("bayes without a metric", lambda s: (s.pop("metric"), s.update(method="bayes")),
+     "bayes and early_terminate need metric"),
     ("missing program", lambda s: s.update(program="trian.py"), "program: trian.py not found"),
-    ("unknown macro", lambda s: s.update(command=["${env}", "${python}", "${program}", "${args}"]), "unknown macro ${python}"),
+    ("unknown macro", lambda s: s.update(command=["${env}", "${python}", "${program}", "${args}"]),
+     "unknown macro ${python}"),
 ]
 
 

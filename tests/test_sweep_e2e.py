@@ -110,7 +110,8 @@ def test_crash_is_recorded_and_hyperband_stops_the_poor_trial(tmp_path, monkeypa
     history = (tmp_path / "sw" / "runs" / by_seed[10]["id"] / "metrics.jsonl").read_text().splitlines()
     assert 2 <= len(history) < 12  # stopped after the first band, well before its 12 epochs
     env = json.loads((tmp_path / "sw" / "runs" / by_seed[1]["id"] / "summary.json").read_text())["env"]
-    assert env == {"CUDA_VISIBLE_DEVICES": "7", "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}  # 1 worker: all cores
+    # 1 worker: all cores
+    assert env == {"CUDA_VISIBLE_DEVICES": "7", "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}
 
 
 def test_failures_in_a_row_stop_the_sweep(tmp_path):
@@ -163,7 +164,8 @@ def test_cross_validated_trial_reports_the_mean_and_every_oof_probability(tmp_pa
     competition_classes = [k[2:] for k in rows[0] if k.startswith("p_")]
     assert np.allclose(probs.sum(1), 1, atol=1e-4)
     for k in range(3):
-        assert (out_dir / f"fold{k}" / "best.safetensors").is_file() and (out_dir / f"fold{k}" / "report.html").is_file()
+        assert ((out_dir / f"fold{k}" / "best.safetensors").is_file()
+                and (out_dir / f"fold{k}" / "report.html").is_file())
     page = (out_dir / "report.html").read_text()  # the run's own page: the out-of-fold mistakes
     wrong = int(np.sum(probs.argmax(1) != np.array([competition_classes.index(r["label"]) for r in rows])))
     assert f"{wrong} misclassified" in page and page.count('class="card"') == min(wrong, 4)

@@ -54,4 +54,5 @@ def test_step_count_and_artifact_snapshot(tmp_path):
     assert entry["path"] == "best.safetensors" and Path(entry["local_path"]).read_bytes() == b"epoch 1 weights"
     assert not list(out.glob(".best.safetensors.artifact-*"))  # the snapshot link is gone
     rows = [r["history"]["item"] for r in records if r["type"] == "history"]
-    assert [(h["_step"], h.get("epoch")) for h in rows] == [(0, 1), (1, 2), (2, 3), (3, None)] and "t.artifact_path" in rows[3]
+    assert ([(h["_step"], h.get("epoch")) for h in rows] == [(0, 1), (1, 2), (2, 3), (3, None)]
+            and "t.artifact_path" in rows[3])

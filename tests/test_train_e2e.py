@@ -24,7 +24,8 @@ def merged(records, kind):
 def staged_table(records, summary, key) -> dict:
     """The table JSON W&B staged for `key` (its image cells point at staged PNGs of the same artifact)."""
     client_id = summary[f"{key}.artifact_path"].split("://")[1].split("/")[0]
-    artifact = next(r["artifact"] for r in records if r["type"] == "artifact" and r["artifact"]["client_id"] == client_id)
+    artifact = next(r["artifact"] for r in records
+                    if r["type"] == "artifact" and r["artifact"]["client_id"] == client_id)
     files = {c["path"]: Path(c["local_path"]) for c in artifact["manifest"]["contents"]}
     table = json.loads(files[f"{key}.table.json"].read_text())
     return table, files
@@ -41,7 +42,8 @@ def test_competition_folder_run(competition, tmp_path):
 
     config = merged(records, "config") | next(r["run"]["config"]["update"] for r in records if r["type"] == "run")
     assert config["model"] == TINY_MODEL and config["img_size"] == 32 and config["epochs"] == 3
-    assert config["lr"] == 0.01 and config["data"] == str(competition) and merged(records, "config")["pretrained"] == "false"
+    assert (config["lr"] == 0.01 and config["data"] == str(competition)
+            and merged(records, "config")["pretrained"] == "false")
 
     history = [r["history"]["item"] for r in records if r["type"] == "history"]
     assert [h["epoch"] for h in history] == [1, 2, 3]
@@ -96,7 +98,8 @@ def test_competition_folder_run(competition, tmp_path):
     _, val_idx = split_indices(data.labels, data.groups, cfg.val_fraction, cfg.folds, cfg.fold, cfg.seed)
     by_id = {data.ids[i]: i for i in val_idx}
     rows = [by_id[row[col["id"]]] for row in table["data"]]
-    ds = ImageDataset([data.items[i] for i in rows], data.labels[rows], eval_transform(meta["img_size"], meta["mean"], meta["std"]))
+    ds = ImageDataset([data.items[i] for i in rows], data.labels[rows],
+                      eval_transform(meta["img_size"], meta["mean"], meta["std"]))
     with torch.no_grad():
         probs = model(torch.stack([ds[i][0] for i in range(len(ds))])).softmax(1).numpy()
     assert [meta["classes"][p] for p in probs.argmax(1)] == [row[col["pred"]] for row in table["data"]]
@@ -117,12 +120,14 @@ def test_competition_folder_run(competition, tmp_path):
         sub = list(csv.DictReader(fh))
     assert [r["ID"] for r in sub] == sample_ids
     assert {int(r["target"]) for r in sub} <= set(range(10))
-    assert sorted(p.name for p in out.glob("*.safetensors")) == ["best.safetensors", f"epoch-{summary['best_epoch']:03d}.safetensors", "last.safetensors"]
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        "best.safetensors", f"epoch-{summary['best_epoch']:03d}.safetensors", "last.safetensors"]
 
 
 def test_digits_demo_logs_test_scores(tmp_path):
     out = tmp_path / "out"
-    run_train(["--model", TINY_MODEL, "--img_size=32", "--epochs=1", "--workers=0", "--table_rows=5", f"--out_dir={out}"])
+    run_train(["--model", TINY_MODEL, "--img_size=32", "--epochs=1", "--workers=0", "--table_rows=5",
+               f"--out_dir={out}"])
     summary = merged(read_run(next((out / "wandb").glob("offline-run-*"))), "summary")
     assert 0 <= summary["test/f1_macro"] <= 1 and 0 <= summary["test/acc"] <= 1
     with open(out / "submission.csv") as fh:
@@ -150,9 +155,10 @@ def test_disabled_mode_still_saves_work_but_stages_nothing(tmp_path):
     out = tmp_path / "out"
     run_train(["--model", TINY_MODEL, "--img_size=32", "--epochs=1", "--workers=0", "--wandb_mode=disabled",
                f"--out_dir={out}"])
-    written = sorted(p.name for p in out.iterdir() if p.name != "code.diff")  # code.diff: only from a checkout with edits
-    assert written == ["best.safetensors", "data_manifest.csv", "epoch-001.safetensors", "last.safetensors", "metrics.jsonl",
-                       "report.html", "run.json", "submission.csv", "summary.json"]
+    # code.diff: only from a checkout with edits
+    written = sorted(p.name for p in out.iterdir() if p.name != "code.diff")
+    assert written == ["best.safetensors", "data_manifest.csv", "epoch-001.safetensors", "last.safetensors",
+                       "metrics.jsonl", "report.html", "run.json", "submission.csv", "summary.json"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # what a sweep runner reads
     summary = json.loads((out / "summary.json").read_text())
     assert [r["epoch"] for r in rows] == [1] and summary["val/f1_macro"] == rows[0]["val/f1_macro"]

@@ -20,8 +20,9 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
             os.fsync(fh.fileno())
     except OSError as e:  # disk full, quota, read-only: the old file is whole, say so
         tmp.unlink(missing_ok=True)
-        raise UserError(f"could not write {path} ({len(payload) / 2**20:.1f} MiB): {e.strerror or e}; the files already "
-                        f"there are intact. Free space (or lower --keep_top_k) and resume with the same command") from None
+        raise UserError(f"could not write {path} ({len(payload) / 2**20:.1f} MiB): {e.strerror or e}; the files "
+                        f"already there are intact. Free space (or lower --keep_top_k) and resume with the same "
+                        f"command") from None
     os.replace(tmp, path)
     fsync_dir(path.parent)
 

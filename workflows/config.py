@@ -18,8 +18,8 @@ from utils import UserError
 def opt(default, help, choices: Callable[[], list] | tuple | None = None, auto_bool: bool = False):
     """A config field with its --help text and, optionally, its valid values (or a function giving them).
     auto_bool: a text field holding "auto", "true" or "false" (any boolean spelling is accepted)."""
-    return field(default=default, metadata={"help": help, "choices": ("auto", "false", "true") if auto_bool else choices,
-                                            "auto_bool": auto_bool})
+    return field(default=default, metadata={"help": help, "auto_bool": auto_bool,
+                                            "choices": ("auto", "false", "true") if auto_bool else choices})
 
 
 # Valid values of a key, read from a registry when asked: importing this module stays free of torch.
@@ -65,7 +65,8 @@ class Config:
                               "or train.csv + train/ (+ meta.csv, sample_submission.csv, test/)")
     image_col: str = opt("ID", "train.csv column holding the image file name")
     label_col: str = opt("target", "train.csv column holding the label (an int or a class name)")
-    group_col: str = opt("", "train.csv column whose groups (a person, a source) never straddle train and val; '' = none")
+    group_col: str = opt("", "train.csv column whose groups (a person, a source) never straddle train and val; "
+                             "'' = none")
     val_fraction: float = opt(0.2, "fraction of the labelled images held out for validation (when folds = 0)")
     folds: int = opt(0, "K >= 2: K-fold cross-validation, validate on fold `fold`; 0 = one stratified holdout")
     fold: int = opt(0, "which fold validates, 0 <= fold < folds")
@@ -89,24 +90,31 @@ class Config:
     test_bn: str = opt("none", "before predicting the test set, adapt = re-estimate BatchNorm statistics on the test "
                                "images (test-time adaptation to their noise, Schneider et al. 2020); none = as trained",
                        ("adapt", "none"))
-    pseudo_labels: str = opt("", "CSV of test-set probabilities (predict.py or ensemble.py --save_probs): the test images "
-                                 "whose top probability is >= pseudo_threshold train with that label (never validate)")
+    pseudo_labels: str = opt("", "CSV of test-set probabilities (predict.py or ensemble.py --save_probs): the test "
+                                 "images whose top probability is >= pseudo_threshold train with that label (never "
+                                 "validate)")
     pseudo_threshold: float = opt(0.9, "the least top probability that makes a test image a pseudo-label")
-    label_fixes: str = opt("", "CSV of id,new_label (a --cv run's suspect_labels.csv, edited): relabel each listed training "
-                               "image to its new_label, or drop it where new_label is 'exclude'; blank rows are kept as they are")
+    label_fixes: str = opt("", "CSV of id,new_label (a --cv run's suspect_labels.csv, edited): relabel each listed "
+                               "training image to its new_label, or drop it where new_label is 'exclude'; blank rows "
+                               "are kept as they are")
     skip_bad_images: bool = opt(False, "train without training images that cannot be read (listed in the log and "
                                        "the W&B summary) instead of stopping")
-    workers: int = opt(-1, "DataLoader worker processes; -1 = one per CPU core (under torchrun: per process's share), up to 8")
-    cache: str = opt("auto", "decode and resize every image once, then augment from the uint8 copy: ram = in this process; "
-                             "disk = a .npy in cache_dir that later runs and sweep trials with the same data and img_size "
-                             "reuse; none = decode each image at every epoch; auto = ram for the digits demo, else disk",
+    workers: int = opt(-1, "DataLoader worker processes; -1 = one per CPU core (under torchrun: per process's share), "
+                           "up to 8")
+    cache: str = opt("auto", "decode and resize every image once, then augment from the uint8 copy: ram = in this "
+                             "process; disk = a .npy in cache_dir that later runs and sweep trials with the same data "
+                             "and img_size reuse; none = decode each image at every epoch; auto = ram for the digits "
+                             "demo, else disk",
                      ("auto", "ram", "disk", "none"))
-    cache_dir: str = opt("", "folder of --cache disk files; '' = $SWEEPCLS_CACHE_DIR or ~/.cache/sweepcls")
+    cache_dir: str = opt("", "folder of the caches: --cache disk files, downloaded dataset and model artifacts, and "
+                             "(predict.py, ensemble.py, eda.py --diff) predictions in preds/; '' = $SWEEPCLS_CACHE_DIR "
+                             "or ~/.cache/sweepcls")
     # --- model ---
     model: str = opt("auto", "any timm model name (timm.list_models()); auto = resnet18 (the digits demo: resnet10t)")
-    pretrained: str = opt("auto", "start from the model's pretrained weights: true = from the hub (needs internet); "
-                                  "auto = from $SWEEPCLS_WEIGHTS_DIR or the Hugging Face cache, else a download bounded "
-                                  "in time, else random initialization, said in one line (the digits demo: false)",
+    pretrained: str = opt("auto", "start from the model's pretrained weights: true = from the hub (needs "
+                                  "internet); auto = from $SWEEPCLS_WEIGHTS_DIR or the Hugging Face cache, else a "
+                                  "download bounded in time, else random initialization, said in one line (the "
+                                  "digits demo: false)",
                           auto_bool=True)
     pretrained_path: str = opt("", "local weight file (.safetensors/.pth) to start from; no download")
     drop_rate: float = opt(0.0, "dropout before the classifier (timm drop_rate)")
@@ -139,9 +147,9 @@ class Config:
     patience: int = opt(0, "early stopping: stop after this many epochs without a new best; 0 = off")
     nan_patience: int = opt(5, "a step whose loss is NaN/inf is skipped; this many in a row stop the run (exit 1, "
                                "checkpoints as they were, the reason in the W&B summary)")
-    resume: str = opt("auto", "continue an interrupted run from its last completed epoch: auto = from out_dir/resume.pt "
-                              "when there is one (a rerun with the same --out_dir, a relaunched sweep trial); a run dir "
-                              "or resume.pt path; '' = always start fresh")
+    resume: str = opt("auto", "continue an interrupted run from its last completed epoch: auto = from "
+                              "out_dir/resume.pt when there is one (a rerun with the same --out_dir, a relaunched "
+                              "sweep trial); a run dir or resume.pt path; '' = always start fresh")
     # --- loss ---
     loss: str = opt("ce", "loss name", _losses)
     class_weights: str = opt("inverse", "weighted_ce weights and focal alpha, from training class counts: "
@@ -154,31 +162,33 @@ class Config:
     asl_gamma_pos: float = opt(1.0, "asl: focusing exponent on the true class")
     asl_gamma_neg: float = opt(4.0, "asl: focusing exponent on the other classes")
     amp: bool = opt(True, "mixed precision on CUDA (bf16 where supported, else fp16); ignored on CPU")
-    compile: bool = opt(False, "torch.compile the training forward/backward (minutes of compiling first; the same weights "
-                               "are evaluated and saved uncompiled)")
-    sync_bn: bool = opt(False, "under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm) instead "
-                               "of each GPU's share")
+    compile: bool = opt(False, "torch.compile the training forward/backward (minutes of compiling first; the same "
+                               "weights are evaluated and saved uncompiled)")
+    sync_bn: bool = opt(False, "under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm) "
+                               "instead of each GPU's share")
     device: str = opt("auto", "auto = cuda when available, else cpu", ("auto", "cpu", "cuda"))
     seed: int = opt(42, "seed for splits, init, augmentation and sampling")
     # --- model selection, checkpoints, outputs ---
     monitor: str = opt("val/f1_macro", "metric that picks the best epoch; its best value goes in the W&B summary")
     monitor_mode: str = opt("auto", "max or min; auto = min for a *loss key, else max", ("auto", "max", "min"))
-    keep_top_k: int = opt(2, "per-epoch checkpoints kept, ranked by the monitor (best.safetensors and last.safetensors are kept apart)")
+    keep_top_k: int = opt(2, "per-epoch checkpoints kept, ranked by the monitor (best.safetensors and "
+                             "last.safetensors are kept apart)")
     table_rows: int = opt(200, "max rows in each W&B prediction table")
     out_dir: str = opt("", "run output folder; '' = $SWEEPCLS_RUNS_DIR/<run id>, by default runs/<run id>")
     # --- W&B ---
-    wandb_mode: str = opt("auto", "auto = online when an API key is configured, else offline; WANDB_MODE wins over auto",
-                          ("auto", "online", "offline", "disabled"))
+    wandb_mode: str = opt("auto", "auto = online when an API key is configured, else offline; WANDB_MODE wins over "
+                                  "auto", ("auto", "online", "offline", "disabled"))
     project: str = opt("", "W&B project; '' = $WANDB_PROJECT or 'sweepcls'")
     entity: str = opt("", "W&B entity (team or user); '' = your default")
     run_name: str = opt("", "W&B run name; '' = W&B's (online) or <model>-<run id> (offline)")
     wandb_console: bool = opt(False, "also send the console output to W&B (files/output.log); off: no capture on the "
                                      "training path")
     # --- lineage: what this run is for (none of these change what it computes) ---
-    notes: str = opt("", "the run's hypothesis or remark: W&B run notes, run.json and the journal (python -m journal)")
+    notes: str = opt("", "the run's hypothesis or remark: W&B run notes, run.json and the journal (python journal.py)")
     tags: str = opt("", "comma-separated W&B run tags (a sweep's own tags are kept)")
-    parent: str = opt("", "the run this one varies: a run dir, a run id under the runs folder, or ENTITY/PROJECT/RUN_ID; "
-                          "its changed keys are logged as changed_vs_parent and the journal scores against it")
+    parent: str = opt("", "the run this one varies: a run dir, a run id under the runs folder, or "
+                          "ENTITY/PROJECT/RUN_ID; its changed keys are logged as changed_vs_parent and the journal "
+                          "scores against it")
 
     @classmethod
     def from_dict(cls, values: dict) -> "Config":
@@ -216,7 +226,8 @@ class Config:
             (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
             (0 <= self.mix_prob <= 1, "mix_prob must be in [0, 1]"),
             (not (self.mixup or self.cutmix) or self.batch_size % 2 == 0, "mixup/cutmix need an even batch_size"),
-            (0 <= self.drop_rate < 1 and 0 <= self.drop_path_rate < 1, "drop_rate and drop_path_rate must be in [0, 1)"),
+            (0 <= self.drop_rate < 1 and 0 <= self.drop_path_rate < 1,
+             "drop_rate and drop_path_rate must be in [0, 1)"),
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (self.sam_rho > 0, "sam_rho must be > 0"),
             (self.accum_steps >= 1, "accum_steps must be >= 1"),
@@ -240,22 +251,26 @@ class Config:
 
     @property
     def maximize(self) -> bool:
-        if self.monitor_mode == "auto":
-            return not self.monitor.endswith("loss")
-        return self.monitor_mode == "max"
+        return maximizes(self.monitor, self.monitor_mode)
+
+
+def maximizes(metric: str, mode: str = "auto") -> bool:
+    """Whether a larger value of `metric` is better: mode max or min says so; auto = min for a *loss key."""
+    return not metric.endswith("loss") if mode == "auto" else mode == "max"
 
 
 # keys that never change what a run computes: where it writes and logs, how fast, and what it is for.
 # They may differ on resume, and they are not "what changed" in a run's record.
-BOOKKEEPING_KEYS = {"resume", "out_dir", "workers", "wandb_mode", "project", "entity", "run_name", "table_rows", "device",
-             "cache", "cache_dir", "compile", "wandb_console", "notes", "tags", "parent"}
+BOOKKEEPING_KEYS = {"resume", "out_dir", "workers", "wandb_mode", "project", "entity", "run_name", "table_rows",
+                    "device", "cache", "cache_dir", "compile", "wandb_console", "notes", "tags", "parent"}
 # keys train.py decides from the data when they are auto (model, img_size 0, pretrained): a resumed run decides again
 AUTO_KEYS = {"model", "img_size", "pretrained", "pretrained_path"}
 # where the data is read from: the data fingerprint tells what it was, so these are no "change" either
 DATA_KEYS = {"data", "image_col", "label_col"}
-# config entries a run adds to its W&B config beside the Config keys (workflows/lineage.py); read back, they are dropped
-ADDED_CONFIG_KEYS = {"changed", "changed_keys", "changed_vs_parent", "parent_run", "data_fingerprint", "code", "test_shift",
-               "auto", "pseudo_label_source"}
+# config entries a run adds to its W&B config beside the Config keys (workflows/lineage.py); read back, they are
+# dropped
+ADDED_CONFIG_KEYS = {"changed", "changed_keys", "changed_vs_parent", "parent_run", "data_fingerprint", "code",
+                     "test_shift", "auto", "pseudo_label_source"}
 
 
 def choices_of(f: dataclasses.Field) -> list | None:
@@ -303,29 +318,54 @@ def coerce(f: dataclasses.Field, value):
         raise UserError(f"config key {f.name!r}: cannot use {value!r} as {f.type}: {e}") from None
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Wraps each line of a help text on its own, so registry choices stay one per line."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, keeps the description's lines, and wraps each line of a help text on its
+    own, so registry choices stay one per line."""
 
     def _split_lines(self, text, width):
         return [part for line in text.splitlines()
-                for part in textwrap.wrap(line, width, subsequent_indent="    " if line.startswith("  ") else "") or [""]]
+                for part in textwrap.wrap(line, width, subsequent_indent="    " if line.startswith("  ") else "")
+                or [""]]
+
+
+def _add_field_flag(parser, f: dataclasses.Field, default=dataclasses.MISSING, required: bool = False) -> None:
+    """The one place a Config field becomes a flag: --<name> with the field's conversion, choices and help.
+    A script whose default differs from train.py's passes its own, and the help says so."""
+    def convert(text):
+        try:
+            return coerce(f, text)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    convert.__name__ = f.type if isinstance(f.type, str) else f.type.__name__  # argparse names it in errors
+    text = f.metadata["help"] + describe_choices(f)
+    if required:
+        text, default = text + " (required here)", argparse.SUPPRESS
+    elif default is dataclasses.MISSING:
+        default = f.default
+    elif default != f.default:
+        text += f" (train.py's default: {f.default!r})"
+    parser.add_argument(f"--{f.name}", type=convert, default=default, required=required, choices=choices_of(f),
+                        metavar=convert.__name__.upper(), help=text.replace("%", "%%"))
+
+
+def add_config_flags(parser, *names: str, required: tuple[str, ...] = (), **defaults) -> None:
+    """Add --<name> for each named Config field (and each one in `required` or `defaults`), exactly as
+    train.py declares it; `defaults` gives a script's own default where it legitimately differs.
+    parser: an ArgumentParser or an argument group. Usage:
+        add_config_flags(parser, "tta", "device", required=("data",), batch_size=64)"""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for name in dict.fromkeys([*names, *required, *defaults]):
+        if name not in fields:
+            raise KeyError(f"no Config field {name!r}")
+        _add_field_flag(parser, fields[name], defaults.get(name, dataclasses.MISSING), name in required)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="train.py", formatter_class=_HelpFormatter, allow_abbrev=False,
+        prog="train.py", formatter_class=HelpFormatter, allow_abbrev=False,
         description="Train an image classifier; every run is a W&B run. Flags accept --key=value and --key value.")
     parser.add_argument("--config", default=None, help="YAML file of key: value overrides (below the CLI)")
-    for f in dataclasses.fields(Config):
-        def convert(text, f=f):
-            try:
-                return coerce(f, text)
-            except UserError as e:
-                raise argparse.ArgumentTypeError(str(e)) from None
-        convert.__name__ = f.type if isinstance(f.type, str) else f.type.__name__  # argparse names it in errors
-        valid = choices_of(f)
-        parser.add_argument(f"--{f.name}", type=convert, default=f.default, choices=valid, metavar=convert.__name__.upper(),
-                            help=(f.metadata["help"] + describe_choices(f)).replace("%", "%%"))
+    add_config_flags(parser, *(f.name for f in dataclasses.fields(Config)))
     return parser
 
 

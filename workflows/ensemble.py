@@ -7,7 +7,6 @@ Usage:
     probs = member_probs(members[0], items, tta="flip", cache_dir=cache_dir)
     weights = caruana([probs_a, probs_b], labels, "f1_macro")
 """
-import csv
 import functools
 import hashlib
 import io
@@ -18,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import UserError, tracking
 from models.checkpoint import read_meta
+from utils import UserError, tracking
 from utils.files import atomic_write_bytes
-from utils.metrics import classification_metrics
+from utils.metrics import classification_metrics, nll
+from workflows.config import maximizes
 
 CACHE_VERSION = 1  # bump when the prediction path changes what it returns
 
@@ -110,13 +110,9 @@ def _digest(path: str, size: int, mtime_ns: int) -> str:
 
 def items_key(items: list) -> str:
     """Identifies a list of images: paths with size and mtime, or array bytes."""
+    from datasets.cache import hash_items
     h = hashlib.sha256()
-    for item in items:
-        if isinstance(item, np.ndarray):
-            h.update(item.tobytes())
-        else:
-            st = Path(item).stat()
-            h.update(f"{item}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    hash_items(h, items)
     return h.hexdigest()
 
 
@@ -154,8 +150,8 @@ def member_probs(member: Member, items: list, tta: str, cache_dir: Path | None, 
 
 def read_oof(member: Member, ids: list[str]) -> np.ndarray:
     """A cross-validated member's out-of-fold probabilities, in the order of `ids`."""
-    with open(member.oof, newline="") as fh:
-        rows = {r["id"]: [float(r[f"p_{c}"]) for c in member.meta["classes"]] for r in csv.DictReader(fh)}
+    from datasets.files import read_csv
+    rows = {r["id"]: [float(r[f"p_{c}"]) for c in member.meta["classes"]] for r in read_csv(member.oof)[1]}
     missing = [i for i in ids if i not in rows]
     if missing:
         raise UserError(f"{member.oof}: no out-of-fold row for {len(missing)} training images (e.g. {missing[0]}); "
@@ -166,7 +162,7 @@ def read_oof(member: Member, ids: list[str]) -> np.ndarray:
 def score(metric: str, labels: np.ndarray, probs: np.ndarray) -> float:
     """The metric to maximize: f1_macro, acc or acsa; 'loss' is the negative log-likelihood, negated."""
     if metric == "loss":
-        return -float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
+        return -nll(probs, labels)
     return classification_metrics(labels, probs)[metric]
 
 
@@ -191,9 +187,9 @@ def caruana(probs: list[np.ndarray], labels: np.ndarray, metric: str = "f1_macro
 
 
 def monitor_metric(meta: dict) -> str:
-    """The member's --monitor as a score name: val/f1_macro -> f1_macro; a loss -> loss."""
+    """The member's --monitor as a score name: val/f1_macro -> f1_macro; a loss (a key to minimize) -> loss."""
     name = meta.get("config", {}).get("monitor", "val/f1_macro").split("/")[-1]
-    return name if name in ("f1_macro", "acc", "acsa") else "loss" if name.endswith("loss") else "f1_macro"
+    return name if name in ("f1_macro", "acc", "acsa") else "f1_macro" if maximizes(name) else "loss"
 
 
 def load_test_data(source: str, meta: dict):

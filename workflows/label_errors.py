@@ -8,12 +8,11 @@ Usage:
 In code: summary = analyse_oof(cfg, run, out_dir, data, oof, folds, scores) after the folds;
          ranked = suspect_indices(labels, oof_probs); apply_label_fixes(data, path)
 """
-import csv
 from pathlib import Path
 
 import numpy as np
 
-from datasets import load_image, write_csv, write_oof
+from datasets import load_image, read_csv, write_csv, write_oof
 from utils import UserError
 from utils.metrics import classification_metrics
 from workflows.report import write_report
@@ -30,19 +29,17 @@ def suspect_indices(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
 
 def write_suspects(path: Path, data, probs: np.ndarray, ranked: np.ndarray) -> None:
     """id, given, predicted, self_confidence, new_label (blank, for the user), p_<class>... per suspect."""
-    write_csv(path, [*FIX_COLUMNS[:1], "given", "predicted", "self_confidence", FIX_COLUMNS[1]] + [f"p_{c}" for c in data.classes],
-              ([data.ids[i], data.classes[data.labels[i]], data.classes[probs[i].argmax()], f"{probs[i, data.labels[i]]:.4f}",
-                "", *(f"{q:.4f}" for q in probs[i])] for i in ranked))
+    header = [*FIX_COLUMNS[:1], "given", "predicted", "self_confidence", FIX_COLUMNS[1]]
+    write_csv(path, header + [f"p_{c}" for c in data.classes],
+              ([data.ids[i], data.classes[data.labels[i]], data.classes[probs[i].argmax()],
+                f"{probs[i, data.labels[i]]:.4f}", "", *(f"{q:.4f}" for q in probs[i])] for i in ranked))
 
 
 def apply_label_fixes(data, path: str) -> tuple[int, int]:
     """Relabel (new_label = a class name) or drop (new_label = exclude) training images by id, in place;
     blank rows keep their label. Returns (fixed, excluded)."""
     try:
-        with open(path, newline="", encoding="utf-8-sig") as fh:
-            reader = csv.DictReader(fh)
-            rows = list(reader)
-            header = reader.fieldnames or []
+        header, rows = read_csv(path)
     except OSError as e:
         raise UserError(f"--label_fixes {path}: {e.strerror}") from None
     missing = [c for c in FIX_COLUMNS if c not in header]
@@ -81,18 +78,19 @@ def analyse_oof(cfg, run, out_dir: Path, data, oof: np.ndarray, folds: np.ndarra
     suspects = suspect_indices(data.labels, oof)
     write_suspects(out_dir / "suspect_labels.csv", data, oof, suspects)
     run.log_table("oof/suspect_labels", ["id", "image", "given", "predicted", "self_confidence"]
-                       + [f"p_{c}" for c in data.classes],
-                       [[data.ids[i], load_image(data.items[i]), data.classes[data.labels[i]], data.classes[oof[i].argmax()],
-                         float(oof[i, data.labels[i]]), *map(float, oof[i])] for i in suspects[:cfg.table_rows]])
+                  + [f"p_{c}" for c in data.classes],
+                  [[data.ids[i], load_image(data.items[i]), data.classes[data.labels[i]],
+                    data.classes[oof[i].argmax()], float(oof[i, data.labels[i]]), *map(float, oof[i])]
+                   for i in suspects[:cfg.table_rows]])
     write_report(out_dir / "report.html", f"{cfg.model}, run {run.id}, {cfg.folds}-fold out-of-fold predictions",
-                 {"run": run.id, "model": cfg.model, "img_size": cfg.img_size, "folds": cfg.folds, "scores": str(scores),
-                  cfg.monitor: float(np.mean(scores)), "suspect labels": len(suspects)}, [], data.classes, data.labels,
-                 oof, data.ids, lambda i: load_image(data.items[i]), cfg.table_rows)
-    print(f"{len(suspects)} suspect label(s), least self-confident first, in {out_dir / 'suspect_labels.csv'}: put a class "
-          f"or 'exclude' in new_label and pass it back with --label_fixes")
+                 {"run": run.id, "model": cfg.model, "img_size": cfg.img_size, "folds": cfg.folds,
+                  "scores": str(scores), cfg.monitor: float(np.mean(scores)), "suspect labels": len(suspects)},
+                 [], data.classes, data.labels, oof, data.ids, lambda i: load_image(data.items[i]), cfg.table_rows)
+    print(f"{len(suspects)} suspect label(s), least self-confident first, in {out_dir / 'suspect_labels.csv'}: put a "
+          f"class or 'exclude' in new_label and pass it back with --label_fixes")
     summary = {cfg.monitor: float(np.mean(scores)), f"{cfg.monitor}_std": float(np.std(scores)), "cv/scores": scores,
-               "oof/acc": m["acc"], "oof/f1_macro": m["f1_macro"], "oof/acsa": m["acsa"], "oof/auc_macro": m["auc_macro"],
-               "oof/suspect_labels": len(suspects)}
+               "oof/acc": m["acc"], "oof/f1_macro": m["f1_macro"], "oof/acsa": m["acsa"],
+               "oof/auc_macro": m["auc_macro"], "oof/suspect_labels": len(suspects)}
     print(f"cv {cfg.monitor} {np.mean(scores):.4f} +- {np.std(scores):.4f} over {cfg.folds} folds | "
           f"oof/f1_macro {m['f1_macro']:.4f} | wrote {out_dir / 'oof.csv'}")
     return summary

@@ -29,8 +29,9 @@ from workflows.config import DATA_KEYS, BOOKKEEPING_KEYS, Config
 
 ROOT = Path(__file__).resolve().parents[1]  # the sweepcls checkout whose code state a run records
 RUN_FILE, MANIFEST_FILE, DIFF_FILE = "run.json", "data_manifest.csv", "code.diff"
-MARKER_FILE = ".sweepcls-dataset.json"  # written into a data folder by `python -m register`
-CODE_SUFFIXES = {".py", ".yaml", ".yml", ".toml", ".cfg", ".sh", ".ipynb"}  # new files that count as a code change (not .json: data)
+MARKER_FILE = ".sweepcls-dataset.json"  # written into a data folder by `python register.py`
+# new files that count as a code change (not .json: data)
+CODE_SUFFIXES = {".py", ".yaml", ".yml", ".toml", ".cfg", ".sh", ".ipynb"}
 MAX_META_DIFF = 64_000  # characters of the diff kept in checkpoint metadata; the whole diff is in code.diff
 
 
@@ -109,17 +110,19 @@ def data_source(source: str, run, cache_dir: str = "") -> tuple[str, str | None]
         return source, None
     ref = source[len("wandb:"):]
     if not re.fullmatch(r"([\w.-]+/){0,2}[\w.-]+:[\w.-]+", ref):
-        raise UserError(f"--data {source}: expected wandb:ENTITY/PROJECT/NAME:ALIAS, e.g. wandb:my-team/comp/train-images:latest")
+        raise UserError(f"--data {source}: expected wandb:ENTITY/PROJECT/NAME:ALIAS, "
+                        f"e.g. wandb:my-team/comp/train-images:latest")
     if run.mode != "online":
         raise UserError(f"--data {source} needs W&B online (an API key and a server) to download the artifact; on a "
-                        f"machine that has both run `wandb artifact get {ref} --root DIR`, copy DIR here and pass --data DIR")
+                        f"machine that has both run `wandb artifact get {ref} --root DIR`, copy DIR here and pass "
+                        f"--data DIR")
     from datasets.cache import default_cache_dir
     root = Path(cache_dir or default_cache_dir()) / "datasets" / re.sub(r"[^\w.-]", "_", ref)
     return str(run.use_artifact(ref, download_to=root)), ref
 
 
 def link_registered(run, source: str, digest: str) -> str | None:
-    """The dataset artifact `python -m register` made of this folder, if the data still has its
+    """The dataset artifact `python register.py` made of this folder, if the data still has its
     fingerprint; online the run uses it (the lineage edge dataset -> run), offline it is recorded only."""
     try:
         marker = json.loads((Path(source) / MARKER_FILE).read_text())
@@ -127,7 +130,7 @@ def link_registered(run, source: str, digest: str) -> str | None:
         return None
     if marker.get("digest") != digest:
         print(f"note: {source} changed since it was registered as dataset {marker.get('name')}; register it again "
-              f"(python -m register) to link this data to its runs")
+              f"(python register.py) to link this data to its runs")
         return None
     artifact = "/".join(filter(None, [marker.get("entity"), marker["project"], f"{marker['name']}:fp-{digest}"]))
     try:
@@ -213,13 +216,15 @@ def record(cfg: Config, run, out_dir: Path, rows: list[tuple], classes: list[str
     dataset (online), and warn when a resumed run's data changed. rows: what trains (after --label_fixes and
     skipped images); source_rows: the folder as read. Returns the lineage for checkpoint metadata."""
     out_dir = Path(out_dir)
+    split = {k: getattr(cfg, k) for k in ("seed", "val_fraction", "folds", "group_col")}
     fp = fingerprint(rows, classes) | {"source_digest": fingerprint(source_rows, classes)["digest"], "source": cfg.data,
-                                       "split": {k: getattr(cfg, k) for k in ("seed", "val_fraction", "folds", "group_col")}}
+                                       "split": split}
     old_rows = read_manifest(out_dir / MANIFEST_FILE) if resumed else None
     changed_data = describe_changes(old_rows, rows) if old_rows is not None else ""
     if changed_data:
         print(f"warning: the data changed since this run started: {changed_data}. The epochs before the resume "
-              f"trained on the old data; start a new run (--resume '') to train on this data alone", file=sys.stderr, flush=True)
+              f"trained on the old data; start a new run (--resume '') to train on this data alone",
+              file=sys.stderr, flush=True)
         run.set_summary({"data_changed_on_resume": changed_data})
     if artifact is None and not cfg.data.startswith("wandb:"):
         artifact = link_registered(run, cfg.data, fp["source_digest"])
@@ -231,7 +236,8 @@ def record(cfg: Config, run, out_dir: Path, rows: list[tuple], classes: list[str
         {k: v for k, v in parent["config"].items() if k in defaults()}).to_dict()}) if parent else None
     code = code_state()
     if code["dirty"]:
-        atomic_write_bytes(out_dir / DIFF_FILE, (code["diff"] + "".join(f"# untracked: {f}\n" for f in code["untracked"])).encode())
+        untracked = "".join(f"# untracked: {f}\n" for f in code["untracked"])
+        atomic_write_bytes(out_dir / DIFF_FILE, (code["diff"] + untracked).encode())
     else:
         (out_dir / DIFF_FILE).unlink(missing_ok=True)  # a resumed run's, from before a commit
     write_manifest(out_dir / MANIFEST_FILE, rows)
@@ -242,7 +248,8 @@ def record(cfg: Config, run, out_dir: Path, rows: list[tuple], classes: list[str
         created = time.time()
     summary_code = {k: code[k] for k in ("commit", "branch", "dirty")}
     rec = {"run_id": run.id, "created": created, "config": cfg.to_dict(), "changed": compact(changed),
-           "changed_keys": list(changed), "parent": parent and {"ref": cfg.parent, "id": parent["id"], "dir": parent["dir"]},
+           "changed_keys": list(changed),
+           "parent": parent and {"ref": cfg.parent, "id": parent["id"], "dir": parent["dir"]},
            "changed_vs_parent": compact(vs_parent) if parent else None, "notes": cfg.notes,
            "tags": tracking.split_tags(cfg.tags), "code": summary_code | {"untracked": code["untracked"]}, "data": fp}
     atomic_write_bytes(out_dir / RUN_FILE, json.dumps(rec, indent=1).encode())

@@ -71,18 +71,21 @@ def write_report(path: Path, title: str, summary: dict, history: list[dict], cla
             for j, n in enumerate(row)) + "</tr>" for i, (c, row) in enumerate(zip(classes, m["confusion"])))
     gallery = "".join(
         f'<div class="card"><img alt="{esc(ids[i])}" src="{_png(images(i))}"><br>{esc(ids[i])}<br>'
-        f'{esc(classes[y_true[i]])} &rarr; <span class="bad">{esc(classes[pred[i]])}</span> ({probs[i, pred[i]]:.2f})</div>'
+        f'{esc(classes[y_true[i]])} &rarr; <span class="bad">{esc(classes[pred[i]])}</span> '
+        f'({probs[i, pred[i]]:.2f})</div>'
         for i in wrong)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title><style>{CSS}</style></head><body>
 <h1>{esc(title)}</h1>
-<p>validation: {len(y_true)} images, accuracy {m['acc']:.4f}, macro-F1 {m['f1_macro']:.4f}, balanced accuracy {m['acsa']:.4f}, ROC-AUC {m['auc_macro']:.4f};
+<p>validation: {len(y_true)} images, accuracy {m['acc']:.4f}, macro-F1 {m['f1_macro']:.4f},
+balanced accuracy {m['acsa']:.4f}, ROC-AUC {m['auc_macro']:.4f};
 {len(np.flatnonzero(pred != y_true))} misclassified</p>
 <h2>Misclassified, most confident first ({len(wrong)} shown)</h2>
 <div class="gallery" id="gallery">{gallery or "<p>none</p>"}</div>
 <h2>Metrics per epoch</h2>{"".join(_chart(history, k) for k in CHART_KEYS)}
 <h2>Per-class scores</h2>
-<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>ROC-AUC</th><th>support</th></tr>{per_class}</table>
+<table><tr><th>class</th><th>precision</th><th>recall</th><th>F1</th><th>ROC-AUC</th><th>support</th></tr>
+{per_class}</table>
 <h2>Confusion matrix (rows: true, columns: predicted)</h2>
 <table><tr><th></th>{"".join(f"<th>{esc(c)}</th>" for c in classes)}</tr>{confusion}</table>
 <h2>Summary</h2><table class="kv">{kv}</table>

@@ -125,7 +125,8 @@ def restore_training_state(state: dict, stepper, keeper) -> np.ndarray:
     if stepper.ema is not None:
         stepper.ema.load_state_dict(state["ema"])
     stepper.steps = state["steps"]
-    keeper.top, keeper.best_score, keeper.best_epoch = [tuple(t) for t in state["top"]], state["best_score"], state["best_epoch"]
+    keeper.top = [tuple(t) for t in state["top"]]
+    keeper.best_score, keeper.best_epoch = state["best_score"], state["best_epoch"]
     set_rng_state(state["rng"])
     return state["best_probs"].numpy()
 
@@ -150,4 +151,5 @@ def save_arrays(path: Path, values: dict) -> None:
 def load_arrays(path: Path) -> dict:
     """The inverse of save_arrays (allow_pickle=False: plain arrays only)."""
     with np.load(path, allow_pickle=False) as f:
-        return {k: None if f[k].size == 0 and f[k].ndim == 1 else f[k].item() if f[k].ndim == 0 else f[k] for k in f.files}
+        return {k: None if f[k].size == 0 and f[k].ndim == 1 else f[k].item() if f[k].ndim == 0 else f[k]
+                for k in f.files}

@@ -23,7 +23,7 @@ import yaml
 from utils import UserError
 from utils.files import atomic_write_bytes
 from workflows.config import Config
-from utils.tracking import random_id, read_local
+from utils.runs import random_id, read_local
 
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # wandb agent's default
 ENV_MACRO = re.compile(r"\$\{envvar:([A-Z0-9_]*)\}")
@@ -111,7 +111,8 @@ def _check_models(params: dict) -> list[str]:
     the CPU, about a second for five light models): a fixed-grid model at the wrong size fails here."""
     from models import DEFAULT_MODEL, MIN_AUTO_SIZE, build_model, check_input_size, check_model_name
     names = _candidates("model", params["model"]) if isinstance(params.get("model"), dict) else [Config.model]
-    sizes = _candidates("img_size", params["img_size"]) if isinstance(params.get("img_size"), dict) else [Config.img_size]
+    sizes = (_candidates("img_size", params["img_size"]) if isinstance(params.get("img_size"), dict)
+             else [Config.img_size])
     names = [DEFAULT_MODEL if n == "auto" else n for n in names]  # auto: what train.py picks for a data folder
     sizes = [MIN_AUTO_SIZE if not int(s) else s for s in sizes]  # 0 = auto: the smallest size it picks
     problems, known = [], []
@@ -161,8 +162,10 @@ def _check_command(sweep: dict) -> list[str]:
     if not isinstance(command, list):
         return problems + ["command: expected a list such as [${env}, ${interpreter}, ${program}, ${args}]"]
     for part in map(str, command):
-        if part.startswith("${") and part.endswith("}") and not part.startswith("${envvar:") and part[2:-1] not in MACROS:
-            problems.append(f"command: unknown macro {part}; wandb agent knows " + ", ".join("${" + m + "}" for m in MACROS))
+        macro = part.startswith("${") and part.endswith("}") and not part.startswith("${envvar:")
+        if macro and part[2:-1] not in MACROS:
+            problems.append(f"command: unknown macro {part}; wandb agent knows "
+                            + ", ".join("${" + m + "}" for m in MACROS))
     return problems
 
 
