@@ -24,7 +24,8 @@ from torchsampler import ImbalancedDatasetSampler
 
 from datasets.cache import cache_images
 from datasets.digits import load_digits_data
-from datasets.files import IMAGE_EXTS, Data, load_image, read_csv, take, unreadable, write_csv
+# the package face: the names the rest of the repo imports from `datasets`
+from datasets.files import IMAGE_EXTS, Data, load_image, read_csv, take, unreadable, write_csv  # noqa: F401
 from utils import UserError
 from utils.registry import Registry
 

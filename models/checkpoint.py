@@ -14,7 +14,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load as load_bytes, save as save_bytes
 
-from utils import UserError
 from utils.files import atomic_write_bytes, fsync_dir
 
 META_KEY = "sweepcls"

@@ -7,6 +7,7 @@ Usage:
     argv = agent_command(sweep, {"lr": 0.01, "model": "resnet18"}, args_json_file="trial.json")
     rows = leaderboard(sweep, SweepDir("sweeps/sweep"))     # an offline sweep dir's trials, best first
 """
+import csv
 import dataclasses
 import fcntl
 import itertools
@@ -301,4 +302,15 @@ def leaderboard(sweep: dict, sdir: SweepDir) -> list[dict]:
     rows.sort(key=lambda r: (r["metric"] is None, sign * (r["metric"] or 0)))
     for rank, row in enumerate(rows, 1):
         row["rank"] = rank
+    return rows
+
+
+def write_leaderboard(sweep: dict, sdir: SweepDir) -> list[dict]:
+    """The leaderboard, also as sdir/leaderboard.csv."""
+    rows = leaderboard(sweep, sdir)
+    if rows:
+        with open(sdir.root / "leaderboard.csv", "w", newline="") as fh:
+            writer = csv.DictWriter(fh, ["rank", *rows[0]])
+            writer.writeheader()
+            writer.writerows(rows)
     return rows
