@@ -20,7 +20,7 @@ import numpy as np
 from datasets import load_data, load_image, write_csv
 from datasets.cache import default_cache_dir
 from utils import UserError, tracking
-from utils.runs import new_run_id
+from utils.runs import new_run_id, runs_dir
 from workflows.config import HelpFormatter, add_config_flags
 from workflows.eda import describe, near_duplicates, split_gap
 
@@ -133,12 +133,12 @@ def main(argv=None) -> int:
     parser.add_argument("--diff", nargs=2, metavar=("A", "B"), help="two runs, checkpoints or submission CSVs")
     parser.add_argument("--max_distance", type=int, default=4,
                         help="pHash bits two near-duplicates may differ in (of 64)")
-    parser.add_argument("--out_dir", default="", help="'' = runs/eda-<run id>")
+    parser.add_argument("--out_dir", default="", help="'' = $SWEEPCLS_RUNS_DIR/eda-<run id>, by default runs/eda-<run id>")
     add_config_flags(parser, "data", "image_col", "label_col", "table_rows", "cache_dir", "wandb_mode", "project",
                      "entity")
     args = parser.parse_args(argv)
     run_id = new_run_id()
-    out_dir = Path(args.out_dir or Path("runs") / f"eda-{run_id}")
+    out_dir = Path(args.out_dir or runs_dir() / f"eda-{run_id}")
     run = tracking.init({k: v for k, v in vars(args).items() if k != "out_dir"}, run_id, out_dir, args.wandb_mode,
                         project=args.project, entity=args.entity, name=f"{'diff' if args.diff else 'eda'}-{run_id}",
                         job_type="eda")

@@ -21,7 +21,7 @@ from datasets.cache import default_cache_dir
 from datasets.pseudo import write_probs
 from datasets.shift import any_on, noisy_copies
 from utils import UserError, tracking
-from utils.runs import new_run_id
+from utils.runs import new_run_id, runs_dir
 from workflows.config import HelpFormatter, add_config_flags
 from workflows.ensemble import (caruana, check_compatible, is_artifact_ref, load_test_data, member_probs,
                                 monitor_metric, read_oof, resolve_member, score, sweep_member_refs)
@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_probs", default="", help="also write the ensemble's test probabilities "
                                                          "(id,source,p_<class>...): train.py --pseudo_labels reads "
                                                          "them")
-    parser.add_argument("--out_dir", default="", help="the ensemble run's folder; '' = runs/ensemble-<run id>")
+    parser.add_argument("--out_dir", default="", help="the ensemble run's folder; '' = "
+                                                      "$SWEEPCLS_RUNS_DIR/ensemble-<run id>, by default runs/ensemble-<run id>")
     # --data: its test set is predicted; a larger batch than training's: no gradients are kept
     add_config_flags(parser, "tta", "test_bn", "device", "cache_dir", "table_rows", "wandb_mode", "project", "entity",
                      required=("data",), batch_size=64)
@@ -143,7 +144,7 @@ def log_ensemble_run(args, refs: list[str], members, weights: np.ndarray, metric
     # W&B keys: <set>/<member>/<metric>; a member named by an artifact ref keeps its slashes out of the key
     scores = {f"{s}/{name.replace('/', '_')}/{metric}": v[i] for s, v in table.items() for i, name in enumerate(names)}
     run_id = new_run_id()
-    out_dir = Path(args.out_dir or Path("runs") / f"ensemble-{run_id}")
+    out_dir = Path(args.out_dir or runs_dir() / f"ensemble-{run_id}")
     run = tracking.init({"members": refs, "weights": weights.tolist(), "weighting": args.weights, "tta": args.tta,
                          "data": args.data, "metric": metric, "models": [m.meta["model"] for m in members]},
                         run_id, out_dir, args.wandb_mode, project=args.project, entity=args.entity,

@@ -12,11 +12,11 @@ its own (earliest among equals): for `lr=0.01 epochs=5`, a run with `epochs=5` a
 changes alike are printed once above the table instead of in each row.
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from utils import UserError
+from utils.runs import runs_dir
 from workflows.config import HelpFormatter, add_config_flags
 from workflows.journal import markdown, project_runs, runs_folder, sweep_folder
 
@@ -38,7 +38,7 @@ def main(argv=None) -> int:
             entries, title = project_runs(args.project, args.entity), f"W&B project {args.project}"
             out = Path(args.out or f"journal-{args.project}.md")
         else:
-            root = Path(args.runs or os.environ.get("SWEEPCLS_RUNS_DIR") or "runs")
+            root = Path(args.runs or runs_dir())
             entries, title = runs_folder(root), str(root)
             out = Path(args.out or root / "journal.md")
         if not entries:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from utils import tracking
-from utils.runs import new_run_id
+from utils.runs import new_run_id, runs_dir
 from workflows.config import HelpFormatter, add_config_flags
 from workflows.register import register
 
@@ -34,12 +34,12 @@ def main(argv=None) -> int:
     parser.add_argument("--max_copy_gb", type=float, default=2.0)
     parser.add_argument("--thumbnails", type=int, default=100_000,
                         help="images with a thumbnail in the table (the rest: none)")
-    parser.add_argument("--out_dir", default="", help="'' = runs/register-<run id>")
+    parser.add_argument("--out_dir", default="", help="'' = $SWEEPCLS_RUNS_DIR/register-<run id>, by default runs/register-<run id>")
     add_config_flags(parser, "image_col", "label_col", "group_col", "wandb_mode", "project", "entity")
     args = parser.parse_args(argv)
     args.name = args.name or re.sub(r"[^\w.-]", "-", Path(args.path).resolve().name)
     run_id = new_run_id()
-    out_dir = Path(args.out_dir or Path("runs") / f"register-{run_id}")
+    out_dir = Path(args.out_dir or runs_dir() / f"register-{run_id}")
     run = tracking.init({k: v for k, v in vars(args).items() if k != "out_dir"}, run_id, out_dir, args.wandb_mode,
                         project=args.project, entity=args.entity, name=f"register-{args.name}",
                         job_type="register-data")

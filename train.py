@@ -26,7 +26,7 @@ from optim.stepper import train_one_epoch
 from utils import UserError, distributed, tracking
 from utils.device import pick_device
 from utils.metrics import classification_metrics
-from utils.runs import new_run_id
+from utils.runs import new_run_id, runs_dir
 from utils.stop import StopSignal, Stopped
 from workflows import lineage
 from workflows.config import ADDED_CONFIG_KEYS, Config, parse_config
@@ -64,8 +64,7 @@ def run_and_finish(cfg: Config, stop: StopSignal) -> int:
             raise UserError(f"--batch_size {cfg.batch_size} is the global batch and must split evenly over the "
                             f"{distributed.world_size()} processes")
         run_id = distributed.broadcast(new_run_id())
-        runs_dir = Path(os.environ.get("SWEEPCLS_RUNS_DIR") or "runs")
-        state, out_dir = resume_from(cfg, Path(cfg.out_dir or runs_dir / run_id))
+        state, out_dir = resume_from(cfg, Path(cfg.out_dir or runs_dir() / run_id))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

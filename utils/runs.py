@@ -20,6 +20,11 @@ from utils.files import atomic_write_bytes
 METRICS_FILE, SUMMARY_FILE = "metrics.jsonl", "summary.json"
 
 
+def runs_dir() -> Path:
+    """Where run folders go by default: $SWEEPCLS_RUNS_DIR (a sweep's trials: the sweep dir's runs/), else runs/."""
+    return Path(os.environ.get("SWEEPCLS_RUNS_DIR") or "runs")
+
+
 def random_id() -> str:
     """8 characters of [a-z0-9], the shape of W&B's run ids."""
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))

@@ -25,6 +25,7 @@ import numpy as np
 from utils import UserError, tracking
 from models.checkpoint import read_meta
 from utils.files import atomic_write_bytes
+from utils.runs import runs_dir
 from workflows.config import DATA_KEYS, BOOKKEEPING_KEYS, Config
 
 ROOT = Path(__file__).resolve().parents[1]  # the sweepcls checkout whose code state a run records
@@ -189,7 +190,7 @@ def find_parent(ref: str, near: Path) -> dict:
     """{"id", "config", "dir"} of --parent: a run folder, a run id in the folder beside this run's (a sweep's
     runs/), in $SWEEPCLS_RUNS_DIR or in runs/, or ENTITY/PROJECT/RUN_ID from the W&B API (online)."""
     path = Path(ref)
-    roots = dict.fromkeys([Path(near).parent, Path(os.environ.get("SWEEPCLS_RUNS_DIR") or "runs"), Path("runs")])
+    roots = dict.fromkeys([Path(near).parent, runs_dir(), Path("runs")])
     folders = [path] if path.is_dir() else [root / ref for root in roots]
     for folder in folders:
         if (folder / RUN_FILE).is_file():
