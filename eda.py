@@ -133,7 +133,8 @@ def main(argv=None) -> int:
     parser.add_argument("--diff", nargs=2, metavar=("A", "B"), help="two runs, checkpoints or submission CSVs")
     parser.add_argument("--max_distance", type=int, default=4,
                         help="pHash bits two near-duplicates may differ in (of 64)")
-    parser.add_argument("--out_dir", default="", help="'' = $SWEEPCLS_RUNS_DIR/eda-<run id>, by default runs/eda-<run id>")
+    parser.add_argument("--out_dir", default="",
+                        help="'' = $SWEEPCLS_RUNS_DIR/eda-<run id>, by default runs/eda-<run id>")
     add_config_flags(parser, "data", "image_col", "label_col", "table_rows", "cache_dir", "wandb_mode", "project",
                      "entity")
     args = parser.parse_args(argv)

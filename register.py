@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max_copy_gb", type=float, default=2.0)
     parser.add_argument("--thumbnails", type=int, default=100_000,
                         help="images with a thumbnail in the table (the rest: none)")
-    parser.add_argument("--out_dir", default="", help="'' = $SWEEPCLS_RUNS_DIR/register-<run id>, by default runs/register-<run id>")
+    parser.add_argument("--out_dir", default="",
+                        help="'' = $SWEEPCLS_RUNS_DIR/register-<run id>, by default runs/register-<run id>")
     add_config_flags(parser, "image_col", "label_col", "group_col", "wandb_mode", "project", "entity")
     args = parser.parse_args(argv)
     args.name = args.name or re.sub(r"[^\w.-]", "-", Path(args.path).resolve().name)
