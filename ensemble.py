@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_probs", default="", help="also write the ensemble's test probabilities "
                                                          "(id,source,p_<class>...): train.py --pseudo_labels reads "
                                                          "them")
-    parser.add_argument("--out_dir", default="", help="the ensemble run's folder; '' = $SWEEPCLS_RUNS_DIR/ensemble-<run "
-                                                      "id>, by default runs/ensemble-<run id>")
+    parser.add_argument("--out_dir", default="",
+                        help="the ensemble run's folder; '' = $SWEEPCLS_RUNS_DIR/ensemble-<run id>, by default "
+                             "runs/ensemble-<run id>")
     # --data: its test set is predicted; a larger batch than training's: no gradients are kept
     add_config_flags(parser, "tta", "test_bn", "device", "cache_dir", "table_rows", "wandb_mode", "project", "entity",
                      required=("data",), batch_size=64)
