@@ -34,8 +34,10 @@ def explore(args, run, out_dir: Path) -> dict:
     counts = np.bincount(data.labels, minlength=len(data.classes))
     run.log_table("eda/class_distribution", ["class", "images", "share"],
                   [[c, int(n), n / counts.sum()] for c, n in zip(data.classes, counts)])
-    run.log_table("eda/image_sizes", ["id", "split", "label", "width", "height", "aspect"],
-                  [[r["id"], r["split"], r["label"], r["width"], r["height"], r["aspect"]] for r in records])
+    size_columns = ["id", "split", "label", "width", "height", "aspect"]
+    sizes = [[r[c] for c in size_columns] for r in records]
+    write_csv(out_dir / "image_sizes.csv", size_columns, sizes)
+    run.log_table("eda/image_sizes", size_columns, sizes, full_copy=out_dir / "image_sizes.csv")
     item = lambda r: data.items[r["index"]] if r["split"] == "train" else data.test_items[r["index"]]
     grid = []
     for k, c in enumerate(data.classes):

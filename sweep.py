@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from utils import UserError
+from utils.runs import DEFAULT_PROJECT
 from workflows.sweep import DONE, SweepDir, load_sweep, varied_keys, write_leaderboard
 from workflows.sweep_runner import Runner
 
@@ -37,7 +38,8 @@ def print_status(sweep: dict, sdir: SweepDir, info: dict) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
     finished = [r["run_id"] for r in rows if r["state"] in DONE]
     if finished:
-        project = sweep["parameters"].get("project", {}).get("value") or os.environ.get("WANDB_PROJECT") or "sweepcls"
+        project = (sweep.get("project") or sweep["parameters"].get("project", {}).get("value")
+                   or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT)
         print(f"\nupload the runs:        wandb sync {sdir.runs_dir}/*/wandb/offline-run-*"
               f"\nthen attach them to a server-side sweep (bayes learns from them):"
               f"\n  wandb sweep -p {project} {' '.join('-R ' + i for i in finished)} {info['source']}")

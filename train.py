@@ -63,12 +63,13 @@ def run_and_finish(cfg: Config, stop: StopSignal) -> int:
         if cfg.batch_size % distributed.world_size():
             raise UserError(f"--batch_size {cfg.batch_size} is the global batch and must split evenly over the "
                             f"{distributed.world_size()} processes")
+        mode = tracking.resolve_mode(cfg.wandb_mode)  # e.g. under `wandb agent` without a key: a UserError
         run_id = distributed.broadcast(new_run_id())
         state, out_dir = resume_from(cfg, Path(cfg.out_dir or runs_dir() / run_id))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    run = tracking.init(cfg.to_dict(), state["run_id"] if state else run_id, out_dir, cfg.wandb_mode,
+    run = tracking.init(cfg.to_dict(), state["run_id"] if state else run_id, out_dir, mode,
                         project=cfg.project, entity=cfg.entity, name=cfg.run_name, resume=state,
                         console=cfg.wandb_console, record=distributed.is_main(), notes=cfg.notes, tags=cfg.tags)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from utils.files import atomic_write_bytes
 
 METRICS_FILE, SUMMARY_FILE = "metrics.jsonl", "summary.json"
+DEFAULT_PROJECT = "sweepcls"  # the W&B project when --project and $WANDB_PROJECT are empty; sweep.yaml's too
 
 
 def runs_dir() -> Path:

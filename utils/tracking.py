@@ -13,7 +13,6 @@ goes, in order, to the run's own background thread, so building tables and stagi
 overlaps the next epoch instead of delaying it. finish() waits for it; an error on that thread
 is raised by the next call here.
 """
-import netrc
 import os
 import shutil
 import sys
@@ -21,29 +20,68 @@ from pathlib import Path
 
 import numpy as np
 import wandb
+from wandb.errors import AuthenticationError
+from wandb.sdk.lib import wbauth
 
 from utils import UserError
 from utils.background import BackgroundWriter
-from utils.runs import RunRecord, random_id
+from utils.runs import DEFAULT_PROJECT, RunRecord, random_id
 from utils.stop import Stopped
 
 THUMB_PX = 128  # longest side of table thumbnails
 
 
-def has_api_key() -> bool:
+_SETTINGS_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
+                   "disabled": "disabled"}  # a settings file's mode (wandb's Settings.mode) -> ours
+
+
+def _wandb_settings() -> wandb.Settings:
+    """The settings wandb.init starts from, loaded as wandb.setup() loads them (wandb_setup._load_settings): the
+    global file ($WANDB_CONFIG_DIR/settings, else ~/.config/wandb/settings; `wandb login --host` writes base_url
+    there), the workspace file ./wandb/settings over it (`wandb offline` writes mode there), then WANDB_BASE_URL.
+    A private Settings: loading wandb's session settings here would freeze the environment before init sets
+    WANDB_DATA_DIR. Reads two files, no network."""
+    settings = wandb.Settings(quiet=True)  # quiet: wandb.init itself says which settings files it loaded
+    config_dir = os.environ.get("WANDB_CONFIG_DIR")
+    settings.settings_system = str(Path(config_dir).expanduser() / "settings" if config_dir
+                                   else Path("~", ".config", "wandb", "settings").expanduser())
+    settings.update_from_system_settings()  # a broken file: wandb says why and ignores it, as wandb.init will
+    if url := os.environ.get("WANDB_BASE_URL"):
+        try:
+            settings.update_from_env_vars({"WANDB_BASE_URL": url})
+        except ValueError as e:  # pydantic's ValidationError
+            msg = e.errors()[0]["msg"] if hasattr(e, "errors") else str(e)
+            raise UserError(f"WANDB_BASE_URL={url!r} is not a W&B server URL: {msg}") from None
+    return settings
+
+
+def has_api_key(settings: wandb.Settings | None = None) -> bool:
+    """Whether wandb.init would find an API key for the configured server without prompting, looked up as wandb's
+    own wbauth._use_system_auth does: WANDB_API_KEY or WANDB_IDENTITY_TOKEN_FILE, this session's wandb.login(), the
+    netrc entry for the server's host ($NETRC, else ~/.netrc), an api_key in the settings files."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    settings = settings if settings is not None else _wandb_settings()
     try:
-        rc = netrc.netrc(os.environ.get("NETRC") or None)
-        return rc.authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
+        host = wbauth.HostUrl(settings.base_url)
+    except ValueError as e:
+        raise UserError(f"W&B server URL {settings.base_url}: {e}") from None
+    if wbauth.session_credentials(host=host):
+        return True
+    try:
+        found = wbauth.read_netrc_auth(host=host)
+    except AuthenticationError:  # an entry wandb.init will refuse, saying why: a key all the same, not offline
+        return True
+    return bool(found or settings.api_key)
 
 
 def resolve_mode(requested: str) -> str:
-    """--wandb_mode beats WANDB_MODE beats auto-detection. Without a key, online wandb.init would
-    fail or prompt, so auto means offline then."""
+    """--wandb_mode beats WANDB_MODE beats the mode in wandb's settings files (`wandb offline`: ./wandb/settings,
+    which beats the global file) beats auto-detection: online when wandb.init would find an API key for the
+    configured server (WANDB_BASE_URL, else the base_url `wandb login --host URL` saved, else wandb's default),
+    else offline, since online wandb.init would fail or prompt. Under `wandb agent` (WANDB_SWEEP_ID) the run must
+    report to the sweep's server, so auto never goes offline there: the settings files' mode is not applied and
+    no key is a UserError. A resolved mode resolves to itself."""
     if requested != "auto":
         return requested
     env = os.environ.get("WANDB_MODE", "").lower()
@@ -51,7 +89,18 @@ def resolve_mode(requested: str) -> str:
         return env
     if env == "dryrun":  # wandb's old name for offline
         return "offline"
-    return "online" if has_api_key() else "offline"
+    settings = _wandb_settings()
+    sweep = os.environ.get("WANDB_SWEEP_ID")
+    if not sweep and "mode" in settings.model_fields_set and settings.mode in _SETTINGS_MODES:  # set by a file
+        return _SETTINGS_MODES[settings.mode]
+    if has_api_key(settings):
+        return "online"
+    if sweep:
+        login = "wandb login" + (f" --host {settings.base_url}" if "base_url" in settings.model_fields_set else "")
+        raise UserError(f"wandb agent runs report to the sweep on {settings.base_url}, but no W&B API key is "
+                        f"configured for it: run `{login}` (or set WANDB_API_KEY), or run offline sweeps with "
+                        f"`python sweep.py sweep.yaml`")
+    return "offline"
 
 
 def init(config: dict, run_id: str, out_dir: Path, mode: str, *, project: str = "", entity: str = "", name: str = "",
@@ -70,9 +119,12 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, *, project: str = 
     os.environ["WANDB_DATA_DIR"] = str(out_dir / "wandb-data")  # staged tables, media and artifact files
     if mode == "offline" and not name:
         name = f"{config.get('model', 'run')}-{run_id}"
+    where = {"project": project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT, "entity": entity or None,
+             "id": run_id}
+    if os.environ.get("WANDB_SWEEP_ID"):  # under `wandb agent` the sweep decides all three (ours: ignored, warned)
+        where = {}
     run = wandb.init(
-        project=project or os.environ.get("WANDB_PROJECT") or "sweepcls", entity=entity or None,
-        id=run_id, name=name or None, dir=str(out_dir), config=config, mode=mode, job_type=job_type,
+        **where, name=name or None, dir=str(out_dir), config=config, mode=mode, job_type=job_type,
         resume="allow" if resume else None,
         settings=wandb.Settings(console="auto" if console else "off", save_code=True),
         notes=notes or None, tags=split_tags(os.environ.get("WANDB_TAGS", ""), tags) or None)
@@ -82,7 +134,8 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, *, project: str = 
     if resume and mode != "disabled":
         run.log({"resumed_at_step": resume["wandb_step"]}, step=resume["wandb_step"])  # steps go on from there
     if mode == "offline":
-        print(f"W&B is offline. Upload this run later with: wandb sync {Path(run.dir).parent}")
+        # every attempt of a resumed run is a folder of its own under out_dir/wandb/: sync them all, in order
+        print(f"W&B is offline. Upload this run later with: wandb sync {Path(run.dir).parent.parent}")
     return Run(run, record)
 
 
@@ -207,10 +260,16 @@ class Run:
             f"{prefix}/confused_pairs": _confused_pairs(y_true, probs, classes, metrics["confusion"], thumb),
         }, commit=False)
 
-    def log_table(self, key: str, columns: list[str], rows: list[list]) -> None:
-        """A table; HxWx3 uint8 cells become thumbnails."""
+    def log_table(self, key: str, columns: list[str], rows: list[list], full_copy: Path | None = None) -> None:
+        """A table; HxWx3 uint8 cells become thumbnails. W&B keeps at most wandb.Table.MAX_ROWS rows of a logged
+        table and cuts the rest silently: here the first rows are logged and the cut is said on the console,
+        naming full_copy (a file with every row) when there is one."""
         if self.mode == "disabled":
             return
+        if len(rows) > wandb.Table.MAX_ROWS:
+            print(f"note: W&B table {key}: the first {wandb.Table.MAX_ROWS:,} of {len(rows):,} rows are logged (W&B's "
+                  f"limit for one table)" + (f"; every row is in {full_copy}" if full_copy else ""))
+            rows = rows[:wandb.Table.MAX_ROWS]
 
         def log_it():
             table = wandb.Table(columns=columns)

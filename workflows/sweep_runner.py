@@ -132,6 +132,8 @@ class Runner:
                # `python` resolves as under the agent in this venv: the interpreter running sweep.py comes first
                "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
         env.setdefault("WANDB_MODE", "offline")
+        if self.sweep.get("project"):  # as `wandb agent` does: the trials go to the sweep's project
+            env["WANDB_PROJECT"] = self.sweep["project"]
         # W trials share the cores: one OpenMP pool per core each, or they spin against each other (10x slower)
         env.setdefault("OMP_NUM_THREADS", str(max(1, cores() // self.workers)))
         if self.gpus:

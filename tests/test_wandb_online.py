@@ -1,0 +1,52 @@
+"""The online W&B path as far as it runs here (real SDK, offline): the project a sweep and its runs share, what
+train.py passes to wandb.init under `wandb agent`, the sync hint of a resumed run, tables over W&B's row limit."""
+import json
+from pathlib import Path
+
+import yaml
+
+from conftest import ROOT
+from utils import tracking
+from utils.runs import DEFAULT_PROJECT, random_id
+
+
+def test_sweep_yaml_names_the_project_runs_go_to():
+    sweep = yaml.safe_load((ROOT / "sweep.yaml").read_text())
+    assert sweep["project"] == DEFAULT_PROJECT  # `wandb sweep` would otherwise name it after the checkout's folder
+
+
+def test_under_the_agent_neither_project_nor_run_id_is_passed(tmp_path, monkeypatch, capfd):
+    monkeypatch.delenv("WANDB_SILENT")  # wandb's own warnings are what this looks for
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sweep123")
+    monkeypatch.setenv("WANDB_RUN_ID", "agentrun")
+    run = tracking.init({"model": "m"}, "agentrun", tmp_path / "run", "offline", project="elsewhere", entity="team")
+    assert run.id == "agentrun"
+    assert run.finish() == 0
+    out = capfd.readouterr()
+    assert "Ignoring" not in out.out + out.err
+
+
+def test_a_resumed_offline_run_says_how_to_sync_every_attempt(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    run = tracking.init({"model": "m"}, "resumeme", out_dir, "offline")
+    run.log({"epoch": 1, "val/acc": 0.5})
+    state = run.position()
+    run.finish()
+    capsys.readouterr()
+    run = tracking.init({"model": "m"}, "resumeme", out_dir, "offline", resume=state)
+    run.log({"epoch": 2, "val/acc": 0.6})
+    run.finish()
+    hint = next(line for line in capsys.readouterr().out.splitlines() if "wandb sync" in line)
+    path = Path(hint.split("wandb sync ", 1)[1].strip())
+    attempts = {f.resolve() for f in path.glob("*/*.wandb")}  # what `wandb sync PATH` reads (latest-run: a link)
+    assert len(attempts) == 2
+
+
+def test_a_table_over_the_row_limit_is_cut_with_a_note(tmp_path, capsys):
+    out_dir = tmp_path / "run"
+    run = tracking.init({"model": "m"}, random_id(), out_dir, "offline")
+    run.log_table("t", ["n"], [[i] for i in range(10_005)], full_copy=out_dir / "all.csv")
+    run.finish()
+    assert "the first 10,000 of 10,005 rows are logged" in capsys.readouterr().out
+    (table,) = out_dir.glob("wandb/offline-run-*/files/media/table/t_*.table.json")
+    assert len(json.loads(table.read_text())["data"]) == 10_000
