@@ -150,7 +150,8 @@ def log_ensemble_run(args, refs: list[str], members, weights: np.ndarray, metric
                          "data": args.data, "metric": metric, "models": [m.meta["model"] for m in members]},
                         run_id, out_dir, args.wandb_mode, project=args.project, entity=args.entity,
                         name=f"ensemble-{run_id}", job_type="ensemble")
-    for ref in filter(is_artifact_ref, refs):  # online: model artifact -> this ensemble in W&B's lineage graph
+    parts = [part for ref in refs for part in ref.split("+")]  # A+B+...: a --cv run's folds, one member
+    for ref in filter(is_artifact_ref, parts):  # online: model artifact -> this ensemble in W&B's lineage graph
         try:
             run.use_artifact(ref)
         except UserError as e:  # the submission is written already: say so, and finish the run

@@ -8,6 +8,7 @@ Usage:
 Under `wandb agent`, the same flags arrive as --key=value and values the sweep locks win.
 Reads top-down: main -> train (data, decisions, lineage) -> fit (one split's epochs) -> the epoch's pieces.
 """
+import contextlib
 import dataclasses
 import functools
 import os
@@ -20,7 +21,6 @@ import numpy as np
 
 from datasets import load_data, load_image, screen_images, write_submission
 from datasets.shift import native_side
-from models.checkpoint import read_meta
 from optim import is_per_epoch
 from optim.stepper import train_one_epoch
 from utils import UserError, distributed, tracking
@@ -184,12 +184,14 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
     Metrics, tables and artifacts are logged under `prefix` (fold<k>/ in a cross-validated run).
     After each epoch resume_path (default out_dir/resume.pt) holds the whole training state; `state`
     (that file, loaded) continues from it, bit-identical on the CPU to a run that was never interrupted."""
-    s = build_fit(cfg, run.id, out_dir, data, prefix, lineage_meta, shift, pseudo)
+    s = build_fit(cfg, run.id, out_dir, data, prefix, lineage_meta, shift, pseudo, online=run.mode == "online")
     print(describe_fit(cfg, s, data, prefix, out_dir, pseudo))
     try:
         start_epoch, best_probs = 1, None
         if state is not None:
             best_probs, start_epoch = restore_training_state(state, s.stepper, s.keeper), state["next_epoch"]
+            s.model_log.logged_epoch = state.get("model_logged_epoch")
+            s.model_log.log_pending(run, s)  # a best that a SIGKILL kept from W&B
             print(f"resumed at epoch {start_epoch} of {cfg.epochs}, "
                   f"best {cfg.monitor} so far {s.keeper.best_score:.4f}")
         for epoch in range(start_epoch, cfg.epochs + 1):
@@ -205,16 +207,22 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
             if s.keeper.update(s.eval_model, meta, epoch, metrics[cfg.monitor]):
                 best_probs = probs
             early_stop = log_epoch(cfg, run, out_dir, data, s, prefix, metrics, m, probs)
+            s.model_log.after_epoch(run, s, epoch)
             if distributed.is_main():
                 save_state(resume_path or out_dir / RESUME_FILE,
                            {"run_id": run.id, "config": cfg.to_dict(), **run.position(),
                             "next_epoch": cfg.epochs + 1 if early_stop else epoch + 1,
+                            "model_logged_epoch": s.model_log.logged_epoch,
                             **training_state(s.stepper, s.keeper, best_probs)}, s.keeper.writer)
             if early_stop:
                 break
-        log_best_model(run, s)
+        s.model_log.log_pending(run, s)
         if best_probs is not None:
             submit_report(cfg, run, out_dir, prefix, data, s, best_probs)  # every epoch's curves
+    except BaseException:  # an error, a NaN stop, a signal: the newest best reaches W&B before the run finishes
+        with contextlib.suppress(Exception):
+            s.model_log.log_pending(run, s)
+        raise
     finally:
         s.keeper.writer.close()  # every checkpoint and resume.pt written (a write error is raised here)
     test_probs = predict_test(cfg, data, s) if data.test_items and distributed.is_main() else None
@@ -222,15 +230,14 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
 
 
 def train_epoch(cfg: Config, run, s: FitSetup, epoch: int, prefix: str, stop: StopSignal) -> float:
-    """One epoch's training loss. A stop keeps the weights as they are (last.safetensors), logs the best model,
-    then lets main finish the run; a non-finite epoch loss is an error."""
+    """One epoch's training loss. A stop keeps the weights as they are (last.safetensors), then lets main finish
+    the run (fit logs the best model first); a non-finite epoch loss is an error."""
     s.sampler.set_epoch(epoch)
     try:
         loss = train_one_epoch(s.stepper, s.train_loader, cfg.accum_steps, s.mixup,
                                f"{prefix}epoch {epoch}/{cfg.epochs}", stop)
     except Stopped as e:
         s.keeper.save_last(s.eval_model, {**s.meta, "epoch": epoch - 1, "stopped_in_epoch": epoch})
-        log_best_model(run, s)
         run.set_summary({"stopped": f"{e} in {prefix}epoch {epoch}"})
         raise
     if not np.isfinite(loss):
@@ -274,17 +281,6 @@ def submit_report(cfg: Config, run, out_dir: Path, prefix: str, data, s: FitSetu
         history=run.history(prefix), classes=data.classes, y_true=data.labels[s.val_idx], probs=probs,
         ids=[data.ids[i] for i in s.val_idx], images=lambda r: load_image(s.val_images[r]), max_images=cfg.table_rows)
     s.keeper.writer.submit(report)
-
-
-def log_best_model(run, s: FitSetup) -> None:
-    """The best checkpoint as W&B artifact model-<run id>[-fold<k>] (aliases best, latest, epoch-N), once per fit,
-    at its end or its stop: one staged copy per run instead of one per new best (CPU on the training path, and disk)."""
-    s.keeper.flush()
-    if s.keeper.best_epoch is not None and distributed.is_main():
-        meta = read_meta(s.keeper.best_path)
-        (meta.get("lineage") or {}).get("code", {}).pop("diff", None)  # in the file and the run's diff.patch only
-        run.log_artifact(s.keeper.best_path, s.artifact_name, "model", meta,
-                         aliases=["best", "latest", f"epoch-{s.keeper.best_epoch}"])
 
 
 if __name__ == "__main__":

@@ -83,8 +83,10 @@ def test_predictions_are_cached_per_member_images_and_tta(tmp_path, monkeypatch)
 
 
 class FakeArtifact:
-    def __init__(self, source: Path):
-        self.source = source
+    """wandb.Artifact as the public API returns it: name COLLECTION:vN, type, aliases (no vN), state, download."""
+    def __init__(self, source: Path | None, name: str = "", type: str = "model", aliases=("best", "latest"),
+                 state: str = "COMMITTED"):
+        self.source, self.name, self.type, self.aliases, self.state = source, name, type, list(aliases), state
 
     def download(self, root: str) -> str:
         Path(root).mkdir(parents=True, exist_ok=True)
@@ -93,28 +95,37 @@ class FakeArtifact:
 
 
 class FakeRun:
-    def __init__(self, run_id, summary):
-        self.id, self.summary = run_id, summary
+    """wandb.apis.public.Run: id, state, config, summary, logged_artifacts() (by default its model-<id>:v0)."""
+    def __init__(self, run_id, summary, state="finished", config=None, artifacts=None):
+        self.id, self.summary, self.state, self.config = run_id, summary, state, config or {}
+        self.artifacts = [FakeArtifact(None, f"model-{run_id}:v0")] if artifacts is None else artifacts
+
+    def logged_artifacts(self, per_page: int = 100):
+        return list(self.artifacts)
 
 
 class FakeSweep:
     config = {"metric": {"name": "val/f1_macro", "goal": "maximize"}}
-    runs = [FakeRun("r1", {"val/f1_macro": 0.7}), FakeRun("r2", {"val/f1_macro": 0.9}),
+
+    def __init__(self, runs=None):
+        self.runs = runs if runs is not None else [
+            FakeRun("r1", {"val/f1_macro": 0.7}), FakeRun("r2", {"val/f1_macro": 0.9}),
             FakeRun("r3", {}), FakeRun("r4", {"val/f1_macro": 0.8})]
 
 
 class FakeApi:
-    """wandb.Api's surface that tracking uses: artifact(ref).download(root) and sweep(path).runs/.config."""
-    def __init__(self, checkpoint: Path):
-        self.checkpoint, self.asked = checkpoint, []
+    """wandb.Api's surface that tracking uses: artifact(ref).download(root) and sweep(path).runs/.config;
+    `files` serves some refs their own checkpoint (others get `checkpoint`)."""
+    def __init__(self, checkpoint: Path, runs=None, files=None):
+        self.checkpoint, self.runs, self.files, self.asked = checkpoint, runs, files or {}, []
 
     def artifact(self, ref):
         self.asked.append(ref)
-        return FakeArtifact(self.checkpoint)
+        return FakeArtifact(self.files.get(ref, self.checkpoint))
 
     def sweep(self, path):
         self.asked.append(path)
-        return FakeSweep()
+        return FakeSweep(self.runs)
 
 
 def test_online_members_are_pulled_with_the_wandb_api(tmp_path, monkeypatch):
@@ -125,6 +136,73 @@ def test_online_members_are_pulled_with_the_wandb_api(tmp_path, monkeypatch):
     member = resolve_member(refs[0], tmp_path / "cache")
     assert member.meta["classes"] == ["a", "b"] and member.paths[0].is_relative_to(tmp_path / "cache")
     assert api.asked == ["team/comp/sw123", "team/comp/model-r2:best"]
+
+
+def test_online_sweep_members_are_its_best_finished_runs(tmp_path, monkeypatch):
+    runs = [FakeRun(run_id, {"val/f1_macro": value}, state=state) for run_id, value, state in [
+        ("crashed", 0.99, "crashed"), ("live", 0.98, "running"), ("r1", 0.7, "finished"), ("stopped", 0.97, "killed"),
+        ("r2", 0.9, "finished"), ("broken", 0.96, "failed"), ("r4", 0.8, "finished")]]
+    monkeypatch.setattr(tracking, "wandb_api", lambda: FakeApi(tmp_path / "unused.safetensors", runs))
+    assert sweep_member_refs("team/comp/sw123", 2) == ["team/comp/model-r2:best", "team/comp/model-r4:best"]
+
+
+def test_an_online_cv_run_is_one_member_of_all_its_folds(tmp_path, monkeypatch, capsys):
+    import json
+    digits = [str(d) for d in range(10)]
+    sources = {f"team/comp/model-{run_id}-fold{k}:best": save_checkpoint(tmp_path / f"{run_id}-{k}.safetensors",
+                                                                         digits, img_size=32 + 8 * k)
+               for run_id, n in [("cv1", 3), ("cv2", 2)] for k in range(n)}
+    runs = [FakeRun("r2", {"val/f1_macro": 0.9}),
+            FakeRun("cv1", {"val/f1_macro": 0.95}, config={"cv": True, "folds": 3},  # known by its config
+                    artifacts=[FakeArtifact(None, f"model-cv1-fold{k}:v0") for k in (2, 0, 1)]
+                    + [FakeArtifact(None, "oof-cv1:v0", type="oof", aliases=["latest"])]),
+            FakeRun("cv2", {"val/f1_macro": 0.92},  # known by its fold artifacts alone
+                    artifacts=[FakeArtifact(None, "model-cv2-fold1:v0"), FakeArtifact(None, "model-cv2-fold0:v1")])]
+    api = FakeApi(tmp_path / "unused.safetensors", runs, sources)
+    monkeypatch.setattr(tracking, "wandb_api", lambda: api)
+    cv1 = "+".join(f"team/comp/model-cv1-fold{k}:best" for k in range(3))
+    cv2 = "team/comp/model-cv2-fold0:best+team/comp/model-cv2-fold1:best"
+    assert sweep_member_refs("team/comp/sw123", 2) == [cv1, cv2]
+
+    member = resolve_member(cv1, tmp_path / "cache")  # one member: the 3 folds' checkpoints, in fold order
+    assert member.name == "team/comp/model-cv1-fold0+1+2:best" and len(member.paths) == 3
+    assert all(p.is_relative_to(tmp_path / "cache") and p.read_bytes() == sources[ref].read_bytes()
+               for p, ref in zip(member.paths, cv1.split("+")))
+    rng = np.random.default_rng(0)
+    items = [rng.integers(0, 255, (40, 40, 3), dtype=np.uint8) for _ in range(4)]
+    folds = [member_probs(resolve_member(str(sources[ref]), tmp_path), items, "none", None) for ref in cv1.split("+")]
+    assert np.allclose(member_probs(member, items, "none", None), np.mean(folds, axis=0))  # the folds averaged
+
+    out_dir = tmp_path / "ens"
+    assert ensemble_cli.main(["--sweep", "team/comp/sw123", "--top", "2", "--data", "digits", "--out",
+                              str(tmp_path / "s.csv"), "--cache_dir", str(tmp_path / "c"), "--out_dir",
+                              str(out_dir)]) == 0
+    names = ["team/comp/model-cv1-fold0+1+2:best", "team/comp/model-cv2-fold0+1:best"]
+    rows = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.startswith("team/")]
+    assert rows == names  # two members, not one per fold
+    assert {f"test/{name.replace('/', '_')}/f1_macro" for name in names} <= set(
+        json.loads((out_dir / "summary.json").read_text()))
+
+
+def test_an_online_sweep_run_without_a_model_artifact_is_skipped(tmp_path, monkeypatch, capsys):
+    runs = [FakeRun("r1", {"val/f1_macro": 0.7}), FakeRun("r4", {"val/f1_macro": 0.8}),
+            FakeRun("r2", {"val/f1_macro": 0.9}, artifacts=[]),  # crashed before its first checkpoint
+            FakeRun("r9", {"val/f1_macro": 0.85}, artifacts=[FakeArtifact(None, "model-r9:v0", state="DELETED")]),
+            FakeRun("cvx", {"val/f1_macro": 0.83}, config={"cv": True, "folds": 3},
+                    artifacts=[FakeArtifact(None, f"model-cvx-fold{k}:v0") for k in (0, 1)]),
+            FakeRun("r0", {"val/f1_macro": 0.6})]
+    monkeypatch.setattr(tracking, "wandb_api", lambda: FakeApi(tmp_path / "unused.safetensors", runs))
+    assert sweep_member_refs("team/comp/sw123", 2) == ["team/comp/model-r4:best", "team/comp/model-r1:best"]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and [line.split("skipping run ")[1].split(":")[0] for line in err] == ["r2", "r9", "cvx"]
+    assert "no model artifact model-r2:best" in err[0] and "model-cvx-fold2:best" in err[2]
+
+    runs[:] = [run for run in runs if run.id in ("r2", "r9", "cvx")]  # none left to ensemble: one error line
+    assert ensemble_cli.main(["--sweep", "team/comp/sw123", "--data", "digits", "--cache_dir",
+                              str(tmp_path / "c"), "--wandb_mode", "disabled"]) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: --sweep team/comp/sw123: no finished run with the sweep's metric and a model artifact "
+                      "to ensemble"]
 
 
 @pytest.mark.slow

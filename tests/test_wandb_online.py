@@ -1,13 +1,18 @@
 """The online W&B path as far as it runs here (real SDK, offline): the project a sweep and its runs share, what
-train.py passes to wandb.init under `wandb agent`, the sync hint of a resumed run, tables over W&B's row limit."""
+train.py passes to wandb.init under `wandb agent`, the sync hint of a resumed run, tables over W&B's row limit,
+a crash's traceback and console in the run, the agent's second stop signal."""
 import json
+import os
+import signal
 from pathlib import Path
 
+import pytest
 import yaml
 
 from conftest import ROOT
 from utils import tracking
 from utils.runs import DEFAULT_PROJECT, random_id
+from utils.stop import StopSignal, Stopped
 
 
 def test_sweep_yaml_names_the_project_runs_go_to():
@@ -50,3 +55,29 @@ def test_a_table_over_the_row_limit_is_cut_with_a_note(tmp_path, capsys):
     assert "the first 10,000 of 10,005 rows are logged" in capsys.readouterr().out
     (table,) = out_dir.glob("wandb/offline-run-*/files/media/table/t_*.table.json")
     assert len(json.loads(table.read_text())["data"]) == 10_000
+
+
+def test_a_crash_reaches_wandb_before_the_run_finishes(tmp_path):
+    out_dir = tmp_path / "run"
+    run = tracking.init({"model": "m"}, random_id(), out_dir, "offline")  # console capture on by default
+
+    def work():
+        print("epoch 1 done")
+        raise RuntimeError("CUDA error: an illegal memory access")
+    with pytest.raises(RuntimeError):
+        run.run_to_end(work)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["_exit_code"] == 1 and summary["error"] == "RuntimeError: CUDA error: an illegal memory access"
+    (files,) = out_dir.glob("wandb/offline-run-*/files")
+    assert "illegal memory access" in (files / "traceback.txt").read_text()  # the W&B run's own copy
+    assert "epoch 1 done" in (files / "output.log").read_text()
+
+
+def test_a_second_stop_signal_is_noted_not_raised(capfd):
+    with StopSignal() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)  # the agent's stop ...
+        os.kill(os.getpid(), signal.SIGINT)  # ... and the run's stop poller a moment later: no KeyboardInterrupt
+        with pytest.raises(Stopped) as e:
+            stop.check()
+    assert e.value.exit_code == 128 + signal.SIGTERM
+    assert "SIGINT noted: already stopping after SIGTERM" in capfd.readouterr().err

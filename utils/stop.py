@@ -5,8 +5,11 @@ Usage:
     with StopSignal() as stop:
         for batch in loader:
             ...; stop.check()          # raises Stopped once a signal has arrived
-A second signal while stopping interrupts at once (KeyboardInterrupt).
+Later signals while stopping are noted on stderr, never raised: `wandb agent` sends SIGTERM and its run's stop
+poller SIGINT, and an exception raised there could land inside a checkpoint write or the W&B run's finish.
+SIGKILL (or Ctrl-\\, SIGQUIT) still ends a run at once; resume continues from its last saved state.
 """
+import os
 import signal
 import threading
 
@@ -28,8 +31,10 @@ class StopSignal:
         self._previous = {}
 
     def _handle(self, signum, frame):
-        if self.signum is not None:
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: stopping without saving")
+        if self.signum is not None:  # os.write: no buffered I/O inside a signal handler
+            os.write(2, f"{signal.Signals(signum).name} noted: already stopping after "
+                        f"{signal.Signals(self.signum).name} (saving, then finishing the W&B run)\n".encode())
+            return
         self.signum = signum
 
     def __enter__(self) -> "StopSignal":

@@ -15,12 +15,18 @@ is raised by the next call here.
 """
 import os
 import shutil
+import socket
 import sys
+import threading
+import urllib.parse
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import wandb
-from wandb.errors import AuthenticationError
+from wandb.errors import AuthenticationError, CommError
 from wandb.sdk.lib import wbauth
 
 from utils import UserError
@@ -75,7 +81,54 @@ def has_api_key(settings: wandb.Settings | None = None) -> bool:
     return bool(found or settings.api_key)
 
 
+SERVER_TIMEOUT_S = 5  # how long a run waits to learn that W&B's server cannot be reached at all
+INIT_TIMEOUT_S = 60  # wandb.init's own limit for an online run (wandb's default: 90 s) unless WANDB_INIT_TIMEOUT
+
+
+def _unreachable(base_url: str, timeout: float = SERVER_TIMEOUT_S) -> str:
+    """Why no TCP connection to the server at base_url (its host and port: else 443 for https, 80 for http) opens
+    within timeout seconds, the name lookup included; "" when one does. Nothing is sent."""
+    parts = urllib.parse.urlsplit(base_url)
+    try:
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError as e:  # a port that is no number
+        return str(e)
+    if not host:
+        return "no host in the URL"
+    outcome = []
+
+    def connect():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append("")
+        except OSError as e:  # refused, no route, a name that does not resolve, timed out
+            outcome.append(e.strerror or str(e) or type(e).__name__)
+    probe = threading.Thread(target=connect, name="wandb-server-probe", daemon=True)  # a name lookup has no timeout
+    probe.start()
+    probe.join(timeout)
+    return outcome[0] if outcome else "no answer"
+
+
+def _server_unreachable() -> str:
+    """"" when W&B's configured server (as wandb.init will find it) accepts a TCP connection within
+    SERVER_TIMEOUT_S; else that it cannot be reached, its URL and why, as the start of a sentence."""
+    url = _wandb_settings().base_url
+    why = _unreachable(url)
+    return f"W&B's server {url} could not be reached within {SERVER_TIMEOUT_S} s ({why})" if why else ""
+
+
 def resolve_mode(requested: str) -> str:
+    """The mode a run records in, as _requested_mode resolves it; under `wandb agent` (WANDB_SWEEP_ID) an online
+    run whose server cannot be reached within SERVER_TIMEOUT_S is a UserError naming it, not a wait for
+    wandb.init's timeout and a traceback (a standalone run goes offline instead: init)."""
+    mode = _requested_mode(requested)
+    if mode == "online" and os.environ.get("WANDB_SWEEP_ID") and (unreachable := _server_unreachable()):
+        raise UserError(f"wandb agent runs report to the sweep's server, but {unreachable}: check the network "
+                        f"and the server, or run offline sweeps with `python sweep.py sweep.yaml`")
+    return mode
+
+
+def _requested_mode(requested: str) -> str:
     """--wandb_mode beats WANDB_MODE beats the mode in wandb's settings files (`wandb offline`: ./wandb/settings,
     which beats the global file) beats auto-detection: online when wandb.init would find an API key for the
     configured server (WANDB_BASE_URL, else the base_url `wandb login --host URL` saved, else wandb's default),
@@ -104,7 +157,7 @@ def resolve_mode(requested: str) -> str:
 
 
 def init(config: dict, run_id: str, out_dir: Path, mode: str, *, project: str = "", entity: str = "", name: str = "",
-         job_type: str = "train", resume: dict | None = None, console: bool = False, record: bool = True,
+         job_type: str = "train", resume: dict | None = None, console: bool = True, record: bool = True,
          notes: str = "", tags: str | list = "") -> "Run":
     """resume: a resumed run's {"wandb_step", "history_rows", "summary"} from its last saved state; W&B
     continues the same run id (offline: a new offline-run-...-<id>-N folder that syncs into it).
@@ -113,21 +166,40 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, *, project: str = 
     save_code: W&B keeps the script (files/code/) and, in a git checkout, the commit, remote and diff.patch."""
     if not record:
         return Run(wandb.init(mode="disabled", config=config, id=run_id), None)
-    mode = resolve_mode(mode)
+    mode = resolve_mode(mode)  # under `wandb agent`, an unreachable server is a UserError there
+    sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
+    # a standalone run whose server cannot be reached goes offline at once, saying so, instead of waiting
+    # for wandb.init's timeout and a traceback
+    unreachable = _server_unreachable() if mode == "online" and not sweep else ""
+    mode = "offline" if unreachable else mode
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ["WANDB_DATA_DIR"] = str(out_dir / "wandb-data")  # staged tables, media and artifact files
-    if mode == "offline" and not name:
-        name = f"{config.get('model', 'run')}-{run_id}"
     where = {"project": project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT, "entity": entity or None,
              "id": run_id}
-    if os.environ.get("WANDB_SWEEP_ID"):  # under `wandb agent` the sweep decides all three (ours: ignored, warned)
+    if sweep:  # under `wandb agent` the sweep decides all three (ours: ignored, warned)
         where = {}
-    run = wandb.init(
-        **where, name=name or None, dir=str(out_dir), config=config, mode=mode, job_type=job_type,
-        resume="allow" if resume else None,
-        settings=wandb.Settings(console="auto" if console else "off", save_code=True),
-        notes=notes or None, tags=split_tags(os.environ.get("WANDB_TAGS", ""), tags) or None)
+
+    def start(mode):
+        settings = {"console": "auto" if console else "off", "save_code": True}
+        if mode == "online" and not os.environ.get("WANDB_INIT_TIMEOUT"):  # a server that connects, then hangs
+            settings["init_timeout"] = INIT_TIMEOUT_S
+        return wandb.init(
+            **where, name=name or (f"{config.get('model', 'run')}-{run_id}" if mode == "offline" else None),
+            dir=str(out_dir), config=config, mode=mode, job_type=job_type, resume="allow" if resume else None,
+            settings=wandb.Settings(**settings), notes=notes or None,
+            tags=split_tags(os.environ.get("WANDB_TAGS", ""), tags) or None)
+    try:
+        run = start(mode)
+    except (CommError, TimeoutError) as e:  # init_timeout passed (CommError), or wandb's grace period after it
+        if mode != "online" or sweep:
+            raise
+        limit = os.environ.get("WANDB_INIT_TIMEOUT") or INIT_TIMEOUT_S
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]  # wandb adds lines of advice
+        unreachable = f"W&B's server {_wandb_settings().base_url} could not be reached within {limit} s ({why})"
+        mode = "offline"
+        wandb.teardown()  # the failed online attempt's service; the offline run starts afresh
+        run = start(mode)
     for key, step in [("train/*", "epoch"), ("val/*", "epoch"), ("lr", "epoch"), ("fold*", "epoch"), ("cv/*", "fold")]:
         run.define_metric(key, step_metric=step)  # fold<k>/...: a cross-validated run's folds
     record = RunRecord(out_dir, resume)
@@ -135,7 +207,9 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, *, project: str = 
         run.log({"resumed_at_step": resume["wandb_step"]}, step=resume["wandb_step"])  # steps go on from there
     if mode == "offline":
         # every attempt of a resumed run is a folder of its own under out_dir/wandb/: sync them all, in order
-        print(f"W&B is offline. Upload this run later with: wandb sync {Path(run.dir).parent.parent}")
+        sync = f"wandb sync {Path(run.dir).parent.parent}"
+        print(f"{unreachable}, so this run is recorded offline. Upload it later with: {sync}" if unreachable
+              else f"W&B is offline. Upload this run later with: {sync}")
     return Run(run, record)
 
 
@@ -293,7 +367,8 @@ class Run:
         def log_it():
             try:
                 artifact = wandb.Artifact(name, type=type, metadata=metadata)
-                artifact.add_file(str(snapshot), name=path.name)  # copied into W&B's staging area here
+                # copied into W&B's staging area (under out_dir) here; skip_cache: no second copy in ~/.cache/wandb
+                artifact.add_file(str(snapshot), name=path.name, skip_cache=True)
                 self.wandb.log_artifact(artifact, aliases=list(aliases))
             finally:
                 snapshot.unlink(missing_ok=True)
@@ -343,22 +418,35 @@ class Run:
     def run_to_end(self, work, stopped_note: str = "") -> int:
         """work() inside the run, then finish it; the one mapping of how a run ends to its exit code: 0; 1 after a
         UserError (one 'error:' line on stderr, also in the summary); 128 + signal after a stop (utils/stop.py),
-        said on stderr with stopped_note; any other exception finishes the run with 1 and propagates."""
+        said on stderr with stopped_note; any other exception finishes the run with 1 and propagates, its traceback
+        in the run before the finish (summary `error`, and traceback.txt in the run's files), so a crashed trial
+        says why in W&B. What is printed before finish reaches W&B's console log (--wandb_console)."""
         try:
             work()
         except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
             self.set_summary({"error": str(e)})
             self.finish(exit_code=1)
-            print(f"error: {e}", file=sys.stderr)
             return 1
         except Stopped as e:
             self.finish(exit_code=e.exit_code)
             print(f"stopped by {e}: {stopped_note}W&B run finished (exit code {e.exit_code})", file=sys.stderr)
             return e.exit_code
-        except BaseException:
+        except BaseException as e:
+            self.record_crash(e)
             self.finish(exit_code=1)
             raise
         return self.finish()
+
+    def record_crash(self, error: BaseException) -> None:
+        """An unexpected exception, into the run before it finishes: the summary's `error`, and the whole traceback
+        as out_dir/traceback.txt, also one of the W&B run's files (Python prints it on the console after)."""
+        if self.record is None:
+            return
+        self.set_summary({"error": f"{type(error).__name__}: {error}"})
+        path = self.record.dir / "traceback.txt"
+        path.write_text("".join(traceback.format_exception(error)))
+        self.save_file(path)
 
     def finish(self, exit_code: int = 0) -> int:
         """Wait for the writer thread's W&B calls, then finish the run; _exit_code goes in summary.json last.
@@ -434,14 +522,28 @@ def download_artifact(ref: str, root: Path) -> Path:
     return Path(artifact.download(root=str(root)))
 
 
-def top_sweep_runs(path: str, k: int) -> list[str]:
-    """Ids of the k best runs of an online sweep ENTITY/PROJECT/ID, by the sweep's own metric."""
+class SweepRun(NamedTuple):
+    id: str
+    config: dict
+    models: list[str]  # its committed model artifacts with alias best, by collection: model-<id>[-fold<k>]
+
+
+def sweep_runs_best_first(path: str) -> Iterator[SweepRun]:
+    """The finished runs (W&B run.state "finished") of an online sweep ENTITY/PROJECT/ID that have the sweep's
+    metric in their summary, best first by it. Lazy: each run's logged artifacts are listed (one API call) only
+    when the caller takes that run."""
     try:
         sweep = wandb_api().sweep(path)
+        metric = sweep.config.get("metric") or {}
+        name, maximize = metric.get("name"), metric.get("goal", "minimize") == "maximize"
+        scored = [r for r in sweep.runs if r.state == "finished" and isinstance(r.summary.get(name), (int, float))]
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot read W&B sweep {path}: {e}") from None
-    metric = sweep.config.get("metric") or {}
-    name, maximize = metric.get("name"), metric.get("goal", "minimize") == "maximize"
-    scored = [r for r in sweep.runs if isinstance(r.summary.get(name), (int, float))]
     scored.sort(key=lambda r: r.summary[name], reverse=maximize)
-    return [r.id for r in scored[:k]]
+    for r in scored:
+        try:
+            models = sorted({a.name.split(":")[0] for a in r.logged_artifacts()
+                             if a.type == "model" and "best" in a.aliases and a.state == "COMMITTED"})
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"cannot list the artifacts of W&B run {r.id} of sweep {path}: {e}") from None
+        yield SweepRun(r.id, dict(r.config), models)

@@ -174,6 +174,11 @@ class Config:
     keep_top_k: int = opt(2, "per-epoch checkpoints kept, ranked by the monitor (best.safetensors and "
                              "last.safetensors are kept apart)")
     table_rows: int = opt(200, "max rows in each W&B prediction table")
+    log_model: str = opt("best", "checkpoints as versions of the W&B artifact model-<run id> (aliases best, latest, "
+                                 "epoch-N): best = each new best, at most one upload per 2 minutes online, the newest "
+                                 "always before the run finishes, however it ends (offline: once, at the end); all = "
+                                 "every epoch's weights; end = the best once, at the end; off = none",
+                         ("off", "end", "best", "all"))
     out_dir: str = opt("", "run output folder; '' = $SWEEPCLS_RUNS_DIR/<run id>, by default runs/<run id>")
     # --- W&B ---
     wandb_mode: str = opt("auto", "auto = online when an API key is configured, else offline; WANDB_MODE wins over "
@@ -181,8 +186,8 @@ class Config:
     project: str = opt("", "W&B project; '' = $WANDB_PROJECT or 'sweepcls'")
     entity: str = opt("", "W&B entity (team or user); '' = your default")
     run_name: str = opt("", "W&B run name; '' = W&B's (online) or <model>-<run id> (offline)")
-    wandb_console: bool = opt(False, "also send the console output to W&B (files/output.log); off: no capture on the "
-                                     "training path")
+    wandb_console: bool = opt(True, "send the console output to W&B (files/output.log), online and offline: a "
+                                    "failed trial says why in W&B; False: no capture")
     # --- lineage: what this run is for (none of these change what it computes) ---
     notes: str = opt("", "the run's hypothesis or remark: W&B run notes, run.json and the journal (python journal.py)")
     tags: str = opt("", "comma-separated W&B run tags (a sweep's own tags are kept)")
@@ -262,7 +267,8 @@ def maximizes(metric: str, mode: str = "auto") -> bool:
 # keys that never change what a run computes: where it writes and logs, how fast, and what it is for.
 # They may differ on resume, and they are not "what changed" in a run's record.
 BOOKKEEPING_KEYS = {"resume", "out_dir", "workers", "wandb_mode", "project", "entity", "run_name", "table_rows",
-                    "device", "cache", "cache_dir", "compile", "wandb_console", "notes", "tags", "parent"}
+                    "log_model", "device", "cache", "cache_dir", "compile", "wandb_console", "notes", "tags",
+                    "parent"}
 # keys train.py decides from the data when they are auto (model, img_size 0, pretrained): a resumed run decides again
 AUTO_KEYS = {"model", "img_size", "pretrained", "pretrained_path"}
 # where the data is read from: the data fingerprint tells what it was, so these are no "change" either

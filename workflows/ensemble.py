@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +49,8 @@ def is_artifact_ref(ref: str) -> bool:
 
 def resolve_member(ref: str, cache_dir: Path) -> Member:
     """A checkpoint file, a run dir (best.safetensors, or fold*/best.safetensors of a --cv run), or a W&B
-    artifact ref ENTITY/PROJECT/model-<id>:ALIAS, downloaded into cache_dir (online only)."""
+    artifact ref ENTITY/PROJECT/model-<id>:ALIAS, downloaded into cache_dir (online only); refs joined by '+'
+    (a --cv run's ENTITY/PROJECT/model-<id>-fold<k>:best) are one member, their probabilities averaged."""
     path = Path(ref)
     if path.is_file():
         return _checkpoint_member(path.parent.name if path.name == "best.safetensors" else path.name, [path])
@@ -59,18 +61,31 @@ def resolve_member(ref: str, cache_dir: Path) -> Member:
         if folds:
             return _checkpoint_member(path.name, folds, path / "oof.csv" if (path / "oof.csv").is_file() else None)
         raise UserError(f"{path}: no best.safetensors (nor fold*/best.safetensors) in this folder")
-    if is_artifact_ref(ref):
-        root = Path(cache_dir) / "artifacts" / ref.replace("/", "_").replace(":", "_")
-        files = sorted(tracking.download_artifact(ref, root).glob("**/*.safetensors"))
-        if not files:
-            raise UserError(f"W&B artifact {ref} holds no .safetensors checkpoint")
-        return _checkpoint_member(ref, files[:1])
+    if all(map(is_artifact_ref, ref.split("+"))):  # A+B+...: one member of several artifacts (a --cv run's folds)
+        return _checkpoint_member(_joined_name(ref), [_artifact_checkpoint(part, cache_dir) for part in ref.split("+")])
     raise UserError(f"member {ref!r}: no such file or folder, and not a W&B artifact ref ENTITY/PROJECT/NAME:ALIAS")
+
+
+def _joined_name(ref: str) -> str:
+    """How a joined ref is shown: E/P/model-x-fold0:best+E/P/model-x-fold1:best -> E/P/model-x-fold0+1:best."""
+    parts = [re.fullmatch(r"(.+-fold)(\d+)(:[\w.-]+)?", part) for part in ref.split("+")]
+    if len(parts) > 1 and all(parts) and len({(m[1], m[3]) for m in parts}) == 1:
+        return f"{parts[0][1]}{'+'.join(m[2] for m in parts)}{parts[0][3] or ''}"
+    return ref
+
+
+def _artifact_checkpoint(ref: str, cache_dir: Path) -> Path:
+    root = Path(cache_dir) / "artifacts" / ref.replace("/", "_").replace(":", "_")
+    files = sorted(tracking.download_artifact(ref, root).glob("**/*.safetensors"))
+    if not files:
+        raise UserError(f"W&B artifact {ref} holds no .safetensors checkpoint")
+    return files[0]
 
 
 def sweep_member_refs(sweep: str, top: int) -> list[str]:
     """The top runs of a sweep as member refs: an offline sweep dir's leaderboard (run dirs), or an online
-    sweep ENTITY/PROJECT/ID by its own metric (each run's best model artifact)."""
+    sweep ENTITY/PROJECT/ID by its own metric: its finished runs' best model artifacts (a --cv run's folds as one
+    member); a run without one is skipped with a note on stderr, and the next one taken."""
     root = Path(sweep)
     if (root / "sweep.json").is_file():
         from workflows.sweep import SweepDir, leaderboard
@@ -82,7 +97,41 @@ def sweep_member_refs(sweep: str, top: int) -> list[str]:
     entity, project, _ = sweep.split("/") if sweep.count("/") == 2 else (None, None, None)
     if entity is None:
         raise UserError(f"--sweep {sweep}: expected an offline sweep dir or ENTITY/PROJECT/SWEEP_ID")
-    return [f"{entity}/{project}/model-{run_id}:best" for run_id in tracking.top_sweep_runs(sweep, top)]
+    if top < 1:
+        return []
+    refs = []
+    for run in tracking.sweep_runs_best_first(sweep):  # lazy: no API call past the top K
+        ref, why = _sweep_run_ref(f"{entity}/{project}", run)
+        if not ref:
+            print(f"note: --sweep {sweep}: skipping run {run.id}: {why}", file=sys.stderr)
+            continue
+        refs.append(ref)
+        if len(refs) == top:
+            break
+    if not refs:
+        raise UserError(f"--sweep {sweep}: no finished run with the sweep's metric and a model artifact to ensemble")
+    return refs
+
+
+def _sweep_run_ref(prefix: str, run) -> tuple[str, str]:
+    """(the member ref of a finished online sweep run, "") or ("", why it has none): PREFIX/model-<id>:best, or a
+    --cv run's folds PREFIX/model-<id>-fold<k>:best joined by '+' (one member). A --cv run is known by its config
+    (cv true, `folds` K: all K folds are needed) or by its fold artifacts."""
+    fold_name = re.compile(rf"model-{re.escape(run.id)}-fold(\d+)")
+    folds = {int(m[1]): name for name in run.models if (m := fold_name.fullmatch(name))}
+    cv = str(run.config.get("cv")).lower() == "true"
+    if not (cv or folds):
+        if f"model-{run.id}" in run.models:
+            return f"{prefix}/model-{run.id}:best", ""
+        return "", f"no model artifact model-{run.id}:best (crashed before its first checkpoint, or deleted)"
+    k = run.config.get("folds")
+    wanted = range(int(k)) if cv and str(k).isdigit() and int(k) >= 2 else sorted(folds)
+    missing = [f"model-{run.id}-fold{i}:best" for i in wanted if i not in folds]
+    if not folds:
+        return "", f"a --cv run without fold model artifacts (model-{run.id}-fold<k>:best)"
+    if missing:
+        return "", f"a --cv run of {len(wanted)} folds without {', '.join(missing)}"
+    return "+".join(f"{prefix}/{folds[i]}:best" for i in wanted), ""
 
 
 def check_compatible(members: list[Member]) -> None:

@@ -9,7 +9,8 @@ Usage:
     test_probs = predict_test(cfg, data, s)   # from the best checkpoint file alone
 """
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from datasets.shift import any_on, noisy_copies
 from datasets.transforms import AUGS, eval_transform
 from losses import build_loss, loss_kwargs, soft_target_losses
 from models import adapt_test_bn, build_model, check_input_size, normalization
-from models.checkpoint import CheckpointKeeper, load_model
+from models.checkpoint import CheckpointKeeper, load_model, read_meta
 from optim import SAM, build_optimizer, build_scheduler, optimizer_kwargs, scheduler_kwargs
 from optim.stepper import Stepper
 from utils import UserError, distributed
@@ -36,6 +37,46 @@ from workflows.inference import predict_probs
 
 SCALAR_KEYS = ["train/loss", "val/loss", "val/acc", "val/f1_macro", "val/acsa", "val/auc_macro"]
 CLEAN_KEYS = ["val_clean/loss", "val_clean/acc", "val_clean/f1_macro"]  # beside val/* when validation is noisy
+BEST_UPLOAD_SECONDS = 120.0  # --log_model best, online: at most one staged copy per this long; the newest best at exit
+
+
+@dataclass
+class ModelLog:
+    """--log_model: which checkpoints become versions of the W&B artifact model-<run id>[-fold<k>]. `best` logs a
+    new best when the last upload is BEST_UPLOAD_SECONDS old (online; offline every version would be one more
+    staged copy, so offline waits for the exit); every exit Python survives logs the newest best it has not logged
+    (log_pending), and a resumed run catches up on one a SIGKILL kept from W&B."""
+    policy: str                     # off | end | best | all
+    online: bool
+    logged_epoch: int | None = None  # the best epoch whose checkpoint W&B has
+    last_upload: float = field(default=-math.inf)
+
+    def after_epoch(self, run, s: "FitSetup", epoch: int) -> None:
+        best = s.keeper.best_epoch == epoch
+        if self.policy == "all":
+            s.keeper.flush()
+            self._log(run, s, s.keeper.dir / "last.safetensors", epoch,
+                      ["latest", f"epoch-{epoch}"] + (["best"] if best else []))
+            self.logged_epoch = s.keeper.best_epoch if best else self.logged_epoch
+        elif (self.policy == "best" and self.online and s.keeper.best_epoch != self.logged_epoch
+              and time.monotonic() - self.last_upload >= BEST_UPLOAD_SECONDS):
+            self.log_pending(run, s)
+
+    def log_pending(self, run, s: "FitSetup") -> None:
+        """The newest best, unless W&B has it already (or --log_model off)."""
+        s.keeper.flush()
+        if self.policy != "off" and s.keeper.best_epoch not in (None, self.logged_epoch):
+            epoch = s.keeper.best_epoch
+            self._log(run, s, s.keeper.best_path, epoch, ["best", "latest", f"epoch-{epoch}"])
+            self.logged_epoch = epoch
+
+    def _log(self, run, s: "FitSetup", path: Path, epoch: int, aliases: list[str]) -> None:
+        if not distributed.is_main():
+            return
+        meta = read_meta(path)
+        (meta.get("lineage") or {}).get("code", {}).pop("diff", None)  # in the file and the run's diff.patch only
+        run.log_artifact(path, s.artifact_name, "model", meta, aliases=aliases)
+        self.last_upload = time.monotonic()
 
 
 @dataclass
@@ -59,10 +100,11 @@ class FitSetup:
     keeper: CheckpointKeeper
     meta: dict               # checkpoint metadata every epoch shares
     artifact_name: str       # the W&B model artifact of this fit
+    model_log: ModelLog      # which checkpoints go to W&B, and when
 
 
 def build_fit(cfg: Config, run_id: str, out_dir: Path, data, prefix: str = "", lineage_meta: dict | None = None,
-              shift: dict | None = None, pseudo: tuple | None = None) -> FitSetup:
+              shift: dict | None = None, pseudo: tuple | None = None, online: bool = False) -> FitSetup:
     """The set-up of fold cfg.fold (or the holdout split). shift: the test set's measured corruption
     (datasets/shift.measure_data), for --aug_preset auto and --val_noise auto. pseudo: (test rows, their labels)
     that train beside the training split. lineage_meta goes in every checkpoint."""
@@ -108,7 +150,8 @@ def build_fit(cfg: Config, run_id: str, out_dir: Path, data, prefix: str = "", l
                     train_loader=train_loader, val_loader=val_loader(val_images),
                     clean_loader=val_loader(val_items) if noisy_val else None, mixup=mixup, stepper=stepper,
                     eval_model=stepper.ema.module if stepper.ema is not None else model, keeper=keeper, meta=meta,
-                    artifact_name=f"model-{run_id}{f'-fold{cfg.fold}' if prefix else ''}")
+                    artifact_name=f"model-{run_id}{f'-fold{cfg.fold}' if prefix else ''}",
+                    model_log=ModelLog(cfg.log_model, online))
 
 
 def build_loss_and_mixup(cfg: Config, y_train: np.ndarray, num_classes: int, device) -> tuple:
