@@ -23,7 +23,6 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train
 from torchsampler import ImbalancedDatasetSampler
 
 from datasets.cache import cache_images
-from datasets.digits import load_digits_data
 # the package face: the names the rest of the repo imports from `datasets`
 from datasets.files import IMAGE_EXTS, Data, load_image, read_csv, take, unreadable, write_csv  # noqa: F401
 from utils import UserError
@@ -34,6 +33,8 @@ def load_data(source: str, image_col: str = "ID", label_col: str = "target", gro
               skip_bad: bool = False) -> Data:
     """skip_bad: training rows whose file is missing pass here; screen_images drops them."""
     if source in ("digits", "digits_hard"):
+        # imported here, not at the top: `python -m datasets.digits` (the export) must not find itself imported
+        from datasets.digits import load_digits_data
         return load_digits_data(hard=source == "digits_hard")
     root = Path(source)
     if not root.is_dir():
