@@ -190,8 +190,7 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
         start_epoch, best_probs = 1, None
         if state is not None:
             best_probs, start_epoch = restore_training_state(state, s.stepper, s.keeper), state["next_epoch"]
-            s.model_log.logged_epoch = state.get("model_logged_epoch")
-            s.model_log.log_pending(run, s)  # a best that a SIGKILL kept from W&B
+            s.model_log.resume(run, s, state.get("model_logged_epoch"))
             print(f"resumed at epoch {start_epoch} of {cfg.epochs}, "
                   f"best {cfg.monitor} so far {s.keeper.best_score:.4f}")
         for epoch in range(start_epoch, cfg.epochs + 1):

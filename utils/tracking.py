@@ -18,8 +18,8 @@ import shutil
 import socket
 import sys
 import threading
-import urllib.parse
 import traceback
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -166,7 +166,8 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, *, project: str = 
     save_code: W&B keeps the script (files/code/) and, in a git checkout, the commit, remote and diff.patch."""
     if not record:
         return Run(wandb.init(mode="disabled", config=config, id=run_id), None)
-    mode = resolve_mode(mode)  # under `wandb agent`, an unreachable server is a UserError there
+    # a mode resolved already (train.py resolves it first, on every rank) is not resolved, nor probed, again
+    mode = resolve_mode(mode) if mode == "auto" else mode  # under `wandb agent`: a missing key or server raises
     sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
     # a standalone run whose server cannot be reached goes offline at once, saying so, instead of waiting
     # for wandb.init's timeout and a traceback

@@ -62,6 +62,12 @@ class ModelLog:
               and time.monotonic() - self.last_upload >= BEST_UPLOAD_SECONDS):
             self.log_pending(run, s)
 
+    def resume(self, run, s: "FitSetup", logged_epoch: int | None) -> None:
+        """A resumed fit: online, the best a SIGKILL kept from W&B goes now (offline, the exit logs it anyway)."""
+        self.logged_epoch = logged_epoch
+        if self.online:
+            self.log_pending(run, s)
+
     def log_pending(self, run, s: "FitSetup") -> None:
         """The newest best, unless W&B has it already (or --log_model off)."""
         s.keeper.flush()
