@@ -27,7 +27,7 @@ from utils import UserError, distributed, tracking
 from utils.device import pick_device
 from utils.metrics import classification_metrics
 from utils.runs import new_run_id, runs_dir
-from utils.stop import StopSignal, Stopped
+from utils.stop import StopSignal, Stopped, ignore_later_stops
 from workflows import lineage
 from workflows.config import ADDED_CONFIG_KEYS, Config, parse_config
 from workflows.label_errors import analyse_oof, apply_label_fixes
@@ -71,7 +71,8 @@ def run_and_finish(cfg: Config, stop: StopSignal) -> int:
         return 1
     run = tracking.init(cfg.to_dict(), state["run_id"] if state else run_id, out_dir, mode,
                         project=cfg.project, entity=cfg.entity, name=cfg.run_name, resume=state,
-                        console=cfg.wandb_console, record=distributed.is_main(), notes=cfg.notes, tags=cfg.tags)
+                        console=cfg.wandb_console, record=distributed.is_main(), notes=cfg.notes, tags=cfg.tags,
+                        stop_fn=stop.request)  # W&B's stop (UI, sweep): a stop like a signal's
 
     def work():
         locked = Config.from_dict(distributed.broadcast(run.config(exclude=ADDED_CONFIG_KEYS)))  # a sweep's values win
@@ -283,4 +284,7 @@ def submit_report(cfg: Config, run, out_dir: Path, prefix: str, data, s: FitSetu
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code > 128:  # stopped by a signal: one that follows (the agent's SIGINT after its SIGTERM) keeps this code
+        ignore_later_stops()
+    sys.exit(code)

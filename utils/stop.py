@@ -1,10 +1,12 @@
-"""SIGTERM and SIGINT (a cluster preempting, a hyperband stop, Ctrl-C) as a flag the training loop
-checks between steps, so a run stops at a step boundary, saves, finishes its W&B run and exits.
+"""SIGTERM and SIGINT (a cluster preempting, a hyperband stop, Ctrl-C) and W&B's own stop request (the UI's stop
+button, a sweep's early termination: `StopSignal.request`, wandb's stop_fn) as a flag the training loop checks
+between steps, so a run stops at a step boundary, saves, finishes its W&B run and exits.
 
 Usage:
     with StopSignal() as stop:
         for batch in loader:
             ...; stop.check()          # raises Stopped once a signal has arrived
+The run then has until Stopped.deadline (stop_budget_s() after the stop) to save, finish its W&B run and exit.
 Later signals while stopping are noted on stderr, never raised: `wandb agent` sends SIGTERM and its run's stop
 poller SIGINT, and an exception raised there could land inside a checkpoint write or the W&B run's finish.
 SIGKILL (or Ctrl-\\, SIGQUIT) still ends a run at once; resume continues from its last saved state.
@@ -12,15 +14,35 @@ SIGKILL (or Ctrl-\\, SIGQUIT) still ends a run at once; resume continues from it
 import os
 import signal
 import threading
+import time
+
+
+def stop_budget_s() -> float:
+    """Seconds a run gives itself from a stop signal to its exit: `wandb agent` SIGKILLs a trial
+    WANDB_AGENT_KILL_DELAY (default 30) seconds after its SIGTERM, as SLURM does after KillWait (default 30);
+    10 s of that are left as a margin."""
+    try:
+        delay = float(os.environ.get("WANDB_AGENT_KILL_DELAY") or 30)
+    except ValueError:
+        delay = 30.0
+    return max(5.0, delay - 10)
 
 
 class Stopped(Exception):
-    """A stop signal arrived; `signum` says which, `exit_code` is the shell's 128 + signum."""
+    """A stop arrived; `signum` says which signal (SIGINT for W&B's own stop request, as wandb would send),
+    `exit_code` is the shell's 128 + signum, `by_wandb` whether W&B asked for it, `at` when (time.monotonic)."""
 
-    def __init__(self, signum: int):
+    def __init__(self, signum: int, by_wandb: bool = False, at: float | None = None):
         self.signum = signum
         self.exit_code = 128 + signum
-        super().__init__(signal.Signals(signum).name)
+        self.by_wandb = by_wandb
+        self.at = time.monotonic() if at is None else at
+        super().__init__("W&B's stop request" if by_wandb else signal.Signals(signum).name)
+
+    @property
+    def deadline(self) -> float:
+        """time.monotonic() by which the run must have exited, before the agent's or the cluster's SIGKILL."""
+        return self.at + stop_budget_s()
 
 
 class StopSignal:
@@ -28,14 +50,25 @@ class StopSignal:
 
     def __init__(self):
         self.signum: int | None = None
+        self.by_wandb = False
+        self.at: float | None = None  # time.monotonic() of the first stop
         self._previous = {}
 
     def _handle(self, signum, frame):
         if self.signum is not None:  # os.write: no buffered I/O inside a signal handler
             os.write(2, f"{signal.Signals(signum).name} noted: already stopping after "
-                        f"{signal.Signals(self.signum).name} (saving, then finishing the W&B run)\n".encode())
+                        f"{self.describe()} (saving, then finishing the W&B run)\n".encode())
             return
-        self.signum = signum
+        self.at, self.signum = time.monotonic(), signum
+
+    def request(self) -> None:
+        """W&B says the run should stop (wandb's stop_fn, called on one of its threads): a stop like SIGINT, which
+        is what wandb itself would send, but known to come from W&B (not a preemption)."""
+        if self.signum is None:
+            self.at, self.by_wandb, self.signum = time.monotonic(), True, signal.SIGINT
+
+    def describe(self) -> str:
+        return "W&B's stop request" if self.by_wandb else signal.Signals(self.signum).name
 
     def __enter__(self) -> "StopSignal":
         if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread only
@@ -57,4 +90,13 @@ class StopSignal:
         if agree is not None:
             flag = agree(flag)
         if flag:
-            raise Stopped(self.signum or signal.SIGTERM)
+            raise Stopped(self.signum or signal.SIGTERM, self.by_wandb, self.at)
+
+
+def ignore_later_stops() -> None:
+    """For a command whose run has stopped and is now exiting: a stop signal from here on (the agent's SIGINT a
+    second after its SIGTERM) is ignored, not a KeyboardInterrupt, nor (once Python's shutdown has reset its
+    handlers) a death by that signal, either of which would replace the exit code the W&B run recorded. SIG_IGN,
+    unlike a Python handler, outlasts the interpreter's shutdown (a second or two here: torch, wandb's service)."""
+    for s in StopSignal.SIGNALS:
+        signal.signal(s, signal.SIG_IGN)

@@ -15,9 +15,11 @@ is raised by the next call here.
 """
 import os
 import shutil
+import signal
 import socket
 import sys
 import threading
+import time
 import traceback
 import urllib.parse
 from collections.abc import Iterator
@@ -32,7 +34,7 @@ from wandb.sdk.lib import wbauth
 from utils import UserError
 from utils.background import BackgroundWriter
 from utils.runs import DEFAULT_PROJECT, RunRecord, random_id
-from utils.stop import Stopped
+from utils.stop import Stopped, stop_budget_s
 
 THUMB_PX = 128  # longest side of table thumbnails
 
@@ -83,6 +85,8 @@ def has_api_key(settings: wandb.Settings | None = None) -> bool:
 
 SERVER_TIMEOUT_S = 5  # how long a run waits to learn that W&B's server cannot be reached at all
 INIT_TIMEOUT_S = 60  # wandb.init's own limit for an online run (wandb's default: 90 s) unless WANDB_INIT_TIMEOUT
+MIN_FINISH_S = 2  # the least time a stopped run's finish gets, even past its deadline
+STOP_STATUS_TIMEOUT_S = 5  # the longest a stop waits for W&B's answer to "did you ask this run to stop?"
 
 
 def _unreachable(base_url: str, timeout: float = SERVER_TIMEOUT_S) -> str:
@@ -158,9 +162,12 @@ def _requested_mode(requested: str) -> str:
 
 def init(config: dict, run_id: str, out_dir: Path, mode: str, *, project: str = "", entity: str = "", name: str = "",
          job_type: str = "train", resume: dict | None = None, console: bool = True, record: bool = True,
-         notes: str = "", tags: str | list = "") -> "Run":
+         notes: str = "", tags: str | list = "", stop_fn=None) -> "Run":
     """resume: a resumed run's {"wandb_step", "history_rows", "summary"} from its last saved state; W&B
-    continues the same run id (offline: a new offline-run-...-<id>-N folder that syncs into it).
+    continues the same run id (offline: a new offline-run-...-<id>-N folder that syncs into it). Under `wandb agent`
+    a run id may be one W&B requeued after a preemption: the run is always continued there, never replaced.
+    stop_fn: called (on a W&B thread) when W&B asks the run to stop (the UI's stop button, a sweep's early
+    termination), in place of wandb's own SIGINT to the main thread (utils/stop.py StopSignal.request).
     console: W&B also captures stdout/stderr. record False: no run files at all (torchrun's ranks > 0).
     tags: added to those in $WANDB_TAGS (the offline sweep runner's), which an explicit list would replace.
     save_code: W&B keeps the script (files/code/) and, in a git checkout, the commit, remote and diff.patch."""
@@ -183,11 +190,13 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, *, project: str = 
 
     def start(mode):
         settings = {"console": "auto" if console else "off", "save_code": True}
+        if stop_fn is not None:
+            settings["stop_fn"] = stop_fn
         if mode == "online" and not os.environ.get("WANDB_INIT_TIMEOUT"):  # a server that connects, then hangs
             settings["init_timeout"] = INIT_TIMEOUT_S
         return wandb.init(
             **where, name=name or (f"{config.get('model', 'run')}-{run_id}" if mode == "offline" else None),
-            dir=str(out_dir), config=config, mode=mode, job_type=job_type, resume="allow" if resume else None,
+            dir=str(out_dir), config=config, mode=mode, job_type=job_type, resume="allow" if resume or sweep else None,
             settings=wandb.Settings(**settings), notes=notes or None,
             tags=split_tags(os.environ.get("WANDB_TAGS", ""), tags) or None)
     try:
@@ -430,7 +439,8 @@ class Run:
             self.finish(exit_code=1)
             return 1
         except Stopped as e:
-            self.finish(exit_code=e.exit_code)
+            self.on_stop(e)
+            self.finish(exit_code=e.exit_code, deadline=e.deadline)
             print(f"stopped by {e}: {stopped_note}W&B run finished (exit code {e.exit_code})", file=sys.stderr)
             return e.exit_code
         except BaseException as e:
@@ -438,6 +448,25 @@ class Run:
             self.finish(exit_code=1)
             raise
         return self.finish()
+
+    def on_stop(self, stop: Stopped) -> None:
+        """What a stop was, in the run before it finishes. Under `wandb agent` a SIGTERM that W&B did not ask for
+        (asked as W&B's stop poller asks: the run's stop status) is a preemption (a cluster or a spot machine taking
+        the GPU back, the agent itself shutting down): the run is marked preempting, so that W&B requeues the trial,
+        and the agent that picks it up continues from this run folder where it is on the same machine, instead of
+        the sweep learning from a "failed" trial that this configuration is the worst."""
+        if self.record is None or self.mode == "disabled":
+            return
+        if not (os.environ.get("WANDB_SWEEP_ID") and stop.signum == signal.SIGTERM and not stop.by_wandb):
+            return
+        if stop_requested_in_wandb(self.wandb, timeout=min(STOP_STATUS_TIMEOUT_S, max(0.0, stop.deadline -
+                                                                                        time.monotonic()) / 4)):
+            print("stopped by the sweep (its early termination, or the UI's stop button)")
+            return
+        self.wandb.mark_preempting()  # sent at once, ahead of anything still queued for W&B
+        self.set_summary({"preempted": True})
+        print(f"preempted (SIGTERM that W&B did not ask for): W&B requeues this trial; an agent on this machine "
+              f"continues it from {self.record.dir}")
 
     def record_crash(self, error: BaseException) -> None:
         """An unexpected exception, into the run before it finishes: the summary's `error`, and the whole traceback
@@ -449,9 +478,41 @@ class Run:
         path.write_text("".join(traceback.format_exception(error)))
         self.save_file(path)
 
-    def finish(self, exit_code: int = 0) -> int:
+    def finish(self, exit_code: int = 0, deadline: float | None = None) -> int:
         """Wait for the writer thread's W&B calls, then finish the run; _exit_code goes in summary.json last.
-        Returns the exit code: 1 instead of 0 when a W&B call on the writer thread failed (said on stderr)."""
+        Returns the exit code: 1 instead of 0 when a W&B call on the writer thread failed (said on stderr).
+        deadline (time.monotonic(); a stop's): a finish still waiting for W&B then (an upload on a slow link) ends
+        the process there with exit_code, saying how to upload the rest, before the SIGKILL that follows a stop
+        signal would end it unannounced. Python's own exit would wait for W&B again (wandb's atexit hook)."""
+        if deadline is None:
+            return self._finish(exit_code)
+        outcome = []
+
+        def finish_it():
+            try:
+                outcome.append(self._finish(exit_code))
+            except BaseException as e:  # noqa: BLE001 - raised again on the calling thread
+                outcome.append(e)
+        finishing = threading.Thread(target=finish_it, name="wandb-finish", daemon=True)
+        finishing.start()
+        finishing.join(max(MIN_FINISH_S, deadline - time.monotonic()))  # a stop noticed late still gets a moment
+        if outcome:
+            if isinstance(outcome[0], BaseException):
+                raise outcome[0]
+            return outcome[0]
+        where = Path(self.wandb.dir).parent
+        if self.record is not None:
+            self.record.summary.update({"_exit_code": exit_code, "wandb_unfinished": True})
+            self.record.write_summary()
+        print(f"W&B is still uploading at the stop's time limit ({stop_budget_s():.0f} s), so the run exits now, "
+              f"before a SIGKILL would: checkpoints, metrics.jsonl and summary.json are complete under "
+              f"{self.record.dir if self.record else where}; upload what W&B has not with: wandb sync {where}",
+              file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+
+    def _finish(self, exit_code: int) -> int:
         error = None
         if self.writer is not None:
             try:
@@ -470,6 +531,19 @@ class Run:
             print(f"error: W&B could not record part of the run ({type(error).__name__}: {error}); the checkpoints, "
                   f"metrics.jsonl and summary.json are complete", file=sys.stderr)
         return exit_code
+
+
+def stop_requested_in_wandb(run, timeout: float) -> bool:
+    """Whether W&B asked this run to stop (the UI's stop button; a sweep's early termination, which the agent also
+    passes on as SIGTERM): the question wandb's own stop poller asks every 15 s (wandb/sdk/lib/run_stopping.py),
+    asked now. No answer within timeout (no server, or none reachable) is False. Offline W&B answers at once,
+    with False: nothing can ask an offline run to stop."""
+    from wandb.proto import wandb_internal_pb2 as pb
+    try:
+        handle = run._interface._deliver(pb.Record(request=pb.Request(stop_status=pb.StopStatusRequest())))
+        return bool(handle.wait_or(timeout=timeout).response.stop_status_response.run_should_stop)
+    except Exception:  # noqa: BLE001 - a timeout, an abandoned handle, a wandb whose internals moved
+        return False
 
 
 def _thumb(image: np.ndarray, caption: str = ""):

@@ -1,0 +1,161 @@
+"""Stops under `wandb agent`, in the agent's own pattern: SIGTERM (the agent's stop, or a cluster's preemption), the
+run's stop poller a second later (SIGINT), SIGKILL 30 s after the SIGTERM. A trial must save, finish its W&B run and
+exit well inside those 30 s, and a preemption (a SIGTERM W&B did not ask for) must be marked so that W&B requeues
+the trial, which then continues from its run folder. Real train.py and wandb offline; faked, thinly, only what a
+server decides: its answer to "did W&B ask this run to stop?" and an upload that does not end."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TINY_MODEL, read_run
+from utils import tracking
+from utils.runs import random_id
+from utils.stop import StopSignal, Stopped, stop_budget_s
+
+KILL_DELAY = 30  # wandb agent's SIGKILL after its SIGTERM (wandb_agent.Agent.KILL_DELAY)
+
+
+def start_trial(competition, env: dict, *args, wrapper: str = "") -> subprocess.Popen:
+    """train.py as `wandb agent` starts a trial: its own process group, WANDB_SWEEP_ID and WANDB_RUN_ID set, the
+    run folder under SWEEPCLS_RUNS_DIR by run id (no --out_dir)."""
+    cmd = [sys.executable, *(["-c", wrapper] if wrapper else ["train.py"]), "--data", str(competition),
+           "--model", TINY_MODEL, "--img_size", "32", "--epochs", "40", "--workers", "0", "--batch_size", "16", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            process_group=0)
+
+
+def as_main(patch: str) -> str:
+    """Python code that applies `patch`, then runs train.py as `python train.py` would (its __main__ block)."""
+    return f"{patch}; import runpy, sys; sys.argv[0] = 'train.py'; runpy.run_path('train.py', run_name='__main__')"
+
+
+def agent_env(tmp_path, run_id: str) -> dict:
+    return {**os.environ, "WANDB_SWEEP_ID": "sweep1", "WANDB_RUN_ID": run_id,
+            "SWEEPCLS_RUNS_DIR": str(tmp_path / "runs")}
+
+
+def wait_for_epochs(proc, out_dir: Path, n: int, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    metrics = out_dir / "metrics.jsonl"
+    while not metrics.exists() or sum(1 for line in metrics.read_text().splitlines() if '"epoch"' in line) < n:
+        if proc.poll() is not None:
+            raise AssertionError(f"the trial ended early ({proc.returncode}): {proc.communicate()[1][-3000:]}")
+        assert time.time() < deadline, "no epoch logged in time"
+        time.sleep(0.1)
+
+
+def stop_like_the_agent(proc) -> tuple[float, str, str]:
+    """SIGTERM; SIGINT a second later (the run's stop poller); SIGKILL at 30 s. Seconds from SIGTERM to exit."""
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    try:
+        out, err = proc.communicate(timeout=1)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=KILL_DELAY - 1)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+    return time.monotonic() - sent, out, err
+
+
+def wandb_records(out_dir: Path, attempt: int = 0) -> list[dict]:
+    return read_run(sorted(out_dir.glob("wandb/offline-run-*"))[attempt])
+
+
+def epochs_logged(out_dir: Path) -> list[int]:
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["epoch"] for r in rows if "epoch" in r and "val/loss" in r]
+
+
+@pytest.mark.slow
+def test_a_preempted_trial_is_marked_and_its_requeued_run_continues(tmp_path, competition):
+    env = agent_env(tmp_path, "trial001")
+    out_dir = tmp_path / "runs" / "trial001"
+    proc = start_trial(competition, env)
+    wait_for_epochs(proc, out_dir, 1)
+    took, out, err = stop_like_the_agent(proc)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert took < KILL_DELAY - 10, f"{took:.1f} s from SIGTERM to exit"
+    assert "Traceback" not in err  # the SIGINT a second later, while stopping or exiting: no KeyboardInterrupt
+    assert "preempted" in out and "W&B requeues this trial" in out
+    records = wandb_records(out_dir)
+    assert any(r["type"] == "preempting" for r in records)  # what W&B requeues on (run.mark_preempting)
+    assert next(r for r in records if r["type"] == "exit")["exit"]["exit_code"] == 128 + signal.SIGTERM
+    assert json.loads((out_dir / "summary.json").read_text())["preempted"] is True
+    done = epochs_logged(out_dir)
+    # W&B hands the requeued trial to an agent: the same command, the same run id, so the same run folder
+    again = start_trial(competition, env)
+    wait_for_epochs(again, out_dir, len(done) + 1)
+    stop_like_the_agent(again)
+    epochs = epochs_logged(out_dir)
+    assert epochs[:len(done)] == done and epochs[len(done)] == done[-1] + 1  # continued, not started over
+    assert len(list(out_dir.glob("wandb/offline-run-*"))) == 2  # two attempts of the one W&B run
+    assert wandb_records(out_dir, 1)[1]["run"]["run_id"] == "trial001"
+
+
+@pytest.mark.slow
+def test_a_stop_that_wandb_asked_for_is_not_a_preemption(tmp_path, competition):
+    """The agent's SIGTERM for hyperband or the UI's stop: W&B's stop status says so (its answer faked here)."""
+    env = agent_env(tmp_path, "trial002")
+    out_dir = tmp_path / "runs" / "trial002"
+    wrapper = as_main("from utils import tracking; tracking.stop_requested_in_wandb = lambda run, timeout: True")
+    proc = start_trial(competition, env, wrapper=wrapper)
+    wait_for_epochs(proc, out_dir, 1)
+    took, out, err = stop_like_the_agent(proc)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped by the sweep" in out and "preempted" not in out
+    assert not any(r["type"] == "preempting" for r in wandb_records(out_dir))
+
+
+@pytest.mark.slow
+def test_a_stop_ends_the_process_in_time_even_when_wandb_does_not_finish(tmp_path, competition):
+    """An upload that outlasts the stop's time budget (a big model on a slow link: faked by a finish that never
+    returns) must not run into the SIGKILL: the process says what is where and exits with the stop's code."""
+    env = {**agent_env(tmp_path, "trial003"), "WANDB_AGENT_KILL_DELAY": "16"}  # budget: 6 s
+    out_dir = tmp_path / "runs" / "trial003"
+    wrapper = as_main("import time, wandb; wandb.Run.finish = lambda self, *a, **k: time.sleep(3600)")
+    proc = start_trial(competition, env, wrapper=wrapper)
+    wait_for_epochs(proc, out_dir, 1)
+    took, out, err = stop_like_the_agent(proc)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert took < 16, f"{took:.1f} s from SIGTERM to exit"
+    assert "W&B is still uploading" in err and f"wandb sync {out_dir.resolve()}" in err
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["_exit_code"] == 128 + signal.SIGTERM and summary["wandb_unfinished"] is True
+    assert (out_dir / "resume.pt").is_file() and (out_dir / "last.safetensors").is_file()
+
+
+def test_wandb_stop_request_reaches_the_run_as_a_stop_that_is_not_a_preemption(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sweep1")
+    out_dir = tmp_path / "run"
+    with StopSignal() as stop:
+        run = tracking.init({"model": "m"}, random_id(), out_dir, "offline", stop_fn=stop.request)
+        poller_stop = run.wandb._settings.stop_fn  # what wandb's RunStatusChecker is given, in place of its SIGINT
+        poller = threading.Thread(target=poller_stop)  # as the poller calls it when W&B answers "stop"
+        poller.start()
+        poller.join()
+        os.kill(os.getpid(), signal.SIGTERM)  # the agent's SIGTERM for the same stop: noted
+        with pytest.raises(Stopped) as e:
+            stop.check()
+    assert e.value.by_wandb and e.value.exit_code == 128 + signal.SIGINT
+    assert run.run_to_end(lambda: (_ for _ in ()).throw(e.value)) == 128 + signal.SIGINT
+    records = read_run(next(out_dir.glob("wandb/offline-run-*")))
+    assert not any(r["type"] == "preempting" for r in records)
+
+
+def test_a_stop_budget_follows_the_agents_kill_delay(monkeypatch):
+    monkeypatch.delenv("WANDB_AGENT_KILL_DELAY", raising=False)
+    assert stop_budget_s() == 20
+    monkeypatch.setenv("WANDB_AGENT_KILL_DELAY", "120")
+    assert stop_budget_s() == 110
+    stopped = Stopped(signal.SIGTERM)
+    assert stopped.deadline == pytest.approx(stopped.at + 110)
