@@ -189,9 +189,8 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, *, project: str = 
         where = {}
 
     def start(mode):
-        settings = {"console": "auto" if console else "off", "save_code": True}
-        if stop_fn is not None:
-            settings["stop_fn"] = stop_fn
+        settings = {"console": "auto" if console else "off", "save_code": True,
+                    **({"stop_fn": stop_fn} if stop_fn is not None else {})}
         if mode == "online" and not os.environ.get("WANDB_INIT_TIMEOUT"):  # a server that connects, then hangs
             settings["init_timeout"] = INIT_TIMEOUT_S
         return wandb.init(
