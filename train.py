@@ -250,9 +250,13 @@ def log_epoch(cfg: Config, run, out_dir: Path, data, s: FitSetup, prefix: str, m
     """The epoch's row, its tables and report at a new best, the summary and the console line; True when
     early stopping ends the fit here."""
     epoch, best = metrics["epoch"], s.keeper.best_epoch == metrics["epoch"]
+    early_stop = bool(cfg.patience and epoch - s.keeper.best_epoch >= cfg.patience and epoch < cfg.epochs)
+    last = early_stop or epoch == cfg.epochs  # the best epoch's tables, held for short epochs, are logged by now
     if best:
         run.log_eval_tables(f"{prefix}val", [data.ids[i] for i in s.val_idx], lambda r: load_image(s.val_images[r]),
-                            data.labels[s.val_idx], probs, data.classes, m, cfg.table_rows)
+                            data.labels[s.val_idx], probs, data.classes, m, cfg.table_rows, hold=not last)
+    elif last:
+        run.log_pending_tables(f"{prefix}val")
     run.log({k if k == "epoch" else prefix + k: v for k, v in metrics.items()})
     if best:
         submit_report(cfg, run, out_dir, prefix, data, s, probs)
@@ -261,7 +265,6 @@ def log_epoch(cfg: Config, run, out_dir: Path, data, s: FitSetup, prefix: str, m
     print(f"{prefix}epoch {epoch:>3}/{cfg.epochs} | "
           + " | ".join(f"{k.replace('auc_macro', 'auc')} {metrics[k]:.4f}" for k in shown if k in metrics)
           + f" | {metrics['train/epoch_seconds']:.1f}s{' | best' if best else ''}")
-    early_stop = bool(cfg.patience and epoch - s.keeper.best_epoch >= cfg.patience and epoch < cfg.epochs)
     if early_stop:
         print(f"early stop: no new best {cfg.monitor} for {cfg.patience} epochs")
         run.set_summary({prefix + "stopped_epoch": epoch})

@@ -159,3 +159,6 @@ def test_a_stop_budget_follows_the_agents_kill_delay(monkeypatch):
     assert stop_budget_s() == 110
     stopped = Stopped(signal.SIGTERM)
     assert stopped.deadline == pytest.approx(stopped.at + 110)
+    assert Stopped(signal.SIGINT).deadline is None  # Ctrl-C in a terminal or a notebook: no SIGKILL follows
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sweep1")
+    assert Stopped(signal.SIGINT).deadline is not None

@@ -6,11 +6,13 @@ import os
 import signal
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT
+from conftest import ROOT, read_run
 from utils import tracking
+from utils.metrics import classification_metrics
 from utils.runs import DEFAULT_PROJECT, random_id
 from utils.stop import StopSignal, Stopped
 
@@ -81,3 +83,30 @@ def test_a_second_stop_signal_is_noted_not_raised(capfd):
             stop.check()
     assert e.value.exit_code == 128 + signal.SIGTERM
     assert "SIGINT noted: already stopping after SIGTERM" in capfd.readouterr().err
+
+
+def test_short_epochs_hold_their_tables_and_the_last_best_still_gets_them(tmp_path):
+    """W&B stages every image of every table again: with epochs shorter than the tables' cost / TABLES_SHARE a new
+    best's tables are held (a newer best replacing them), and the fit's last epoch logs the newest."""
+    out_dir = tmp_path / "run"
+    run = tracking.init({"model": "m"}, random_id(), out_dir, "offline")
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 4
+    images = rng.integers(0, 255, (40, 16, 16, 3), dtype=np.uint8)
+    sets = [rng.dirichlet(np.ones(4), 40) for _ in range(3)]
+    for epoch, probs in enumerate(sets, 1):
+        run.log_eval_tables("val", [f"s{i}" for i in range(40)], lambda r: images[r], y, probs, list("abcd"),
+                            classification_metrics(y, probs), max_rows=40)
+        run.log({"epoch": epoch})
+        run.writer.drain()  # the first set's cost is known before the next best
+    assert run.tables_seconds > 0 and set(run.pending_tables) == {"val"}
+    run.log_pending_tables("val")  # the last epoch, not a new best
+    run.log({"epoch": 4})
+    run.finish()
+    logged = [r["history"] for r in read_run(next(out_dir.glob("wandb/offline-run-*"))) if r["type"] == "history"]
+    with_tables = [h for h in logged if "val/predictions" in json.dumps(h)]
+    assert len(with_tables) == 2  # the first best, and the newest at the end; not the one in between
+    (files,) = out_dir.glob("wandb/offline-run-*/files")
+    last = json.loads((files / with_tables[-1]["item"]["val/predictions.path"]).read_text())
+    confidences = [row[4] for row in last["data"]]
+    assert confidences == pytest.approx(sets[2].max(1).tolist())

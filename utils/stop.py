@@ -6,7 +6,8 @@ Usage:
     with StopSignal() as stop:
         for batch in loader:
             ...; stop.check()          # raises Stopped once a signal has arrived
-The run then has until Stopped.deadline (stop_budget_s() after the stop) to save, finish its W&B run and exit.
+After a SIGTERM, or under `wandb agent`, the run has until Stopped.deadline (stop_budget_s() after the stop) to
+save, finish its W&B run and exit.
 Later signals while stopping are noted on stderr, never raised: `wandb agent` sends SIGTERM and its run's stop
 poller SIGINT, and an exception raised there could land inside a checkpoint write or the W&B run's finish.
 SIGKILL (or Ctrl-\\, SIGQUIT) still ends a run at once; resume continues from its last saved state.
@@ -40,9 +41,13 @@ class Stopped(Exception):
         super().__init__("W&B's stop request" if by_wandb else signal.Signals(signum).name)
 
     @property
-    def deadline(self) -> float:
-        """time.monotonic() by which the run must have exited, before the agent's or the cluster's SIGKILL."""
-        return self.at + stop_budget_s()
+    def deadline(self) -> float | None:
+        """time.monotonic() by which the run must have exited, before the SIGKILL that follows a SIGTERM (a cluster's,
+        the agent's) or anything under `wandb agent`; None after a SIGINT elsewhere (Ctrl-C in a terminal, a
+        notebook's interrupt), which nothing follows: the run then finishes however long W&B takes."""
+        if self.signum == signal.SIGTERM or os.environ.get("WANDB_SWEEP_ID"):
+            return self.at + stop_budget_s()
+        return None
 
 
 class StopSignal:

@@ -85,6 +85,7 @@ def has_api_key(settings: wandb.Settings | None = None) -> bool:
 
 SERVER_TIMEOUT_S = 5  # how long a run waits to learn that W&B's server cannot be reached at all
 INIT_TIMEOUT_S = 60  # wandb.init's own limit for an online run (wandb's default: 90 s) unless WANDB_INIT_TIMEOUT
+TABLES_SHARE = 0.02  # the share of a run's time its evaluation tables may take (log_eval_tables)
 MIN_FINISH_S = 2  # the least time a stopped run's finish gets, even past its deadline
 STOP_STATUS_TIMEOUT_S = 5  # the longest a stop waits for W&B's answer to "did you ask this run to stop?"
 
@@ -238,6 +239,9 @@ class Run:
         self.writer = BackgroundWriter("wandb-writer") if enabled else None
         self.next_step = int(run.step) if enabled else 0  # W&B's next step, counted here
         self.thumbs: dict = {}  # (table prefix, sample id) -> its wandb.Image, encoded once per run
+        self.tables_seconds = 0.0  # what the last set of evaluation tables took to log (on the writer thread)
+        self.tables_at: dict = {}  # table prefix -> time.monotonic() its last set was logged
+        self.pending_tables: dict = {}  # table prefix -> the newest set held back (log_eval_tables)
 
     @property
     def id(self) -> str:
@@ -311,15 +315,36 @@ class Run:
             self.writer.drain()
         return found[0]
 
-    def log_eval_tables(self, prefix: str, ids, images, y_true, probs, classes, metrics: dict, max_rows: int) -> None:
+    def log_eval_tables(self, prefix: str, ids, images, y_true, probs, classes, metrics: dict, max_rows: int,
+                        hold: bool = True) -> None:
         """Prediction table, misclassified table (most confident mistakes first), confusion matrix and
         per-class scores, added to the next history row (run.log). `images(i)` returns sample i as
-        HxWx3 uint8; it is called on the writer thread, after this returns."""
+        HxWx3 uint8; it is called on the writer thread, after this returns.
+        W&B stages every image of every table again, so a set costs about a second per few hundred rows. To keep
+        that under TABLES_SHARE of the run's time, a set due sooner than its cost / TABLES_SHARE after the last
+        (short epochs) is held unless hold is False (the fit's last epoch), a newer one replacing it, until
+        log_pending_tables adds it to a later row (the last epoch's)."""
         if self.mode == "disabled":  # nothing would keep them; skip decoding and staging images
             return
-        self._submit(lambda: self._log_eval_tables(prefix, ids, images, y_true, probs, classes, metrics, max_rows))
+        tables = (prefix, ids, images, y_true, probs, classes, metrics, max_rows)
+        if hold and time.monotonic() - self.tables_at.get(prefix, -np.inf) < self.tables_seconds / TABLES_SHARE:
+            self.pending_tables[prefix] = tables
+            return
+        self.pending_tables.pop(prefix, None)
+        self.tables_at[prefix] = time.monotonic()
+        self._submit(lambda: self._log_eval_tables(*tables))
+
+    def log_pending_tables(self, prefix: str) -> None:
+        """The newest held set of tables under prefix (log_eval_tables), added to the next history row (run.log):
+        the best epoch of a fit that ends always has its tables in W&B."""
+        tables = self.pending_tables.pop(prefix, None)
+        if tables is not None:
+            self.tables_at[prefix] = time.monotonic()
+            self._submit(lambda: self._log_eval_tables(*tables))
 
     def _log_eval_tables(self, prefix, ids, images, y_true, probs, classes, metrics, max_rows) -> None:
+        start = time.perf_counter()
+
         def thumb(r):
             key = (prefix, str(ids[r]))
             if key not in self.thumbs:  # the same sample at every new best: one PNG
@@ -342,6 +367,7 @@ class Run:
             f"{prefix}/per_class_f1": wandb.plot.bar(per_class, "class", "f1", title=f"{prefix} F1 per class"),
             f"{prefix}/confused_pairs": _confused_pairs(y_true, probs, classes, metrics["confusion"], thumb),
         }, commit=False)
+        self.tables_seconds = time.perf_counter() - start
 
     def log_table(self, key: str, columns: list[str], rows: list[list], full_copy: Path | None = None) -> None:
         """A table; HxWx3 uint8 cells become thumbnails. W&B keeps at most wandb.Table.MAX_ROWS rows of a logged
@@ -458,8 +484,8 @@ class Run:
             return
         if not (os.environ.get("WANDB_SWEEP_ID") and stop.signum == signal.SIGTERM and not stop.by_wandb):
             return
-        if stop_requested_in_wandb(self.wandb, timeout=min(STOP_STATUS_TIMEOUT_S, max(0.0, stop.deadline -
-                                                                                        time.monotonic()) / 4)):
+        if stop_requested_in_wandb(self.wandb, timeout=min(STOP_STATUS_TIMEOUT_S,
+                                                           max(0.0, stop.deadline - time.monotonic()) / 4)):
             print("stopped by the sweep (its early termination, or the UI's stop button)")
             return
         self.wandb.mark_preempting()  # sent at once, ahead of anything still queued for W&B
