@@ -67,6 +67,17 @@ def stop_like_the_agent(proc) -> tuple[float, str, str]:
     return time.monotonic() - sent, out, err
 
 
+def stop_a_patched_trial(tmp_path, competition, run_id: str, patch: str, **env) -> tuple[Path, float, str, str]:
+    """A trial of train.py with `patch` applied, stopped in the agent's pattern after its first epoch; it must exit
+    with 128 + SIGTERM. Its run folder, the seconds from SIGTERM to exit, stdout, stderr."""
+    proc = start_trial(competition, {**agent_env(tmp_path, run_id), **env}, wrapper=as_main(patch))
+    out_dir = tmp_path / "runs" / run_id
+    wait_for_epochs(proc, out_dir, 1)
+    took, out, err = stop_like_the_agent(proc)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    return out_dir, took, out, err
+
+
 def wandb_records(out_dir: Path, attempt: int = 0) -> list[dict]:
     return read_run(sorted(out_dir.glob("wandb/offline-run-*"))[attempt])
 
@@ -105,13 +116,9 @@ def test_a_preempted_trial_is_marked_and_its_requeued_run_continues(tmp_path, co
 @pytest.mark.slow
 def test_a_stop_that_wandb_asked_for_is_not_a_preemption(tmp_path, competition):
     """The agent's SIGTERM for hyperband or the UI's stop: W&B's stop status says so (its answer faked here)."""
-    env = agent_env(tmp_path, "trial002")
-    out_dir = tmp_path / "runs" / "trial002"
-    wrapper = as_main("from utils import tracking; tracking.stop_requested_in_wandb = lambda run, timeout: True")
-    proc = start_trial(competition, env, wrapper=wrapper)
-    wait_for_epochs(proc, out_dir, 1)
-    took, out, err = stop_like_the_agent(proc)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    out_dir, took, out, err = stop_a_patched_trial(
+        tmp_path, competition, "trial002", "from utils import tracking; "
+                                           "tracking.stop_requested_in_wandb = lambda run, timeout: True")
     assert "stopped by the sweep" in out and "preempted" not in out
     assert not any(r["type"] == "preempting" for r in wandb_records(out_dir))
 
@@ -120,13 +127,10 @@ def test_a_stop_that_wandb_asked_for_is_not_a_preemption(tmp_path, competition):
 def test_a_stop_ends_the_process_in_time_even_when_wandb_does_not_finish(tmp_path, competition):
     """An upload that outlasts the stop's time budget (a big model on a slow link: faked by a finish that never
     returns) must not run into the SIGKILL: the process says what is where and exits with the stop's code."""
-    env = {**agent_env(tmp_path, "trial003"), "WANDB_AGENT_KILL_DELAY": "16"}  # budget: 6 s
-    out_dir = tmp_path / "runs" / "trial003"
-    wrapper = as_main("import time, wandb; wandb.Run.finish = lambda self, *a, **k: time.sleep(3600)")
-    proc = start_trial(competition, env, wrapper=wrapper)
-    wait_for_epochs(proc, out_dir, 1)
-    took, out, err = stop_like_the_agent(proc)
-    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    out_dir, took, out, err = stop_a_patched_trial(
+        tmp_path, competition, "trial003", "import time, wandb; "
+                                           "wandb.Run.finish = lambda self, *a, **k: time.sleep(3600)",
+        WANDB_AGENT_KILL_DELAY="16")  # budget: 6 s
     assert took < 16, f"{took:.1f} s from SIGTERM to exit"
     assert "W&B is still uploading" in err and f"wandb sync {out_dir.resolve()}" in err
     summary = json.loads((out_dir / "summary.json").read_text())
