@@ -14,6 +14,7 @@ import os
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 # (set before the imports below, which import albumentations)
 
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -88,6 +89,29 @@ def _require_columns(path: Path, header: list[str], wanted: dict[str, str]) -> N
             raise UserError(f"{path}: no column {col!r} ({source}); columns are {header}")
 
 
+def _labels(train_csv: Path, rows: list[dict], image_col: str, label_col: str) -> list[str]:
+    """The label column, each label stripped of surrounding spaces (said once when any had them). An empty label
+    and an image listed twice are errors naming the lines (and both labels when they differ): training on both or
+    on a class named "" would pass silently."""
+    raw = [r[label_col].strip() for r in rows]
+    if empty := [n + 2 for n, v in enumerate(raw) if not v]:  # +2: header line, 1-based
+        raise UserError(f"{train_csv}: empty {label_col!r} on line(s) {empty[:10]}; give those rows a label or "
+                        f"remove them")
+    first: dict[str, int] = {}
+    repeated = []
+    for n, r in enumerate(rows):
+        if (seen := first.setdefault(r[image_col], n)) != n:
+            repeated.append(f"{r[image_col]!r} on lines {seen + 2} and {n + 2}"
+                            + (f" as {raw[seen]!r} and {raw[n]!r}" if raw[seen] != raw[n] else ""))
+    if repeated:
+        raise UserError(f"{train_csv}: {len(repeated)} image(s) listed more than once in {image_col!r}: "
+                        f"{'; '.join(repeated[:5])}; keep one row per image (with its right label)")
+    if padded := [n + 2 for n, r in enumerate(rows) if r[label_col] != raw[n]]:
+        print(f"note: {train_csv}: {len(padded)} label(s) had spaces around them and were read without them "
+              f"(line(s) {padded[:5]}), so ' cat' and 'cat' are one class")
+    return raw
+
+
 def _is_int(text: str) -> bool:
     try:
         int(text)
@@ -114,7 +138,7 @@ def _load_csv(root: Path, image_col: str, label_col: str, group_col: str, skip_b
                                          group_col: "set by --group_col"})
     if not rows:
         raise UserError(f"{train_csv} has no rows")
-    raw = [r[label_col].strip() for r in rows]
+    raw = _labels(train_csv, rows, image_col, label_col)
 
     meta_csv = root / "meta.csv"
     if meta_csv.is_file():  # target -> class_name, in target order
@@ -150,6 +174,9 @@ def _load_csv(root: Path, image_col: str, label_col: str, group_col: str, skip_b
         id_col = image_col if image_col in sample_header else sample_header[0]
         target_col = label_col if label_col in sample_header else sample_header[-1]
         data.test_ids = [r[id_col] for r in sample_rows]
+        if repeated := [i for i, n in Counter(data.test_ids).items() if n > 1]:
+            raise UserError(f"{sample_csv}: id(s) listed more than once in column {id_col!r}: {repeated[:5]}; "
+                            f"each test image must appear once")
         data.test_items = [_image_dir(root, "test") / i for i in data.test_ids]
         data.submission_columns = (id_col, target_col)
         _check_files(data.test_items, f"images in {sample_csv}")

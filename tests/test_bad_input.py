@@ -36,6 +36,23 @@ def label(value):
     return change
 
 
+def listed_twice(new_label):
+    """tr_0005.png listed again at the end, with new_label (None: its own label again)."""
+    def change(root: Path) -> None:
+        lines = (root / "train.csv").read_text().splitlines()
+        name, first = lines[6].split(",")
+        lines.append(f"{name},{first if new_label is None else new_label}")
+        (root / "train.csv").write_text("\n".join(lines) + "\n")
+    return change
+
+
+def sample_id_twice(root: Path) -> None:
+    with open(root / "sample_submission.csv") as fh:
+        first = fh.read().splitlines()[1]
+    with open(root / "sample_submission.csv", "a") as fh:
+        fh.write(first + "\n")
+
+
 def class_without_images(root: Path) -> None:
     with open(root / "meta.csv", "a") as fh:
         fh.write("10,ten\n")
@@ -58,6 +75,11 @@ CASES = [  # (name, change to the data folder, extra args, exit code, message fr
     ("misnamed image column", None, ["--image_col", "file"], 1, "no column 'file' (set by --image_col)"),
     ("label not in meta.csv", label(42), [], 1, "label(s) not among the classes"),
     ("class with no training image", class_without_images, [], 1, "class(es) ['ten'] have no training image"),
+    ("empty label", label(""), [], 1, "empty 'target' on line(s) [7]"),
+    ("whitespace label", label("   "), [], 1, "empty 'target' on line(s) [7]"),
+    ("image listed twice, two labels", listed_twice(3), [], 1, "on lines 7 and 42 as"),
+    ("image listed twice, one label", listed_twice(None), [], 1, "listed more than once in 'ID'"),
+    ("test id listed twice", sample_id_twice, [], 1, "listed more than once in column 'ID'"),
     ("empty folder", empty_folder, [], 1, "no class folders"),
     ("corrupt test image", corrupt_test, [], 1, "te_0002.png"),
     ("unknown model", None, ["--model", "resnet_50"], 1, "unknown model 'resnet_50'"),
@@ -99,3 +121,28 @@ def test_skip_bad_images_trains_without_them_and_says_which(tmp_path):
     summary = json.loads((out_dir / "summary.json").read_text())
     assert sorted(summary["skipped_images"]) == ["gone.png", "tr_0003.png"]
     assert (out_dir / "best.safetensors").is_file()
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("lr: 0.01\nepochs: [3\n", "line 3 is not YAML"),
+    ("lr: 0.01\n\tepochs: 3\n", "line 2 is not YAML"),
+    ("optimizer:\n  name: adamw\n", "['optimizer'] hold a mapping; the config is flat"),
+], ids=["unclosed list", "tab", "nested"])
+def test_a_config_file_that_is_not_flat_yaml_is_one_error_naming_it(tmp_path, capsys, text, fragment):
+    config = tmp_path / "exp.yaml"
+    config.write_text(text)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--config", str(config), "--data", "digits"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--config {config}:" in err and fragment in err and "Traceback" not in err, err
+
+
+def test_labels_with_spaces_around_them_are_one_class_and_said(tmp_path, capsys):
+    from datasets import load_data
+    root = make_competition_folder(tmp_path / "comp", n_train=40, n_test=6)
+    lines = (root / "train.csv").read_text().splitlines()
+    name, value = lines[6].split(",")
+    lines[6] = f"{name}, {value} "
+    (root / "train.csv").write_text("\n".join(lines) + "\n")
+    data = load_data(str(root))
+    assert len(data.classes) == 10 and "1 label(s) had spaces around them" in capsys.readouterr().out

@@ -46,7 +46,7 @@ def test_csv_errors_name_the_problem(tmp_path):
     with pytest.raises(UserError, match="no column 'label'.*--label_col"):
         load_data(str(root), label_col="label")
     rows = (root / "train.csv").read_text().splitlines()
-    (root / "train.csv").write_text("\n".join(rows[:5] + ["tr_0005.png,42"] + rows[6:]) + "\n")
+    (root / "train.csv").write_text("\n".join(rows[:5] + [rows[5].split(",")[0] + ",42"] + rows[6:]) + "\n")
     with pytest.raises(UserError, match=r"\(6, '42'\)"):
         load_data(str(root))
     (root / "train.csv").write_text("\n".join(rows[:5] + ["missing.png,3"] + rows[6:]) + "\n")

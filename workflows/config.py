@@ -387,8 +387,16 @@ def parse_config(argv: list[str] | None = None) -> Config:
                 from_file = yaml.safe_load(fh) or {}
         except OSError as e:
             parser.error(f"--config {pre.config}: {e.strerror}")
+        except yaml.YAMLError as e:  # the file and line, not a traceback
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            parser.error(f"--config {pre.config}:{where} is not YAML ({getattr(e, 'problem', None) or e}); "
+                         f"write one `key: value` per line")
         if not isinstance(from_file, dict):
             parser.error(f"--config {pre.config}: expected a mapping of key: value")
+        if nested := [k for k, v in from_file.items() if isinstance(v, dict)]:
+            parser.error(f"--config {pre.config}: {nested[:5]} hold a mapping; the config is flat, one `key: value` "
+                         f"per line (a list is written [a, b])")
         try:
             parser.set_defaults(**Config.from_dict(from_file).to_dict())
         except UserError as e:
