@@ -26,7 +26,7 @@ import numpy as np
 from datasets.files import decode_failure, load_image
 from utils import cores
 
-FORMAT = "sweepcls-cache/1"
+FORMAT = "sweepcls-cache/2"  # 2: 16-bit, 32-bit and float images rescaled by their range, not clipped
 
 
 def default_cache_dir() -> Path:

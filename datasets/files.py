@@ -41,12 +41,25 @@ class Data:
         self.groups = self.groups[keep] if self.groups is not None else None
 
 
+WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # PIL's 16-bit, 32-bit integer and float grayscale
+
+
 def load_image(item) -> np.ndarray:
-    """An HxWx3 uint8 RGB array from a path or an array (grayscale, RGBA, palette, CMYK become RGB)."""
+    """An HxWx3 uint8 RGB array from a path or an array (grayscale, RGBA, palette, CMYK become RGB). A 16-bit,
+    32-bit or float grayscale image is rescaled from its own range (min to max) to 0-255: PIL's convert("RGB")
+    would clip every value above 255 (a 12-bit X-ray, a depth map) to white."""
     if isinstance(item, np.ndarray):
         return item
     with Image.open(item) as img:
-        return np.asarray(ImageOps.exif_transpose(img).convert("RGB"))
+        img = ImageOps.exif_transpose(img)
+        if img.mode not in WIDE_MODES:
+            return np.asarray(img.convert("RGB"))
+        values = np.asarray(img, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+    scaled = (values - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(values)
+    gray = np.nan_to_num(scaled, nan=0.0, posinf=255.0, neginf=0.0).clip(0, 255).round().astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
 
 
 def unreadable(item) -> str | None:

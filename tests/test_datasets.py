@@ -90,6 +90,23 @@ def test_any_image_mode_becomes_rgb(tmp_path, mode):
     assert image.shape == (7, 10, 3) and image.dtype == np.uint8
 
 
+@pytest.mark.parametrize("name,array", [
+    ("16-bit", np.array([[0, 1000], [2000, 4095]], dtype=np.uint16)),  # a 12-bit sensor's values
+    ("32-bit", np.array([[-70000, 0], [70000, 140000]], dtype=np.int32)),
+    ("float", np.array([[0.5, 1.25], [2.0, 2.75]], dtype=np.float32)),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_wide_images_are_rescaled_by_their_range_not_clipped(tmp_path, name, array):
+    path = tmp_path / f"{name}.tif" if name != "16-bit" else tmp_path / "wide.png"
+    Image.fromarray(array).save(path)
+    with Image.open(path) as img:
+        assert img.mode in ("I;16", "I", "F")  # what PIL's convert("RGB") clips at 255
+    image = load_image(path)
+    assert image.shape == (2, 2, 3) and image.dtype == np.uint8
+    values = array.astype(np.float64)
+    expected = np.round((values - values.min()) * 255 / (values.max() - values.min()))
+    assert np.array_equal(image[..., 0], expected.astype(np.uint8)) and (image[..., 0] == image[..., 2]).all()
+
+
 def test_group_split_never_leaks_and_is_deterministic(tmp_path):
     root = make_competition_folder(tmp_path / "c", n_train=240, n_test=2, groups=True)
     data = load_data(str(root), group_col="group")
