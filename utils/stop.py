@@ -29,6 +29,10 @@ def stop_budget_s() -> float:
     return max(5.0, delay - 10)
 
 
+def _stop_name(signum: int, by_wandb: bool) -> str:
+    return "W&B's stop request" if by_wandb else signal.Signals(signum).name
+
+
 class Stopped(Exception):
     """A stop arrived; `signum` says which signal (SIGINT for W&B's own stop request, as wandb would send),
     `exit_code` is the shell's 128 + signum, `by_wandb` whether W&B asked for it, `at` when (time.monotonic)."""
@@ -38,7 +42,7 @@ class Stopped(Exception):
         self.exit_code = 128 + signum
         self.by_wandb = by_wandb
         self.at = time.monotonic() if at is None else at
-        super().__init__("W&B's stop request" if by_wandb else signal.Signals(signum).name)
+        super().__init__(_stop_name(signum, by_wandb))
 
     @property
     def deadline(self) -> float | None:
@@ -62,7 +66,7 @@ class StopSignal:
     def _handle(self, signum, frame):
         if self.signum is not None:  # os.write: no buffered I/O inside a signal handler
             os.write(2, f"{signal.Signals(signum).name} noted: already stopping after "
-                        f"{self.describe()} (saving, then finishing the W&B run)\n".encode())
+                        f"{_stop_name(self.signum, self.by_wandb)} (saving, then finishing the W&B run)\n".encode())
             return
         self.at, self.signum = time.monotonic(), signum
 
@@ -71,9 +75,6 @@ class StopSignal:
         is what wandb itself would send, but known to come from W&B (not a preemption)."""
         if self.signum is None:
             self.at, self.by_wandb, self.signum = time.monotonic(), True, signal.SIGINT
-
-    def describe(self) -> str:
-        return "W&B's stop request" if self.by_wandb else signal.Signals(self.signum).name
 
     def __enter__(self) -> "StopSignal":
         if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread only
