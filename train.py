@@ -22,7 +22,7 @@ import numpy as np
 from datasets import load_data, load_image, screen_images, write_submission
 from datasets.shift import native_side
 from optim import is_per_epoch
-from optim.stepper import train_one_epoch
+from optim.stepper import EpochProgress, train_one_epoch
 from utils import UserError, distributed, tracking
 from utils.device import pick_device
 from utils.metrics import classification_metrics
@@ -33,8 +33,8 @@ from workflows.config import ADDED_CONFIG_KEYS, Config, parse_config
 from workflows.label_errors import analyse_oof, apply_label_fixes
 from workflows.prepare import data_source, load_pseudo_labels, measure_test_shift, resolve_auto
 from workflows.report import write_report
-from workflows.resume import (RESUME_FILE, load_arrays, restore_training_state, resume_from, save_arrays, save_state,
-                              training_state)
+from workflows.resume import (RESUME_FILE, describe_resume, load_arrays, restore_training_state, resume_from,
+                              save_arrays, save_fit_state)
 from workflows.training import FitSetup, build_fit, describe_fit, epoch_metrics, evaluate, predict_test
 
 
@@ -43,7 +43,8 @@ def main(cfg: Config | list[str] | None = None) -> int:
     with StopSignal() as stop:  # from the start: a stop during set-up still finishes the W&B run
         cfg = cfg if isinstance(cfg, Config) else parse_config(cfg)
         try:
-            rank, _ = distributed.setup(pick_device(cfg.device))  # torchrun: one process per GPU; else (0, 1)
+            rank, world = distributed.setup(pick_device(cfg.device))  # torchrun: one process per GPU; else (0, 1)
+            stop.phase_checks = world == 1  # torchrun: stops at optimizer steps only, where every rank agrees
         except UserError as e:
             if distributed.local_rank() == 0:
                 print(f"error: {e}", file=sys.stderr)
@@ -79,7 +80,11 @@ def run_and_finish(cfg: Config, stop: StopSignal) -> int:
         train(locked, run, out_dir, stop, state)  # a stop after the last epoch: done anyway
         if distributed.is_main():
             (out_dir / RESUME_FILE).unlink(missing_ok=True)  # finished: nothing to resume
-    return run.run_to_end(work, stopped_note=f"the weights at the stop are in last.safetensors under {out_dir}; ")
+    def stopped_note() -> str:
+        if (out_dir / RESUME_FILE).is_file():
+            return f"saved where it stopped (resume.pt, last.safetensors in {out_dir}): the same command continues it; "
+        return f"nothing trained yet; the same command starts it again in {out_dir}; "
+    return run.run_to_end(work, stopped_note=stopped_note)
 
 
 def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None = None) -> None:
@@ -95,7 +100,8 @@ def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None 
     rows = lineage.manifest(data) if cfg.label_fixes else source_rows
     native = native_side(data.test_items) if data.test_items else None  # before the cache resizes them
     start = time.perf_counter()
-    skipped = screen_images(data, cfg.skip_bad_images, cfg.cache, cfg.img_size, cfg.cache_dir or None)
+    skipped = screen_images(data, cfg.skip_bad_images, cfg.cache, cfg.img_size, cfg.cache_dir or None,
+                            cfg.cache_max_gb)
     print(f"images {'cached' if cfg.cache != 'none' else 'checked'} in {time.perf_counter() - start:.1f}s"
           + (f" ({data.items.path})" if getattr(data.items, "path", None) else ""))
     if skipped:
@@ -183,24 +189,33 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
         pseudo: tuple | None = None) -> FitResult:
     """Train on fold cfg.fold (or the holdout split) and predict the test set with the best checkpoint.
     Metrics, tables and artifacts are logged under `prefix` (fold<k>/ in a cross-validated run).
-    After each epoch resume_path (default out_dir/resume.pt) holds the whole training state; `state`
-    (that file, loaded) continues from it, bit-identical on the CPU to a run that was never interrupted."""
+    After each epoch, and at a stop inside one, resume_path (default out_dir/resume.pt) holds the whole training state;
+    `state` (that file, loaded) continues from it, bit-identical on the CPU to a run that was never interrupted."""
     s = build_fit(cfg, run.id, out_dir, data, prefix, lineage_meta, shift, pseudo, online=run.mode == "online")
     print(describe_fit(cfg, s, data, prefix, out_dir, pseudo))
+    resume_path = resume_path or out_dir / RESUME_FILE
     try:
-        start_epoch, best_probs = 1, None
+        start_epoch, best_probs, progress = 1, None, None
         if state is not None:
             best_probs, start_epoch = restore_training_state(state, s.stepper, s.keeper), state["next_epoch"]
+            progress = EpochProgress(**state["in_epoch"]) if state.get("in_epoch") else None  # stopped inside it
             s.model_log.resume(run, s, state.get("model_logged_epoch"))
-            print(f"resumed at epoch {start_epoch} of {cfg.epochs}, "
-                  f"best {cfg.monitor} so far {s.keeper.best_score:.4f}")
+            print(describe_resume(cfg, start_epoch, progress, s.keeper))
         for epoch in range(start_epoch, cfg.epochs + 1):
-            start, lr = time.perf_counter(), s.stepper.optimizer.param_groups[0]["lr"]
-            train_loss = train_epoch(cfg, run, s, epoch, prefix, stop)
-            probs, clean_probs = evaluate(s, cfg.tta)
+            start = time.perf_counter()
+            progress = progress or EpochProgress(lr=s.stepper.optimizer.param_groups[0]["lr"])
+            try:
+                train_loss = train_epoch(cfg, s, epoch, prefix, stop, progress)
+                probs, clean_probs = evaluate(s, cfg.tta)
+            except Stopped as e:  # saved where it stands: --resume continues inside this epoch
+                s.keeper.save_last(s.eval_model, {**s.meta, "epoch": epoch - 1, "stopped_in_epoch": epoch})
+                e.phase = f"{e.phase} in {prefix}epoch {epoch}"  # summary `stopped` and the last line say so
+                save_fit_state(resume_path, cfg, run, s, epoch, best_probs, progress)
+                raise
             scores, m = epoch_metrics(data.labels[s.val_idx], data.classes, probs, clean_probs)
-            metrics = {"epoch": epoch, "lr": lr, "train/loss": train_loss, **scores,
+            metrics = {"epoch": epoch, "lr": progress.lr, "train/loss": train_loss, **scores,
                        "train/epoch_seconds": time.perf_counter() - start}
+            progress = None
             if is_per_epoch(s.stepper.scheduler):
                 s.stepper.scheduler.step(metrics[cfg.monitor])
             meta = {**s.meta, "epoch": epoch, "metrics": {k: metrics[k] for k in s.scalar_keys}}
@@ -208,12 +223,7 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
                 best_probs = probs
             early_stop = log_epoch(cfg, run, out_dir, data, s, prefix, metrics, m, probs)
             s.model_log.after_epoch(run, s, epoch)
-            if distributed.is_main():
-                save_state(resume_path or out_dir / RESUME_FILE,
-                           {"run_id": run.id, "config": cfg.to_dict(), **run.position(),
-                            "next_epoch": cfg.epochs + 1 if early_stop else epoch + 1,
-                            "model_logged_epoch": s.model_log.logged_epoch,
-                            **training_state(s.stepper, s.keeper, best_probs)}, s.keeper.writer)
+            save_fit_state(resume_path, cfg, run, s, cfg.epochs + 1 if early_stop else epoch + 1, best_probs)
             if early_stop:
                 break
         s.model_log.log_pending(run, s)
@@ -229,17 +239,12 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
     return FitResult(s.val_idx, best_probs, s.keeper.best_score, s.keeper.best_epoch, s.keeper.best_path, test_probs)
 
 
-def train_epoch(cfg: Config, run, s: FitSetup, epoch: int, prefix: str, stop: StopSignal) -> float:
-    """One epoch's training loss. A stop keeps the weights as they are (last.safetensors), then lets main finish
-    the run (fit logs the best model first); a non-finite epoch loss is an error."""
-    s.sampler.set_epoch(epoch)
-    try:
-        loss = train_one_epoch(s.stepper, s.train_loader, cfg.accum_steps, s.mixup,
-                               f"{prefix}epoch {epoch}/{cfg.epochs}", stop)
-    except Stopped as e:
-        s.keeper.save_last(s.eval_model, {**s.meta, "epoch": epoch - 1, "stopped_in_epoch": epoch})
-        run.set_summary({"stopped": f"{e} in {prefix}epoch {epoch}"})
-        raise
+def train_epoch(cfg: Config, s: FitSetup, epoch: int, prefix: str, stop: StopSignal, progress: EpochProgress) -> float:
+    """One epoch's training loss, from where `progress` stands (a resumed epoch: after its saved batches). A stop
+    raises Stopped between optimizer steps; a non-finite epoch loss is an error."""
+    s.sampler.set_epoch(epoch, skip=progress.batches * s.train_loader.batch_size)
+    loss = train_one_epoch(s.stepper, s.train_loader, cfg.accum_steps, s.mixup, f"{prefix}epoch {epoch}/{cfg.epochs}",
+                           stop, progress)
     if not np.isfinite(loss):
         raise UserError(f"training loss is {loss} at epoch {epoch}; lower --lr or check the data")
     return loss

@@ -11,6 +11,7 @@ the reference loop (benchmarks/reference_loop.py) reads the same data exported a
 import argparse
 import csv
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,7 @@ def test_f1(stdout: str) -> float:
 
 
 def train(out: Path, epochs: int, seed: int, flags: list[str]) -> tuple[float, float]:
+    shutil.rmtree(out, ignore_errors=True)  # the benchmark's own scratch folder: a rerun measures afresh
     stdout, wall = run([sys.executable, "train.py", "--data", "digits_hard", "--epochs", str(epochs),
                         "--seed", str(seed), "--wandb_mode", "disabled", "--resume", "", "--out_dir", str(out), *flags])
     return test_f1(stdout), wall

@@ -28,6 +28,7 @@ from datasets.cache import cache_images
 from datasets.files import IMAGE_EXTS, Data, load_image, read_csv, take, unreadable, write_csv  # noqa: F401
 from utils import UserError
 from utils.registry import Registry
+from utils.stop import check_stop, stop_requested
 
 
 def load_data(source: str, image_col: str = "ID", label_col: str = "target", group_col: str = "",
@@ -47,23 +48,29 @@ def load_data(source: str, image_col: str = "ID", label_col: str = "target", gro
     return _load_image_folder(root)
 
 
-def screen_images(data: Data, skip_bad: bool, cache: str = "none", img_size: int = 0, cache_dir=None) -> list[str]:
+def screen_images(data: Data, skip_bad: bool, cache: str = "none", img_size: int = 0, cache_dir=None,
+                  cache_max_gb: float = 0.0) -> list[str]:
     """Decode every image once before training, so a corrupt, truncated or missing file fails now, by
     name, not inside a DataLoader worker. skip_bad drops bad training images (their ids are returned);
     a bad test image is always an error (its row belongs in the submission). cache "ram" or "disk"
     (auto: ram for in-memory data, else disk) keeps the decoded images at img_size (datasets/cache.py)
-    and puts them in data.items and data.test_items in place of the paths."""
+    and puts them in data.items and data.test_items in place of the paths; cache_max_gb bounds the disk
+    caches of cache_dir together (0 = auto)."""
     test_items = data.test_items or []
     if cache == "auto":
         cache = "ram" if all(isinstance(i, np.ndarray) for i in data.items) else "disk"
     if cache == "none":
+        def check(item):  # a stop leaves the rest unchecked (utils/stop.py)
+            return None if stop_requested() else unreadable(item)
         with ThreadPoolExecutor(8) as pool:
-            bad_train = {i: why for i, why in enumerate(pool.map(unreadable, data.items)) if why}
-            bad_test = {i: why for i, why in enumerate(pool.map(unreadable, test_items)) if why}
+            bad_train = {i: why for i, why in enumerate(pool.map(check, data.items)) if why}
+            bad_test = {i: why for i, why in enumerate(pool.map(check, test_items)) if why}
+        check_stop("checking the images")
         items, test = data.items, data.test_items
     else:
-        items, bad_train = cache_images(data.items, img_size, cache, cache_dir)
-        test, bad_test = cache_images(test_items, img_size, cache, cache_dir) if test_items else (None, {})
+        items, bad_train = cache_images(data.items, img_size, cache, cache_dir, max_gb=cache_max_gb)
+        test, bad_test = (cache_images(test_items, img_size, cache, cache_dir, max_gb=cache_max_gb) if test_items
+                          else (None, {}))
     if bad_test:
         raise UserError(f"{len(bad_test)} test image(s) cannot be read, e.g. "
                         f"{[f'{test_items[i]} ({why})' for i, why in list(bad_test.items())[:3]]}; replace them")
@@ -271,19 +278,21 @@ class SeededSampler(torch.utils.data.Sampler):
 
     def __init__(self, n: int, seed: int, weights: torch.Tensor | None = None, rank: int = 0, world: int = 1):
         self.n, self.seed, self.epoch, self.weights, self.rank, self.world = n, seed, 0, weights, rank, world
+        self.skip = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """skip: this rank's first `skip` positions are left out (an epoch resumed after a stop inside it)."""
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return self.n // self.world
+        return max(0, self.n // self.world - self.skip)
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=g) if self.weights is None else \
             torch.multinomial(self.weights, self.n, replacement=True, generator=g)
         order = order.tolist()
-        for k in range(self.rank, len(self) * self.world, self.world):
+        for k in range(self.rank + self.skip * self.world, self.n // self.world * self.world, self.world):
             yield order[k], int(np.random.SeedSequence([self.seed, self.epoch, k]).generate_state(1)[0])
 
 

@@ -33,6 +33,7 @@ from sklearn.linear_model import LogisticRegression
 from datasets.files import load_image
 from datasets.transforms import matched_ops
 from utils.image_stats import colour_cast, dominant_orientation, noise_sigma, sharpness
+from utils.stop import check_stop
 
 SAMPLE = 300       # images per split that are measured (a random, fixed subset of larger sets)
 SIMULATE = 150     # training images each operation is simulated on
@@ -188,6 +189,7 @@ def measure_shift(train_images: list, test_images: list, native_side: int | None
     quiet = quiet if quiet.sum() >= 20 else np.ones_like(quiet)  # too few without noise: read them all
     gap, settings = {}, {**OFF, "noise_scale": noise_scale}
     for op, (stat, direction, levels) in OPERATIONS.items():
+        check_stop("measuring the test set's shift")
         values = test[stat][quiet] if stat in CLEAN_ONLY else test[stat]
         before = {**settings, "noise": OFF["noise"]} if stat in CLEAN_ONLY else settings
         images = train_images[:SIMULATE]
@@ -202,6 +204,7 @@ def measure_shift(train_images: list, test_images: list, native_side: int | None
         if share >= MIN_SHARE:
             settings[op] = {"p": round(share, 3), "magnitude": _magnitude(
                 op, stat, direction, levels, share, images, base, values, noise_scale)}
+    check_stop("measuring the test set's shift")
     poses = measure_poses(train_images, test_images, {k: settings[k] for k in ("noise", "blur", "tint", "noise_scale")})
     if poses["pose_accuracy"] >= 0.3:  # the training images have an upright to learn (chance: 0.125)
         if poses["turned"] >= MIN_POSE_SHARE:
@@ -285,4 +288,8 @@ def _at_size(image: np.ndarray, side: int) -> np.ndarray:
 def noisy_copies(images: list, ids: list, settings: dict) -> list[np.ndarray]:
     """Each image with the measured corruption, seeded by its id (noisy validation)."""
     apply = corrupter(settings)
-    return [apply(load_image(img), image_seed(i)) for img, i in zip(images, ids)]
+
+    def one(img, sample_id):
+        check_stop("making the noisy validation images")
+        return apply(load_image(img), image_seed(sample_id))
+    return [one(img, i) for img, i in zip(images, ids)]

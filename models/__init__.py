@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from utils import UserError
+from utils.stop import check_stop
 
 
 def build_model(name: str, num_classes: int, pretrained: bool = False, pretrained_path: str = "",
@@ -171,6 +172,7 @@ def adapt_batchnorm(model: nn.Module, loader, device: torch.device) -> int:
         m.momentum = None  # a cumulative average over all batches
         m.train()
     for images, *_ in loader:
+        check_stop("test-time BatchNorm adaptation")
         model(images.to(device, non_blocking=True))
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum

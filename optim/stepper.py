@@ -3,7 +3,7 @@
 Usage:
     stepper = Stepper(model, loss_fn, optimizer, scheduler, scaler, device, amp_dtype, sam, ema, clip_grad)
     loss_sum = stepper.step([(x, y), ...])                  # None: a NaN/inf step, skipped
-    mean_loss = train_one_epoch(stepper, loader, accum_steps, mixup, stop=stop)
+    mean_loss = train_one_epoch(stepper, loader, accum_steps, mixup, stop=stop, progress=EpochProgress())
 """
 import contextlib
 from dataclasses import dataclass
@@ -84,27 +84,44 @@ class Stepper:
         return loss_sum
 
 
+@dataclass
+class EpochProgress:
+    """How far an epoch has come: the optimizer steps' batches taken (this rank's), their summed loss (over ranks)
+    and this rank's image count. Saved at a stop inside the epoch; a resumed run starts its loader after `batches`."""
+    batches: int = 0
+    total: torch.Tensor | float = 0.0
+    seen: int = 0
+    lr: float | None = None  # at the epoch's start (what its row logs)
+
+    def add(self, loss_sum: torch.Tensor | None, batches) -> None:
+        """One optimizer step's batches; a skipped (NaN/inf) step's images leave the epoch's mean loss."""
+        self.batches += len(batches)
+        if loss_sum is not None:
+            self.total, self.seen = self.total + loss_sum, self.seen + sum(len(x) for x, _ in batches)
+
+    def state(self) -> dict:
+        return {"batches": self.batches, "total": torch.as_tensor(self.total).detach().cpu(), "seen": self.seen,
+                "lr": self.lr}
+
+
 def train_one_epoch(stepper: Stepper, loader, accum_steps: int = 1, mixup=None, desc="",
-                    stop: StopSignal | None = None) -> float:
+                    stop: StopSignal | None = None, progress: EpochProgress | None = None) -> float:
+    """The epoch's mean training loss. `progress` (updated after every optimizer step) is where a resumed epoch
+    starts: its loader must already leave out the batches it counts (datasets.SeededSampler.set_epoch's skip)."""
+    progress = progress if progress is not None else EpochProgress()
     stepper.model.train()
-    total, seen, batches = 0.0, 0, []
+    batches = []
     for images, labels, _ in tqdm(loader, desc=desc, leave=False, disable=None):
         x, y = to_input(images, stepper.device), labels.to(stepper.device, non_blocking=True)
         if mixup is not None and len(x) % 2 == 0:  # timm's Mixup pairs images; an odd tail batch stays unmixed
             x, y = mixup(x, y)
         batches.append((x, y))
-        seen += len(x)
         if len(batches) == accum_steps:
-            total, seen = _add(total, seen, stepper.step(batches), batches)
+            progress.add(stepper.step(batches), batches)
             batches = []
             if stop is not None:
                 stop.check(distributed.any_rank)  # between optimizer steps only; under torchrun all ranks at one step
     if batches:
-        total, seen = _add(total, seen, stepper.step(batches), batches)
-    seen = int(distributed.all_sum(torch.tensor(seen, device=stepper.device)))  # `total` is summed over ranks already
-    return float(total) / max(seen, 1)
-
-
-def _add(total, seen: int, loss_sum: torch.Tensor | None, batches) -> tuple:
-    """A skipped (NaN/inf) step's images leave the epoch's mean loss."""
-    return (total, seen - sum(len(x) for x, _ in batches)) if loss_sum is None else (total + loss_sum, seen)
+        progress.add(stepper.step(batches), batches)
+    seen = int(distributed.all_sum(torch.tensor(progress.seen, device=stepper.device)))  # `total`: over ranks already
+    return float(progress.total) / max(seen, 1)

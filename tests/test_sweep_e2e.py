@@ -140,7 +140,7 @@ def test_stop_signal_saves_and_finishes_the_run(tmp_path, competition, sig):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 128 + sig and time.time() - sent < 20 and f"stopped by {sig.name}" in err
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["_exit_code"] == 128 + sig and summary["stopped"].startswith(f"{sig.name} in epoch")
+    assert summary["_exit_code"] == 128 + sig and summary["stopped"].startswith(f"{sig.name} during training in epoch")
     assert (out_dir / "last.safetensors").is_file() and (out_dir / "best.safetensors").is_file()
     assert (out_dir / "resume.pt").is_file()  # rerunning the same command resumes from the last completed epoch
     exit_record = next(r for r in read_run(next(out_dir.glob("wandb/offline-run-*"))) if r["type"] == "exit")

@@ -5,6 +5,7 @@ Usage:
     loader = make_loader(dataset, batch_size=64, workers=default_workers(-1), device=device)
 """
 import random
+import signal
 
 import numpy as np
 import torch
@@ -39,6 +40,16 @@ def _worker_init(_: int) -> None:
     import cv2
     cv2.setNumThreads(0)  # each loader worker is one thread of parallelism already: no OpenCV pool inside it
     torch.set_num_threads(1)
+    ignore_stop_signals()
+
+
+def ignore_stop_signals() -> None:
+    """In a loader worker: SIGTERM and SIGINT sent to the whole process group (Ctrl-C in a terminal, SLURM, a
+    `kill -- -PGID`) are the main process's to handle (utils/stop.py). A worker they killed would end the run in
+    torch's "DataLoader worker is killed by signal" error instead of a clean stop; torch stops the workers itself
+    when the main process exits, and each one exits when it sees its parent gone."""
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, signal.SIG_IGN)
 
 
 def make_loader(dataset, batch_size: int, workers: int, device: torch.device, sampler=None, drop_last=False):

@@ -8,6 +8,9 @@ Usage:
             ...; stop.check()          # raises Stopped once a signal has arrived
 After a SIGTERM, or under `wandb agent`, the run has until Stopped.deadline (stop_budget_s() after the stop) to
 save, finish its W&B run and exit.
+Phases outside the training loop (decoding images, validation, TTA, test prediction, the report) call
+check_stop() between images or batches, which checks the StopSignal that is active in this process, so a stop is
+honoured within a batch wherever the run is, without every function taking the StopSignal along.
 Later signals while stopping are noted on stderr, never raised: `wandb agent` sends SIGTERM and its run's stop
 poller SIGINT, and an exception raised there could land inside a checkpoint write or the W&B run's finish.
 SIGKILL (or Ctrl-\\, SIGQUIT) still ends a run at once; resume continues from its last saved state.
@@ -37,8 +40,9 @@ class Stopped(Exception):
     """A stop arrived; `signum` says which signal (SIGINT for W&B's own stop request, as wandb would send),
     `exit_code` is the shell's 128 + signum, `by_wandb` whether W&B asked for it, `at` when (time.monotonic)."""
 
-    def __init__(self, signum: int, by_wandb: bool = False, at: float | None = None):
+    def __init__(self, signum: int, by_wandb: bool = False, at: float | None = None, phase: str = ""):
         self.signum = signum
+        self.phase = phase  # what the run was doing: "training", "validation", "decoding images", ...
         self.exit_code = 128 + signum
         self.by_wandb = by_wandb
         self.at = time.monotonic() if at is None else at
@@ -57,10 +61,11 @@ class Stopped(Exception):
 class StopSignal:
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
+    def __init__(self, phase_checks: bool = True):
         self.signum: int | None = None
         self.by_wandb = False
         self.at: float | None = None  # time.monotonic() of the first stop
+        self.phase_checks = phase_checks  # False under torchrun: a rank leaving a collective alone would hang the rest
         self._previous = {}
 
     def _handle(self, signum, frame):
@@ -79,24 +84,41 @@ class StopSignal:
     def __enter__(self) -> "StopSignal":
         if threading.current_thread() is threading.main_thread():  # signal handlers live on the main thread only
             self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        _active.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous = {}
+        _active.remove(self)
 
     @property
     def requested(self) -> bool:
         return self.signum is not None
 
-    def check(self, agree=None) -> None:
+    def check(self, agree=None, phase: str = "training") -> None:
         """agree(flag) -> flag on every process (utils.distributed.any_rank): all ranks stop at one step."""
         flag = self.signum is not None
         if agree is not None:
             flag = agree(flag)
         if flag:
-            raise Stopped(self.signum or signal.SIGTERM, self.by_wandb, self.at)
+            raise Stopped(self.signum or signal.SIGTERM, self.by_wandb, self.at, phase)
+
+
+_active: list[StopSignal] = []  # the StopSignals entered in this process, innermost last
+
+
+def stop_requested() -> bool:
+    """Whether the active StopSignal (if any, and if it checks phases) has a stop; safe on any thread."""
+    stop = _active[-1] if _active else None
+    return stop is not None and stop.phase_checks and stop.requested
+
+
+def check_stop(phase: str) -> None:
+    """Raise Stopped (naming `phase`) when the active StopSignal has a stop: for loops outside the training loop."""
+    if stop_requested():
+        _active[-1].check(phase=phase)
 
 
 def ignore_later_stops() -> None:

@@ -24,7 +24,7 @@ import traceback
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import numpy as np
 import wandb
@@ -450,12 +450,13 @@ class Run:
             self.wandb.log_artifact(artifact, aliases=list(aliases))
         self._submit(log_it)
 
-    def run_to_end(self, work, stopped_note: str = "") -> int:
+    def run_to_end(self, work, stopped_note: str | Callable[[], str] = "") -> int:
         """work() inside the run, then finish it; the one mapping of how a run ends to its exit code: 0; 1 after a
         UserError (one 'error:' line on stderr, also in the summary); 128 + signal after a stop (utils/stop.py),
-        said on stderr with stopped_note; any other exception finishes the run with 1 and propagates, its traceback
-        in the run before the finish (summary `error`, and traceback.txt in the run's files), so a crashed trial
-        says why in W&B. What is printed before finish reaches W&B's console log (--wandb_console)."""
+        said on stderr with stopped_note (or what it returns at the stop); any other exception finishes the run with
+        1 and propagates, its traceback in the run before the finish (summary `error`, and traceback.txt in the run's
+        files), so a crashed trial says why in W&B. What is printed before finish reaches W&B's console log
+        (--wandb_console)."""
         try:
             work()
         except UserError as e:
@@ -464,9 +465,12 @@ class Run:
             self.finish(exit_code=1)
             return 1
         except Stopped as e:
+            self.set_summary({"stopped": f"{e} during {e.phase or 'set-up'}"})
             self.on_stop(e)
             self.finish(exit_code=e.exit_code, deadline=e.deadline)
-            print(f"stopped by {e}: {stopped_note}W&B run finished (exit code {e.exit_code})", file=sys.stderr)
+            note = stopped_note() if callable(stopped_note) else stopped_note
+            print(f"stopped by {e}{f' during {e.phase}' if e.phase else ''}: {note}W&B run finished (exit code "
+                  f"{e.exit_code})", file=sys.stderr)
             return e.exit_code
         except BaseException as e:
             self.record_crash(e)

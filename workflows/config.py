@@ -109,6 +109,10 @@ class Config:
     cache_dir: str = opt("", "folder of the caches: --cache disk files, downloaded dataset and model artifacts, and "
                              "(predict.py, ensemble.py, eda.py --diff) predictions in preds/; '' = $SWEEPCLS_CACHE_DIR "
                              "or ~/.cache/sweepcls")
+    cache_max_gb: float = opt(0.0, "GB (fractions allowed) that the --cache disk files in cache_dir may hold together: "
+                                   "a new one first deletes the least recently used ones no running process holds "
+                                   "(python cache.py lists and clears them); one data set over it alone is an error; "
+                                   "0 = auto: the smaller of 50 GB and half of (the free disk + what they hold)")
     # --- model ---
     model: str = opt("auto", "any timm model name (timm.list_models()); auto = resnet18 (the digits demo: resnet10t)")
     pretrained: str = opt("auto", "start from the model's pretrained weights: true = from the hub (needs "
@@ -149,7 +153,10 @@ class Config:
                                "checkpoints as they were, the reason in the W&B summary)")
     resume: str = opt("auto", "continue an interrupted run from its last completed epoch: auto = from "
                               "out_dir/resume.pt when there is one (a rerun with the same --out_dir, a relaunched "
-                              "sweep trial); a run dir or resume.pt path; '' = always start fresh")
+                              "sweep trial); a run dir or resume.pt path; '' = never continue. A folder that holds "
+                              "a run's checkpoints and nothing to continue from is refused: see --restart")
+    restart: bool = opt(False, "start over in out_dir: the run already there (finished or interrupted) is moved to "
+                               "<out_dir>.before-<YYYYmmdd-HHMMSS> first, never deleted")
     # --- loss ---
     loss: str = opt("ce", "loss name", _losses)
     class_weights: str = opt("inverse", "weighted_ce weights and focal alpha, from training class counts: "
@@ -227,6 +234,7 @@ class Config:
             (self.keep_top_k >= 0 and self.table_rows >= 0, "keep_top_k and table_rows must be >= 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (0 <= self.aug_strength <= 1, "aug_strength must be in [0, 1]"),
+            (self.cache_max_gb >= 0, "cache_max_gb must be >= 0 (0 = auto)"),
             (0 < self.pseudo_threshold <= 1, "pseudo_threshold must be in (0, 1]"),
             (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
             (0 <= self.mix_prob <= 1, "mix_prob must be in [0, 1]"),
@@ -245,6 +253,8 @@ class Config:
             (0 < self.gamma <= 1, "gamma must be in (0, 1]"),
             (self.patience >= 0, "patience must be >= 0 (0 = off)"),
             (self.nan_patience >= 1, "nan_patience must be >= 1"),
+            (not self.restart or self.resume in ("auto", ""),
+             f"--restart starts over in out_dir and --resume {self.resume} continues a run: pass one of them"),
             (0 <= self.cb_beta < 1, "cb_beta must be in [0, 1)"),
             (0 <= self.label_smoothing < 1, "label_smoothing must be in [0, 1)"),
             (self.focal_gamma >= 0 and self.asl_gamma_pos >= 0 and self.asl_gamma_neg >= 0,
@@ -267,8 +277,8 @@ def maximizes(metric: str, mode: str = "auto") -> bool:
 # keys that never change what a run computes: where it writes and logs, how fast, and what it is for.
 # They may differ on resume, and they are not "what changed" in a run's record.
 BOOKKEEPING_KEYS = {"resume", "out_dir", "workers", "wandb_mode", "project", "entity", "run_name", "table_rows",
-                    "log_model", "device", "cache", "cache_dir", "compile", "wandb_console", "notes", "tags",
-                    "parent"}
+                    "log_model", "device", "cache", "cache_dir", "cache_max_gb", "compile", "wandb_console", "notes",
+                    "tags", "parent", "restart"}
 # keys train.py decides from the data when they are auto (model, img_size 0, pretrained): a resumed run decides again
 AUTO_KEYS = {"model", "img_size", "pretrained", "pretrained_path"}
 # where the data is read from: the data fingerprint tells what it was, so these are no "change" either

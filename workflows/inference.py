@@ -9,14 +9,17 @@ from tqdm import tqdm
 
 from datasets.transforms import TTA
 from utils.device import to_input
+from utils.stop import check_stop
 
 
 @torch.no_grad()
-def predict_probs(model, loader, device, amp_dtype=None, tta: str = "none") -> np.ndarray:
-    """Class probabilities, averaged over the TTA views of each batch."""
+def predict_probs(model, loader, device, amp_dtype=None, tta: str = "none", phase: str = "prediction") -> np.ndarray:
+    """Class probabilities, averaged over the TTA views of each batch. A stop (utils/stop.py) ends it between
+    batches, named by `phase`."""
     model.eval()
     views, out = TTA.build(tta), []
-    for images, _, _ in tqdm(loader, desc="predict", leave=False, disable=None):
+    for images, _, _ in tqdm(loader, desc=phase, leave=False, disable=None):
+        check_stop(phase)
         x = to_input(images, device)
         probs = 0
         for view in views:

@@ -201,8 +201,8 @@ def build_stepper(cfg: Config, model: torch.nn.Module, loss_fn, device: torch.de
 def evaluate(s: FitSetup, tta: str) -> tuple[np.ndarray, np.ndarray | None]:
     """Validation probabilities of every row (all ranks'), and of the clean images when validation is noisy."""
     def probs(loader):
-        return distributed.gather_rows(predict_probs(s.eval_model, loader, s.device, s.amp_dtype, tta), s.val_part,
-                                       len(s.val_idx))
+        return distributed.gather_rows(predict_probs(s.eval_model, loader, s.device, s.amp_dtype, tta, "validation"),
+                                       s.val_part, len(s.val_idx))
     return probs(s.val_loader), probs(s.clean_loader) if s.clean_loader is not None else None
 
 
@@ -228,7 +228,7 @@ def predict_test(cfg: Config, data, s: FitSetup) -> np.ndarray:
                          cfg.batch_size, s.workers, s.device)
     if cfg.test_bn == "adapt":
         adapt_test_bn(best, loader, s.device, cfg.model)
-    return predict_probs(best, loader, s.device, s.amp_dtype, cfg.tta)
+    return predict_probs(best, loader, s.device, s.amp_dtype, cfg.tta, "test prediction")
 
 
 def describe_fit(cfg: Config, s: FitSetup, data, prefix: str, out_dir: Path, pseudo: tuple | None) -> str:

@@ -1,0 +1,194 @@
+"""A stop at any moment is one clean stop that --resume continues from: sent to the process or to its whole process
+group (loader workers included), during the decode of the images, mid-epoch, during validation and during the test
+set's prediction. Each stop here is a real signal, sent by the run to itself at a chosen point (a patched function),
+so the phase is certain; the resumed run must end bit-identical to one never stopped."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, TINY_MODEL, make_competition_folder, read_run
+
+ARGS = ["--model", TINY_MODEL, "--img_size", "32", "--epochs", "3", "--batch_size", "16", "--drop_rate", "0.2",
+        "--mixup", "0.2", "--table_rows", "4"]
+STEPS_PER_EPOCH = 12  # 240 images, 48 of them validate: 192 / 16
+
+
+def clean_env(tmp: Path) -> dict:
+    """The autouse fixture's environment, for a module-wide fixture that runs outside it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    return {**env, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp),
+            "WANDB_CONFIG_DIR": str(tmp), "WANDB_CACHE_DIR": str(tmp), "WANDB_DATA_DIR": str(tmp),
+            "SWEEPCLS_CACHE_DIR": str(tmp / "image-cache"), "HF_HUB_OFFLINE": "1",
+            "SWEEPCLS_WEIGHTS_DIR": str(tmp / "weights")}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The data, and one run of it never stopped."""
+    tmp = tmp_path_factory.mktemp("stop-phases")
+    data = make_competition_folder(tmp / "comp")
+    out_dir = tmp / "reference"
+    proc = subprocess.run([sys.executable, "train.py", "--data", str(data), *ARGS, "--workers", "0", "--out_dir",
+                           str(out_dir), "--wandb_mode", "disabled"], cwd=ROOT, env=clean_env(tmp),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return data, out_dir
+
+
+def self_stop(at: str, n: int, sig: str = "SIGTERM") -> str:
+    """Python code that patches `at` (module:name or module:Class.name, a function) to send this process `sig` on
+    its n-th call, and prints the number of calls at exit."""
+    module, name = at.split(":")
+    *owner, name = name.split(".")
+    return (f"import atexit, functools, importlib, os, signal\nowner = importlib.import_module({module!r})\n"
+            f"for part in {owner!r}: owner = getattr(owner, part)\nf, calls = getattr(owner, {name!r}), [0]\n"
+            f"@functools.wraps(f)\ndef g(*a, **k):\n    calls[0] += 1\n"
+            f"    if calls[0] == {n}: os.kill(os.getpid(), signal.{sig})\n    return f(*a, **k)\n"
+            f"setattr(owner, {name!r}, g)\natexit.register(lambda: print(f'calls: {{calls[0]}}'))\n")
+
+
+def train(data: Path, out_dir: Path, *args, patch: str = "", group: bool = False) -> subprocess.Popen:
+    code = f"{patch}\nimport runpy, sys; sys.argv[0] = 'train.py'; runpy.run_path('train.py', run_name='__main__')"
+    return subprocess.Popen([sys.executable, "-c", code, "--data", str(data), *ARGS, "--out_dir", str(out_dir), *args],
+                            cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, process_group=0 if group else None)
+
+
+def stopped(proc: subprocess.Popen, code: int = 128 + signal.SIGTERM) -> tuple[str, str]:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, f"{proc.returncode}:\n{out[-2000:]}\n{err[-3000:]}"
+    assert "Traceback" not in err and "killed by signal" not in err, err[-3000:]
+    return out, err
+
+
+def rows(out_dir: Path) -> list[dict]:
+    lines = (out_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in ("train/epoch_seconds", "_time")} for line in lines]
+
+
+def assert_same_run(out_dir: Path, reference: Path) -> None:
+    a, b = load_file(reference / "last.safetensors"), load_file(out_dir / "last.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ from the unstopped run"
+    assert rows(out_dir) == rows(reference)  # every epoch once, the same numbers
+    assert (out_dir / "submission.csv").read_text() == (reference / "submission.csv").read_text()
+    assert not (out_dir / "resume.pt").exists()
+    assert json.loads((out_dir / "summary.json").read_text())["_exit_code"] == 0
+
+
+def resume(data: Path, out_dir: Path, workers: int = 0) -> str:
+    proc = train(data, out_dir, "--workers", str(workers))
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_a_stop_mid_epoch_resumes_inside_the_epoch_bit_identical(tmp_path, reference):
+    data, ref = reference
+    out_dir = tmp_path / "run"
+    n = STEPS_PER_EPOCH + 3  # after the 3rd optimizer step of epoch 2
+    out, err = stopped(train(data, out_dir, "--workers", "2", patch=self_stop("optim.stepper:Stepper.step", n)))
+    assert "during training in epoch 2" in err
+    assert json.loads((out_dir / "summary.json").read_text())["stopped"] == "SIGTERM during training in epoch 2"
+    assert [r["epoch"] for r in rows(out_dir)] == [1]
+    out = resume(data, out_dir, workers=0)  # other loader workers: the same batches
+    assert "resumed at epoch 2 of 3, after its first 3 batches" in out
+    assert_same_run(out_dir, ref)
+    parts = sorted(out_dir.glob("wandb/offline-run-*"))  # the W&B step continues where the stop left it
+    assert len(parts) == 2
+    for part in parts:
+        history = [r["history"]["item"] for r in read_run(part) if r["type"] == "history"]
+        assert all(h["_step"] == h["epoch"] - 1 for h in history)
+
+
+@pytest.mark.slow
+def test_a_stop_in_epoch_1_leaves_a_state_to_resume_from(tmp_path, reference):
+    data, ref = reference
+    out_dir = tmp_path / "run"
+    stopped(train(data, out_dir, "--workers", "0", "--wandb_mode", "disabled",
+                  patch=self_stop("optim.stepper:Stepper.step", 2)))
+    assert (out_dir / "resume.pt").is_file() and not (out_dir / "metrics.jsonl").read_text()
+    assert "resumed at epoch 1 of 3, after its first 2 batches" in resume(data, out_dir)
+    assert_same_run(out_dir, ref)
+
+
+@pytest.mark.slow
+def test_a_stop_during_validation_is_honoured_there_and_resumes(tmp_path, reference):
+    data, ref = reference
+    out_dir = tmp_path / "run"
+    # validation has 3 batches an epoch: the 2nd batch of epoch 2's validation
+    out, err = stopped(train(data, out_dir, "--workers", "0", "--wandb_mode", "disabled",
+                             patch=self_stop("workflows.inference:to_input", 3 + 2)))
+    assert "during validation" in err
+    assert [r["epoch"] for r in rows(out_dir)] == [1]  # epoch 2 was not logged half-validated
+    assert "resumed at epoch 2 of 3, after its first 12 batches" in resume(data, out_dir)
+    assert_same_run(out_dir, ref)
+
+
+@pytest.mark.slow
+def test_a_stop_during_test_prediction_resumes_to_the_same_submission(tmp_path, reference):
+    data, ref = reference
+    out_dir = tmp_path / "run"
+    # 3 epochs of 3 validation batches, then the 40 test images' 3 batches: the 2nd of them
+    out, err = stopped(train(data, out_dir, "--workers", "0", "--wandb_mode", "disabled",
+                             patch=self_stop("workflows.inference:to_input", 9 + 2)))
+    assert "during test prediction" in err and not (out_dir / "submission.csv").exists()
+    resume(data, out_dir)
+    assert_same_run(out_dir, ref)
+
+
+@pytest.mark.slow
+def test_a_stop_during_the_image_decode_ends_it_early_and_keeps_no_half_cache(tmp_path, reference):
+    data, ref = reference
+    out_dir, cache = tmp_path / "run", Path(os.environ["SWEEPCLS_CACHE_DIR"])
+    slow = "import time, datasets.cache as c; load = c.load_image\ndef slow(p):\n    time.sleep(0.05)\n" \
+           "    return load(p)\nc.load_image = slow\n"  # 240 images: about 6 s of decoding on 2 threads
+    out, err = stopped(train(data, out_dir, "--workers", "0", "--wandb_mode", "disabled", "--cache", "disk",
+                             patch=slow + self_stop("datasets.cache:load_image", 20)))
+    assert "during decoding images" in err
+    assert not list(cache.glob("*.npy")) and not list(cache.glob(".*tmp*"))  # nothing half-decoded is kept
+    assert int(out.rsplit("calls: ", 1)[1]) < 100  # of 240: the rest were never decoded
+    resume(data, out_dir)  # nothing trained yet: the same command starts it again, in place
+    assert_same_run(out_dir, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_sent_to_the_whole_process_group_is_one_clean_stop(tmp_path, reference, sig):
+    """What a terminal's Ctrl-C, SLURM and `kill -- -PGID` do: the loader workers get the signal too."""
+    data, ref = reference
+    out_dir = tmp_path / "run"
+    proc = train(data, out_dir, "--workers", "2", "--wandb_mode", "disabled", group=True)
+    deadline = time.time() + 180
+    while not (out_dir / "metrics.jsonl").is_file() or not (out_dir / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    os.killpg(proc.pid, sig)
+    stopped(proc, 128 + sig)
+    assert json.loads((out_dir / "summary.json").read_text())["_exit_code"] == 128 + sig
+    resume(data, out_dir, workers=2)
+    assert_same_run(out_dir, ref)
+
+
+@pytest.mark.slow
+def test_a_stopped_run_continues_into_another_folder(tmp_path, reference):
+    """--resume A --out_dir B: B gets A's epochs so far and continues them; A is left as it was."""
+    data, ref = reference
+    first, second = tmp_path / "first", tmp_path / "second"
+    stopped(train(data, first, "--workers", "0", "--wandb_mode", "disabled",
+                  patch=self_stop("optim.stepper:Stepper.step", STEPS_PER_EPOCH + 3)))
+    before = {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()}
+    proc = subprocess.run([sys.executable, "train.py", "--data", str(data), *ARGS, "--workers", "0", "--wandb_mode",
+                           "disabled", "--resume", str(first), "--out_dir", str(second)], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert_same_run(second, ref)
+    assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == before
