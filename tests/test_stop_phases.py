@@ -192,3 +192,38 @@ def test_a_stopped_run_continues_into_another_folder(tmp_path, reference):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert_same_run(second, ref)
     assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_a_crash_with_loader_workers_still_exits(tmp_path, reference):
+    """Workers ignore SIGTERM (a group's stop is the main process's); multiprocessing's exit hook ends them with
+    SIGTERM and then waits for them: a crash that left their loader alive must not wait forever."""
+    data, _ = reference
+    boom = ("import optim.stepper as st\nstep = st.Stepper.step\ndef g(self, b):\n    if self.steps == 14: "
+            "raise RuntimeError('boom')\n    return step(self, b)\nst.Stepper.step = g\n")
+    proc = train(data, tmp_path / "run", "--workers", "2", "--wandb_mode", "disabled", patch=boom)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1 and "RuntimeError: boom" in err
+
+
+@pytest.mark.slow
+def test_a_stop_that_also_ends_the_wandb_service_exits_cleanly(tmp_path, reference):
+    """SLURM signals every process of a job, W&B's service process (wandb-core, in a session of its own) too:
+    the run cannot finish its W&B run, and says so in one line instead of a traceback."""
+    data, _ = reference
+    out_dir = tmp_path / "run"
+    proc = train(data, out_dir, "--workers", "2")
+    deadline = time.time() + 180
+    while not (out_dir / "metrics.jsonl").is_file() or not (out_dir / "metrics.jsonl").read_text():
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    core = [int(c) for c in children if Path(f"/proc/{c}/comm").read_text().strip() == "wandb-core"]
+    assert core
+    for pid in [*core, proc.pid]:
+        os.kill(pid, signal.SIGTERM)
+    out, err = stopped(proc)
+    assert "W&B's service process ended before the run could finish" in err and "wandb sync" in err
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["_exit_code"] == 143 and summary["wandb_unfinished"] is True
+    assert (out_dir / "resume.pt").is_file()

@@ -4,6 +4,8 @@ Usage:
     device = pick_device("auto"); amp_dtype = amp_dtype_for(device, amp=True)
     loader = make_loader(dataset, batch_size=64, workers=default_workers(-1), device=device)
 """
+import atexit
+import multiprocessing
 import random
 import signal
 
@@ -36,11 +38,26 @@ def default_workers(requested: int, processes: int = 1) -> int:
     return requested if requested >= 0 else max(1, min(8, cores() // processes))
 
 
+_registered: list = []  # the exit hook, once per process
+
+
 def _worker_init(_: int) -> None:
     import cv2
     cv2.setNumThreads(0)  # each loader worker is one thread of parallelism already: no OpenCV pool inside it
     torch.set_num_threads(1)
     ignore_stop_signals()
+
+
+def _end_loader_workers() -> None:
+    """At exit, daemonic children still alive (loader workers whose loader a crash's traceback kept) are killed, as
+    multiprocessing's own exit hook would end them, but with SIGKILL: they ignore its SIGTERM, and it then waits for
+    them forever. Registered after that hook, so it runs first."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would raise "worker killed by signal" here
+    workers = [proc for proc in multiprocessing.active_children() if proc.daemon]
+    for proc in workers:
+        proc.kill()
+    for proc in workers:
+        proc.join(5)
 
 
 def ignore_stop_signals() -> None:
@@ -53,6 +70,9 @@ def ignore_stop_signals() -> None:
 
 
 def make_loader(dataset, batch_size: int, workers: int, device: torch.device, sampler=None, drop_last=False):
+    if workers > 0 and _end_loader_workers not in _registered:
+        atexit.register(_end_loader_workers)
+        _registered.append(_end_loader_workers)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
         num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda",

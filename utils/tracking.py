@@ -466,8 +466,12 @@ class Run:
             return 1
         except Stopped as e:
             self.set_summary({"stopped": f"{e} during {e.phase or 'set-up'}"})
-            self.on_stop(e)
-            self.finish(exit_code=e.exit_code, deadline=e.deadline)
+            try:
+                self.on_stop(e)
+                self.finish(exit_code=e.exit_code, deadline=e.deadline)
+            except Exception as error:  # noqa: BLE001 - W&B's service gone (SLURM signals every process of a job)
+                self.abandon(e.exit_code, f"W&B's service process ended before the run could finish "
+                                          f"({type(error).__name__}: {str(error)[:100]}), so the run exits now")
             note = stopped_note() if callable(stopped_note) else stopped_note
             print(f"stopped by {e}{f' during {e.phase}' if e.phase else ''}: {note}W&B run finished (exit code "
                   f"{e.exit_code})", file=sys.stderr)
@@ -529,12 +533,19 @@ class Run:
             if isinstance(outcome[0], BaseException):
                 raise outcome[0]
             return outcome[0]
+        self.abandon(exit_code, f"W&B is still uploading at the stop's time limit ({stop_budget_s():.0f} s), so the "
+                                f"run exits now, before a SIGKILL would")
+
+    def abandon(self, exit_code: int, why: str) -> None:
+        """End the process now with exit_code, the W&B run unfinished: summary.json gets _exit_code and
+        wandb_unfinished, stderr why and the `wandb sync` line that uploads the rest (its .wandb file holds what
+        W&B received). os._exit: Python's exit would wait on W&B again (wandb's atexit hook), and on loader workers
+        that ignore the stop signal."""
         where = Path(self.wandb.dir).parent
         if self.record is not None:
             self.record.summary.update({"_exit_code": exit_code, "wandb_unfinished": True})
             self.record.write_summary()
-        print(f"W&B is still uploading at the stop's time limit ({stop_budget_s():.0f} s), so the run exits now, "
-              f"before a SIGKILL would: checkpoints, metrics.jsonl and summary.json are complete under "
+        print(f"{why}: checkpoints, metrics.jsonl and summary.json are complete under "
               f"{self.record.dir if self.record else where}; upload what W&B has not with: wandb sync {where}",
               file=sys.stderr)
         sys.stdout.flush()
