@@ -8,7 +8,7 @@ Usage:
             ...; stop.check()          # raises Stopped once a signal has arrived
 After a SIGTERM, or under `wandb agent`, the run has until Stopped.deadline (stop_budget_s() after the stop) to
 save, finish its W&B run and exit.
-Phases outside the training loop (decoding images, validation, TTA, test prediction, the report) call
+Phases outside the training loop (decoding images, the shift measure, validation, TTA, test prediction) call
 check_stop() between images or batches, which checks the StopSignal that is active in this process, so a stop is
 honoured within a batch wherever the run is, without every function taking the StopSignal along.
 Later signals while stopping are noted on stderr, never raised: `wandb agent` sends SIGTERM and its run's stop
