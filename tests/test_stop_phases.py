@@ -110,38 +110,24 @@ def test_a_stop_mid_epoch_resumes_inside_the_epoch_bit_identical(tmp_path, refer
 
 
 @pytest.mark.slow
-def test_a_stop_in_epoch_1_leaves_a_state_to_resume_from(tmp_path, reference):
-    data, ref = reference
-    out_dir = tmp_path / "run"
-    stopped(train(data, out_dir, "--workers", "0", "--wandb_mode", "disabled",
-                  patch=self_stop("optim.stepper:Stepper.step", 2)))
-    assert (out_dir / "resume.pt").is_file() and not (out_dir / "metrics.jsonl").read_text()
-    assert "resumed at epoch 1 of 3, after its first 2 batches" in resume(data, out_dir)
-    assert_same_run(out_dir, ref)
-
-
-@pytest.mark.slow
-def test_a_stop_during_validation_is_honoured_there_and_resumes(tmp_path, reference):
-    data, ref = reference
-    out_dir = tmp_path / "run"
+@pytest.mark.parametrize("at, n, phase, epochs_logged, resumed", [
+    # the 2nd optimizer step of epoch 1: a stop there leaves a state to resume from too
+    ("optim.stepper:Stepper.step", 2, "training in epoch 1", [], "resumed at epoch 1 of 3, after its first 2 batches"),
     # validation has 3 batches an epoch: the 2nd batch of epoch 2's validation
-    out, err = stopped(train(data, out_dir, "--workers", "0", "--wandb_mode", "disabled",
-                             patch=self_stop("workflows.inference:to_input", 3 + 2)))
-    assert "during validation" in err
-    assert [r["epoch"] for r in rows(out_dir)] == [1]  # epoch 2 was not logged half-validated
-    assert "resumed at epoch 2 of 3, after its first 12 batches" in resume(data, out_dir)
-    assert_same_run(out_dir, ref)
-
-
-@pytest.mark.slow
-def test_a_stop_during_test_prediction_resumes_to_the_same_submission(tmp_path, reference):
+    ("workflows.inference:to_input", 3 + 2, "validation in epoch 2", [1],
+     "resumed at epoch 2 of 3, after its first 12 batches"),
+    # 3 epochs of 3 validation batches, then the 40 test images' 3 batches: the 2nd of them
+    ("workflows.inference:to_input", 9 + 2, "test prediction", [1, 2, 3], "resumed after the last epoch"),
+], ids=["epoch-1", "validation", "test-prediction"])
+def test_a_stop_in_any_phase_is_honoured_there_and_resumes(tmp_path, reference, at, n, phase, epochs_logged,
+                                                          resumed):
     data, ref = reference
     out_dir = tmp_path / "run"
-    # 3 epochs of 3 validation batches, then the 40 test images' 3 batches: the 2nd of them
-    out, err = stopped(train(data, out_dir, "--workers", "0", "--wandb_mode", "disabled",
-                             patch=self_stop("workflows.inference:to_input", 9 + 2)))
-    assert "during test prediction" in err and not (out_dir / "submission.csv").exists()
-    resume(data, out_dir)
+    out, err = stopped(train(data, out_dir, "--workers", "0", "--wandb_mode", "disabled", patch=self_stop(at, n)))
+    assert f"during {phase}" in err and (out_dir / "resume.pt").is_file()
+    assert [r["epoch"] for r in rows(out_dir)] == epochs_logged  # no epoch logged half-done
+    assert not (out_dir / "submission.csv").exists()
+    assert resumed in resume(data, out_dir)
     assert_same_run(out_dir, ref)
 
 
