@@ -38,9 +38,6 @@ def default_workers(requested: int, processes: int = 1) -> int:
     return requested if requested >= 0 else max(1, min(8, cores() // processes))
 
 
-_registered: list = []  # the exit hook, once per process
-
-
 def _worker_init(_: int) -> None:
     import cv2
     cv2.setNumThreads(0)  # each loader worker is one thread of parallelism already: no OpenCV pool inside it
@@ -70,9 +67,9 @@ def ignore_stop_signals() -> None:
 
 
 def make_loader(dataset, batch_size: int, workers: int, device: torch.device, sampler=None, drop_last=False):
-    if workers > 0 and _end_loader_workers not in _registered:
+    if workers > 0:
+        atexit.unregister(_end_loader_workers)  # once per process, and after multiprocessing's hook
         atexit.register(_end_loader_workers)
-        _registered.append(_end_loader_workers)
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, shuffle=False, drop_last=drop_last,
         num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda",

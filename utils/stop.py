@@ -61,11 +61,11 @@ class Stopped(Exception):
 class StopSignal:
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self, phase_checks: bool = True):
+    def __init__(self):
         self.signum: int | None = None
         self.by_wandb = False
         self.at: float | None = None  # time.monotonic() of the first stop
-        self.phase_checks = phase_checks  # False under torchrun: a rank leaving a collective alone would hang the rest
+        self.phase_checks = True  # False under torchrun: a rank leaving a collective alone would hang the others
         self._previous = {}
 
     def _handle(self, signum, frame):
