@@ -234,7 +234,7 @@ def test_cache_command_clears_only_what_is_older(competition, tmp_path):
                                   ["clear", "--all", "--cache_dir", "{tmp}/f"],
                                   ["clear", "--cache_dir", "{tmp}"], ["clear", "--decode", "--older_than", "-1"]])
 def test_cache_command_errors_are_one_line(tmp_path, args, capsys):
-    """In this process (cache.main, what `python cache.py` runs): no 4 s start-up (torch.s import) per case."""
+    """In this process (cache.main, what `python cache.py` runs): no 4 s start-up (torch's import) per case."""
     import cache
     (tmp_path / "f").write_text("a file")
     try:
