@@ -81,9 +81,10 @@ def run_and_finish(cfg: Config, stop: StopSignal) -> int:
         if distributed.is_main():
             (out_dir / RESUME_FILE).unlink(missing_ok=True)  # finished: nothing to resume
     def stopped_note() -> str:
+        again = "the same command" + (" without --restart" if cfg.restart else "")
         if (out_dir / RESUME_FILE).is_file():
-            return f"saved where it stopped (resume.pt, last.safetensors in {out_dir}): the same command continues it; "
-        return f"nothing trained yet; the same command starts it again in {out_dir}; "
+            return f"saved where it stopped (resume.pt, last.safetensors in {out_dir}): {again} continues it; "
+        return f"nothing trained yet; {again} starts it again in {out_dir}; "
     return run.run_to_end(work, stopped_note=stopped_note)
 
 

@@ -151,7 +151,8 @@ class Config:
     patience: int = opt(0, "early stopping: stop after this many epochs without a new best; 0 = off")
     nan_patience: int = opt(5, "a step whose loss is NaN/inf is skipped; this many in a row stop the run (exit 1, "
                                "checkpoints as they were, the reason in the W&B summary)")
-    resume: str = opt("auto", "continue an interrupted run from its last completed epoch: auto = from "
+    resume: str = opt("auto", "continue an interrupted run where it stopped (inside the epoch after a stop signal, "
+                              "after its last completed epoch after a kill): auto = from "
                               "out_dir/resume.pt when there is one (a rerun with the same --out_dir, a relaunched "
                               "sweep trial); a run dir or resume.pt path; '' = never continue. A folder that holds "
                               "a run's checkpoints and nothing to continue from is refused: see --restart")
