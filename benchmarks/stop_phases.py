@@ -10,6 +10,7 @@ self_stop); the run writes the signal's time.monotonic() to a file and this scri
 """
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,7 +19,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from test_stop_phases import self_stop  # noqa: E402 - the tests' patch, so the figures measure what they test
+from conftest import as_main  # noqa: E402 - the tests' patches, so the figures measure what they test
+from test_stop_phases import self_stop  # noqa: E402
 
 DIGITS = ["--epochs", "2", "--wandb_mode", "offline"]
 PHASES = [  # name, the call that sends the signal (module:function), its n-th call, flags (FILES: the image files)
@@ -36,13 +38,13 @@ PHASES = [  # name, the call that sends the signal (module:function), its n-th c
 def measure(root: Path, work: Path, at: str, n: int, flags: list[str]) -> tuple[float | None, int, str]:
     """(seconds from the signal to the exit or None when no signal was sent, exit code, the last 'stopped' line)."""
     mark, out = work / "signal-time", work / "run"
-    subprocess.run(["rm", "-rf", str(out), str(mark)], check=True)
+    shutil.rmtree(out, ignore_errors=True)
+    mark.unlink(missing_ok=True)
     patch = self_stop(at, n).replace("os.kill(os.getpid(), signal.SIGTERM)",
                                      f"open({str(mark)!r}, 'w').write(repr(__import__('time').monotonic())); "
                                      "os.kill(os.getpid(), signal.SIGTERM)")
-    code = f"{patch}\nimport runpy, sys; sys.argv[0] = 'train.py'; runpy.run_path('train.py', run_name='__main__')"
-    proc = subprocess.run([sys.executable, "-c", code, *flags, "--out_dir", str(out)], cwd=root, capture_output=True,
-                          text=True)
+    proc = subprocess.run([sys.executable, "-c", as_main(patch), *flags, "--out_dir", str(out)], cwd=root,
+                          capture_output=True, text=True)
     end = time.monotonic()
     sent = float(mark.read_text()) if mark.is_file() else None
     last = [line for line in proc.stderr.splitlines() if line.startswith("stopped by")]

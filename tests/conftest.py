@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -16,22 +17,46 @@ sys.path.insert(0, str(ROOT))
 TINY_MODEL = "test_resnet"  # a real timm architecture with ~0.4M parameters, random init
 
 
-@pytest.fixture(autouse=True)
-def wandb_env(tmp_path, monkeypatch):
-    for key in ("WANDB_API_KEY", "WANDB_RUN_ID", "WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH", "WANDB_PROJECT"):
-        monkeypatch.delenv(key, raising=False)
-    wandb_root = tmp_path / "wandb-home"
+def isolated_env(root: Path) -> dict[str, str]:
+    """The environment every test runs in: W&B in real offline mode with all its folders under root, no key or
+    sweep of the machine's, and sweepcls' caches and weights per test (no download)."""
+    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "NETRC": str(root / "no-netrc"),
+           "SWEEPCLS_CACHE_DIR": str(root / "image-cache"),  # --cache disk files: per test
+           "HF_HUB_OFFLINE": "1",  # --pretrained auto: never a download in a test
+           "SWEEPCLS_WEIGHTS_DIR": str(root / "weights")}  # ... and no weights but a test's own
     for key, sub in [("WANDB_DIR", "dir"), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"),
                      ("WANDB_CONFIG_DIR", "config")]:
-        (wandb_root / sub).mkdir(parents=True)
-        monkeypatch.setenv(key, str(wandb_root / sub))
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("NETRC", str(wandb_root / "no-netrc"))
-    monkeypatch.setenv("SWEEPCLS_CACHE_DIR", str(tmp_path / "image-cache"))  # --cache disk files: per test
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # --pretrained auto: never a download in a test
-    monkeypatch.setenv("SWEEPCLS_WEIGHTS_DIR", str(tmp_path / "weights"))  # ... and no weights but a test's own
-    return wandb_root
+        (root / "wandb-home" / sub).mkdir(parents=True, exist_ok=True)
+        env[key] = str(root / "wandb-home" / sub)
+    return env
+
+
+UNSET = ("WANDB_API_KEY", "WANDB_RUN_ID", "WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH", "WANDB_PROJECT")
+
+
+@pytest.fixture(autouse=True)
+def wandb_env(tmp_path, monkeypatch):
+    for key in UNSET:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in isolated_env(tmp_path).items():
+        monkeypatch.setenv(key, value)
+    return tmp_path / "wandb-home"
+
+
+def as_main(patch: str) -> str:
+    """Python code that applies `patch`, then runs train.py as `python train.py` would (its __main__ block)."""
+    return f"{patch}\nimport runpy, sys; sys.argv[0] = 'train.py'; runpy.run_path('train.py', run_name='__main__')"
+
+
+def wait_for_epochs(proc, out_dir: Path, n: int, timeout: float = 180) -> None:
+    """Until out_dir/metrics.jsonl has n epoch rows; the process ending first, or the timeout, fails the test."""
+    deadline = time.time() + timeout
+    metrics = out_dir / "metrics.jsonl"
+    while not metrics.exists() or sum(1 for line in metrics.read_text().splitlines() if '"epoch"' in line) < n:
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early ({proc.returncode}): {proc.communicate()[1][-3000:]}")
+        assert time.time() < deadline, "no epoch logged in time"
+        time.sleep(0.1)
 
 
 def _digit_images(n: int, seed: int = 0):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, TINY_MODEL, read_run
+from conftest import ROOT, TINY_MODEL, as_main, read_run, wait_for_epochs
 from utils import tracking
 from utils.runs import random_id
 from utils.stop import StopSignal, Stopped, stop_budget_s
@@ -31,24 +31,9 @@ def start_trial(competition, env: dict, *args, wrapper: str = "") -> subprocess.
                             process_group=0)
 
 
-def as_main(patch: str) -> str:
-    """Python code that applies `patch`, then runs train.py as `python train.py` would (its __main__ block)."""
-    return f"{patch}; import runpy, sys; sys.argv[0] = 'train.py'; runpy.run_path('train.py', run_name='__main__')"
-
-
 def agent_env(tmp_path, run_id: str) -> dict:
     return {**os.environ, "WANDB_SWEEP_ID": "sweep1", "WANDB_RUN_ID": run_id,
             "SWEEPCLS_RUNS_DIR": str(tmp_path / "runs")}
-
-
-def wait_for_epochs(proc, out_dir: Path, n: int, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    metrics = out_dir / "metrics.jsonl"
-    while not metrics.exists() or sum(1 for line in metrics.read_text().splitlines() if '"epoch"' in line) < n:
-        if proc.poll() is not None:
-            raise AssertionError(f"the trial ended early ({proc.returncode}): {proc.communicate()[1][-3000:]}")
-        assert time.time() < deadline, "no epoch logged in time"
-        time.sleep(0.1)
 
 
 def stop_like_the_agent(proc) -> tuple[float, str, str]:

@@ -7,27 +7,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_MODEL, make_competition_folder, read_run
+from conftest import (ROOT, TINY_MODEL, UNSET, as_main, isolated_env, make_competition_folder, read_run,
+                      wait_for_epochs)
 
 ARGS = ["--model", TINY_MODEL, "--img_size", "32", "--epochs", "3", "--batch_size", "16", "--drop_rate", "0.2",
         "--mixup", "0.2", "--table_rows", "4"]
 STEPS_PER_EPOCH = 12  # 240 images, 48 of them validate: 192 / 16
-
-
-def clean_env(tmp: Path) -> dict:
-    """The autouse fixture's environment, for a module-wide fixture that runs outside it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    return {**env, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(tmp),
-            "WANDB_CONFIG_DIR": str(tmp), "WANDB_CACHE_DIR": str(tmp), "WANDB_DATA_DIR": str(tmp),
-            "SWEEPCLS_CACHE_DIR": str(tmp / "image-cache"), "HF_HUB_OFFLINE": "1",
-            "SWEEPCLS_WEIGHTS_DIR": str(tmp / "weights")}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +28,8 @@ def reference(tmp_path_factory):
     data = make_competition_folder(tmp / "comp")
     out_dir = tmp / "reference"
     proc = subprocess.run([sys.executable, "train.py", "--data", str(data), *ARGS, "--workers", "0", "--out_dir",
-                           str(out_dir), "--wandb_mode", "disabled"], cwd=ROOT, env=clean_env(tmp),
+                           str(out_dir), "--wandb_mode", "disabled"], cwd=ROOT,
+                          env={**{k: v for k, v in os.environ.items() if k not in UNSET}, **isolated_env(tmp)},
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return data, out_dir
@@ -56,10 +48,9 @@ def self_stop(at: str, n: int, sig: str = "SIGTERM") -> str:
 
 
 def train(data: Path, out_dir: Path, *args, patch: str = "", group: bool = False) -> subprocess.Popen:
-    code = f"{patch}\nimport runpy, sys; sys.argv[0] = 'train.py'; runpy.run_path('train.py', run_name='__main__')"
-    return subprocess.Popen([sys.executable, "-c", code, "--data", str(data), *ARGS, "--out_dir", str(out_dir), *args],
-                            cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, process_group=0 if group else None)
+    return subprocess.Popen([sys.executable, "-c", as_main(patch), "--data", str(data), *ARGS, "--out_dir",
+                             str(out_dir), *args], cwd=ROOT, env=os.environ.copy(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, process_group=0 if group else None)
 
 
 def stopped(proc: subprocess.Popen, code: int = 128 + signal.SIGTERM) -> tuple[str, str]:
@@ -153,10 +144,7 @@ def test_a_stop_sent_to_the_whole_process_group_is_one_clean_stop(tmp_path, refe
     data, ref = reference
     out_dir = tmp_path / "run"
     proc = train(data, out_dir, "--workers", "2", "--wandb_mode", "disabled", group=True)
-    deadline = time.time() + 180
-    while not (out_dir / "metrics.jsonl").is_file() or not (out_dir / "metrics.jsonl").read_text():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
+    wait_for_epochs(proc, out_dir, 1)
     os.killpg(proc.pid, sig)
     stopped(proc, 128 + sig)
     assert json.loads((out_dir / "summary.json").read_text())["_exit_code"] == 128 + sig
@@ -199,10 +187,7 @@ def test_a_stop_that_also_ends_the_wandb_service_exits_cleanly(tmp_path, referen
     data, _ = reference
     out_dir = tmp_path / "run"
     proc = train(data, out_dir, "--workers", "2")
-    deadline = time.time() + 180
-    while not (out_dir / "metrics.jsonl").is_file() or not (out_dir / "metrics.jsonl").read_text():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
-        time.sleep(0.05)
+    wait_for_epochs(proc, out_dir, 1)
     children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     core = [int(c) for c in children if Path(f"/proc/{c}/comm").read_text().strip() == "wandb-core"]
     assert core
