@@ -1,5 +1,5 @@
 """List and clear the cache folder: the decode caches of --cache disk (one .npy per data set and img_size)
-and what other commands keep there (predictions, downloaded artifacts and data sets).
+and what other commands keep there (predictions, downloaded artifacts and data sets, test-set shift measures).
 
 Usage:
     python cache.py list                           # each decode cache, the subfolders, the total and the bound
@@ -35,8 +35,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     for name in CLEARABLE[1:]:
         wipe.add_argument(f"--{name}", action="store_true", help=f"{name}/: {FOLDERS[name]}")
     wipe.add_argument("--older_than", type=float, default=None, metavar="DAYS",
-                      help="only what was last used (decode caches) or written (the rest) more than DAYS days ago; "
-                           "without a flag above: from everything --all names")
+                      help="only what was last used (decode caches, shift/) or written (the rest) more than DAYS "
+                           "days ago; without a flag above: from everything --all names")
     return parser, {"list": show, "clear": wipe}
 
 

@@ -90,11 +90,13 @@ def _predictions(ref: str, data, cache_dir: Path) -> tuple[str, np.ndarray, np.n
             raise UserError(f"{ref}: {len(missing)} test id(s) missing (e.g. {missing[:3]}), labels not among the "
                             f"classes: {unknown[:5]}")
         return path.name, np.array([index[rows[i]] for i in data.test_ids]), None
-    from workflows.ensemble import member_probs, resolve_member
+    from workflows.ensemble import describe_steps, member_probs, resolve_member
     member = resolve_member(ref, cache_dir)
     if member.meta["classes"] != data.classes:
         raise UserError(f"{ref} was trained on classes {member.meta['classes']}, --data has {data.classes}")
-    probs = member_probs(member, data.test_items, "none", cache_dir)
+    for line in describe_steps(member, "auto", "auto"):  # as predict.py predicts it by default
+        print(line)
+    probs = member_probs(member, data.test_items, "auto", cache_dir, test_bn="auto")
     return member.name, probs.argmax(1), probs.max(1)
 
 

@@ -8,7 +8,8 @@ Members may differ in backbone, image size and normalization: each is rebuilt fr
 --weights auto fits non-negative weights on a labelled set every member can be scored on without
 leakage (their shared validation split, or out-of-fold predictions of cross-validated runs). The
 ensemble is a W&B run (job_type=ensemble) with the scores, the submission and a table of the images
-on which the members disagree. Predictions are cached per (member, images, TTA) in --cache_dir.
+on which the members disagree. --tta and --test_bn auto (the default) give each member (each fold of a --cv
+run) what its own run decided. Predictions are cached per (member, images, resolved TTA and test_bn) in --cache_dir.
 """
 import argparse
 import sys
@@ -23,8 +24,9 @@ from datasets.shift import any_on, noisy_copies
 from utils import UserError, tracking
 from utils.runs import new_run_id, runs_dir
 from workflows.config import HelpFormatter, add_config_flags
-from workflows.ensemble import (caruana, check_compatible, is_artifact_ref, load_test_data, member_probs,
-                                monitor_metric, read_oof, resolve_member, score, sweep_member_refs)
+from workflows.ensemble import (caruana, check_compatible, describe_steps, is_artifact_ref, load_test_data,
+                                member_probs, member_steps, monitor_metric, read_oof, resolve_member, score,
+                                sweep_member_refs)
 
 
 def labelled_set(members, data, args) -> tuple[str, np.ndarray, list[np.ndarray]]:
@@ -146,8 +148,11 @@ def log_ensemble_run(args, refs: list[str], members, weights: np.ndarray, metric
     scores = {f"{s}/{name.replace('/', '_')}/{metric}": v[i] for s, v in table.items() for i, name in enumerate(names)}
     run_id = new_run_id()
     out_dir = Path(args.out_dir or runs_dir() / f"ensemble-{run_id}")
+    steps = {m.name: [{"tta": st.tta, "test_bn": st.test_bn} for st in member_steps(m, args.tta, args.test_bn)]
+             for m in members}  # what auto became, per member and checkpoint
     run = tracking.init({"members": refs, "weights": weights.tolist(), "weighting": args.weights, "tta": args.tta,
-                         "data": args.data, "metric": metric, "models": [m.meta["model"] for m in members]},
+                         "test_bn": args.test_bn, "test_time": steps, "data": args.data, "metric": metric,
+                         "models": [m.meta["model"] for m in members]},
                         run_id, out_dir, args.wandb_mode, project=args.project, entity=args.entity,
                         name=f"ensemble-{run_id}", job_type="ensemble")
     parts = [part for ref in refs for part in ref.split("+")]  # A+B+...: a --cv run's folds, one member
@@ -179,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give members, or --sweep with --top")
         members = load_members(refs, args.cache_dir)
         data = load_test_data(args.data, members[0].meta)
+        for line in (line for m in members for line in describe_steps(m, args.tta, args.test_bn)):
+            print(line)
         metric = monitor_metric(members[0].meta)
         weights, table = fit_weights(members, data, args, metric)  # table: set -> each member's score + the ensemble's
         test = [member_probs(m, data.test_items, args.tta, args.cache_dir, args.batch_size, args.device, args.test_bn)
@@ -191,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     if data.test_labels is not None:
         table["test"] = [score(metric, data.test_labels, p) for p in test + [ensemble]]
     print_scores(members, weights, table)
-    print(f"wrote {args.out} ({args.weights} weights, tta {args.tta})")
+    print(f"wrote {args.out} ({args.weights} weights, tta {args.tta}, test_bn {args.test_bn})")
     log_ensemble_run(args, refs, members, weights, metric, table, data, test, ensemble)
     return 0
 

@@ -4,7 +4,9 @@ Usage:
     python predict.py runs/<run id> --data /data/comp --out submission.csv
     python predict.py runs/<run id>/best.safetensors --data /data/test_images --tta flip
     python predict.py ENTITY/PROJECT/model-<run id>:best --data /data/comp      # online: pulls the artifact
-The model is rebuilt from its checkpoint alone (backbone, classes, image size, normalization).
+The model is rebuilt from its checkpoint alone (backbone, classes, image size, normalization). --tta and --test_bn
+auto (the default) use what the checkpoint's run decided for its test set, said in one line each; a checkpoint from
+before such decisions were recorded gets the ones its measured shift gives, without the validation check.
 """
 import argparse
 import sys
@@ -16,7 +18,7 @@ from datasets.pseudo import write_probs
 from utils import UserError
 from utils.metrics import classification_metrics
 from workflows.config import HelpFormatter, add_config_flags
-from workflows.ensemble import load_test_data, member_probs, resolve_member
+from workflows.ensemble import describe_steps, load_test_data, member_probs, resolve_member
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         member = resolve_member(args.member, cache_dir)
         data = load_test_data(args.data, member.meta)
+        for line in describe_steps(member, args.tta, args.test_bn):
+            print(line)
         probs = member_probs(member, data.test_items, args.tta, cache_dir, args.batch_size, args.device,
                              args.test_bn)
         write_submission(Path(args.out), data, probs.argmax(1))

@@ -227,7 +227,8 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
             save_fit_state(resume_path, cfg, run, s, cfg.epochs + 1 if early_stop else epoch + 1, best_probs)
             if early_stop:
                 break
-        s.model_log.log_pending(run, s)
+        test_probs = predict_test(cfg, run, data, s, prefix) if data.test_items and distributed.is_main() else None
+        s.model_log.log_pending(run, s)  # after predict_test: the test-time decision it records is in the file
         if best_probs is not None:
             submit_report(cfg, run, out_dir, prefix, data, s, best_probs)  # every epoch's curves
     except BaseException:  # an error, a NaN stop, a signal: the newest best reaches W&B before the run finishes
@@ -236,7 +237,6 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
         raise
     finally:
         s.keeper.writer.close()  # every checkpoint and resume.pt written (a write error is raised here)
-    test_probs = predict_test(cfg, data, s) if data.test_items and distributed.is_main() else None
     return FitResult(s.val_idx, best_probs, s.keeper.best_score, s.keeper.best_epoch, s.keeper.best_path, test_probs)
 
 

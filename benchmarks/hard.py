@@ -10,6 +10,7 @@ the reference loop (benchmarks/reference_loop.py) reads the same data exported a
 """
 import argparse
 import csv
+import json
 import re
 import shutil
 import subprocess
@@ -27,8 +28,10 @@ RECIPES = {  # name -> train.py flags on top of the defaults
     "aug light": ["--aug_preset", "light"],
     "aug none": ["--aug_preset", "none"],
     "clean validation": ["--val_noise", "none"],
-    "test-time BN": ["--test_bn", "adapt"],
-    "TTA d4": ["--tta", "d4"],
+    "test-time BN": ["--test_bn", "adapt", "--tta", "none"],
+    "TTA d4": ["--tta", "d4", "--test_bn", "none"],
+    "TTA d4 + test-time BN": ["--tta", "d4", "--test_bn", "adapt"],
+    "no test-time steps": ["--test_bn", "none", "--tta", "none"],  # the defaults are auto: decided from the measure
     "pseudo-labels": None,  # the defaults run's test probabilities (p >= 0.9) added, trained again
 }
 
@@ -45,10 +48,15 @@ def test_f1(stdout: str) -> float:
     return float(re.findall(r"test/f1_macro ([0-9.]+)", stdout)[-1])
 
 
+VALIDATION = []  # each train() run's best val/f1_macro (noisy under --val_noise auto): how well it foretold the test
+
+
 def train(out: Path, epochs: int, seed: int, flags: list[str]) -> tuple[float, float]:
     shutil.rmtree(out, ignore_errors=True)  # the benchmark's own scratch folder: a rerun measures afresh
     stdout, wall = run([sys.executable, "train.py", "--data", "digits_hard", "--epochs", str(epochs),
                         "--seed", str(seed), "--wandb_mode", "disabled", "--resume", "", "--out_dir", str(out), *flags])
+    summary = json.loads((out / "summary.json").read_text())
+    VALIDATION.append(float(summary.get("val/f1_macro", "nan")))
     return test_f1(stdout), wall
 
 
@@ -139,14 +147,19 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="sweepcls-hard-"))
     work.mkdir(parents=True, exist_ok=True)
-    print(f"| recipe ({args.epochs} epochs) | test macro-F1, mean ± std over seeds {args.seeds} | wall s per run |")
-    print("|---|---|---|")
+    print(f"| recipe ({args.epochs} epochs) | test macro-F1, mean ± std over seeds {args.seeds} | wall s per run | "
+          f"its val/f1_macro, mean (mean abs(val - test)) |")
+    print("|---|---|---|---|")
     for name in args.recipes:
-        results = [reference(work, args.epochs, s) if name == "reference loop" else recipe(name, work, args.epochs, s)
-                   for s in args.seeds]
-        f1 = np.array([r[0] for r in results])
+        results, val = [], []
+        for s in args.seeds:
+            one = reference if name == "reference loop" else lambda *a: recipe(name, *a)
+            results.append(one(work, args.epochs, s))
+            val.append(VALIDATION[-1] if name != "reference loop" else np.nan)  # the run that made the result
+        f1, val = np.array([r[0] for r in results]), np.array(val)
+        foretold = f"{val.mean():.3f} ({np.mean(np.abs(val - f1)):.3f})" if not np.isnan(val).any() else "-"
         print(f"| {name} | {f1.mean():.3f} ± {f1.std():.3f} ({', '.join(f'{v:.3f}' for v in f1)}) | "
-              f"{np.mean([r[1] for r in results]):.0f} |", flush=True)
+              f"{np.mean([r[1] for r in results]):.0f} | {foretold} |", flush=True)
     if args.sweep:
         for name, f1, wall in sweep(work, args.epochs, args.sweep):
             print(f"| {name} | {f1:.3f} | {wall:.0f} |", flush=True)

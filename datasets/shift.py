@@ -7,18 +7,27 @@ Usage:
     train_tf = AUGS.build("auto", img_size, strength, mean, std, settings=shift["settings"])
     noisy = corrupt(image, shift["settings"], seed=image_seed(sample_id))   # the same corruption every time
 
-One statistic per corruption the write-ups saw in test sets: Gaussian noise (Immerkaer's sigma), blur
-(variance of the Laplacian), small rotations (dominant gradient direction off the axes), tint (spread of
-the channel means), brightness and contrast (mean and std of grey); right-angle turns and flips from a pose
-classifier trained on the training images in their 8 square poses. Blur, rotation and contrast are read on
-the test images without measured noise, which would hide them.
-- share: the one-sided Kolmogorov-Smirnov distance between the test and training distributions of that
-  statistic (a lower bound of the share of shifted test images), when significant; an operation is on when
-  its share is at least MIN_SHARE, with that probability.
-- magnitude: the operation is simulated on that share of the training images at growing magnitudes; the
-  first at which they reach the test set's corrupted tail (its 90th percentile) bounds the operation's range.
+One statistic per corruption the write-ups saw in test sets: Gaussian noise (Immerkaer's sigma), tint (spread of
+the channel means), brightness (mean grey), contrast (spread of the smoothed grey), blur (variance of the Laplacian
+over the grey variance), JPEG (the share of its 8x8 blocks' high frequencies rounded to 0), each per image; small
+rotations from a whole set's gradient-orientation histograms; right-angle turns and mirrors from a pose classifier
+trained on the training images in their 8 square poses. Noise and JPEG are read on the images as stored (a resize
+smooths noise and moves the block grid), the rest at the training size, as the model sees them.
+- Every operation is simulated where the test set got it: on the stored training images, then resized. For each
+  operation and magnitude, the training images carrying every other operation found so far are the base, the same
+  images with this operation on all of them the shifted sample, and the test set's distribution of the statistic
+  is fitted as the mixture (1 - share) base + share shifted (least squares on the empirical CDFs). The magnitude
+  with the best fit wins, with its share; the operation is on when the test set differs from the base beyond
+  chance (a two-sided KS test at ALPHA, and by at least MIN_SHARE) and the share is at least MIN_SHARE. Two
+  passes: the second resolves each operation against all the others the first found (a blur is not mistaken for
+  the noise it hides, nor JPEG for a blur). Magnitudes are the augmentation's own parameters (matched_ops), so
+  the training augmentation draws what was measured.
+- small rotations: the test set's mean orientation histogram against the training images' and their rotated
+  copies', a matched filter along a rotation's signature checked against random halves of both sets; one image's
+  gradients are too few to say how a digit is turned, a few hundred images' are not.
 - turns and flips: the pose classifier's predictions on the test set, unmixed through its own confusion
   matrix on held-out training images (corrupted as the test set is, so noise does not read as a pose).
+benchmarks/shift_calibration.py measures how right this is on random recipes with known truth.
 Everything is seeded by SEED alone: every run and sweep trial on the same data and img_size gets the same settings.
 """
 import zlib
@@ -32,28 +41,36 @@ from sklearn.linear_model import LogisticRegression
 
 from datasets.files import load_image
 from datasets.transforms import matched_ops
-from utils.image_stats import colour_cast, dominant_orientation, noise_sigma, sharpness
+from utils.image_stats import colour_cast, jpeg_zeros, noise_sigma, orientation_histogram, sharpness
 from utils.stop import check_stop
 
 SAMPLE = 300       # images per split that are measured (a random, fixed subset of larger sets)
-SIMULATE = 150     # training images each operation is simulated on
+SIMULATE = 200     # training images each operation is simulated on
 MIN_SHARE = 0.1    # an operation is switched on when at least this share of the test set shows it
 MIN_POSE_SHARE = 0.25  # turns and flips: the pose estimate's own error on upright sets reaches ~0.15
 SEED = 0
+VERSION = 2        # of the measure: a cached measure (workflows/prepare.py) of another version is measured again
 POSE_SIDE = 16     # px, the pose classifier's input (grey, standardized)
 
-# per operation: statistic, direction ("up": larger in corrupted images, "down", "both"), magnitudes tried
-# in the order they are resolved: each one is measured against training images that already carry the ones before
-OPERATIONS = {
-    "noise": ("noise", "up", [0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.14, 0.2, 0.28, 0.4]),   # std, fraction of 255
-    "tint": ("tint", "up", [5, 10, 15, 20, 30, 40, 50, 60, 80, 100]),                       # grey levels per channel
-    "brightness": ("brightness", "both", [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5]),            # shift, fraction of 255
-    "contrast": ("contrast", "both", [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7]),           # factor 1 +- this
-    "blur": ("sharpness", "down", [0.4, 0.6, 0.8, 1.0, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0]),      # Gaussian sigma, px
-    "rotate": ("orientation", "up", [2, 4, 6, 8, 10, 15, 20, 25, 30, 45]),                  # degrees
+# per operation, in the order they are resolved (each against training images that already carry the ones before,
+# all of them, noise included): its statistic and the magnitudes tried (the augmentation's own parameter)
+OPERATIONS = {  # JPEG first (its statistic shrugs off the rest, and its ringing reads as noise), then tint (its
+    # clipping at black and white shows in the noise statistic), then noise, which hides the rest
+    "jpeg": ("jpeg zeros", [10, 20, 30, 40, 50, 60, 70, 80, 90]),                    # 100 - the lowest quality
+    "tint": ("tint", [5, 10, 15, 20, 30, 40, 50, 60, 80, 100]),                       # grey levels per channel
+    "noise": ("noise", [0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.14, 0.2, 0.28, 0.4]),   # std, fraction of 255
+    "brightness": ("brightness", [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5]),            # shift, fraction of 255
+    "contrast": ("contrast", [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7]),           # factor 1 +- this
+    "blur": ("sharpness", [0.5, 0.75, 1.0, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0]),          # Gaussian sigma, px
+    "rotate": ("alignment", [2, 4, 6, 8, 10, 13, 16, 20, 25, 30, 40]),                # degrees
 }
-CLEAN_ONLY = {"sharpness", "orientation", "contrast"}  # read on the test images without measured noise
-RESOLUTION = {"noise": 0.5, "tint": 2.0, "brightness": 2.0, "contrast": 2.0, "orientation": 1.0}  # smaller: no change
+NATIVE = {"jpeg zeros", "noise"}  # read on the images as stored (JPEG's 8x8 grid; noise, which resizing smooths)
+ORIENTATION_BINS = 36    # of 2.5 degrees, over 0-90
+PASSES = 2                # over all operations: each resolved again against all the others the pass before found
+PERMUTATIONS = 300        # random halves of the training and test images: the chance spread of the rotation statistic
+ROTATION_PROBE, ROTATION_Z = 10, 3.0  # degrees: a rotation's signature; counts beyond this many of its chance spreads
+STORED_MAX = 2            # stored images larger than this many times the training size are measured at that size
+ALPHA = 0.002             # a statistic's shift counts when a two-sided KS test rejects "no shift" at this level
 OFF = {"turn": {"p": 0.0}, "flip": {"p": 0.0}, **{op: {"p": 0.0, "magnitude": 0.0} for op in OPERATIONS}}
 
 
@@ -64,77 +81,125 @@ def _grey(rgb: np.ndarray) -> np.ndarray:
 STATISTICS = {
     "noise": lambda rgb: noise_sigma(_grey(rgb)),
     "sharpness": lambda rgb: (lambda g: sharpness(g) / (float(g.var()) + 1.0))(_grey(rgb)),  # blur, not contrast
-    "orientation": lambda rgb: dominant_orientation(_grey(rgb)),
     "tint": colour_cast,
     "brightness": lambda rgb: float(_grey(rgb).mean()),
-    "contrast": lambda rgb: float(_grey(rgb).std()),
-}
+    "contrast": lambda rgb: float(np.subtract(*np.percentile(cv2.GaussianBlur(_grey(rgb), (0, 0), 1.5), [95, 5]))),
+    "jpeg zeros": lambda rgb: jpeg_zeros(_grey(rgb)),
+}  # "alignment" (rotate): read from a whole set's orientation histograms (_resolve_rotation)
 
 
-def _simulate(op: str, rgb: np.ndarray, m: float, rng: np.random.Generator, noise_scale: float = 1.0) -> np.ndarray:
-    """The operation at magnitude m exactly (its sign at random), as the training augmentation applies it."""
-    x = rgb.astype(np.float32)
-    h, w = x.shape[:2]
-    if op == "noise":  # drawn at the test images' native resolution and resized, as GaussNoise's noise_scale_factor
-        small = rng.normal(0, m * 255, (max(1, int(h * noise_scale)), max(1, int(w * noise_scale)), x.shape[2]))
-        x = x + cv2.resize(small.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR).reshape(x.shape)
-    elif op == "blur":
-        x = cv2.GaussianBlur(x, (0, 0), m)
-    elif op == "rotate":
-        turn = cv2.getRotationMatrix2D((w / 2, h / 2), float(m * rng.uniform(-1, 1)), 1.0)
-        x = cv2.warpAffine(x, turn, (w, h), borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    elif op == "tint":
-        x = x + rng.uniform(-m, m, 3)
-    elif op == "brightness":
-        x = x + rng.uniform(-m, m) * 255
-    elif op == "contrast":
-        x = (x - x.mean()) * (1 + rng.uniform(-m, m)) + x.mean()
-    return np.clip(x, 0, 255).astype(np.uint8)
+def _orientations(images: list) -> np.ndarray:
+    """Each image's orientation histogram (utils/image_stats.py), made symmetric: a mirror reads as the image."""
+    hists = np.stack([orientation_histogram(_grey(img), ORIENTATION_BINS) for img in images])
+    return (hists + np.roll(hists[:, ::-1], 1, axis=1)) / 2
 
 
-def _cdf_gaps(train: np.ndarray, test: np.ndarray) -> tuple[float, float]:
-    """(largest F_train - F_test: test shifted up, largest F_test - F_train: shifted down), one-sided KS statistics."""
-    grid = np.sort(np.concatenate([train, test]))
-    f_train = np.searchsorted(np.sort(train), grid, side="right") / len(train)
-    f_test = np.searchsorted(np.sort(test), grid, side="right") / len(test)
-    return float(max(0.0, (f_train - f_test).max())), float(max(0.0, (f_test - f_train).max()))
+def _resolve_rotation(images: list, test_images: list, settings: dict, at_size) -> tuple[float, float, dict]:
+    """(share, magnitude, gap) of small rotations, read from the mean orientation histogram of a whole set: one
+    image's gradients are too few to say how it is turned (a digit), a few hundred images' are not. A rotation by
+    up to m degrees smears the training images' histogram; the test set's is fitted as (1 - s) of the training
+    images' (with the operations resolved so far) + s of the same images rotated, least squares in units of each
+    bin's standard error; the magnitude that fits best wins. images: the training images as stored (the settings
+    are applied there, as the test set got them), at_size: the resize to the training size."""
+    apply = corrupter(settings)
+    base = _orientations([at_size(apply(img, SEED + i)) for i, img in enumerate(images)])
+    test = _orientations(test_images)
+    error = np.sqrt(base.var(0) / len(base) + test.var(0) / len(test)) + 1e-9
+    d = (test.mean(0) - base.mean(0)) / error
+    gap = {"train": float(base.mean(0).max() * ORIENTATION_BINS), "test": float(test.mean(0).max() * ORIENTATION_BINS),
+           "share": 0.0}  # the histograms' peak over a flat one: how axis-aligned the images are
+
+    def smear(m):  # the change of the mean histogram when every image is rotated by up to m degrees
+        apply = corrupter({**settings, "rotate": {"p": 1.0, "magnitude": m}})
+        return (_orientations([at_size(apply(img, SEED + i)) for i, img in enumerate(images)]).mean(0)
+                - base.mean(0)) / error
+
+    def fit(m):
+        h = smear(m)
+        share = float(np.clip(d @ h / (h @ h), 0.0, 1.0)) if h @ h > 0 else 0.0
+        return share, float(np.sum((d - share * h) ** 2))
+    # a matched filter: the difference along the smear a rotation leaves, against the same for random halves of both
+    # sets (the bins are correlated, so a sum of squares over them would hear chance as often as a rotation)
+    direction = smear(ROTATION_PROBE)
+    direction /= np.linalg.norm(direction) + 1e-12
+    pooled, rng = np.concatenate([base, test]) @ (direction / error), np.random.default_rng(SEED)  # d's units
+    null = []
+    for _ in range(PERMUTATIONS):
+        order = rng.permutation(len(pooled))
+        null.append(float((pooled[order[len(base):]].mean() - pooled[order[:len(base)]].mean())))
+    if d @ direction <= ROTATION_Z * np.std(null):
+        return 0.0, 0.0, gap
+    share, magnitude = _best_fit(OPERATIONS["rotate"][1], fit)
+    gap["share"] = round(share, 3)
+    return share, magnitude, gap
 
 
-def shifted_share(train: np.ndarray, test: np.ndarray, direction: str, resolution: float = 0.0) -> float:
-    """The share of test images whose statistic is shifted in `direction`, 0 when the shift is not significant.
-    If the test set mixes unchanged images with a share s of shifted ones, the one-sided KS statistic is at most
-    s (and equals it when the shifted ones lie beyond the training range): a lower bound, significant beyond the
-    KS test's 5% critical value. Test values are first moved toward the training values by `resolution` (in the
-    statistic's unit) or a tenth of the training interquartile range, whichever is larger."""
-    spread = np.subtract(*np.quantile(train, [0.75, 0.25]))
-    margin = max(resolution, 0.1 * spread)  # a difference smaller than this is no corruption (clipped noise tints)
-    up, down = _cdf_gaps(train, test - margin)[0], _cdf_gaps(train, test + margin)[1]
-    share = {"up": up, "down": down, "both": up + down}[direction]
-    critical = 1.36 * np.sqrt((len(train) + len(test)) / (len(train) * len(test))) * (1.5 if direction == "both" else 1)
-    return float(min(1.0, share)) if share > critical else 0.0
+def _best_fit(levels: list, fit) -> tuple[float, float]:
+    """(share, magnitude) of the level whose fit(level) -> (share, residual) has the least residual: every third
+    level first, then downhill from the best of those one level at a time (the residual falls to one minimum)."""
+    fits = {}
+
+    def at(k):
+        if k not in fits:
+            check_stop("measuring the test set's shift")
+            fits[k] = fit(levels[k])
+        return fits[k][1]
+    best = min(range(0, len(levels), 3), key=at)
+    while True:
+        nearer = min((k for k in (best - 1, best + 1) if 0 <= k < len(levels)), key=at)
+        if at(nearer) >= at(best):
+            return fits[best][0], float(levels[best])
+        best = nearer
 
 
-def _tail(values: np.ndarray, centre: float, direction: str) -> float:
-    """Where the corrupted tail lies: the 90th percentile (10th for "down"; of |deviation| for "both")."""
-    if direction == "both":
-        return float(np.quantile(np.abs(values - centre), 0.9))
-    return float(np.quantile(values, 0.1 if direction == "down" else 0.9))
+def _ecdf(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    return np.searchsorted(np.sort(values), grid, side="right") / len(values)
 
 
-def _magnitude(op: str, stat: str, direction: str, levels: list, share: float, images: list, base: np.ndarray,
-               test: np.ndarray, noise_scale: float) -> float:
-    """The first magnitude at which the images (training images with the operations resolved before), this
-    operation applied to a share of them, reach the test set's corrupted tail."""
-    centre = float(np.median(base))
-    goal = _tail(test, centre, direction)
-    for m in levels:
-        rng = np.random.default_rng(SEED)
-        values = np.array([STATISTICS[stat](_simulate(op, img, m, rng, noise_scale) if rng.random() < share else img)
-                           for img in images])
-        reached = _tail(values, centre, direction)
-        if (reached <= goal) if direction == "down" else (reached >= goal):
-            return float(m)
-    return float(levels[-1])
+def mixture_share(base: np.ndarray, test: np.ndarray, shifted: np.ndarray) -> tuple[float, float]:
+    """(share s, residual): the test distribution of a statistic fitted as (1 - s) base + s shifted, least squares
+    over the three empirical CDFs on their pooled values. base: the training images (with the operations resolved
+    so far), shifted: the same images with this operation applied to all of them."""
+    grid = np.unique(np.concatenate([base, test, shifted]))
+    f, t, g = _ecdf(base, grid), _ecdf(test, grid), _ecdf(shifted, grid)
+    d, h = t - f, g - f
+    share = float(np.clip(d @ h / (h @ h), 0.0, 1.0)) if h @ h > 0 else 0.0
+    return share, float(np.mean((d - share * h) ** 2))
+
+
+def significant(base: np.ndarray, test: np.ndarray, alpha: float = ALPHA) -> bool:
+    """Do the two samples of a statistic differ beyond chance (two-sided Kolmogorov-Smirnov test at alpha) and by
+    at least MIN_SHARE (the KS distance bounds the share of shifted images from below: a smaller shift is a
+    mismatch of the simulation, not a corruption worth training for)?"""
+    grid = np.concatenate([base, test])
+    distance = np.abs(_ecdf(base, grid) - _ecdf(test, grid)).max()
+    n, m = len(base), len(test)
+    return bool(distance > max(MIN_SHARE, np.sqrt(-np.log(alpha / 2) / 2) * np.sqrt((n + m) / (n * m))))
+
+
+def shifted_share(train: np.ndarray, test: np.ndarray, shifted: np.ndarray) -> float:
+    """The share of test images that look like `shifted` rather than `train`, 0 when the test set does not differ
+    significantly from the training set."""
+    return mixture_share(train, test, shifted)[0] if significant(train, test) else 0.0
+
+
+def _resolve(op: str, statistic, images: list, test_values: np.ndarray, settings: dict) -> tuple[float, float, dict]:
+    """(share, magnitude, gap) of one operation: the training images carrying the settings resolved so far are the
+    base; for each magnitude the same images with this operation on every one of them are the shifted sample; the
+    magnitude whose mixture fits the test values best wins, its share with it. statistic(image as stored) reads it
+    where the test set's statistic was read (the image resized to the training size, or as stored)."""
+    apply = corrupter(settings)
+    base = np.array([statistic(apply(img, SEED + i)) for i, img in enumerate(images)])
+    gap = {"train": float(np.median(base)), "test": float(np.median(test_values)), "share": 0.0}
+    if not significant(base, test_values):
+        return 0.0, 0.0, gap
+    def fit(m):
+        apply = corrupter({**settings, op: {"p": 1.0, "magnitude": m}})
+        return mixture_share(base, test_values, np.array([statistic(apply(img, SEED + i))
+                                                          for i, img in enumerate(images)]))
+    share, magnitude = _best_fit(OPERATIONS[op][1], fit)
+    gap["share"] = round(share, 3)
+    return share, magnitude, gap
 
 
 def _d4(gray: np.ndarray) -> list[np.ndarray]:
@@ -175,35 +240,39 @@ def measure_poses(train_images: list, test_images: list, photometric: dict) -> d
             "poses": [round(float(m), 3) for m in mix]}
 
 
-def measure_shift(train_images: list, test_images: list, native_side: int | None = None) -> dict:
+def measure_shift(train_images: list, test_images: list, native_side: int | None = None,
+                  native: tuple[list, list] | None = None) -> dict:
     """{"gap": per statistic train/test medians and share, "poses": ..., "settings": per operation p and magnitude}.
-    native_side: the test images' side before they were resized to these arrays (noise drawn at that resolution)."""
+    train_images, test_images: at the training size. native_side: the test images' side as stored; native: the same
+    (train, test) images as stored. Every operation is simulated where the test set got it, on the stored images,
+    then read as the test images are: resized to the training size, or as stored (noise, JPEG's 8x8 grid).
+    Without native, the arrays given are taken as stored."""
     rng = np.random.default_rng(SEED)
-    pick = lambda imgs: [imgs[i] for i in np.sort(rng.choice(len(imgs), min(SAMPLE, len(imgs)), replace=False))]
-    train_images, test_images = pick(train_images), pick(test_images)
+    picked = [np.sort(rng.choice(len(imgs), min(SAMPLE, len(imgs)), replace=False))
+              for imgs in (train_images, test_images)]
+    train_images, test_images = ([imgs[i] for i in idx] for imgs, idx in zip((train_images, test_images), picked))
     side = train_images[0].shape[0]
-    noise_scale = float(min(1.0, (native_side or side) / side))
-    train = {s: np.array([f(img) for img in train_images]) for s, f in STATISTICS.items()}
-    test = {s: np.array([f(img) for img in test_images]) for s, f in STATISTICS.items()}
-    quiet = test["noise"] <= np.quantile(train["noise"], 0.975)
-    quiet = quiet if quiet.sum() >= 20 else np.ones_like(quiet)  # too few without noise: read them all
-    gap, settings = {}, {**OFF, "noise_scale": noise_scale}
-    for op, (stat, direction, levels) in OPERATIONS.items():
-        check_stop("measuring the test set's shift")
-        values = test[stat][quiet] if stat in CLEAN_ONLY else test[stat]
-        before = {**settings, "noise": OFF["noise"]} if stat in CLEAN_ONLY else settings
-        images = train_images[:SIMULATE]
-        base = train[stat]
-        if any_on(before):  # the training images as the operations resolved so far leave them
-            apply = corrupter(before)
-            images = [apply(img, SEED + i) for i, img in enumerate(images)]
-            base = np.array([STATISTICS[stat](img) for img in images])
-        share = shifted_share(base, values, direction, RESOLUTION.get(stat, 0.0))  # the shift they leave unexplained
-        gap[op] = {"statistic": stat, "train": float(np.median(train[stat])), "test": float(np.median(values)),
-                   "share": round(share, 3)}
-        if share >= MIN_SHARE:
-            settings[op] = {"p": round(share, 3), "magnitude": _magnitude(
-                op, stat, direction, levels, share, images, base, values, noise_scale)}
+    stored_side = min(native_side or side, STORED_MAX * side)  # larger images are measured at this side: time
+    if native is None:
+        native, stored_side = (train_images, test_images), side
+    else:
+        native = tuple([_at_most(imgs[i], stored_side) for i in idx] for imgs, idx in zip(native, picked))
+    at_size = lambda img: _at_size(img, side)
+    readers = {stat: (f if stat in NATIVE else (lambda img, f=f: f(at_size(img)))) for stat, f in STATISTICS.items()}
+    test_values = {stat: np.array([f(img) for img in (native[1] if stat in NATIVE else test_images)])
+                   for stat, f in STATISTICS.items()}
+    gap, stored = {}, {**OFF, "noise_scale": 1.0}  # in the stored images' units
+    for _ in range(PASSES):  # the second pass sees every other operation the first found, not only the earlier ones
+        for op, (stat, _) in OPERATIONS.items():
+            check_stop("measuring the test set's shift")
+            others = {**stored, op: OFF[op]}
+            if op == "rotate":
+                share, magnitude, gap[op] = _resolve_rotation(native[0][:SIMULATE], test_images, others, at_size)
+            else:
+                share, magnitude, gap[op] = _resolve(op, readers[stat], native[0][:SIMULATE], test_values[stat], others)
+            gap[op]["statistic"] = stat
+            stored[op] = {"p": round(share, 3), "magnitude": magnitude} if share >= MIN_SHARE else OFF[op]
+    settings = training_units(stored, stored_side, side)
     check_stop("measuring the test set's shift")
     poses = measure_poses(train_images, test_images, {k: settings[k] for k in ("noise", "blur", "tint", "noise_scale")})
     if poses["pose_accuracy"] >= 0.3:  # the training images have an upright to learn (chance: 0.125)
@@ -211,7 +280,29 @@ def measure_shift(train_images: list, test_images: list, native_side: int | None
             settings["turn"] = {"p": round(min(1.0, poses["turned"] / 0.75), 3)}  # RandomRotate90 turns 3 times in 4
         if poses["mirrored"] >= MIN_POSE_SHARE:
             settings["flip"] = {"p": round(min(0.5, poses["mirrored"]), 3)}
-    return {"images": [len(train_images), len(test_images)], "gap": gap, "poses": poses, "settings": settings}
+    return {"images": [len(train_images), len(test_images)], "gap": gap, "poses": poses, "settings": settings,
+            "version": VERSION}
+
+
+def training_units(stored: dict, stored_side: int, side: int) -> dict:
+    """Settings measured on the stored images as the training augmentation applies them, after the resize: noise
+    drawn at the stored resolution (noise_scale) and weakened by a downscale; blur's sigma scaled with the side."""
+    settings = {**stored, "noise_scale": float(min(1.0, stored_side / side))}
+    if stored["noise"]["p"]:
+        settings["noise"] = {**stored["noise"], "magnitude": round(stored["noise"]["magnitude"] *
+                                                                   min(1.0, side / stored_side), 4)}
+    if stored["blur"]["p"]:
+        settings["blur"] = {**stored["blur"], "magnitude": round(stored["blur"]["magnitude"] * side / stored_side, 3)}
+    return settings
+
+
+def _at_most(image: np.ndarray, side: int) -> np.ndarray:
+    """The image shrunk so that its larger side is at most `side` (aspect kept), else as it is."""
+    h, w = image.shape[:2]
+    if max(h, w) <= side:
+        return image
+    k = side / max(h, w)
+    return cv2.resize(image, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA)
 
 
 def describe_shift(shift: dict) -> str:
@@ -274,8 +365,9 @@ def measure_data(train_items: list, test_items: list, img_size: int, native: int
     """measure_shift on images as the training transform sees them: decoded and resized to img_size."""
     rng = np.random.default_rng(SEED)
     pick = lambda items: [items[i] for i in np.sort(rng.choice(len(items), min(SAMPLE, len(items)), replace=False))]
-    return measure_shift([_at_size(load_image(i), img_size) for i in pick(train_items)],
-                         [_at_size(load_image(i), img_size) for i in pick(test_items)], native)
+    stored = [[load_image(i) for i in pick(items)] for items in (train_items, test_items)]
+    return measure_shift(*([_at_size(img, img_size) for img in images] for images in stored), native,
+                         native=(stored[0], stored[1]))
 
 
 def _at_size(image: np.ndarray, side: int) -> np.ndarray:

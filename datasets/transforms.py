@@ -4,6 +4,7 @@ Usage:
     train_tf = AUGS["test_noise"](img_size, strength, mean, std)   # strength in [0, 1]
     eval_tf = eval_transform(img_size, mean, std)
     probs = mean over view in TTA["d4"] of softmax(model(view(batch)))
+    candidate = tta_for_shift(shift["settings"])                   # --tta auto: d4, rot4, flip or none
 `strength` scales every probability and magnitude of a preset: 0 is exactly eval_transform
 (resize + normalize), 1 is the preset at full force. Every pipeline ends with resize to
 img_size x img_size, normalization with the model's mean/std (0-1 pixel scale) and a CHW tensor.
@@ -78,9 +79,9 @@ def test_noise(s):
 def matched_ops(settings: dict, scale: float) -> list:
     """The test set's measured corruption (datasets/shift.py settings) as albumentations operations, each
     probability and magnitude times `scale` (probabilities capped at 1): turns, flips, small rotation, tint,
-    brightness/contrast, blur, Gaussian noise, in the order a camera or scanner adds them."""
-    p = lambda op: min(1.0, settings[op]["p"] * scale)
-    m = lambda op: settings[op].get("magnitude", 0.0) * scale
+    brightness/contrast, blur, Gaussian noise, JPEG, in the order a camera, a scanner and an upload add them."""
+    p = lambda op: min(1.0, settings.get(op, {}).get("p", 0.0) * scale)  # older checkpoints lack newer operations
+    m = lambda op: settings.get(op, {}).get("magnitude", 0.0) * scale
     ops = []
     if p("turn"):
         ops.append(A.RandomRotate90(p=p("turn")))
@@ -90,14 +91,18 @@ def matched_ops(settings: dict, scale: float) -> list:
         ops.append(A.Rotate(limit=(-m("rotate"), m("rotate")), border_mode=cv2.BORDER_CONSTANT, fill=0, p=p("rotate")))
     if p("tint"):
         ops.append(A.RGBShift(r_shift_limit=m("tint"), g_shift_limit=m("tint"), b_shift_limit=m("tint"), p=p("tint")))
-    if p("brightness") or p("contrast"):
-        ops.append(A.RandomBrightnessContrast(brightness_limit=m("brightness"), contrast_limit=m("contrast"),
-                                              p=max(p("brightness"), p("contrast"))))
+    if p("brightness"):
+        ops.append(A.RandomBrightnessContrast(brightness_limit=m("brightness"), contrast_limit=0, p=p("brightness")))
+    if p("contrast"):  # about the image's mean grey (RandomBrightnessContrast's contrast scales about 0: darker too)
+        ops.append(A.ColorJitter(brightness=0, contrast=m("contrast"), saturation=0, hue=0, p=p("contrast")))
     if p("blur"):
         ops.append(A.GaussianBlur(sigma_limit=(0.3, max(0.3, m("blur"))), p=p("blur")))
     if p("noise"):
         ops.append(A.GaussNoise(std_range=(m("noise") / 4, min(1.0, m("noise"))), p=p("noise"),
                                 noise_scale_factor=settings.get("noise_scale", 1.0)))  # at the test's native resolution
+    if p("jpeg"):  # the upload's compression comes last; magnitude = 100 - the lowest quality
+        ops.append(A.ImageCompression(quality_range=(max(1, round(100 - m("jpeg"))), max(1, round(100 - m("jpeg") / 2))),
+                                      p=p("jpeg")))
     return ops
 
 
@@ -152,3 +157,13 @@ def tta_rot4():
 def tta_d4():
     """All eight rotations and mirrors of the square (8 views): rotated and flipped test sets."""
     return [lambda x, k=k, f=f: _rotations(_hflip(x) if f else x, k) for f in (0, 1) for k in range(4)]
+
+
+def tta_for_shift(settings: dict | None) -> str:
+    """The views the test set's measured right-angle turns and mirrors make plausible (both: d4, turns: rot4,
+    mirrors: flip, neither: none), checked at the end of training on the validation images with the best checkpoint
+    and kept only where they do not lower macro-F1; predict.py and ensemble.py use what the run kept.
+
+    settings: datasets/shift.py's (p of `turn` and `flip`); None (nothing measured) gives none."""
+    turned, mirrored = (bool(settings and settings.get(op, {}).get("p")) for op in ("turn", "flip"))
+    return {(True, True): "d4", (True, False): "rot4", (False, True): "flip"}.get((turned, mirrored), "none")

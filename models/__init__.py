@@ -3,7 +3,8 @@
 Nothing is downloaded unless pretrained=True; pretrained_path loads a local weight file instead
 (a timm/PyTorch state dict or a sweepcls checkpoint); layers whose shape differs, typically the
 classifier of an ImageNet file, keep their fresh initialization.
-adapt_batchnorm(model, loader) (--test_bn adapt) re-estimates BatchNorm statistics on unlabelled test images.
+adapt_batchnorm(model, loader) (--test_bn adapt) re-estimates BatchNorm statistics on unlabelled test images;
+batchnorm_layers(model) are the layers it re-estimates (--test_bn auto adapts only a model that has some).
 find_pretrained(name) (--pretrained auto) looks for a model's weights on this machine first, then on the
 Hugging Face hub within a bounded time, and never hangs.
 """
@@ -157,12 +158,17 @@ def find_pretrained(name: str, timeout: float = PRETRAINED_TIMEOUT) -> tuple[str
     return "", f"{name} pretrained weights could not be fetched {why}; training from random initialization"
 
 
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers --test_bn adapt re-estimates: every BatchNorm (timm's BatchNormAct2d and SyncBatchNorm included)."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @torch.no_grad()
 def adapt_batchnorm(model: nn.Module, loader, device: torch.device) -> int:
     """Test-time adaptation to covariate shift (Schneider et al. 2020): every BatchNorm layer's running mean and
     variance replaced by their average over the loader's images (unlabelled test images), the weights untouched.
     Returns the number of BatchNorm layers (0: nothing to adapt, the model is unchanged)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = batchnorm_layers(model)
     if not norms:
         return 0
     model.eval()

@@ -5,6 +5,7 @@ Usage:
     keeper = CheckpointKeeper(out_dir, keep_top_k=2, maximize=True)
     is_best = keeper.update(model, meta, epoch, score)      # last, top-k and best, written atomically
     model, meta = load_model("runs/<id>/best.safetensors")
+    meta = update_meta("runs/<id>/best.safetensors", {"test_time": decision})   # train.py's test-time decision
 """
 import json
 import os
@@ -48,6 +49,23 @@ def read_meta(path: str | Path) -> dict:
     if meta is None:
         raise ValueError(f"{path}: not a sweepcls checkpoint (no '{META_KEY}' metadata)")
     return json.loads(meta)
+
+
+def update_meta(path: str | Path, values: dict) -> dict:
+    """The checkpoint with `values` added to its metadata, the weights as they were; the file is replaced atomically
+    (a hard link to the old file, last.safetensors or epoch-NNN.safetensors, keeps the old metadata). Returns the
+    new metadata."""
+    state, meta = load_checkpoint(path)
+    meta = {**meta, **values}
+    atomic_write_bytes(Path(path), checkpoint_bytes(state, meta))
+    return meta
+
+
+def batchnorm_count(path: str | Path) -> int:
+    """BatchNorm layers of a checkpoint's model, counted from its tensor names (each keeps a running_var) in the
+    file's header alone: no model is built and no weight is read."""
+    with safe_open(str(path), framework="pt") as fh:
+        return sum(name.endswith(".running_var") for name in fh.keys())
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict, dict]:

@@ -246,7 +246,7 @@ def test_predict_and_ensemble_two_backbones_offline(tmp_path, competition):
     assert table["columns"] == ["id", "image", "ensemble", "ensemble_conf", "a pred", "a conf", "b pred", "b conf"]
     a_test = submission(tmp_path / "pa.csv")
     b_probs = member_probs(resolve_member(str(runs["b"]), cache), [competition / "test" / i for i in sample_ids],
-                           "none", cache)
+                           "auto", cache, test_bn="auto")  # as the ensemble predicted it: what its run decided
     disagree = {i for i, a, b in zip(sample_ids, a_test, b_probs.argmax(1)) if a != str(b)}
     assert {row[0] for row in table["data"]} == disagree  # every test image the two members disagree on
     assert any(r["type"] == "artifact" and r["artifact"]["type"] == "submission" for r in records)

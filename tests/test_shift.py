@@ -60,13 +60,16 @@ def test_turns_and_tint_in_the_test_set_switch_them_on(digit_sets):
     assert "turned" in describe_shift(shift) and "tint" in describe_shift(shift)
 
 
-def test_share_is_a_significant_ks_bound():
+def test_share_is_a_fitted_mixture_and_only_when_significant():
     rng = np.random.default_rng(0)
-    train = rng.normal(0, 1, 300)
-    assert shifted_share(train, rng.normal(0, 1, 300), "up") == 0  # same distribution: not significant
-    half = np.concatenate([rng.normal(0, 1, 150), rng.normal(10, 1, 150)])  # half the test set shifted far up
-    assert shifted_share(train, half, "up") == pytest.approx(0.5, abs=0.08)
-    assert shifted_share(train, half, "down") == 0
+    train, shifted = rng.normal(0, 1, 300), rng.normal(10, 1, 300)
+    assert shifted_share(train, rng.normal(0, 1, 300), shifted) == 0  # same distribution: not significant
+    for share in (0.3, 0.7):  # that share of the test set shifted: the mixture finds it, where KS alone bounds it
+        n = int(300 * share)
+        test = np.concatenate([rng.normal(0, 1, 300 - n), rng.normal(10, 1, n)])
+        assert shifted_share(train, test, shifted) == pytest.approx(share, abs=0.05)
+    overlapping = np.concatenate([rng.normal(0, 1, 150), rng.normal(1.5, 1, 150)])  # half, hidden in the overlap
+    assert shifted_share(train, overlapping, rng.normal(1.5, 1, 300)) == pytest.approx(0.5, abs=0.12)
 
 
 def test_auto_preset_strength_and_fallback(digit_sets):

@@ -1,6 +1,7 @@
 """Per-image appearance statistics on HxW grey (or HxWx3 RGB) uint8 arrays: pure numpy/OpenCV.
 
-Usage: noise_sigma(gray), dominant_orientation(gray), sharpness(gray), colour_cast(rgb)
+Usage: noise_sigma(gray), dominant_orientation(gray), sharpness(gray), colour_cast(rgb), orientation_histogram(gray),
+       jpeg_zeros(gray)
 Used by eda.py's train-vs-test table and by the test-matched augmentation (datasets/shift.py).
 """
 import cv2
@@ -36,3 +37,37 @@ def sharpness(gray: np.ndarray) -> float:
 def colour_cast(rgb: np.ndarray) -> float:
     """Spread of the three channel means in grey levels: 0 for a grey image, larger for a tinted one."""
     return float(rgb.reshape(-1, 3).mean(0).std())
+
+
+def orientation_histogram(gray: np.ndarray, bins: int = 36) -> np.ndarray:
+    """Gradient directions modulo 90 degrees (so right-angle turns leave it unchanged), weighted by gradient
+    magnitude, normalized to sum 1: bins of 90 / bins degrees. A rotation by a degrees shifts it circularly."""
+    g = gray.astype(np.float32)
+    gx, gy = cv2.Sobel(g, cv2.CV_32F, 1, 0), cv2.Sobel(g, cv2.CV_32F, 0, 1)
+    weight = np.hypot(gx, gy)
+    angle = np.degrees(np.arctan2(gy, gx)) % 90
+    hist = np.bincount(np.minimum((angle * bins / 90).astype(int), bins - 1).ravel(), weight.ravel(), bins)
+    return hist / (hist.sum() or 1.0)
+
+
+_k = np.arange(8)
+_DCT = np.sqrt(2 / 8) * np.cos(np.pi * (2 * _k[None, :] + 1) * _k[:, None] / 16)  # 8-point DCT-II, orthonormal
+_DCT[0] /= np.sqrt(2)
+_HIGH = np.add.outer(_k, _k) >= 5  # the high frequencies JPEG quantizes hardest
+
+
+def jpeg_zeros(gray: np.ndarray) -> float:
+    """JPEG's trace: the share of high-frequency DCT coefficients of the 8x8 blocks (from the top left, JPEG's grid)
+    that are about 0 (|c| < 1 grey level), over the blocks with some texture (std > 4). JPEG rounds these to
+    multiples of large steps, so they come back about 0; an image never compressed has them spread. Read at the
+    image's stored resolution; 0 for an image without texture."""
+    g = gray.astype(np.float32)
+    h, w = (g.shape[0] // 8) * 8, (g.shape[1] // 8) * 8
+    if not h or not w:
+        return 0.0
+    blocks = g[:h, :w].reshape(h // 8, 8, w // 8, 8).transpose(0, 2, 1, 3).reshape(-1, 8, 8)
+    blocks = blocks[blocks.std((1, 2)) > 4]
+    if not len(blocks):
+        return 0.0
+    coefficients = np.einsum("ij,bjk,lk->bil", _DCT, blocks, _DCT)
+    return float((np.abs(coefficients[:, _HIGH]) < 1.0).mean())

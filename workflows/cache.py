@@ -5,8 +5,9 @@ Usage:
     lines = listing(Path("~/.cache/sweepcls").expanduser(), max_gb=0)
     lines = clear(cache_dir, {"decode", "preds"}, older_than_days=30)
 Subfolders: preds/ (predict.py, ensemble.py, eda.py --diff: predictions), artifacts/ (ensemble.py: model
-artifacts), datasets/ (--data wandb:...: dataset artifacts), weights/ (pretrained weights a user put there
-for --pretrained auto: listed, never cleared).
+artifacts), datasets/ (--data wandb:...: dataset artifacts), shift/ (train.py: the test set's measured shift,
+datasets/shift_cache.py), weights/ (pretrained weights a user put there for --pretrained auto: listed, never
+cleared). The decode caches are the <key>.* files directly in the folder; nothing in a subfolder is one.
 """
 import shutil
 import time
@@ -17,8 +18,9 @@ from datasets.cache import DecodeCache, clear_decode_caches, decode_bound, list_
 FOLDERS = {"preds": "predictions (predict.py, ensemble.py, eda.py --diff)",
            "artifacts": "downloaded model artifacts (ensemble.py)",
            "datasets": "downloaded dataset artifacts (--data wandb:...)",
+           "shift": "test-set shift measures (--aug_preset auto, --val_noise auto)",
            "weights": "pretrained weights for --pretrained auto (never cleared)"}
-CLEARABLE = ("decode", "preds", "artifacts", "datasets")  # what clear may delete: all but weights/
+CLEARABLE = ("decode", "preds", "artifacts", "datasets", "shift")  # what clear may delete: all but weights/
 
 
 def _entries(folder: Path) -> list[tuple[Path, int, float]]:
@@ -69,8 +71,9 @@ def listing(cache_dir: Path, max_gb: float = 0.0) -> list[str]:
 
 def clear(cache_dir: Path, what: set[str], older_than_days: float | None = None) -> list[str]:
     """Delete the decode caches and the entries of the subfolders named in `what` (of CLEARABLE), those last
-    used (decode caches) or written (the rest) more than older_than_days ago when given; decode caches a
-    running process holds are kept. Returns the lines saying what was freed and what was kept."""
+    used (decode caches; shift/, whose reads touch its files) or written (the rest) more than older_than_days ago
+    when given; decode caches a running process holds are kept. Returns the lines saying what was freed and what
+    was kept."""
     before = None if older_than_days is None else time.time() - older_than_days * 86400
     lines, freed = [], 0
     if "decode" in what:

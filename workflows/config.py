@@ -29,8 +29,8 @@ def _augs():
 
 
 def _tta():
-    from datasets.transforms import TTA
-    return TTA
+    from datasets.transforms import TTA, tta_for_shift
+    return {**TTA, "auto": tta_for_shift}  # auto: decided per run, from the test set's measured turns and mirrors
 
 
 def _samplers():
@@ -85,11 +85,14 @@ class Config:
     mix_prob: float = opt(1.0, "probability that a batch is mixed when mixup or cutmix is on")
     sampler: str = opt("random", "training sampler: random = each image once per epoch; imbalanced = "
                                  "torchsampler's class-balanced draw with replacement", _samplers)
-    tta: str = opt("none", "test-time augmentation at validation and test, averaging probabilities",
-                   _tta)
-    test_bn: str = opt("none", "before predicting the test set, adapt = re-estimate BatchNorm statistics on the test "
-                               "images (test-time adaptation to their noise, Schneider et al. 2020); none = as trained",
-                       ("adapt", "none"))
+    tta: str = opt("auto", "test-time augmentation, averaging probabilities over the views; a name is used at every "
+                           "validation and at the test set, auto validates without TTA and decides at the end:", _tta)
+    test_bn: str = opt("auto", "before predicting the test set, adapt = re-estimate BatchNorm statistics on the test "
+                               "images (test-time adaptation to their noise, Schneider et al. 2020); none = as "
+                               "trained; auto = adapt when the model has BatchNorm layers and the test set was "
+                               "measured shifted from the training set (test_shift), else none. train.py records what "
+                               "tta and test_bn became in best.safetensors; predict.py and ensemble.py use that under "
+                               "auto", ("adapt", "auto", "none"))
     pseudo_labels: str = opt("", "CSV of test-set probabilities (predict.py or ensemble.py --save_probs): the test "
                                  "images whose top probability is >= pseudo_threshold train with that label (never "
                                  "validate)")

@@ -1,10 +1,12 @@
 """Ensemble members: a reference (checkpoint file, run dir, W&B artifact, sweep) to checkpoints; each
-member's probabilities with its own image size and normalization, cached per (member, images, TTA);
-weights by greedy forward selection with replacement (Caruana et al. 2004).
+member's probabilities with its own image size, normalization and test-time steps (tta/test_bn auto: what its run
+decided), cached per (member, images, resolved steps); weights by greedy forward selection with replacement
+(Caruana et al. 2004).
 
 Usage:
     members = [resolve_member(ref, cache_dir) for ref in refs]; check_compatible(members)
     probs = member_probs(members[0], items, tta="flip", cache_dir=cache_dir)
+    print("\n".join(describe_steps(members[0], "auto", "auto")))   # what auto became for this member, and why
     weights = caruana([probs_a, probs_b], labels, "f1_macro")
 """
 import functools
@@ -22,6 +24,7 @@ from models.checkpoint import read_meta
 from utils import UserError, tracking
 from utils.files import atomic_write_bytes
 from utils.metrics import classification_metrics, nll
+from workflows import test_time
 from workflows.config import maximizes
 
 CACHE_VERSION = 1  # bump when the prediction path changes what it returns
@@ -165,13 +168,28 @@ def items_key(items: list) -> str:
     return h.hexdigest()
 
 
+def member_steps(member: Member, tta: str, test_bn: str) -> list[test_time.TestTime]:
+    """What each of the member's checkpoints predicts with: auto resolved per checkpoint (workflows/test_time.py: the
+    decision its run recorded, else its measured shift), a given value as it is."""
+    return [test_time.resolve(member.meta if i == 0 else read_meta(p), p, tta, test_bn)
+            for i, p in enumerate(member.paths)]
+
+
+def describe_steps(member: Member, tta: str, test_bn: str) -> list[str]:
+    """The console lines saying what auto became for this member (none when both were given)."""
+    return test_time.describe_resolved(member.name, member.paths, member_steps(member, tta, test_bn))
+
+
 def member_probs(member: Member, items: list, tta: str, cache_dir: Path | None, batch_size: int = 64,
                  device: str = "auto", test_bn: str = "none") -> np.ndarray:
-    """Class probabilities of `items`, each fold checkpoint with its own preprocessing, folds averaged;
-    read from the cache when this member has already predicted these images with this TTA. test_bn adapt:
-    BatchNorm statistics re-estimated on `items` first (models.adapt_batchnorm)."""
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, [_file_digest(p) for p in member.paths], items_key(items), tta]
-                                    + ([test_bn] if test_bn != "none" else [])).encode()).hexdigest()[:24]
+    """Class probabilities of `items`, each fold checkpoint with its own preprocessing and test-time steps (tta and
+    test_bn auto: as member_steps resolves them), folds averaged; read from the cache when this member has already
+    predicted these images with these steps. test_bn adapt: BatchNorm statistics re-estimated on `items` first
+    (models.adapt_batchnorm)."""
+    steps = member_steps(member, tta, test_bn)
+    resolved = [[st.tta] + ([st.test_bn] if st.test_bn != "none" else []) for st in steps]  # never the word auto
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, [_file_digest(p) for p in member.paths], items_key(items),
+                                     resolved]).encode()).hexdigest()[:24]
     cached = Path(cache_dir) / "preds" / f"{key}.npy" if cache_dir else None
     if cached is not None and cached.is_file():
         return np.load(cached)
@@ -182,13 +200,13 @@ def member_probs(member: Member, items: list, tta: str, cache_dir: Path | None, 
     from models.checkpoint import load_model
     dev = pick_device(device)
     probs = []
-    for path in member.paths:
+    for path, st in zip(member.paths, steps):
         model, meta = load_model(path, dev)
         dataset = ImageDataset(items, None, eval_transform(meta["img_size"], meta["mean"], meta["std"]))
-        if test_bn == "adapt":
+        if st.test_bn == "adapt":
             from models import adapt_test_bn
             adapt_test_bn(model, make_loader(dataset, batch_size, 0, dev), dev, member.name)
-        probs.append(predict_probs(model, make_loader(dataset, batch_size, 0, dev), dev, None, tta))
+        probs.append(predict_probs(model, make_loader(dataset, batch_size, 0, dev), dev, None, st.tta))
     out = np.mean(probs, axis=0)
     if cached is not None:
         buffer = io.BytesIO()

@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 from datasets.pseudo import read_pseudo_labels
-from datasets.shift import describe_shift, measure_data, native_side
+from datasets.shift import describe_shift, native_side
+from datasets.shift_cache import measure_cached
 from models import DEFAULT_MODEL, DEMO_MODEL, MIN_AUTO_SIZE, find_pretrained, pretrained_input_size
 from utils import UserError, distributed
 from workflows import lineage
@@ -45,15 +46,18 @@ def resolve_auto(cfg: Config, run, data) -> Config:
 
 def measure_test_shift(cfg: Config, run, data, native: int | None) -> dict | None:
     """The test set measured against the training set (datasets/shift.py), when --aug_preset auto or --val_noise
-    auto asks for it and there is a test set: printed, and in the W&B config as test_shift."""
+    auto asks for it and there is a test set: printed, and in the W&B config as test_shift. Read from the cache
+    folder when a run on the same images, img_size and measure's code has measured it (datasets/shift_cache.py):
+    every sweep trial and fold after the first spares the measure."""
     if not data.test_items or (cfg.aug_preset != "auto" and cfg.val_noise != "auto"):
         if cfg.aug_preset == "auto":
             print("aug_preset auto: no test set to measure, so the `light` preset")
         return None
     start = time.perf_counter()
-    shift = measure_data(data.items, data.test_items, cfg.img_size, native)
-    print(f"{describe_shift(shift)}\n  ({time.perf_counter() - start:.1f}s; aug_preset {cfg.aug_preset}, "
-          f"val_noise {cfg.val_noise})")
+    shift, key, source = measure_cached(data.items, data.test_items, cfg.img_size, native, cfg.cache_dir or None)
+    took = f"cached, {key}" if source == "cached" else f"{time.perf_counter() - start:.1f}s" + (
+        "" if source == "measured" else f", {source}")  # measured, but the cache folder could not keep it
+    print(f"{describe_shift(shift)}\n  ({took}; aug_preset {cfg.aug_preset}, val_noise {cfg.val_noise})")
     run.update_config({"test_shift": shift})
     return shift
 

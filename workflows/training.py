@@ -1,13 +1,15 @@
 """One fit's set-up, as train.py's fit runs it: the split, the loaders (noisy validation images under
 --val_noise auto), loss and mixup, the model, optimizer, schedule, EMA and stepper, the checkpoint keeper;
-then evaluate(), which returns the validation probabilities, and epoch_metrics(), the row logged per epoch.
+then evaluate(), which returns the validation probabilities, and epoch_metrics(), the row logged per epoch;
+at the end predict_test(), which first decides the test-time steps (--tta/--test_bn auto, workflows/test_time.py).
 
 Usage:
     s = build_fit(cfg, run.id, out_dir, data, prefix="", shift=shift)
     probs, clean_probs = evaluate(s, cfg.tta)
     scores, per_class = epoch_metrics(data.labels[s.val_idx], data.classes, probs, clean_probs)
-    test_probs = predict_test(cfg, data, s)   # from the best checkpoint file alone
+    test_probs = predict_test(cfg, run, data, s)   # test-time steps decided and recorded, then the best file alone
 """
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,14 +26,15 @@ from datasets.files import take
 from datasets.shift import any_on, noisy_copies
 from datasets.transforms import AUGS, eval_transform
 from losses import build_loss, loss_kwargs, soft_target_losses
-from models import adapt_test_bn, build_model, check_input_size, normalization
-from models.checkpoint import CheckpointKeeper, load_model, read_meta
+from models import adapt_test_bn, batchnorm_layers, build_model, check_input_size, normalization
+from models.checkpoint import CheckpointKeeper, load_model, read_meta, update_meta
 from optim import SAM, build_optimizer, build_scheduler, optimizer_kwargs, scheduler_kwargs
 from optim.stepper import Stepper
 from utils import UserError, distributed
 from utils.background import BackgroundWriter
 from utils.device import amp_dtype_for, default_workers, make_loader, pick_device, seed_everything
 from utils.metrics import classification_metrics, nll
+from workflows import test_time
 from workflows.config import Config
 from workflows.inference import predict_probs
 
@@ -50,6 +53,7 @@ class ModelLog:
     online: bool
     logged_epoch: int | None = None  # the best epoch whose checkpoint W&B has
     last_upload: float = field(default=-math.inf)
+    newest_epoch: int | None = None  # --log_model all: the epoch whose version holds the alias `latest`
 
     def after_epoch(self, run, s: "FitSetup", epoch: int) -> None:
         best = s.keeper.best_epoch == epoch
@@ -58,6 +62,7 @@ class ModelLog:
             self._log(run, s, s.keeper.dir / "last.safetensors", epoch,
                       ["latest", f"epoch-{epoch}"] + (["best"] if best else []))
             self.logged_epoch = s.keeper.best_epoch if best else self.logged_epoch
+            self.newest_epoch = epoch
         elif (self.policy == "best" and self.online and s.keeper.best_epoch != self.logged_epoch
               and time.monotonic() - self.last_upload >= BEST_UPLOAD_SECONDS):
             self.log_pending(run, s)
@@ -73,8 +78,15 @@ class ModelLog:
         s.keeper.flush()
         if self.policy != "off" and s.keeper.best_epoch not in (None, self.logged_epoch):
             epoch = s.keeper.best_epoch
-            self._log(run, s, s.keeper.best_path, epoch, ["best", "latest", f"epoch-{epoch}"])
+            latest = epoch >= (self.newest_epoch or epoch)  # `all`: a later epoch's version keeps `latest`
+            self._log(run, s, s.keeper.best_path, epoch, ["best", *(["latest"] if latest else []), f"epoch-{epoch}"])
             self.logged_epoch = epoch
+
+    def best_rewritten(self, s: "FitSetup") -> None:
+        """best.safetensors was replaced (its test-time decision recorded): a version W&B already has lacks it, so
+        log_pending logs the file again."""
+        if self.logged_epoch == s.keeper.best_epoch:
+            self.logged_epoch = None
 
     def _log(self, run, s: "FitSetup", path: Path, epoch: int, aliases: list[str]) -> None:
         if not distributed.is_main():
@@ -199,7 +211,10 @@ def build_stepper(cfg: Config, model: torch.nn.Module, loss_fn, device: torch.de
 
 
 def evaluate(s: FitSetup, tta: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """Validation probabilities of every row (all ranks'), and of the clean images when validation is noisy."""
+    """Validation probabilities of every row (all ranks'), and of the clean images when validation is noisy.
+    tta auto: without TTA, so every epoch's monitor compares (the views are checked once, at the end: predict_test)."""
+    tta = "none" if tta == "auto" else tta
+
     def probs(loader):
         return distributed.gather_rows(predict_probs(s.eval_model, loader, s.device, s.amp_dtype, tta, "validation"),
                                        s.val_part, len(s.val_idx))
@@ -220,15 +235,47 @@ def epoch_metrics(y_val: np.ndarray, classes: list[str], probs: np.ndarray,
     return metrics, m
 
 
-def predict_test(cfg: Config, data, s: FitSetup) -> np.ndarray:
-    """The test set's probabilities from the best checkpoint alone, as a user would load it."""
+def predict_test(cfg: Config, run, data, s: FitSetup, prefix: str = "") -> np.ndarray:
+    """The test-time steps decided and recorded in best.safetensors (decide_test_time; before the model artifact is
+    logged from it), then the test set's probabilities from that file alone, as a user (predict.py) would load it."""
+    s.keeper.flush()  # best.safetensors on disk
+    decide_test_time(cfg, run, data, s, prefix)
     best, meta = load_model(s.keeper.best_path, s.device)
+    steps = test_time.resolve(meta, s.keeper.best_path, cfg.tta, cfg.test_bn)  # the decision just recorded
     loader = make_loader(ImageDataset(data.test_items, data.test_labels,
                                       eval_transform(meta["img_size"], meta["mean"], meta["std"])),
                          cfg.batch_size, s.workers, s.device)
-    if cfg.test_bn == "adapt":
+    if steps.test_bn == "adapt":
         adapt_test_bn(best, loader, s.device, cfg.model)
-    return predict_probs(best, loader, s.device, s.amp_dtype, cfg.tta, "test prediction")
+    return predict_probs(best, loader, s.device, s.amp_dtype, steps.tta, "test prediction")
+
+
+def decide_test_time(cfg: Config, run, data, s: FitSetup, prefix: str = "") -> dict:
+    """--test_bn and --tta for the test set (workflows/test_time.py), with the best checkpoint: auto decided from
+    the measured shift, the TTA candidate checked on the validation images as they were validated (noisy under
+    --val_noise auto); printed, in the summary (tta_resolved, test_bn_resolved; under --cv per fold, and the folds'
+    at the top) and recorded in best.safetensors (meta["test_time"])."""
+    model, meta = load_model(s.keeper.best_path, s.device)
+    labels = data.labels[s.val_idx]
+
+    @functools.cache
+    def loader():  # every validation image, not this rank's share: only rank 0 decides
+        return make_loader(ImageDataset(s.val_images, labels, eval_transform(meta["img_size"], meta["mean"],
+                                                                             meta["std"])),
+                           cfg.batch_size, s.workers, s.device)
+
+    def val_probs(tta: str) -> np.ndarray:
+        return predict_probs(model, loader(), s.device, s.amp_dtype, tta, "the TTA check")
+    settings = (meta.get("test_shift") or {}).get("settings")
+    decision = test_time.decide(cfg.tta, cfg.test_bn, settings, len(batchnorm_layers(model)), cfg.model, val_probs,
+                                labels, "noisy validation" if s.clean_loader is not None else "validation")
+    for line in test_time.describe(decision, prefix):
+        print(line)
+    update_meta(s.keeper.best_path, {"test_time": decision})
+    s.model_log.best_rewritten(s)
+    folds = [s.keeper.dir.parent / f"fold{k}" / "best.safetensors" for k in range(cfg.fold + 1)] if prefix else []
+    run.set_summary(test_time.summary(decision, prefix) | test_time.folds_summary(folds))
+    return decision
 
 
 def describe_fit(cfg: Config, s: FitSetup, data, prefix: str, out_dir: Path, pseudo: tuple | None) -> str:

@@ -1,0 +1,153 @@
+"""The test-time steps, --test_bn and --tta, decided from the test set's measured shift when they are auto.
+
+train.py decides once per fit, with the best checkpoint, where it predicts the test set (workflows/training.py
+predict_test): test_bn adapt when the model has BatchNorm layers and the test set was measured shifted (noise
+moves BatchNorm's statistics; re-estimating them on the test images undoes that); tta the views the measured
+right-angle turns and mirrors make plausible (datasets/transforms.py tta_for_shift), kept only when they do not lower
+the validation macro-F1 (per-epoch validation stays without TTA, so the monitor compares across epochs). The decision
+is written into best.safetensors' metadata as `test_time` before the model artifact is logged from that file, so it
+travels with the checkpoint: predict.py, ensemble.py and train.py's own test prediction read it back through
+resolve(). A checkpoint without one (from before) is resolved from its measured shift (meta["test_shift"]) alone,
+without the validation check, and the line printed says so. Under --cv each fold decides on its own validation fold.
+
+Usage:
+    decision = decide("auto", "auto", shift["settings"], bn_layers, "resnet18", val_probs, labels, "validation")
+    steps = resolve(read_meta(path), path, tta="auto", test_bn="auto")   # steps.tta, steps.test_bn, steps.why
+"""
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from datasets.shift import any_on
+from datasets.transforms import tta_for_shift
+from models.checkpoint import batchnorm_count, read_meta
+from utils.metrics import classification_metrics
+
+RECORDED = "recorded at training"
+FALLBACK = "none recorded, so from its measured shift without the validation check"  # an older checkpoint
+
+
+def shifted_ops(settings: dict | None) -> list[str]:
+    """The operations the measure switched on (p > 0), in its order."""
+    return [op for op, v in (settings or {}).items() if isinstance(v, dict) and v.get("p")]
+
+
+def auto_test_bn(settings: dict | None, bn_layers: int, model: str) -> tuple[str, str]:
+    """(adapt or none, why): adapt only a model with BatchNorm layers, and only for a test set measured shifted."""
+    if not any_on(settings):
+        return "none", "no shift measured" if settings is None else "the test set is not shifted"
+    if not bn_layers:
+        return "none", f"{model} has no BatchNorm layers"
+    return "adapt", (f"the test set is shifted: {', '.join(shifted_ops(settings))}; {model} has {bn_layers} "
+                     f"BatchNorm layers")
+
+
+def plausible_views(settings: dict | None) -> tuple[str, str]:
+    """(the TTA candidate of the measured shift, why)."""
+    candidate = tta_for_shift(settings)
+    what = {"d4": "turns and mirrors", "rot4": "turns", "flip": "mirrors", "none": "no turns or mirrors"}[candidate]
+    return candidate, "no shift measured" if settings is None else f"{what} measured in the test set"
+
+
+def check_tta(candidate: str, labels: np.ndarray, without: np.ndarray, with_views: np.ndarray,
+              images: str = "validation") -> tuple[str, str, dict]:
+    """(candidate, or none where it lowers macro-F1 on these images; the reason, both scores in words; the scores)."""
+    plain = classification_metrics(labels, without)["f1_macro"]
+    viewed = classification_metrics(labels, with_views)["f1_macro"]
+    keep = viewed >= plain  # a tie keeps the views: they cost time only
+    why = (f"{images} macro-F1 {viewed:.4f} with {candidate}, {plain:.4f} without: "
+           f"{'kept' if keep else candidate + ' dropped'}")
+    return candidate if keep else "none", why, {"none": plain, candidate: viewed}
+
+
+def decide(tta: str, test_bn: str, settings: dict | None, bn_layers: int, model: str,
+           val_probs: Callable[[str], np.ndarray], labels: np.ndarray, images: str = "validation") -> dict:
+    """The decision train.py records in best.safetensors as meta["test_time"]: {"tta", "test_bn", "asked": what
+    the flags said, "why": per key, "tta_check": the validation scores or None}. val_probs(tta): the best
+    checkpoint's probabilities of the validation images with those views, asked only for a candidate to check."""
+    if test_bn == "auto":
+        bn_choice, bn_why = auto_test_bn(settings, bn_layers, model)
+    else:
+        bn_choice, bn_why = test_bn, f"--test_bn {test_bn} as given"
+    scores = None
+    if tta != "auto":
+        tta_choice, tta_why = tta, f"--tta {tta} as given"
+    else:
+        tta_choice, tta_why = plausible_views(settings)
+        if tta_choice != "none":
+            tta_choice, tta_why, scores = check_tta(tta_choice, labels, val_probs("none"), val_probs(tta_choice),
+                                                    images)
+    return {"tta": tta_choice, "test_bn": bn_choice, "asked": {"tta": tta, "test_bn": test_bn},
+            "why": {"tta": tta_why, "test_bn": bn_why}, "tta_check": scores}
+
+
+def describe(decision: dict, prefix: str = "") -> list[str]:
+    """The console lines of a decision: one per key that was auto."""
+    return [f"{prefix}{key} auto: {decision[key]} ({decision['why'][key]})"
+            for key in ("test_bn", "tta") if decision["asked"][key] == "auto"]
+
+
+def summary(decision: dict, prefix: str = "") -> dict:
+    """The W&B summary keys of a decision (keys of their own: a sweep locks the config keys it sets)."""
+    scores = {f"{prefix}tta_check/{k}": v for k, v in (decision["tta_check"] or {}).items()}
+    return {f"{prefix}tta_resolved": decision["tta"], f"{prefix}test_bn_resolved": decision["test_bn"], **scores}
+
+
+def folds_summary(paths: list[Path]) -> dict:
+    """tta_resolved and test_bn_resolved of a --cv run, from its folds' checkpoints: the value they agree on, else
+    each fold's ('fold0 d4, fold1 none')."""
+    decisions = {Path(p).parent.name: read_meta(p).get("test_time") for p in paths}
+    out = {}
+    for key in ("tta", "test_bn"):
+        values = {fold: d[key] for fold, d in decisions.items() if d}
+        if values:
+            same = len(set(values.values())) == 1
+            out[f"{key}_resolved"] = next(iter(values.values())) if same else ", ".join(
+                f"{fold} {v}" for fold, v in values.items())
+    return out
+
+
+@dataclass
+class TestTime:
+    """What one checkpoint is predicted with; why: for each key that was auto, (where it came from, the reason)."""
+    __test__ = False  # not a pytest class
+    tta: str
+    test_bn: str
+    why: dict = field(default_factory=dict)
+
+
+def resolve(meta: dict, path: str | Path, tta: str = "auto", test_bn: str = "auto") -> TestTime:
+    """A given value as it is; auto: the decision recorded in the checkpoint (meta["test_time"]), else the one its
+    measured shift (meta["test_shift"]) gives, without the validation check (BatchNorm layers counted from `path`)."""
+    steps, recorded = TestTime(tta, test_bn), meta.get("test_time")
+    settings = (meta.get("test_shift") or {}).get("settings")
+    if tta == "auto":
+        steps.tta, why = (recorded["tta"], recorded["why"]["tta"]) if recorded else plausible_views(settings)
+        steps.why["tta"] = (RECORDED if recorded else FALLBACK, why)
+    if test_bn == "auto":
+        steps.test_bn, why = (recorded["test_bn"], recorded["why"]["test_bn"]) if recorded else auto_test_bn(
+            settings, batchnorm_count(path), meta.get("model", "the model"))
+        steps.why["test_bn"] = (RECORDED if recorded else FALLBACK, why)
+    return steps
+
+
+def describe_resolved(name: str, paths: list[Path], steps: list[TestTime]) -> list[str]:
+    """One line per auto key of a member (predict.py, ensemble.py): what it became for it and why; a --cv run's
+    folds in one line, each fold's value where they differ."""
+    lines = []
+    for key in ("test_bn", "tta"):
+        if key not in steps[0].why:
+            continue
+        values = [(getattr(s, key), s.why[key]) for s in steps]
+        sources = "; ".join(dict.fromkeys(source for _, (source, _) in values))
+        if len(set(values)) == 1:
+            value, (source, why) = values[0]
+            lines.append(f"{key} auto: {value} for {name} ({source}: {why})")
+        elif len({v for v, _ in values}) == 1:  # the folds agree, for reasons of their own (their validation scores)
+            lines.append(f"{key} auto: {values[0][0]} for {name} ({sources}, in each of its {len(values)} folds)")
+        else:
+            each = ", ".join(f"{Path(p).parent.name} {v}" for p, (v, _) in zip(paths, values))
+            lines.append(f"{key} auto: {each} for {name} ({sources})")
+    return lines
