@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from datasets import load_data, load_image, screen_images, write_submission
-from datasets.shift import native_side
 from optim import is_per_epoch
 from optim.stepper import EpochProgress, train_one_epoch
 from utils import UserError, distributed, tracking
@@ -31,7 +30,7 @@ from utils.stop import StopSignal, Stopped, ignore_later_stops
 from workflows import lineage
 from workflows.config import ADDED_CONFIG_KEYS, Config, parse_config
 from workflows.label_errors import analyse_oof, apply_label_fixes
-from workflows.prepare import data_source, load_pseudo_labels, measure_test_shift, resolve_auto
+from workflows.prepare import data_source, load_pseudo_labels, measure_test_shift, resolve_auto, stored_images
 from workflows.report import write_report
 from workflows.resume import (RESUME_FILE, describe_resume, load_arrays, restore_training_state, resume_from,
                               save_arrays, save_fit_state)
@@ -99,7 +98,7 @@ def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None 
         print(f"--label_fixes {cfg.label_fixes}: {fixed} label(s) changed, {excluded} image(s) excluded")
         run.set_summary({"label_fixes/changed": fixed, "label_fixes/excluded": excluded})
     rows = lineage.manifest(data) if cfg.label_fixes else source_rows
-    native = native_side(data.test_items) if data.test_items else None  # before the cache resizes them
+    stored = stored_images(data)  # the images as stored, before the decode cache resizes them: what is measured
     start = time.perf_counter()
     skipped = screen_images(data, cfg.skip_bad_images, cfg.cache, cfg.img_size, cfg.cache_dir or None,
                             cfg.cache_max_gb)
@@ -113,7 +112,7 @@ def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None 
         kept = set(data.ids)  # the images that train: skipped ones left out
         lineage_meta = lineage.record(given, run, out_dir, [r for r in rows if r[0] != "train" or r[1] in kept],
                                       data.classes, source_rows, artifact, resumed=state is not None)
-    shift = measure_test_shift(cfg, run, data, native)
+    shift = measure_test_shift(cfg, run, data, stored)
     pseudo = load_pseudo_labels(cfg, run, data, lineage_meta)
     if cfg.cv:
         summary, test_probs = cross_validate(cfg, run, out_dir, data, stop, state, lineage_meta, shift, pseudo)

@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from datasets.shift import _at_size, measure_shift  # noqa: E402 - after the path
+from datasets.shift import at_size, measure_shift  # noqa: E402 - after the path
 
 IMAGES = 300   # images per split, as many as the measure reads
 OPERATIONS = {  # name: (share range, magnitude range or None, draw each image's strength from this part of it)
@@ -215,14 +215,14 @@ def run_source(name: str, n_recipes: int, n_clean: int, seed: int, show: bool, n
     pool = make(n * 3, rng)
     native = pool[0].shape[0]
     train_native = pool[:n]
-    train = [_at_size(x, size) for x in train_native]
+    train = [at_size(x, size) for x in train_native]
     tests = pool[n:]
     scored, alarms = [], []
     for k in range(n_recipes + n_clean):
         part = [tests[i] for i in rng.choice(len(tests), n, replace=False)]
         recipe = random_recipe(rng) if k < n_recipes else {}
         test_native = corrupt_split(part, recipe, rng, size / native)
-        test = [_at_size(x, size) for x in test_native]
+        test = [at_size(x, size) for x in test_native]
         found = measured(measure_shift(train, test, native, native=(train_native, test_native)))
         rows = score_recipe(recipe, found)
         (scored if recipe else alarms).append(rows)

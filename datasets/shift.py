@@ -70,6 +70,7 @@ PASSES = 2                # over all operations: each resolved again against all
 PERMUTATIONS = 300        # random halves of the training and test images: the chance spread of the rotation statistic
 ROTATION_PROBE, ROTATION_Z = 10, 3.0  # degrees: a rotation's signature; counts beyond this many of its chance spreads
 STORED_MAX = 2            # stored images larger than this many times the training size are measured at that size
+BOOTSTRAP = 30            # resamples of the test images that say how sure a share is
 ALPHA = 0.002             # a statistic's shift counts when a two-sided KS test rejects "no shift" at this level
 OFF = {"turn": {"p": 0.0}, "flip": {"p": 0.0}, **{op: {"p": 0.0, "magnitude": 0.0} for op in OPERATIONS}}
 
@@ -94,15 +95,15 @@ def _orientations(images: list) -> np.ndarray:
     return (hists + np.roll(hists[:, ::-1], 1, axis=1)) / 2
 
 
-def _resolve_rotation(images: list, test_images: list, settings: dict, at_size) -> tuple[float, float, dict]:
+def _resolve_rotation(images: list, test_images: list, settings: dict, to_side) -> tuple[float, float, dict]:
     """(share, magnitude, gap) of small rotations, read from the mean orientation histogram of a whole set: one
     image's gradients are too few to say how it is turned (a digit), a few hundred images' are not. A rotation by
     up to m degrees smears the training images' histogram; the test set's is fitted as (1 - s) of the training
     images' (with the operations resolved so far) + s of the same images rotated, least squares in units of each
     bin's standard error; the magnitude that fits best wins. images: the training images as stored (the settings
-    are applied there, as the test set got them), at_size: the resize to the training size."""
+    are applied there, as the test set got them), to_side: the resize to the training size."""
     apply = corrupter(settings)
-    base = _orientations([at_size(apply(img, SEED + i)) for i, img in enumerate(images)])
+    base = _orientations([to_side(apply(img, SEED + i)) for i, img in enumerate(images)])
     test = _orientations(test_images)
     error = np.sqrt(base.var(0) / len(base) + test.var(0) / len(test)) + 1e-9
     d = (test.mean(0) - base.mean(0)) / error
@@ -111,12 +112,17 @@ def _resolve_rotation(images: list, test_images: list, settings: dict, at_size) 
 
     def smear(m):  # the change of the mean histogram when every image is rotated by up to m degrees
         apply = corrupter({**settings, "rotate": {"p": 1.0, "magnitude": m}})
-        return (_orientations([at_size(apply(img, SEED + i)) for i, img in enumerate(images)]).mean(0)
+        return (_orientations([to_side(apply(img, SEED + i)) for i, img in enumerate(images)]).mean(0)
                 - base.mean(0)) / error
 
+    smears = {}
+
+    def share_along(d, h):
+        return float(np.clip(d @ h / (h @ h), 0.0, 1.0)) if h @ h > 0 else 0.0
+
     def fit(m):
-        h = smear(m)
-        share = float(np.clip(d @ h / (h @ h), 0.0, 1.0)) if h @ h > 0 else 0.0
+        smears[m] = h = smear(m)
+        share = share_along(d, h)
         return share, float(np.sum((d - share * h) ** 2))
     # a matched filter: the difference along the smear a rotation leaves, against the same for random halves of both
     # sets (the bins are correlated, so a sum of squares over them would hear chance as often as a rotation)
@@ -130,7 +136,8 @@ def _resolve_rotation(images: list, test_images: list, settings: dict, at_size) 
     if d @ direction <= ROTATION_Z * np.std(null):
         return 0.0, 0.0, gap
     share, magnitude = _best_fit(OPERATIONS["rotate"][1], fit)
-    gap["share"] = round(share, 3)
+    gap["share"], gap["share_sd"] = round(share, 3), _bootstrap_sd(
+        lambda rows: share_along((test[rows].mean(0) - base.mean(0)) / error, smears[magnitude]), len(test))
     return share, magnitude, gap
 
 
@@ -193,13 +200,22 @@ def _resolve(op: str, statistic, images: list, test_values: np.ndarray, settings
     gap = {"train": float(np.median(base)), "test": float(np.median(test_values)), "share": 0.0}
     if not significant(base, test_values):
         return 0.0, 0.0, gap
+    shifted = {}
+
     def fit(m):
         apply = corrupter({**settings, op: {"p": 1.0, "magnitude": m}})
-        return mixture_share(base, test_values, np.array([statistic(apply(img, SEED + i))
-                                                          for i, img in enumerate(images)]))
+        shifted[m] = np.array([statistic(apply(img, SEED + i)) for i, img in enumerate(images)])
+        return mixture_share(base, test_values, shifted[m])
     share, magnitude = _best_fit(OPERATIONS[op][1], fit)
-    gap["share"] = round(share, 3)
+    gap["share"], gap["share_sd"] = round(share, 3), _bootstrap_sd(
+        lambda rows: mixture_share(base, test_values[rows], shifted[magnitude])[0], len(test_values))
     return share, magnitude, gap
+
+
+def _bootstrap_sd(share_of, n: int) -> float:
+    """How sure a share is: its standard deviation over BOOTSTRAP resamples of the test images (share_of(rows))."""
+    rng = np.random.default_rng(SEED)
+    return round(float(np.std([share_of(rng.integers(0, n, n)) for _ in range(BOOTSTRAP)])), 3)
 
 
 def _d4(gray: np.ndarray) -> list[np.ndarray]:
@@ -257,8 +273,10 @@ def measure_shift(train_images: list, test_images: list, native_side: int | None
         native, stored_side = (train_images, test_images), side
     else:
         native = tuple([_at_most(imgs[i], stored_side) for i in idx] for imgs, idx in zip(native, picked))
-    at_size = lambda img: _at_size(img, side)
-    readers = {stat: (f if stat in NATIVE else (lambda img, f=f: f(at_size(img)))) for stat, f in STATISTICS.items()}
+
+    def to_side(img):
+        return at_size(img, side)
+    readers = {stat: (f if stat in NATIVE else (lambda img, f=f: f(to_side(img)))) for stat, f in STATISTICS.items()}
     test_values = {stat: np.array([f(img) for img in (native[1] if stat in NATIVE else test_images)])
                    for stat, f in STATISTICS.items()}
     gap, stored = {}, {**OFF, "noise_scale": 1.0}  # in the stored images' units
@@ -267,7 +285,7 @@ def measure_shift(train_images: list, test_images: list, native_side: int | None
             check_stop("measuring the test set's shift")
             others = {**stored, op: OFF[op]}
             if op == "rotate":
-                share, magnitude, gap[op] = _resolve_rotation(native[0][:SIMULATE], test_images, others, at_size)
+                share, magnitude, gap[op] = _resolve_rotation(native[0][:SIMULATE], test_images, others, to_side)
             else:
                 share, magnitude, gap[op] = _resolve(op, readers[stat], native[0][:SIMULATE], test_values[stat], others)
             gap[op]["statistic"] = stat
@@ -316,8 +334,9 @@ def describe_shift(shift: dict) -> str:
                      f" -> {'p=%.2f' % s['p'] if s['p'] else 'off'}")
     for op, g in shift["gap"].items():
         s = shift["settings"][op]
-        lines.append(f"  {op:<10} {g['statistic']} train {g['train']:.1f}, test {g['test']:.1f}, share {g['share']:.2f}"
-                     f" -> {'p=%.2f magnitude %g' % (s['p'], s['magnitude']) if s['p'] else 'off'}")
+        sure = f" ± {g['share_sd']:.2f}" if g.get("share_sd") else ""  # the share's bootstrap sd over the test images
+        lines.append(f"  {op:<10} {g['statistic']} train {g['train']:.3g}, test {g['test']:.3g}, share {g['share']:.2f}"
+                     f"{sure} -> {'p=%.2f magnitude %g' % (s['p'], s['magnitude']) if s['p'] else 'off'}")
     return "\n".join(lines)
 
 
@@ -366,11 +385,11 @@ def measure_data(train_items: list, test_items: list, img_size: int, native: int
     rng = np.random.default_rng(SEED)
     pick = lambda items: [items[i] for i in np.sort(rng.choice(len(items), min(SAMPLE, len(items)), replace=False))]
     stored = [[load_image(i) for i in pick(items)] for items in (train_items, test_items)]
-    return measure_shift(*([_at_size(img, img_size) for img in images] for images in stored), native,
+    return measure_shift(*([at_size(img, img_size) for img in images] for images in stored), native,
                          native=(stored[0], stored[1]))
 
 
-def _at_size(image: np.ndarray, side: int) -> np.ndarray:
+def at_size(image: np.ndarray, side: int) -> np.ndarray:
     if image.shape[:2] == (side, side):
         return image
     shrink = max(image.shape[:2]) > side

@@ -217,3 +217,12 @@ def test_background_save_state_keeps_the_values_at_the_call(tmp_path):
     state = load_state(tmp_path / RESUME_FILE)
     assert torch.equal(state["w"], torch.zeros(3)) and torch.equal(state["nested"][0]["m"], torch.ones(2))
     assert state["step"] == 4
+
+
+def test_a_run_saved_before_test_time_auto_resumes_under_it(tmp_path):
+    from utils import UserError
+    from workflows.resume import check_same_run
+    saved = {"lr": 0.002, "tta": "none", "test_bn": "none"}
+    check_same_run(saved, {"lr": 0.002, "tta": "auto", "test_bn": "auto"}, tmp_path)  # validates alike: no error
+    with pytest.raises(UserError, match="tta: 'none' -> 'd4'"):  # views change what every epoch validated
+        check_same_run(saved, {"lr": 0.002, "tta": "d4", "test_bn": "auto"}, tmp_path)

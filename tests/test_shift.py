@@ -49,6 +49,8 @@ def test_noise_in_the_test_set_switches_noise_on(digit_sets):
     assert noise["p"] > 0.7 and 0.05 <= noise["magnitude"] <= 0.4, describe_shift(shift)
     assert shift["settings"]["turn"]["p"] == 0 and shift["settings"]["tint"]["p"] == 0
     assert "GaussNoise" in op_names(AUGS.build("auto", 48, 1.0, MEAN, STD, settings=shift["settings"]))
+    assert 0 < shift["gap"]["noise"]["share_sd"] < 0.1  # how sure: the share's bootstrap sd, printed beside it
+    assert f"± {shift['gap']['noise']['share_sd']:.2f} -> p=" in describe_shift(shift)
 
 
 def test_turns_and_tint_in_the_test_set_switch_them_on(digit_sets):

@@ -14,7 +14,7 @@ from datasets.cache import cache_images, list_decode_caches
 from datasets.shift_cache import measure_cached, shift_key
 from utils import UserError
 from workflows.config import parse_config
-from workflows.prepare import measure_test_shift
+from workflows.prepare import measure_test_shift, stored_images
 
 from conftest import _digit_images
 
@@ -54,13 +54,14 @@ def test_a_second_run_reads_the_measure_without_measuring(tmp_path, monkeypatch,
     train, test = arrays()
     test = [np.rot90(image).copy() for image in test]  # turned: a measure with settings on
     cfg = dataclasses.replace(parse_config([]), img_size=32, cache_dir=str(tmp_path / "c"))
-    data, first, second = SimpleNamespace(items=train, test_items=test), Recorder(), Recorder()
-    measured = measure_test_shift(cfg, first, data, 32)
+    data = SimpleNamespace(items=train, ids=[f"i{k}" for k in range(len(train))], test_items=test)
+    first, second = Recorder(), Recorder()
+    measured = measure_test_shift(cfg, first, data, stored_images(data))
     assert re.search(r"\n  \(\d+\.\ds; aug_preset auto", capsys.readouterr().out)
     assert shift.any_on(measured["settings"]), measured
     [path] = (tmp_path / "c" / "shift").glob("*.json")
     monkeypatch.setattr(shift, "measure_data", lambda *a: pytest.fail("measured again"))
-    cached = measure_test_shift(cfg, second, data, 32)
+    cached = measure_test_shift(cfg, second, data, stored_images(data))
     out = capsys.readouterr().out
     assert cached == measured and second.config == first.config == {"test_shift": measured}
     assert f"(cached, {path.stem}; aug_preset auto, val_noise auto)" in out and "test set vs training set" in out
@@ -110,9 +111,10 @@ def test_an_unwritable_cache_folder_still_measures(tmp_path, monkeypatch, capsys
     train, test = arrays()
     (tmp_path / "a-file").write_text("not a folder")
     cfg = dataclasses.replace(parse_config([]), img_size=32, cache_dir=str(tmp_path / "a-file" / "cache"))
-    data, run = SimpleNamespace(items=train, test_items=test), Recorder()
+    data = SimpleNamespace(items=train, ids=[f"i{k}" for k in range(len(train))], test_items=test)
+    run = Recorder()
     for _ in range(2):
-        assert measure_test_shift(cfg, run, data, 32) == run.config["test_shift"]
+        assert measure_test_shift(cfg, run, data, stored_images(data)) == run.config["test_shift"]
         out = capsys.readouterr().out
         assert re.search(r"\(\d+\.\ds, not cached: .*a-file/cache/shift: .*; aug_preset auto", out), out
     assert len(measures) == 2
@@ -144,3 +146,22 @@ def test_cache_command_lists_and_clears_the_measures(tmp_path, capsys, measures)
         measure_cached(part, test, 32, 32, tmp_path)
     assert cache.main(["clear", "--all", "--cache_dir", str(tmp_path)]) == 0
     assert "shift/: deleted 2 entries" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("cache", ["disk"])
+def test_train_measures_the_images_as_stored_not_the_decode_cache(competition, tmp_path, monkeypatch, capsys, cache):
+    """The decode cache replaces data.items with copies at img_size; noise and JPEG are read as stored, so the
+    measure must get the files."""
+    import train
+    from workflows import prepare
+    seen = {}
+
+    def record(train_items, test_items, img_size, native, cache_dir=None):
+        seen.update(train=train_items, test=test_items, native=native)
+        raise UserError("measured: enough for this test")
+    monkeypatch.setattr(prepare, "measure_cached", record)
+    assert train.main(["--data", str(competition), "--img_size", "64", "--cache", cache, "--wandb_mode",
+                       "disabled", "--out_dir", str(tmp_path / "run"), "--model", "test_resnet"]) == 1
+    assert "measured: enough for this test" in capsys.readouterr().err
+    assert all(not isinstance(item, np.ndarray) and str(item).endswith(".png") for item in seen["train"] + seen["test"])
+    assert len(seen["train"]) == 240 and seen["native"] == 32  # the files' own side, not the cache's 64

@@ -4,7 +4,8 @@ pseudo-labelled test images (--pseudo_labels). Each is printed and recorded in t
 
 Usage:
     cfg = resolve_auto(cfg, run, data)
-    shift = measure_test_shift(cfg, run, data, native_side(data.test_items))
+    stored = stored_images(data)                                  # before the decode cache resizes them
+    shift = measure_test_shift(cfg, run, data, stored)
     pseudo = load_pseudo_labels(cfg, run, data, lineage_meta)   # (test rows, labels) or None
     folder, artifact = data_source(cfg, run)
 """
@@ -44,17 +45,27 @@ def resolve_auto(cfg: Config, run, data) -> Config:
     return dataclasses.replace(cfg, **values)
 
 
-def measure_test_shift(cfg: Config, run, data, native: int | None) -> dict | None:
+def stored_images(data) -> tuple[list, list, list]:
+    """(training images, their ids, test images) as stored (paths or arrays), taken before the decode cache
+    replaces them with copies at the training size: the shift is measured where the test set got it."""
+    return list(data.items), list(data.ids), list(data.test_items or [])
+
+
+def measure_test_shift(cfg: Config, run, data, stored: tuple[list, list, list]) -> dict | None:
     """The test set measured against the training set (datasets/shift.py), when --aug_preset auto or --val_noise
-    auto asks for it and there is a test set: printed, and in the W&B config as test_shift. Read from the cache
+    auto asks for it and there is a test set: printed, and in the W&B config as test_shift. stored: stored_images(data)
+    from before the decode cache (training images screening left out are left out here too). Read from the cache
     folder when a run on the same images, img_size and measure's code has measured it (datasets/shift_cache.py):
     every sweep trial and fold after the first spares the measure."""
     if not data.test_items or (cfg.aug_preset != "auto" and cfg.val_noise != "auto"):
         if cfg.aug_preset == "auto":
             print("aug_preset auto: no test set to measure, so the `light` preset")
         return None
+    kept = set(data.ids)
+    train_items = [item for item, i in zip(stored[0], stored[1]) if i in kept]
     start = time.perf_counter()
-    shift, key, source = measure_cached(data.items, data.test_items, cfg.img_size, native, cfg.cache_dir or None)
+    shift, key, source = measure_cached(train_items, stored[2], cfg.img_size, native_side(stored[2]),
+                                        cfg.cache_dir or None)
     took = f"cached, {key}" if source == "cached" else f"{time.perf_counter() - start:.1f}s" + (
         "" if source == "measured" else f", {source}")  # measured, but the cache folder could not keep it
     print(f"{describe_shift(shift)}\n  ({took}; aug_preset {cfg.aug_preset}, val_noise {cfg.val_noise})")

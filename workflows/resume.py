@@ -103,7 +103,10 @@ def check_same_run(saved: dict, current: dict, path: Path) -> None:
     free = BOOKKEEPING_KEYS | ({"fold"} if saved.get("cv") else set())  # a cross-validated run saves the fold it was in
     auto = {k for k, v in current.items() if v in ("auto", 0) and k in AUTO_KEYS}  # decided again, the same way
     auto |= {"pretrained_path"} if current.get("pretrained") == "auto" else set()
-    changed = sorted(k for k in saved if k not in free | auto and saved.get(k) != current.get(k))
+    free |= {"test_bn"}  # used once, after training: a run saved before --test_bn auto resumes under it
+    validated_alike = {"none", "auto"}  # --tta auto validates without views, as none does
+    changed = sorted(k for k in saved if k not in free | auto and saved.get(k) != current.get(k)
+                     and not (k == "tta" and {saved.get(k), current.get(k)} <= validated_alike))
     if changed:
         diffs = ", ".join(f"{k}: {saved[k]!r} -> {current.get(k)!r}" for k in changed[:8])
         raise UserError(f"--resume {path}: the run was started with other values ({diffs}); resume with the same "
