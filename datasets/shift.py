@@ -184,12 +184,6 @@ def significant(base: np.ndarray, test: np.ndarray, alpha: float = ALPHA) -> boo
     return bool(distance > max(MIN_SHARE, np.sqrt(-np.log(alpha / 2) / 2) * np.sqrt((n + m) / (n * m))))
 
 
-def shifted_share(train: np.ndarray, test: np.ndarray, shifted: np.ndarray) -> float:
-    """The share of test images that look like `shifted` rather than `train`, 0 when the test set does not differ
-    significantly from the training set."""
-    return mixture_share(train, test, shifted)[0] if significant(train, test) else 0.0
-
-
 def _resolve(op: str, statistic, images: list, test_values: np.ndarray, settings: dict) -> tuple[float, float, dict]:
     """(share, magnitude, gap) of one operation: the training images carrying the settings resolved so far are the
     base; for each magnitude the same images with this operation on every one of them are the shifted sample; the

@@ -9,7 +9,7 @@ import pytest
 from conftest import _digit_images
 from datasets import load_data
 from datasets.digits import HARD_CLASSES, answers_path, export_hard, score
-from datasets.shift import any_on, corrupt, describe_shift, image_seed, measure_shift, shifted_share
+from datasets.shift import any_on, corrupt, describe_shift, image_seed, measure_shift, mixture_share, significant
 from datasets.transforms import AUGS
 from models import find_pretrained
 from utils import UserError
@@ -65,13 +65,13 @@ def test_turns_and_tint_in_the_test_set_switch_them_on(digit_sets):
 def test_share_is_a_fitted_mixture_and_only_when_significant():
     rng = np.random.default_rng(0)
     train, shifted = rng.normal(0, 1, 300), rng.normal(10, 1, 300)
-    assert shifted_share(train, rng.normal(0, 1, 300), shifted) == 0  # same distribution: not significant
+    assert not significant(train, rng.normal(0, 1, 300))  # same distribution: not significant
     for share in (0.3, 0.7):  # that share of the test set shifted: the mixture finds it, where KS alone bounds it
         n = int(300 * share)
         test = np.concatenate([rng.normal(0, 1, 300 - n), rng.normal(10, 1, n)])
-        assert shifted_share(train, test, shifted) == pytest.approx(share, abs=0.05)
+        assert significant(train, test) and mixture_share(train, test, shifted)[0] == pytest.approx(share, abs=0.05)
     overlapping = np.concatenate([rng.normal(0, 1, 150), rng.normal(1.5, 1, 150)])  # half, hidden in the overlap
-    assert shifted_share(train, overlapping, rng.normal(1.5, 1, 300)) == pytest.approx(0.5, abs=0.12)
+    assert mixture_share(train, overlapping, rng.normal(1.5, 1, 300))[0] == pytest.approx(0.5, abs=0.12)
 
 
 def test_auto_preset_strength_and_fallback(digit_sets):
