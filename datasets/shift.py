@@ -49,7 +49,7 @@ SIMULATE = 200     # training images each operation is simulated on
 MIN_SHARE = 0.1    # an operation is switched on when at least this share of the test set shows it
 MIN_POSE_SHARE = 0.25  # turns and flips: the pose estimate's own error on upright sets reaches ~0.15
 SEED = 0
-VERSION = 2        # of the measure: a cached measure (workflows/prepare.py) of another version is measured again
+VERSION = 2        # of the measure: a cached measure (datasets/shift_cache.py) of another version is measured again
 POSE_SIDE = 16     # px, the pose classifier's input (grey, standardized)
 
 # per operation, in the order they are resolved (each against training images that already carry the ones before,
