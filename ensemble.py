@@ -24,9 +24,20 @@ from datasets.shift import any_on, noisy_copies
 from utils import UserError, tracking
 from utils.runs import new_run_id, runs_dir
 from workflows.config import HelpFormatter, add_config_flags
-from workflows.ensemble import (caruana, check_compatible, describe_steps, is_artifact_ref, load_test_data,
-                                member_probs, member_steps, monitor_metric, read_oof, resolve_member, score,
-                                sweep_member_refs)
+from workflows.ensemble import (
+    caruana,
+    check_compatible,
+    describe_steps,
+    is_artifact_ref,
+    load_test_data,
+    member_probs,
+    member_steps,
+    monitor_metric,
+    read_oof,
+    resolve_member,
+    score,
+    sweep_member_refs,
+)
 
 
 def labelled_set(members, data, args) -> tuple[str, np.ndarray, list[np.ndarray]]:

@@ -26,14 +26,12 @@ from utils import UserError, distributed, tracking
 from utils.device import pick_device
 from utils.metrics import classification_metrics
 from utils.runs import new_run_id, runs_dir
-from utils.stop import StopSignal, Stopped, ignore_later_stops
-from workflows import lineage
+from utils.stop import Stopped, StopSignal, ignore_later_stops
+from workflows import lineage, resume
 from workflows.config import ADDED_CONFIG_KEYS, Config, parse_config
 from workflows.label_errors import analyse_oof, apply_label_fixes
 from workflows.prepare import data_source, load_pseudo_labels, measure_test_shift, resolve_auto, stored_images
 from workflows.report import write_report
-from workflows.resume import (RESUME_FILE, describe_resume, load_arrays, restore_training_state, resume_from,
-                              save_arrays, save_fit_state)
 from workflows.training import FitSetup, build_fit, describe_fit, epoch_metrics, evaluate, predict_test
 
 
@@ -65,7 +63,7 @@ def run_and_finish(cfg: Config, stop: StopSignal) -> int:
                             f"{distributed.world_size()} processes")
         mode = tracking.resolve_mode(cfg.wandb_mode)  # e.g. under `wandb agent` without a key: a UserError
         run_id = distributed.broadcast(new_run_id())
-        state, out_dir = resume_from(cfg, Path(cfg.out_dir or runs_dir() / run_id))
+        state, out_dir = resume.resume_from(cfg, Path(cfg.out_dir or runs_dir() / run_id))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -78,10 +76,10 @@ def run_and_finish(cfg: Config, stop: StopSignal) -> int:
         locked = Config.from_dict(distributed.broadcast(run.config(exclude=ADDED_CONFIG_KEYS)))  # a sweep's values win
         train(locked, run, out_dir, stop, state)  # a stop after the last epoch: done anyway
         if distributed.is_main():
-            (out_dir / RESUME_FILE).unlink(missing_ok=True)  # finished: nothing to resume
+            (out_dir / resume.RESUME_FILE).unlink(missing_ok=True)  # finished: nothing to resume
     def stopped_note() -> str:
         again = "the same command" + (" without --restart" if cfg.restart else "")
-        if (out_dir / RESUME_FILE).is_file():
+        if (out_dir / resume.RESUME_FILE).is_file():
             return f"saved where it stopped (resume.pt, last.safetensors in {out_dir}): {again} continues it; "
         return f"nothing trained yet; {again} starts it again in {out_dir}; "
     return run.run_to_end(work, stopped_note=stopped_note)
@@ -162,14 +160,14 @@ def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal, stat
     for k in range(cfg.folds):
         fold_dir = out_dir / f"fold{k}"
         if k < start:
-            r = FitResult(**load_arrays(fold_dir / "result.npz"), best_path=fold_dir / "best.safetensors")
+            r = FitResult(**resume.load_arrays(fold_dir / "result.npz"), best_path=fold_dir / "best.safetensors")
         else:
             r = fit(dataclasses.replace(cfg, fold=k), run, fold_dir, data, stop, prefix=f"fold{k}/",
-                    state=state if k == start else None, resume_path=out_dir / RESUME_FILE, lineage_meta=lineage_meta,
-                    shift=shift, pseudo=pseudo)
+                    state=state if k == start else None, resume_path=out_dir / resume.RESUME_FILE,
+                    lineage_meta=lineage_meta, shift=shift, pseudo=pseudo)
             if distributed.is_main():
-                save_arrays(fold_dir / "result.npz", {f: getattr(r, f) for f in ("val_idx", "val_probs", "best_score",
-                                                                               "best_epoch", "test_probs")})
+                kept = ("val_idx", "val_probs", "best_score", "best_epoch", "test_probs")
+                resume.save_arrays(fold_dir / "result.npz", {f: getattr(r, f) for f in kept})
         oof[r.val_idx], folds[r.val_idx] = r.val_probs, k
         results.append(r)
         scores = [r.best_score for r in results]
@@ -193,14 +191,14 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
     `state` (that file, loaded) continues from it, bit-identical on the CPU to a run that was never interrupted."""
     s = build_fit(cfg, run.id, out_dir, data, prefix, lineage_meta, shift, pseudo, online=run.mode == "online")
     print(describe_fit(cfg, s, data, prefix, out_dir, pseudo))
-    resume_path = resume_path or out_dir / RESUME_FILE
+    resume_path = resume_path or out_dir / resume.RESUME_FILE
     try:
         start_epoch, best_probs, progress = 1, None, None
         if state is not None:
-            best_probs, start_epoch = restore_training_state(state, s.stepper, s.keeper), state["next_epoch"]
+            best_probs, start_epoch = resume.restore_training_state(state, s.stepper, s.keeper), state["next_epoch"]
             progress = EpochProgress(**state["in_epoch"]) if state.get("in_epoch") else None  # stopped inside it
             s.model_log.resume(run, s, state.get("model_logged_epoch"))
-            print(describe_resume(cfg, start_epoch, progress, s.keeper))
+            print(resume.describe_resume(cfg, start_epoch, progress, s.keeper))
         for epoch in range(start_epoch, cfg.epochs + 1):
             start = time.perf_counter()
             progress = progress or EpochProgress(lr=s.stepper.optimizer.param_groups[0]["lr"])
@@ -210,7 +208,7 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
             except Stopped as e:  # saved where it stands: --resume continues inside this epoch
                 s.keeper.save_last(s.eval_model, {**s.meta, "epoch": epoch - 1, "stopped_in_epoch": epoch})
                 e.phase = f"{e.phase} in {prefix}epoch {epoch}"  # summary `stopped` and the last line say so
-                save_fit_state(resume_path, cfg, run, s, epoch, best_probs, progress)
+                resume.save_fit_state(resume_path, cfg, run, s, epoch, best_probs, progress)
                 raise
             scores, m = epoch_metrics(data.labels[s.val_idx], data.classes, probs, clean_probs)
             metrics = {"epoch": epoch, "lr": progress.lr, "train/loss": train_loss, **scores,
@@ -223,7 +221,7 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
                 best_probs = probs
             early_stop = log_epoch(cfg, run, out_dir, data, s, prefix, metrics, m, probs)
             s.model_log.after_epoch(run, s, epoch)
-            save_fit_state(resume_path, cfg, run, s, cfg.epochs + 1 if early_stop else epoch + 1, best_probs)
+            resume.save_fit_state(resume_path, cfg, run, s, cfg.epochs + 1 if early_stop else epoch + 1, best_probs)
             if early_stop:
                 break
         test_probs = predict_test(cfg, run, data, s, prefix) if data.test_items and distributed.is_main() else None

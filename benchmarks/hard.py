@@ -10,6 +10,7 @@ the reference loop (benchmarks/reference_loop.py) reads the same data exported a
 """
 import argparse
 import csv
+import functools
 import json
 import re
 import shutil
@@ -153,7 +154,7 @@ def main() -> None:
     for name in args.recipes:
         results, val = [], []
         for s in args.seeds:
-            one = reference if name == "reference loop" else lambda *a: recipe(name, *a)
+            one = reference if name == "reference loop" else functools.partial(recipe, name)
             results.append(one(work, args.epochs, s))
             val.append(VALIDATION[-1] if name != "reference loop" else np.nan)  # the run that made the result
         f1, val = np.array([r[0] for r in results]), np.array(val)

@@ -19,8 +19,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from conftest import as_main  # noqa: E402 - the tests' patches, so the figures measure what they test
 from test_stop_phases import self_stop  # noqa: E402
+
+from conftest import as_main  # noqa: E402 - the tests' patches, so the figures measure what they test
 
 DIGITS = ["--epochs", "2", "--wandb_mode", "offline"]
 PHASES = [  # name, the call that sends the signal (module:function), its n-th call, flags (FILES: the image files)

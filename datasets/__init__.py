@@ -24,6 +24,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train
 from torchsampler import ImbalancedDatasetSampler
 
 from datasets.cache import cache_images
+
 # the package face: the names the rest of the repo imports from `datasets`
 from datasets.files import IMAGE_EXTS, Data, load_image, read_csv, take, unreadable, write_csv  # noqa: F401
 from utils import UserError

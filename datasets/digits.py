@@ -180,4 +180,4 @@ if __name__ == "__main__":
         else:
             parser.error("give --export DIR [--hard] or --score FILE --answers FILE")
     except UserError as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None

@@ -132,7 +132,7 @@ def _resolve_rotation(images: list, test_images: list, settings: dict, to_side) 
     null = []
     for _ in range(PERMUTATIONS):
         order = rng.permutation(len(pooled))
-        null.append(float((pooled[order[len(base):]].mean() - pooled[order[:len(base)]].mean())))
+        null.append(float(pooled[order[len(base):]].mean() - pooled[order[:len(base)]].mean()))
     if d @ direction <= ROTATION_Z * np.std(null):
         return 0.0, 0.0, gap
     share, magnitude = _best_fit(OPERATIONS["rotate"][1], fit)
@@ -319,18 +319,21 @@ def _at_most(image: np.ndarray, side: int) -> np.ndarray:
 
 def describe_shift(shift: dict) -> str:
     """The measured gap and the resolved settings, one line per operation."""
+    def setting(s: dict, magnitude: bool) -> str:
+        if not s["p"]:
+            return "off"
+        return f"p={s['p']:.2f}" + (f" magnitude {s['magnitude']:g}" if magnitude else "")
+
     n_train, n_test = shift["images"]
     lines = [f"test set vs training set ({n_train} / {n_test} images measured):"]
     p = shift["poses"]
     for op, what in (("turn", "turned"), ("flip", "mirrored")):
-        s = shift["settings"][op]
         lines.append(f"  {op:<10} {what} {p[what]:.2f} (pose classifier accuracy {p['pose_accuracy']:.2f})"
-                     f" -> {'p=%.2f' % s['p'] if s['p'] else 'off'}")
+                     f" -> {setting(shift['settings'][op], False)}")
     for op, g in shift["gap"].items():
-        s = shift["settings"][op]
         sure = f" ± {g['share_sd']:.2f}" if g.get("share_sd") else ""  # the share's bootstrap sd over the test images
         lines.append(f"  {op:<10} {g['statistic']} train {g['train']:.3g}, test {g['test']:.3g}, share {g['share']:.2f}"
-                     f"{sure} -> {'p=%.2f magnitude %g' % (s['p'], s['magnitude']) if s['p'] else 'off'}")
+                     f"{sure} -> {setting(shift['settings'][op], True)}")
     return "\n".join(lines)
 
 

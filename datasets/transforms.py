@@ -101,8 +101,8 @@ def matched_ops(settings: dict, scale: float) -> list:
         ops.append(A.GaussNoise(std_range=(m("noise") / 4, min(1.0, m("noise"))), p=p("noise"),
                                 noise_scale_factor=settings.get("noise_scale", 1.0)))  # at the test's native resolution
     if p("jpeg"):  # the upload's compression comes last; magnitude = 100 - the lowest quality
-        ops.append(A.ImageCompression(quality_range=(max(1, round(100 - m("jpeg"))), max(1, round(100 - m("jpeg") / 2))),
-                                      p=p("jpeg")))
+        worst, best = max(1, round(100 - m("jpeg"))), max(1, round(100 - m("jpeg") / 2))
+        ops.append(A.ImageCompression(quality_range=(worst, best), p=p("jpeg")))
     return ops
 
 

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load as load_bytes, save as save_bytes
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save as save_bytes
 
 from utils.files import atomic_write_bytes, fsync_dir
 

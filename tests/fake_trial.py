@@ -7,10 +7,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils import tracking  # noqa: E402
-from workflows.config import ADDED_CONFIG_KEYS, Config, parse_config  # noqa: E402
-from utils.runs import new_run_id  # noqa: E402
-from utils.stop import StopSignal, Stopped  # noqa: E402
+from utils import tracking
+from utils.runs import new_run_id
+from utils.stop import Stopped, StopSignal
+from workflows.config import ADDED_CONFIG_KEYS, Config, parse_config
 
 
 def main() -> int:

@@ -17,7 +17,7 @@ import pytest
 from conftest import ROOT, TINY_MODEL, as_main, read_run, wait_for_epochs
 from utils import tracking
 from utils.runs import random_id
-from utils.stop import StopSignal, Stopped, stop_budget_s
+from utils.stop import Stopped, StopSignal, stop_budget_s
 
 KILL_DELAY = 30  # wandb agent's SIGKILL after its SIGTERM (wandb_agent.Agent.KILL_DELAY)
 

@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT
 from datasets import ImageDataset, SeededSampler, load_data, load_image, screen_images
 from datasets.cache import CachedImages, cache_images
 from datasets.files import take
 from datasets.transforms import AUGS
 from utils import UserError
-
-from conftest import ROOT
 
 
 def batches(items, labels, img_size, workers=0):

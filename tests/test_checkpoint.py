@@ -7,8 +7,8 @@ import torch
 
 from conftest import TINY_MODEL
 from models import build_model
-from utils.background import BackgroundWriter
 from models.checkpoint import CheckpointKeeper, load_checkpoint, load_model, read_meta
+from utils.background import BackgroundWriter
 from utils.files import atomic_write_bytes
 
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from conftest import NAMES, ROOT, make_competition_folder
-from datasets import (ImageDataset, SeededSampler, load_data, load_image, split_indices, write_submission)
+from datasets import ImageDataset, SeededSampler, load_data, load_image, split_indices, write_submission
 from datasets.transforms import AUGS, eval_transform
 from utils import UserError
 

@@ -77,6 +77,7 @@ def test_more_processes_than_gpus_is_one_clear_error(monkeypatch, capsys):
     """torchrun --nproc_per_node=2 on a 1-GPU machine: one line naming the fix, before any process group (the CUDA
     side is faked here: this machine has no GPU)."""
     import torch
+
     import train
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")

@@ -7,16 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train_e2e import staged_table
 
 import ensemble as ensemble_cli
 import predict as predict_cli
 from conftest import TINY_MODEL, read_run, run_train
-from test_train_e2e import staged_table
-from utils import UserError, tracking
+from models import build_model
 from models.checkpoint import checkpoint_bytes
+from utils import UserError, tracking
 from utils.files import atomic_write_bytes
 from workflows.ensemble import caruana, check_compatible, member_probs, resolve_member, score, sweep_member_refs
-from models import build_model
 
 
 def random_probs(rng, n, k, sharp):

@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +17,18 @@ import yaml
 
 from conftest import NAMES, ROOT, TINY_MODEL, make_competition_folder, read_run, run_train
 from datasets import load_data
-from utils import tracking
 from models.checkpoint import read_meta
-from workflows.lineage import (MARKER_FILE, changes, code_state, compact, defaults, describe_changes, fingerprint,
-                           manifest)
+from utils import tracking
+from workflows.lineage import (
+    MARKER_FILE,
+    changes,
+    code_state,
+    compact,
+    defaults,
+    describe_changes,
+    fingerprint,
+    manifest,
+)
 
 
 def run_module(*args) -> subprocess.CompletedProcess:
@@ -283,7 +291,7 @@ def test_journal_reads_a_project_from_the_wandb_api(tmp_path, monkeypatch, capsy
              if line.startswith("| ") and not line.startswith("| #")]
     assert len(lines) == 2
     r2 = [c.strip() for c in lines[1].split("|")[1:-1]]
-    noon_utc = datetime(2026, 11, 21, 10, tzinfo=timezone.utc).timestamp()  # W&B's created_at is UTC, zone or not
+    noon_utc = datetime(2026, 11, 21, 10, tzinfo=UTC).timestamp()  # W&B's created_at is UTC, zone or not
     assert r2[1] == time.strftime("%Y-%m-%d %H:%M", time.localtime(noon_utc))
     assert r2[2:8] == ["r2", "finished", "lr=0.01", "**0.8500**", "+0.0500 vs r1 (parent)", "higher lr [lr]"]
     assert r2[9:] == ["abcdef01+dirty", "team/comp/model-r2:best"]
@@ -292,6 +300,7 @@ def test_journal_reads_a_project_from_the_wandb_api(tmp_path, monkeypatch, capsy
 
 def test_auc_is_one_vs_rest_macro_and_defined_when_a_class_is_missing():
     from sklearn.metrics import roc_auc_score
+
     from utils.metrics import classification_metrics
     rng = np.random.default_rng(0)
     y = rng.integers(0, 4, 300)

@@ -306,8 +306,8 @@ def test_pipeline_bench_reports_loader_and_ceiling():
 def test_timm_parameter_groups_layer_decay_and_schedule_bounds():
     """Optimizers come from timm's factory: the model's no_weight_decay() names take no decay, --layer_decay gives
     deeper layers smaller lrs (the head keeps --lr); cosine starts at --warmup_lr and ends at --min_lr."""
-    from optim import build_optimizer
     from models import build_model
+    from optim import build_optimizer
     model = build_model("test_vit", 3)
     optimizer = build_optimizer("adamw", model, lr=0.1, weight_decay=0.05, layer_decay=0.5)
     lrs = sorted({round(g["lr"], 12) for g in optimizer.param_groups})

@@ -5,9 +5,9 @@ import torch
 from sklearn.metrics import recall_score
 
 from conftest import TINY_MODEL
+from datasets import build_sampler
 from losses import LOSSES, build_loss
 from models import build_model
-from datasets import build_sampler
 from optim import OPTIMIZERS, SAM, SCHEDULERS, build_optimizer, build_scheduler, is_per_epoch
 from utils import UserError
 from utils.metrics import classification_metrics

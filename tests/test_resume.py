@@ -117,8 +117,8 @@ class NanFor:
 
 
 def nan_stepper(n_bad, patience):
-    from optim.stepper import Stepper
     from optim import build_scheduler
+    from optim.stepper import Stepper
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -156,8 +156,8 @@ def test_diverging_run_fails_cleanly(tmp_path, competition):
 
 
 def test_a_full_disk_leaves_earlier_checkpoints_whole(tmp_path):
-    from utils import UserError
     from models.checkpoint import CheckpointKeeper, load_checkpoint
+    from utils import UserError
     tmp_path = tmp_path / "ck"
     keeper = CheckpointKeeper(tmp_path, keep_top_k=2, maximize=True)
     model = torch.nn.Linear(3, 2)

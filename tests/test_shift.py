@@ -147,6 +147,7 @@ def test_pseudo_label_file_is_checked_and_thresholded(tmp_path):
 
 def test_batchnorm_adapts_to_the_test_images_and_a_model_without_says_so(capsys):
     import torch
+
     from models import adapt_batchnorm, adapt_test_bn
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))

@@ -9,14 +9,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from conftest import _digit_images
 from datasets import load_data, screen_images, shift, shift_cache
 from datasets.cache import cache_images, list_decode_caches
 from datasets.shift_cache import measure_cached, shift_key
 from utils import UserError
 from workflows.config import parse_config
 from workflows.prepare import measure_test_shift, stored_images
-
-from conftest import _digit_images
 
 
 class Recorder:

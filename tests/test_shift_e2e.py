@@ -6,10 +6,10 @@ import csv
 import albumentations as A
 import cv2
 import pytest
+from test_train_e2e import merged
 
 import predict
 from conftest import TINY_MODEL, make_competition_folder, read_run, run_train
-from test_train_e2e import merged
 
 pytestmark = pytest.mark.slow
 

@@ -13,8 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import (ROOT, TINY_MODEL, UNSET, as_main, isolated_env, make_competition_folder, read_run,
-                      wait_for_epochs)
+from conftest import ROOT, TINY_MODEL, UNSET, as_main, isolated_env, make_competition_folder, read_run, wait_for_epochs
 
 ARGS = ["--model", TINY_MODEL, "--img_size", "32", "--epochs", "3", "--batch_size", "16", "--drop_rate", "0.2",
         "--mixup", "0.2", "--table_rows", "4"]

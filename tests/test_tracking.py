@@ -8,9 +8,9 @@ import pytest
 
 from conftest import read_run
 from utils import tracking
-from utils.runs import random_id
 from utils.background import BackgroundWriter
 from utils.files import atomic_write_bytes
+from utils.runs import random_id
 
 
 def test_writer_runs_in_order_and_raises_a_failure_once():

@@ -14,7 +14,7 @@ from conftest import ROOT, read_run
 from utils import tracking
 from utils.metrics import classification_metrics
 from utils.runs import DEFAULT_PROJECT, random_id
-from utils.stop import StopSignal, Stopped
+from utils.stop import Stopped, StopSignal
 
 
 def test_sweep_yaml_names_the_project_runs_go_to():

@@ -3,6 +3,7 @@ and the training pipeline's throughput against its ceiling.
 
 Usage: rows = step_costs("resnet18", 64, 64, steps=20, device); figures = pipeline_figures(...)
 """
+import functools
 import statistics
 import time
 
@@ -60,12 +61,13 @@ def step_costs(model_name: str, img_size: int, batch_size: int, steps: int, devi
     times = {name: [] for name, _, _ in variants}
     for round_ in range(steps + 2):
         for name, st, batches in variants:
-            seconds = _timed(lambda: st.step(batches), device)
+            seconds = _timed(functools.partial(st.step, batches), device)
             if round_ >= 2:  # warm-up rounds
                 times[name].append(seconds)
     ema = variants[3][1]
     # the EMA update by itself, which the step-to-step noise can hide
-    times["EMA update alone"] = [_timed(lambda: ema.ema.update(ema.model, step=1000 + i), device) for i in range(steps)]
+    times["EMA update alone"] = [_timed(functools.partial(ema.ema.update, ema.model, step=1000 + i), device)
+                                  for i in range(steps)]
     base = statistics.median(times["plain"])
     return [(name, statistics.median(t) * 1000, statistics.median(t) / base,
              batch_size / statistics.median(t) if name != "EMA update alone" else float("nan"))

@@ -7,8 +7,8 @@ Every field is a CLI flag of the same snake_case name, the name `wandb agent` pa
 import argparse
 import dataclasses
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import yaml
 

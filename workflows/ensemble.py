@@ -150,7 +150,7 @@ def _file_digest(path: Path) -> str:
     return _digest(str(path), st.st_size, st.st_mtime_ns)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _digest(path: str, size: int, mtime_ns: int) -> str:
     """sha256 of a checkpoint, once per (file, size, mtime) in a process: val and test reuse it."""
     h = hashlib.sha256()
@@ -195,9 +195,9 @@ def member_probs(member: Member, items: list, tta: str, cache_dir: Path | None, 
         return np.load(cached)
     from datasets import ImageDataset
     from datasets.transforms import eval_transform
+    from models.checkpoint import load_model
     from utils.device import make_loader, pick_device
     from workflows.inference import predict_probs
-    from models.checkpoint import load_model
     dev = pick_device(device)
     probs = []
     for path, st in zip(member.paths, steps):

@@ -6,7 +6,7 @@ Usage: entries = runs_folder(Path("runs")); text = markdown(entries, "runs")
 import json
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from utils import UserError, tracking
@@ -102,7 +102,7 @@ def sweep_folder(root: Path) -> tuple[list[Entry], str]:
 def _utc(iso: str) -> float:
     """W&B's created_at (ISO 8601, UTC, with or without a zone) as a Unix time."""
     when = datetime.fromisoformat(str(iso).replace("Z", "+00:00"))
-    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+    return (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
 
 
 def project_runs(project: str, entity: str = "") -> list[Entry]:

@@ -22,11 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from utils import UserError, tracking
 from models.checkpoint import read_meta
+from utils import UserError, tracking
 from utils.files import atomic_write_bytes
 from utils.runs import runs_dir
-from workflows.config import DATA_KEYS, BOOKKEEPING_KEYS, Config
+from workflows.config import BOOKKEEPING_KEYS, DATA_KEYS, Config
 
 ROOT = Path(__file__).resolve().parents[1]  # the sweepcls checkout whose code state a run records
 RUN_FILE, MANIFEST_FILE, DIFF_FILE = "run.json", "data_manifest.csv", "code.diff"

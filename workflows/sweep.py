@@ -23,8 +23,8 @@ import yaml
 
 from utils import UserError
 from utils.files import atomic_write_bytes
-from workflows.config import Config
 from utils.runs import random_id, read_local
+from workflows.config import Config
 
 DEFAULT_COMMAND = ["${env}", "${interpreter}", "${program}", "${args}"]  # wandb agent's default
 ENV_MACRO = re.compile(r"\$\{envvar:([A-Z0-9_]*)\}")

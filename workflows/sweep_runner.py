@@ -22,8 +22,19 @@ from utils import cores
 from utils.runs import random_id, read_local
 from utils.stop import StopSignal
 from workflows.resume import RESUME_FILE
-from workflows.sweep import (DONE, ENGINE_STATE, LIVE, SweepDir, Trial, agent_command, param_file_text, plain,
-                             sweeps_engine, varied_keys, write_leaderboard)
+from workflows.sweep import (
+    DONE,
+    ENGINE_STATE,
+    LIVE,
+    SweepDir,
+    Trial,
+    agent_command,
+    param_file_text,
+    plain,
+    sweeps_engine,
+    varied_keys,
+    write_leaderboard,
+)
 
 
 def _now() -> str:

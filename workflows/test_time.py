@@ -14,9 +14,9 @@ Usage:
     decision = decide("auto", "auto", shift["settings"], bn_layers, "resnet18", val_probs, labels, "validation")
     steps = resolve(read_meta(path), path, tta="auto", test_bn="auto")   # steps.tta, steps.test_bn, steps.why
 """
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
