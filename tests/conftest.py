@@ -1,5 +1,7 @@
 """Shared fixtures: every W&B directory in a temp path, real offline mode; small real image folders."""
+import contextlib
 import csv
+import io
 import json
 import os
 import subprocess
@@ -107,8 +109,27 @@ def read_run(run_dir: Path) -> list[dict]:
 
 
 def run_train(args: list[str], cwd=ROOT, check=True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True,
-                          env=os.environ.copy())
+    """`python train.py ARGS` run in this process (the imports are paid once per session, not once per run): its
+    exit code, stdout and stderr as a finished process would give them. A test about the process itself (signals,
+    kills, torchrun, the agent) starts a real one instead."""
+    import wandb
+
+    import train
+    out, err, before, argv = io.StringIO(), io.StringIO(), os.getcwd(), sys.argv
+    os.chdir(cwd)
+    sys.argv, os.environ["WANDB_PROGRAM"] = ["train.py", *args], "train.py"  # W&B saves and names the script
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = train.main(list(args))
+            except SystemExit as e:  # argparse: 2 and its usage on stderr
+                code = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(before)
+        sys.argv = argv
+        os.environ.pop("WANDB_PROGRAM")
+        wandb.teardown()  # the next run's wandb.setup reads this test's environment, not the first one's
+    proc = subprocess.CompletedProcess(["train.py", *args], code, out.getvalue(), err.getvalue())
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
