@@ -19,11 +19,16 @@ sys.path.insert(0, str(ROOT))
 TINY_MODEL = "test_resnet"  # a real timm architecture with ~0.4M parameters, random init
 
 
+SHARED_CACHE: list[Path] = []  # set once per session by shared_cache_dir
+
+
 def isolated_env(root: Path) -> dict[str, str]:
     """The environment every test runs in: W&B in real offline mode with all its folders under root, no key or
-    sweep of the machine's, and sweepcls' caches and weights per test (no download)."""
+    sweep of the machine's, and no weights but a test's own (no download). sweepcls' cache folder (decoded images,
+    the shift measure, predictions) is one per session: what it holds is keyed by content, so a test reuses what an
+    earlier one computed on the same images; a test about the cache itself passes its own --cache_dir."""
     env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "NETRC": str(root / "no-netrc"),
-           "SWEEPCLS_CACHE_DIR": str(root / "image-cache"),  # --cache disk files: per test
+           "SWEEPCLS_CACHE_DIR": str(SHARED_CACHE[0] if SHARED_CACHE else root / "image-cache"),
            "HF_HUB_OFFLINE": "1",  # --pretrained auto: never a download in a test
            "SWEEPCLS_WEIGHTS_DIR": str(root / "weights")}  # ... and no weights but a test's own
     for key, sub in [("WANDB_DIR", "dir"), ("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"),
@@ -34,6 +39,12 @@ def isolated_env(root: Path) -> dict[str, str]:
 
 
 UNSET = ("WANDB_API_KEY", "WANDB_RUN_ID", "WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_PATH", "WANDB_PROJECT")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_cache_dir(tmp_path_factory):
+    SHARED_CACHE[:] = [tmp_path_factory.mktemp("sweepcls-cache")]
+    return SHARED_CACHE[0]
 
 
 @pytest.fixture(autouse=True)

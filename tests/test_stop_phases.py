@@ -13,7 +13,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, TINY_MODEL, UNSET, as_main, isolated_env, make_competition_folder, read_run, wait_for_epochs
+from conftest import (
+    ROOT,
+    TINY_MODEL,
+    UNSET,
+    as_main,
+    isolated_env,
+    make_competition_folder,
+    read_run,
+    run_train,
+    wait_for_epochs,
+)
 
 ARGS = ["--model", TINY_MODEL, "--img_size", "32", "--epochs", "3", "--batch_size", "16", "--drop_rate", "0.2",
         "--mixup", "0.2", "--table_rows", "4"]
@@ -26,11 +36,13 @@ def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("stop-phases")
     data = make_competition_folder(tmp / "comp")
     out_dir = tmp / "reference"
-    proc = subprocess.run([sys.executable, "train.py", "--data", str(data), *ARGS, "--workers", "0", "--out_dir",
-                           str(out_dir), "--wandb_mode", "disabled"], cwd=ROOT,
-                          env={**{k: v for k, v in os.environ.items() if k not in UNSET}, **isolated_env(tmp)},
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as env:  # this module's environment (the per-test one is not set up yet)
+        for key in UNSET:
+            env.delenv(key, raising=False)
+        for key, value in isolated_env(tmp).items():
+            env.setenv(key, value)
+        run_train(["--data", str(data), *ARGS, "--workers", "0", "--out_dir", str(out_dir), "--wandb_mode",
+                   "disabled"])
     return data, out_dir
 
 
@@ -74,10 +86,8 @@ def assert_same_run(out_dir: Path, reference: Path) -> None:
 
 
 def resume(data: Path, out_dir: Path, workers: int = 0) -> str:
-    proc = train(data, out_dir, "--workers", str(workers))
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-3000:]
-    return out
+    """The stopped run continued to its end (in this process: the stop is what needed a process of its own)."""
+    return run_train(["--data", str(data), *ARGS, "--out_dir", str(out_dir), "--workers", str(workers)]).stdout
 
 
 @pytest.mark.slow
@@ -124,10 +134,11 @@ def test_a_stop_in_any_phase_is_honoured_there_and_resumes(tmp_path, reference, 
 @pytest.mark.slow
 def test_a_stop_during_the_image_decode_ends_it_early_and_keeps_no_half_cache(tmp_path, reference):
     data, ref = reference
-    out_dir, cache = tmp_path / "run", Path(os.environ["SWEEPCLS_CACHE_DIR"])
+    out_dir, cache = tmp_path / "run", tmp_path / "cache"  # its own: the session's is shared
     slow = "import time, datasets.cache as c; load = c.load_image\ndef slow(p):\n    time.sleep(0.05)\n" \
            "    return load(p)\nc.load_image = slow\n"  # 240 images: about 6 s of decoding on 2 threads
     out, err = stopped(train(data, out_dir, "--workers", "0", "--wandb_mode", "disabled", "--cache", "disk",
+                             "--cache_dir", str(cache),
                              patch=slow + self_stop("datasets.cache:load_image", 20)))
     assert "during decoding images" in err
     assert not list(cache.glob("*.npy")) and not list(cache.glob(".*tmp*"))  # nothing half-decoded is kept
@@ -159,10 +170,8 @@ def test_a_stopped_run_continues_into_another_folder(tmp_path, reference):
     stopped(train(data, first, "--workers", "0", "--wandb_mode", "disabled",
                   patch=self_stop("optim.stepper:Stepper.step", STEPS_PER_EPOCH + 3)))
     before = {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()}
-    proc = subprocess.run([sys.executable, "train.py", "--data", str(data), *ARGS, "--workers", "0", "--wandb_mode",
-                           "disabled", "--resume", str(first), "--out_dir", str(second)], cwd=ROOT,
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_train(["--data", str(data), *ARGS, "--workers", "0", "--wandb_mode", "disabled", "--resume", str(first),
+               "--out_dir", str(second)])
     assert_same_run(second, ref)
     assert {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()} == before
 
