@@ -119,20 +119,22 @@ def read_run(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
-def run_train(args: list[str], cwd=ROOT, check=True) -> subprocess.CompletedProcess:
-    """`python train.py ARGS` run in this process (the imports are paid once per session, not once per run): its
-    exit code, stdout and stderr as a finished process would give them. A test about the process itself (signals,
-    kills, torchrun, the agent) starts a real one instead."""
-    import wandb
+def run_script(name: str, args: list[str], cwd=ROOT) -> subprocess.CompletedProcess:
+    """`python NAME.py ARGS` run in this process through NAME.main (the imports are paid once per session, not once
+    per command): its exit code, stdout and stderr as a finished process would give them. A test about the process
+    itself (signals, kills, torchrun, the agent, a fresh import) starts a real one instead."""
+    import importlib
 
-    import train
+    import wandb
+    main = importlib.import_module(name).main
+    args = [str(a) for a in args]
     out, err, before, argv = io.StringIO(), io.StringIO(), os.getcwd(), sys.argv
     os.chdir(cwd)
-    sys.argv, os.environ["WANDB_PROGRAM"] = ["train.py", *args], "train.py"  # W&B saves and names the script
+    sys.argv, os.environ["WANDB_PROGRAM"] = [f"{name}.py", *args], f"{name}.py"  # W&B saves and names the script
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                code = train.main(list(args))
+                code = main(args)
             except SystemExit as e:  # argparse: 2 and its usage on stderr
                 code = e.code if isinstance(e.code, int) else 1
     finally:
@@ -140,7 +142,12 @@ def run_train(args: list[str], cwd=ROOT, check=True) -> subprocess.CompletedProc
         sys.argv = argv
         os.environ.pop("WANDB_PROGRAM")
         wandb.teardown()  # the next run's wandb.setup reads this test's environment, not the first one's
-    proc = subprocess.CompletedProcess(["train.py", *args], code, out.getvalue(), err.getvalue())
+    return subprocess.CompletedProcess([f"{name}.py", *args], code, out.getvalue(), err.getvalue())
+
+
+def run_train(args: list[str], cwd=ROOT, check=True) -> subprocess.CompletedProcess:
+    """`python train.py ARGS`, in this process (run_script); check: a non-zero exit fails the test."""
+    proc = run_script("train", args, cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc

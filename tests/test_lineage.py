@@ -4,7 +4,6 @@ import base64
 import csv
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import NAMES, ROOT, TINY_MODEL, make_competition_folder, read_run, run_train
+from conftest import NAMES, ROOT, TINY_MODEL, make_competition_folder, read_run, run_script, run_train
 from datasets import load_data
 from models.checkpoint import read_meta
 from utils import tracking
@@ -31,9 +30,8 @@ from workflows.lineage import (
 )
 
 
-def run_module(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
-                          env=os.environ.copy())
+def run_module(name: str, *args) -> subprocess.CompletedProcess:
+    return run_script(name, args)
 
 
 def config_of(records) -> dict:
