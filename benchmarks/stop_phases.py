@@ -1,4 +1,4 @@
-"""Seconds from a stop signal to the process's exit, in each phase of a run (README: Stops).
+"""Seconds from a stop signal to the process's exit, in each phase of a run (docs/stops-and-resume.md).
 
 Usage (from the repository root; about 2 minutes on 2 CPU cores):
     python benchmarks/stop_phases.py                        # every phase below

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, run_script
 from datasets import ImageDataset, SeededSampler, load_data, load_image, screen_images
 from datasets.cache import CachedImages, cache_images
 from datasets.files import take
@@ -216,7 +216,7 @@ def test_cache_command_lists_and_clears(competition, tmp_path):
     assert not path_b.exists() and held.path.is_file() and (tmp_path / "preds" / "p.npy").is_file()
     assert "kept 1 in use by a running process" in cleared.stdout and held.path.stem in cleared.stdout
     del held
-    cleared = cache_cli("clear", "--all", "--cache_dir", str(tmp_path))
+    cleared = run_script("cache", ["clear", "--all", "--cache_dir", str(tmp_path)])  # nothing in use: in-process
     assert cleared.returncode == 0 and not list(tmp_path.glob("*.npy")) and not (tmp_path / "preds" / "p.npy").exists()
     assert "decode caches: deleted 1" in cleared.stdout and "preds/: deleted 1 entries, 5 kB" in cleared.stdout
 
