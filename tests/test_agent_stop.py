@@ -102,8 +102,8 @@ def test_a_preempted_trial_is_marked_and_its_requeued_run_continues(tmp_path, co
 def test_a_stop_that_wandb_asked_for_is_not_a_preemption(tmp_path, competition):
     """The agent's SIGTERM for hyperband or the UI's stop: W&B's stop status says so (its answer faked here)."""
     out_dir, took, out, err = stop_a_patched_trial(
-        tmp_path, competition, "trial002", "from utils import tracking; "
-                                           "tracking.stop_requested_in_wandb = lambda run, timeout: True")
+        tmp_path, competition, "trial002", "from utils.tracking import private; "
+                                           "private.stop_requested_in_wandb = lambda run, timeout: True")
     assert "stopped by the sweep" in out and "preempted" not in out
     assert not any(r["type"] == "preempting" for r in wandb_records(out_dir))
 

@@ -130,7 +130,7 @@ class FakeApi:
 
 def test_online_members_are_pulled_with_the_wandb_api(tmp_path, monkeypatch):
     api = FakeApi(save_checkpoint(tmp_path / "remote.safetensors", ["a", "b"]))
-    monkeypatch.setattr(tracking, "wandb_api", lambda: api)
+    monkeypatch.setattr(tracking.api, "wandb_api", lambda: api)
     refs = sweep_member_refs("team/comp/sw123", 2)
     assert refs == ["team/comp/model-r2:best", "team/comp/model-r4:best"]  # by the sweep's own metric, best first
     member = resolve_member(refs[0], tmp_path / "cache")
@@ -142,7 +142,7 @@ def test_online_sweep_members_are_its_best_finished_runs(tmp_path, monkeypatch):
     runs = [FakeRun(run_id, {"val/f1_macro": value}, state=state) for run_id, value, state in [
         ("crashed", 0.99, "crashed"), ("live", 0.98, "running"), ("r1", 0.7, "finished"), ("stopped", 0.97, "killed"),
         ("r2", 0.9, "finished"), ("broken", 0.96, "failed"), ("r4", 0.8, "finished")]]
-    monkeypatch.setattr(tracking, "wandb_api", lambda: FakeApi(tmp_path / "unused.safetensors", runs))
+    monkeypatch.setattr(tracking.api, "wandb_api", lambda: FakeApi(tmp_path / "unused.safetensors", runs))
     assert sweep_member_refs("team/comp/sw123", 2) == ["team/comp/model-r2:best", "team/comp/model-r4:best"]
 
 
@@ -159,7 +159,7 @@ def test_an_online_cv_run_is_one_member_of_all_its_folds(tmp_path, monkeypatch, 
             FakeRun("cv2", {"val/f1_macro": 0.92},  # known by its fold artifacts alone
                     artifacts=[FakeArtifact(None, "model-cv2-fold1:v0"), FakeArtifact(None, "model-cv2-fold0:v1")])]
     api = FakeApi(tmp_path / "unused.safetensors", runs, sources)
-    monkeypatch.setattr(tracking, "wandb_api", lambda: api)
+    monkeypatch.setattr(tracking.api, "wandb_api", lambda: api)
     cv1 = "+".join(f"team/comp/model-cv1-fold{k}:best" for k in range(3))
     cv2 = "team/comp/model-cv2-fold0:best+team/comp/model-cv2-fold1:best"
     assert sweep_member_refs("team/comp/sw123", 2) == [cv1, cv2]
@@ -191,7 +191,7 @@ def test_an_online_sweep_run_without_a_model_artifact_is_skipped(tmp_path, monke
             FakeRun("cvx", {"val/f1_macro": 0.83}, config={"cv": True, "folds": 3},
                     artifacts=[FakeArtifact(None, f"model-cvx-fold{k}:v0") for k in (0, 1)]),
             FakeRun("r0", {"val/f1_macro": 0.6})]
-    monkeypatch.setattr(tracking, "wandb_api", lambda: FakeApi(tmp_path / "unused.safetensors", runs))
+    monkeypatch.setattr(tracking.api, "wandb_api", lambda: FakeApi(tmp_path / "unused.safetensors", runs))
     assert sweep_member_refs("team/comp/sw123", 2) == ["team/comp/model-r4:best", "team/comp/model-r1:best"]
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 3 and [line.split("skipping run ")[1].split(":")[0] for line in err] == ["r2", "r9", "cvx"]
@@ -319,7 +319,7 @@ def test_an_artifact_member_is_scored_under_its_ref(tmp_path, monkeypatch, capsy
     import json
     digits = [str(d) for d in range(10)]
     api = FakeApi(save_checkpoint(tmp_path / "remote.safetensors", digits))
-    monkeypatch.setattr(tracking, "wandb_api", lambda: api)
+    monkeypatch.setattr(tracking.api, "wandb_api", lambda: api)
     local = save_checkpoint(tmp_path / "local.safetensors", digits)
     out_dir = tmp_path / "ens"
     assert ensemble_cli.main(["team/comp/model-r2:best", str(local), "--data", "digits",

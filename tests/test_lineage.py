@@ -283,7 +283,7 @@ def test_journal_reads_a_project_from_the_wandb_api(tmp_path, monkeypatch, capsy
         def runs(self, path, order=None):
             assert path == "team/comp" and order == "+created_at"
             return runs
-    monkeypatch.setattr(tracking, "wandb_api", lambda: FakeApi())
+    monkeypatch.setattr(tracking.api, "wandb_api", lambda: FakeApi())
     assert journal.main(["--project", "comp", "--entity", "team", "--out", str(tmp_path / "j.md")]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines()
              if line.startswith("| ") and not line.startswith("| #")]

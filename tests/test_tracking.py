@@ -56,3 +56,9 @@ def test_step_count_and_artifact_snapshot(tmp_path):
     rows = [r["history"]["item"] for r in records if r["type"] == "history"]
     assert ([(h["_step"], h.get("epoch")) for h in rows] == [(0, 1), (1, 2), (2, 3), (3, None)]
             and "t.artifact_path" in rows[3])
+
+
+def test_private_wandb_uses_name_the_release_line_they_were_checked_against():
+    from utils.tracking import private
+    assert private.version_checked() and private.version_checked("0.31.9rc1")
+    assert not private.version_checked("0.32.0") and not private.version_checked("1.31.0")

@@ -79,7 +79,7 @@ def test_sweep_agent_without_a_key_is_an_error_naming_the_host(wandb_files, monk
     assert f"wandb login --host {HOST}" in message and "sweep.py" in message
     assert tracking.resolve_mode("offline") == "offline"  # an explicit choice still stands
     wandb_files(netrc="wandb.example.com")
-    monkeypatch.setattr(tracking, "_server_unreachable", lambda: "")  # the server's answer: it is there
+    monkeypatch.setattr(tracking.mode, "_server_unreachable", lambda: "")  # the server's answer: it is there
     assert tracking.resolve_mode("auto") == "online"
 
 

@@ -4,7 +4,7 @@ and out_dir/summary.json (the summary so far, with "_exit_code" once the run has
 Usage:
     record = RunRecord(out_dir); record.append({"epoch": 1, "val/acc": 0.9}); record.update_summary({...})
     history, summary = read_local(out_dir)      # the offline sweep runner and the journal, while a run is live
-utils/tracking.py writes the record beside every W&B run; sweep.py and journal.py read it without importing wandb.
+utils/tracking/ writes the record beside every W&B run; sweep.py and journal.py read it without importing wandb.
 """
 import json
 import math

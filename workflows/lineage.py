@@ -202,7 +202,7 @@ def find_parent(ref: str, near: Path) -> dict:
                 return {"id": meta.get("run_id", folder.name), "config": meta["config"], "dir": str(folder)}
     if re.fullmatch(r"[\w.-]+/[\w.-]+/[\w.-]+", ref) and not path.exists():
         try:
-            r = tracking.wandb_api().run(ref)
+            r = tracking.api.wandb_api().run(ref)
         except Exception as e:  # noqa: BLE001 - wandb raises CommError, ValueError, UsageError...
             raise UserError(f"--parent {ref}: cannot read that W&B run ({e})") from None
         return {"id": r.id, "config": {k: v for k, v in dict(r.config).items() if not k.startswith("_")}, "dir": None}

@@ -1,232 +1,31 @@
-"""The W&B boundary: the only module that imports wandb. Usage:
-    run = tracking.init(cfg.to_dict(), run_id, out_dir, cfg.wandb_mode, project=cfg.project)
-    cfg = Config.from_dict(run.config(exclude=ADDED_CONFIG_KEYS))   # values a sweep locked win
-    run.log_eval_tables("val", ...); run.log(metrics); run.finish()
-
-Run files, staged media and artifacts all go under out_dir, so an offline run can be copied and
-synced whole. Mode "auto" means online when an API key is configured, else offline.
-Beside them, in any mode, the scalars go to plain files that need no W&B to read (utils/runs.py):
-out_dir/metrics.jsonl and out_dir/summary.json (with "_exit_code" once the run has finished).
-
-The plain files are written at once; every W&B call (rows, tables, images, artifacts, summary)
-goes, in order, to the run's own background thread, so building tables and staging checkpoints
-overlaps the next epoch instead of delaying it. finish() waits for it; an error on that thread
-is raised by the next call here.
+"""The Run that init returns (utils/tracking/start.py): one W&B run's logging, tables, artifacts and its end.
+Every W&B call goes, in order, to the run's own background thread; the plain files (metrics.jsonl, summary.json)
+are written at once. Usage:
+    run.log(metrics); run.log_eval_tables("val", ...); run.log_artifact(path, name, "model")
+    code = run.run_to_end(work)    # 0, 1 after a UserError, 128 + signal after a stop
 """
 import os
 import shutil
 import signal
-import socket
 import sys
 import threading
 import time
 import traceback
-import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import wandb
-from wandb.errors import AuthenticationError, CommError
-from wandb.sdk.lib import wbauth
 
 from utils import UserError
 from utils.background import BackgroundWriter
-from utils.runs import DEFAULT_PROJECT, RunRecord, random_id
+from utils.runs import RunRecord, random_id
 from utils.stop import Stopped, stop_budget_s
+from utils.tracking import private, tables
 
-THUMB_PX = 128  # longest side of table thumbnails
-
-
-_SETTINGS_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
-                   "disabled": "disabled"}  # a settings file's mode (wandb's Settings.mode) -> ours
-
-
-def _wandb_settings() -> wandb.Settings:
-    """The settings wandb.init starts from, loaded as wandb.setup() loads them (wandb_setup._load_settings): the
-    global file ($WANDB_CONFIG_DIR/settings, else ~/.config/wandb/settings; `wandb login --host` writes base_url
-    there), the workspace file ./wandb/settings over it (`wandb offline` writes mode there), then WANDB_BASE_URL.
-    A private Settings: loading wandb's session settings here would freeze the environment before init sets
-    WANDB_DATA_DIR. Reads two files, no network."""
-    settings = wandb.Settings(quiet=True)  # quiet: wandb.init itself says which settings files it loaded
-    config_dir = os.environ.get("WANDB_CONFIG_DIR")
-    settings.settings_system = str(Path(config_dir).expanduser() / "settings" if config_dir
-                                   else Path("~", ".config", "wandb", "settings").expanduser())
-    settings.update_from_system_settings()  # a broken file: wandb says why and ignores it, as wandb.init will
-    if url := os.environ.get("WANDB_BASE_URL"):
-        try:
-            settings.update_from_env_vars({"WANDB_BASE_URL": url})
-        except ValueError as e:  # pydantic's ValidationError
-            msg = e.errors()[0]["msg"] if hasattr(e, "errors") else str(e)
-            raise UserError(f"WANDB_BASE_URL={url!r} is not a W&B server URL: {msg}") from None
-    return settings
-
-
-def has_api_key(settings: wandb.Settings | None = None) -> bool:
-    """Whether wandb.init would find an API key for the configured server without prompting, looked up as wandb's
-    own wbauth._use_system_auth does: WANDB_API_KEY or WANDB_IDENTITY_TOKEN_FILE, this session's wandb.login(), the
-    netrc entry for the server's host ($NETRC, else ~/.netrc), an api_key in the settings files."""
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return True
-    settings = settings if settings is not None else _wandb_settings()
-    try:
-        host = wbauth.HostUrl(settings.base_url)
-    except ValueError as e:
-        raise UserError(f"W&B server URL {settings.base_url}: {e}") from None
-    if wbauth.session_credentials(host=host):
-        return True
-    try:
-        found = wbauth.read_netrc_auth(host=host)
-    except AuthenticationError:  # an entry wandb.init will refuse, saying why: a key all the same, not offline
-        return True
-    return bool(found or settings.api_key)
-
-
-SERVER_TIMEOUT_S = 5  # how long a run waits to learn that W&B's server cannot be reached at all
-INIT_TIMEOUT_S = 60  # wandb.init's own limit for an online run (wandb's default: 90 s) unless WANDB_INIT_TIMEOUT
 TABLES_SHARE = 0.02  # the share of a run's time its evaluation tables may take (log_eval_tables)
 MIN_FINISH_S = 2  # the least time a stopped run's finish gets, even past its deadline
 STOP_STATUS_TIMEOUT_S = 5  # the longest a stop waits for W&B's answer to "did you ask this run to stop?"
-
-
-def _unreachable(base_url: str, timeout: float = SERVER_TIMEOUT_S) -> str:
-    """Why no TCP connection to the server at base_url (its host and port: else 443 for https, 80 for http) opens
-    within timeout seconds, the name lookup included; "" when one does. Nothing is sent."""
-    parts = urllib.parse.urlsplit(base_url)
-    try:
-        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError as e:  # a port that is no number
-        return str(e)
-    if not host:
-        return "no host in the URL"
-    outcome = []
-
-    def connect():
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            outcome.append("")
-        except OSError as e:  # refused, no route, a name that does not resolve, timed out
-            outcome.append(e.strerror or str(e) or type(e).__name__)
-    probe = threading.Thread(target=connect, name="wandb-server-probe", daemon=True)  # a name lookup has no timeout
-    probe.start()
-    probe.join(timeout)
-    return outcome[0] if outcome else "no answer"
-
-
-def _server_unreachable() -> str:
-    """"" when W&B's configured server (as wandb.init will find it) accepts a TCP connection within
-    SERVER_TIMEOUT_S; else that it cannot be reached, its URL and why, as the start of a sentence."""
-    url = _wandb_settings().base_url
-    why = _unreachable(url)
-    return f"W&B's server {url} could not be reached within {SERVER_TIMEOUT_S} s ({why})" if why else ""
-
-
-def resolve_mode(requested: str) -> str:
-    """The mode a run records in, as _requested_mode resolves it; under `wandb agent` (WANDB_SWEEP_ID) an online
-    run whose server cannot be reached within SERVER_TIMEOUT_S is a UserError naming it, not a wait for
-    wandb.init's timeout and a traceback (a standalone run goes offline instead: init)."""
-    mode = _requested_mode(requested)
-    if mode == "online" and os.environ.get("WANDB_SWEEP_ID") and (unreachable := _server_unreachable()):
-        raise UserError(f"wandb agent runs report to the sweep's server, but {unreachable}: check the network "
-                        f"and the server, or run offline sweeps with `python sweep.py sweep.yaml`")
-    return mode
-
-
-def _requested_mode(requested: str) -> str:
-    """--wandb_mode beats WANDB_MODE beats the mode in wandb's settings files (`wandb offline`: ./wandb/settings,
-    which beats the global file) beats auto-detection: online when wandb.init would find an API key for the
-    configured server (WANDB_BASE_URL, else the base_url `wandb login --host URL` saved, else wandb's default),
-    else offline, since online wandb.init would fail or prompt. Under `wandb agent` (WANDB_SWEEP_ID) the run must
-    report to the sweep's server, so auto never goes offline there: the settings files' mode is not applied and
-    no key is a UserError. A resolved mode resolves to itself."""
-    if requested != "auto":
-        return requested
-    env = os.environ.get("WANDB_MODE", "").lower()
-    if env in ("online", "offline", "disabled"):
-        return env
-    if env == "dryrun":  # wandb's old name for offline
-        return "offline"
-    settings = _wandb_settings()
-    sweep = os.environ.get("WANDB_SWEEP_ID")
-    if not sweep and "mode" in settings.model_fields_set and settings.mode in _SETTINGS_MODES:  # set by a file
-        return _SETTINGS_MODES[settings.mode]
-    if has_api_key(settings):
-        return "online"
-    if sweep:
-        login = "wandb login" + (f" --host {settings.base_url}" if "base_url" in settings.model_fields_set else "")
-        raise UserError(f"wandb agent runs report to the sweep on {settings.base_url}, but no W&B API key is "
-                        f"configured for it: run `{login}` (or set WANDB_API_KEY), or run offline sweeps with "
-                        f"`python sweep.py sweep.yaml`")
-    return "offline"
-
-
-def init(config: dict, run_id: str, out_dir: Path, mode: str, *, project: str = "", entity: str = "", name: str = "",
-         job_type: str = "train", resume: dict | None = None, console: bool = True, record: bool = True,
-         notes: str = "", tags: str | list = "", stop_fn=None) -> "Run":
-    """resume: a resumed run's {"wandb_step", "history_rows", "summary"} from its last saved state; W&B
-    continues the same run id (offline: a new offline-run-...-<id>-N folder that syncs into it). Under `wandb agent`
-    a run id may be one W&B requeued after a preemption: the run is always continued there, never replaced.
-    stop_fn: called (on a W&B thread) when W&B asks the run to stop (the UI's stop button, a sweep's early
-    termination), in place of wandb's own SIGINT to the main thread (utils/stop.py StopSignal.request).
-    console: W&B also captures stdout/stderr. record False: no run files at all (torchrun's ranks > 0).
-    tags: added to those in $WANDB_TAGS (the offline sweep runner's), which an explicit list would replace.
-    save_code: W&B keeps the script (files/code/) and, in a git checkout, the commit, remote and diff.patch."""
-    if not record:
-        return Run(wandb.init(mode="disabled", config=config, id=run_id), None)
-    # a mode resolved already (train.py resolves it first, on every rank) is not resolved, nor probed, again
-    mode = resolve_mode(mode) if mode == "auto" else mode  # under `wandb agent`: a missing key or server raises
-    sweep = bool(os.environ.get("WANDB_SWEEP_ID"))
-    # a standalone run whose server cannot be reached goes offline at once, saying so, instead of waiting
-    # for wandb.init's timeout and a traceback
-    unreachable = _server_unreachable() if mode == "online" and not sweep else ""
-    mode = "offline" if unreachable else mode
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    os.environ["WANDB_DATA_DIR"] = str(out_dir / "wandb-data")  # staged tables, media and artifact files
-    where = {"project": project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT, "entity": entity or None,
-             "id": run_id}
-    if sweep:  # under `wandb agent` the sweep decides all three (ours: ignored, warned)
-        where = {}
-
-    def start(mode):
-        settings = {"console": "auto" if console else "off", "save_code": True,
-                    **({"stop_fn": stop_fn} if stop_fn is not None else {})}
-        if mode == "online" and not os.environ.get("WANDB_INIT_TIMEOUT"):  # a server that connects, then hangs
-            settings["init_timeout"] = INIT_TIMEOUT_S
-        return wandb.init(
-            **where, name=name or (f"{config.get('model', 'run')}-{run_id}" if mode == "offline" else None),
-            dir=str(out_dir), config=config, mode=mode, job_type=job_type, resume="allow" if resume or sweep else None,
-            settings=wandb.Settings(**settings), notes=notes or None,
-            tags=split_tags(os.environ.get("WANDB_TAGS", ""), tags) or None)
-    try:
-        run = start(mode)
-    except (CommError, TimeoutError) as e:  # init_timeout passed (CommError), or wandb's grace period after it
-        if mode != "online" or sweep:
-            raise
-        limit = os.environ.get("WANDB_INIT_TIMEOUT") or INIT_TIMEOUT_S
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]  # wandb adds lines of advice
-        unreachable = f"W&B's server {_wandb_settings().base_url} could not be reached within {limit} s ({why})"
-        mode = "offline"
-        wandb.teardown()  # the failed online attempt's service; the offline run starts afresh
-        run = start(mode)
-    for key, step in [("train/*", "epoch"), ("val/*", "epoch"), ("lr", "epoch"), ("fold*", "epoch"), ("cv/*", "fold")]:
-        run.define_metric(key, step_metric=step)  # fold<k>/...: a cross-validated run's folds
-    record = RunRecord(out_dir, resume)
-    if resume and mode != "disabled":
-        run.log({"resumed_at_step": resume["wandb_step"]}, step=resume["wandb_step"])  # steps go on from there
-    if mode == "offline":
-        # every attempt of a resumed run is a folder of its own under out_dir/wandb/: sync them all, in order
-        sync = f"wandb sync {Path(run.dir).parent.parent}"
-        print(f"{unreachable}, so this run is recorded offline. Upload it later with: {sync}" if unreachable
-              else f"W&B is offline. Upload this run later with: {sync}")
-    return Run(run, record)
-
-
-def split_tags(*tags) -> list[str]:
-    """Comma-separated text (or lists) -> tags in order, each once."""
-    found = [t.strip() for group in tags for t in (group.split(",") if isinstance(group, str) else group)]
-    return list(dict.fromkeys(t for t in found if t))
 
 
 class Run:
@@ -348,7 +147,7 @@ class Run:
         def thumb(r):
             key = (prefix, str(ids[r]))
             if key not in self.thumbs:  # the same sample at every new best: one PNG
-                self.thumbs[key] = _thumb(images(r))
+                self.thumbs[key] = tables.thumb(images(r))
             return self.thumbs[key]
         pred = probs.argmax(1)
         wrong = np.flatnonzero(pred != y_true)
@@ -358,14 +157,14 @@ class Run:
              None if np.isnan(metrics["auc"][i]) else float(metrics["auc"][i]), int(metrics["support"][i])]
             for i, c in enumerate(classes)])
         self.wandb.log({
-            f"{prefix}/predictions": _prediction_table(np.arange(min(max_rows, len(y_true))), ids, thumb, y_true, probs,
-                                                       classes),
-            f"{prefix}/misclassified": _prediction_table(wrong, ids, thumb, y_true, probs, classes),
+            f"{prefix}/predictions": tables.prediction_table(np.arange(min(max_rows, len(y_true))), ids, thumb, y_true,
+                                                             probs, classes),
+            f"{prefix}/misclassified": tables.prediction_table(wrong, ids, thumb, y_true, probs, classes),
             f"{prefix}/confusion_matrix": wandb.plot.confusion_matrix(
                 y_true=y_true.tolist(), preds=pred.tolist(), class_names=list(classes)),
             f"{prefix}/per_class": per_class,
             f"{prefix}/per_class_f1": wandb.plot.bar(per_class, "class", "f1", title=f"{prefix} F1 per class"),
-            f"{prefix}/confused_pairs": _confused_pairs(y_true, probs, classes, metrics["confusion"], thumb),
+            f"{prefix}/confused_pairs": tables.confused_pairs(y_true, probs, classes, metrics["confusion"], thumb),
         }, commit=False)
         self.tables_seconds = time.perf_counter() - start
 
@@ -383,7 +182,7 @@ class Run:
         def log_it():
             table = wandb.Table(columns=columns)
             for row in rows:
-                table.add_data(*[_thumb(v) if isinstance(v, np.ndarray) and v.ndim == 3 else v for v in row])
+                table.add_data(*[tables.thumb(v) if isinstance(v, np.ndarray) and v.ndim == 3 else v for v in row])
             self.wandb.log({key: table})
         self._submit(log_it)
         self.next_step += 1
@@ -445,7 +244,7 @@ class Run:
             table = wandb.Table(columns=columns)
             for row in rows:
                 cells = [v() if callable(v) else v for v in row]
-                table.add_data(*[_thumb(v) if isinstance(v, np.ndarray) and v.ndim == 3 else v for v in cells])
+                table.add_data(*[tables.thumb(v) if isinstance(v, np.ndarray) and v.ndim == 3 else v for v in cells])
             artifact.add(table, "samples")
             self.wandb.log_artifact(artifact, aliases=list(aliases))
         self._submit(log_it)
@@ -492,7 +291,7 @@ class Run:
             return
         if not (os.environ.get("WANDB_SWEEP_ID") and stop.signum == signal.SIGTERM and not stop.by_wandb):
             return
-        if stop_requested_in_wandb(self.wandb, timeout=min(STOP_STATUS_TIMEOUT_S,
+        if private.stop_requested_in_wandb(self.wandb, timeout=min(STOP_STATUS_TIMEOUT_S,
                                                            max(0.0, stop.deadline - time.monotonic()) / 4)):
             print("stopped by the sweep (its early termination, or the UI's stop button)")
             return
@@ -571,94 +370,3 @@ class Run:
             print(f"error: W&B could not record part of the run ({type(error).__name__}: {error}); the checkpoints, "
                   f"metrics.jsonl and summary.json are complete", file=sys.stderr)
         return exit_code
-
-
-def stop_requested_in_wandb(run, timeout: float) -> bool:
-    """Whether W&B asked this run to stop (the UI's stop button; a sweep's early termination, which the agent also
-    passes on as SIGTERM): the question wandb's own stop poller asks every 15 s (wandb/sdk/lib/run_stopping.py),
-    asked now. No answer within timeout (no server, or none reachable) is False. Offline W&B answers at once,
-    with False: nothing can ask an offline run to stop."""
-    from wandb.proto import wandb_internal_pb2 as pb
-    try:
-        handle = run._interface._deliver(pb.Record(request=pb.Request(stop_status=pb.StopStatusRequest())))
-        return bool(handle.wait_or(timeout=timeout).response.stop_status_response.run_should_stop)
-    except Exception:  # noqa: BLE001 - a timeout, an abandoned handle, a wandb whose internals moved
-        return False
-
-
-def _thumb(image: np.ndarray, caption: str = ""):
-    h, w = image.shape[:2]
-    if max(h, w) > THUMB_PX:
-        import cv2
-        scale = THUMB_PX / max(h, w)
-        image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
-    return wandb.Image(image, caption=caption)
-
-
-def _prediction_table(rows: np.ndarray, ids, images, y_true, probs, classes):
-    """images(r) -> the row's wandb.Image (one per sample, shared by the tables of one call)."""
-    columns = ["id", "image", "true", "pred", "confidence", "correct"] + [f"p_{c}" for c in classes]
-    table = wandb.Table(columns=columns)
-    pred = probs.argmax(1)
-    for r in rows:
-        t, p = int(y_true[r]), int(pred[r])
-        table.add_data(str(ids[r]), images(r), classes[t], classes[p], float(probs[r, p]), bool(t == p),
-                       *map(float, probs[r]))
-    return table
-
-
-def _confused_pairs(y_true, probs, classes, confusion: np.ndarray, thumb, top: int = 10, examples: int = 4):
-    """The most frequent (true, predicted) mistakes, each with its most confident examples."""
-    pred = probs.argmax(1)
-    pairs = sorted(((int(confusion[t, p]), t, p) for t, p in zip(*np.nonzero(confusion)) if t != p),
-                   key=lambda c: (-c[0], c[1], c[2]))[:top]
-    examples_columns = [f"example_{k}" for k in range(1, examples + 1)]
-    table = wandb.Table(columns=["true", "predicted", "count", "share_of_true", *examples_columns])
-    for n, t, p in pairs:
-        rows = np.flatnonzero((y_true == t) & (pred == p))
-        rows = rows[np.argsort(-probs[rows, p], kind="stable")][:examples]
-        table.add_data(classes[t], classes[p], n, n / int(confusion[t].sum()),
-                       *[thumb(r) for r in rows], *[None] * (examples - len(rows)))
-    return table
-
-
-def wandb_api():
-    """The W&B public API (needs a server and a key): the one seam tests replace with a fake."""
-    return wandb.Api()
-
-
-def download_artifact(ref: str, root: Path) -> Path:
-    """Download ENTITY/PROJECT/NAME:ALIAS into root (files already there with the same digest are kept)."""
-    try:
-        artifact = wandb_api().artifact(ref)
-    except Exception as e:  # noqa: BLE001 - wandb raises CommError, ValueError, UsageError...
-        raise UserError(f"cannot fetch W&B artifact {ref}: {e}; offline, pass the run dir or checkpoint file "
-                        f"instead") from None
-    return Path(artifact.download(root=str(root)))
-
-
-class SweepRun(NamedTuple):
-    id: str
-    config: dict
-    models: list[str]  # its committed model artifacts with alias best, by collection: model-<id>[-fold<k>]
-
-
-def sweep_runs_best_first(path: str) -> Iterator[SweepRun]:
-    """The finished runs (W&B run.state "finished") of an online sweep ENTITY/PROJECT/ID that have the sweep's
-    metric in their summary, best first by it. Lazy: each run's logged artifacts are listed (one API call) only
-    when the caller takes that run."""
-    try:
-        sweep = wandb_api().sweep(path)
-        metric = sweep.config.get("metric") or {}
-        name, maximize = metric.get("name"), metric.get("goal", "minimize") == "maximize"
-        scored = [r for r in sweep.runs if r.state == "finished" and isinstance(r.summary.get(name), (int, float))]
-    except Exception as e:  # noqa: BLE001
-        raise UserError(f"cannot read W&B sweep {path}: {e}") from None
-    scored.sort(key=lambda r: r.summary[name], reverse=maximize)
-    for r in scored:
-        try:
-            models = sorted({a.name.split(":")[0] for a in r.logged_artifacts()
-                             if a.type == "model" and "best" in a.aliases and a.state == "COMMITTED"})
-        except Exception as e:  # noqa: BLE001
-            raise UserError(f"cannot list the artifacts of W&B run {r.id} of sweep {path}: {e}") from None
-        yield SweepRun(r.id, dict(r.config), models)

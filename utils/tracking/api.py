@@ -1,0 +1,54 @@
+"""W&B's public API (a server and a key): artifacts to download, an online sweep's runs best first. Usage:
+    path = api.download_artifact("team/comp/model-abc:best", root)
+    for run in api.sweep_runs_best_first("team/comp/sweep_id"): ...
+wandb_api is the one seam tests replace with a fake (monkeypatch utils.tracking.api.wandb_api).
+"""
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import wandb
+
+from utils import UserError
+
+
+def wandb_api():
+    """The W&B public API (needs a server and a key): the one seam tests replace with a fake."""
+    return wandb.Api()
+
+
+def download_artifact(ref: str, root: Path) -> Path:
+    """Download ENTITY/PROJECT/NAME:ALIAS into root (files already there with the same digest are kept)."""
+    try:
+        artifact = wandb_api().artifact(ref)
+    except Exception as e:  # noqa: BLE001 - wandb raises CommError, ValueError, UsageError...
+        raise UserError(f"cannot fetch W&B artifact {ref}: {e}; offline, pass the run dir or checkpoint file "
+                        f"instead") from None
+    return Path(artifact.download(root=str(root)))
+
+
+class SweepRun(NamedTuple):
+    id: str
+    config: dict
+    models: list[str]  # its committed model artifacts with alias best, by collection: model-<id>[-fold<k>]
+
+
+def sweep_runs_best_first(path: str) -> Iterator[SweepRun]:
+    """The finished runs (W&B run.state "finished") of an online sweep ENTITY/PROJECT/ID that have the sweep's
+    metric in their summary, best first by it. Lazy: each run's logged artifacts are listed (one API call) only
+    when the caller takes that run."""
+    try:
+        sweep = wandb_api().sweep(path)
+        metric = sweep.config.get("metric") or {}
+        name, maximize = metric.get("name"), metric.get("goal", "minimize") == "maximize"
+        scored = [r for r in sweep.runs if r.state == "finished" and isinstance(r.summary.get(name), (int, float))]
+    except Exception as e:  # noqa: BLE001
+        raise UserError(f"cannot read W&B sweep {path}: {e}") from None
+    scored.sort(key=lambda r: r.summary[name], reverse=maximize)
+    for r in scored:
+        try:
+            models = sorted({a.name.split(":")[0] for a in r.logged_artifacts()
+                             if a.type == "model" and "best" in a.aliases and a.state == "COMMITTED"})
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"cannot list the artifacts of W&B run {r.id} of sweep {path}: {e}") from None
+        yield SweepRun(r.id, dict(r.config), models)
