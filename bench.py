@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from utils import UserError
+from utils import UserError, report_error
 from utils.device import pick_device
 from workflows.bench import pipeline_figures, step_costs
 from workflows.config import HelpFormatter, add_config_flags
@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     try:
         device = pick_device(args.device)
     except UserError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(report_error(e)) from None
     if args.pipeline:
         f = pipeline_figures(args.model, args.img_size, args.batch_size, args.steps, device, args.data, args.workers,
                              args.cache)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from datasets.cache import default_cache_dir
-from utils import UserError
+from utils import UserError, report_error
 from workflows.cache import CLEARABLE, FOLDERS, clear, listing
 from workflows.config import HelpFormatter, add_config_flags
 
@@ -62,8 +62,7 @@ def main(argv=None) -> int:
             return 0
         lines = listing(root, args.cache_max_gb) if args.command == "list" else clear(root, what, args.older_than)
     except (UserError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_error(e)
     print("\n".join(lines))
     return 0
 

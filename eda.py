@@ -145,8 +145,8 @@ def main(argv=None) -> int:
     run_id = new_run_id()
     out_dir = Path(args.out_dir or runs_dir() / f"eda-{run_id}")
     run = tracking.init({k: v for k, v in vars(args).items() if k != "out_dir"}, run_id, out_dir, args.wandb_mode,
-                        project=args.project, entity=args.entity, name=f"{'diff' if args.diff else 'eda'}-{run_id}",
-                        job_type="eda")
+                        tracking.RunOptions(project=args.project, entity=args.entity,
+                                            name=f"{'diff' if args.diff else 'eda'}-{run_id}", job_type="eda"))
     return run.run_to_end(lambda: run.set_summary(
         diff(args, run, out_dir) if args.diff else explore(args, run, out_dir)))
 

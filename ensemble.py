@@ -21,7 +21,7 @@ from datasets import load_image, split_indices, write_submission
 from datasets.cache import default_cache_dir
 from datasets.pseudo import write_probs
 from datasets.shift import any_on, noisy_copies
-from utils import UserError, tracking
+from utils import UserError, report_error, tracking
 from utils.runs import new_run_id, runs_dir
 from workflows.config import HelpFormatter, add_config_flags
 from workflows.ensemble import (
@@ -164,8 +164,8 @@ def log_ensemble_run(args, refs: list[str], members, weights: np.ndarray, metric
     run = tracking.init({"members": refs, "weights": weights.tolist(), "weighting": args.weights, "tta": args.tta,
                          "test_bn": args.test_bn, "test_time": steps, "data": args.data, "metric": metric,
                          "models": [m.meta["model"] for m in members]},
-                        run_id, out_dir, args.wandb_mode, project=args.project, entity=args.entity,
-                        name=f"ensemble-{run_id}", job_type="ensemble")
+                        run_id, out_dir, args.wandb_mode, tracking.RunOptions(
+                            project=args.project, entity=args.entity, name=f"ensemble-{run_id}", job_type="ensemble"))
     parts = [part for ref in refs for part in ref.split("+")]  # A+B+...: a --cv run's folds, one member
     for ref in filter(is_artifact_ref, parts):  # online: model artifact -> this ensemble in W&B's lineage graph
         try:
@@ -202,8 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         test = [member_probs(m, data.test_items, args.tta, args.cache_dir, args.batch_size, args.device, args.test_bn)
                 for m in members]
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_error(e)
     ensemble = sum(w * p for w, p in zip(weights, test))
     write_submission(Path(args.out), data, ensemble.argmax(1))
     if data.test_labels is not None:

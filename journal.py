@@ -15,7 +15,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from utils import UserError
+from utils import UserError, report_error
 from utils.runs import runs_dir
 from workflows.config import HelpFormatter, add_config_flags
 from workflows.journal import markdown, project_runs, runs_folder, sweep_folder
@@ -44,8 +44,7 @@ def main(argv=None) -> int:
         if not entries:
             raise UserError(f"no train.py runs found in {title}")
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_error(e)
     text = markdown(entries, title)
     print(text, end="")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from datasets import write_submission
 from datasets.cache import default_cache_dir
 from datasets.pseudo import write_probs
-from utils import UserError
+from utils import UserError, report_error
 from utils.metrics import classification_metrics
 from workflows.config import HelpFormatter, add_config_flags
 from workflows.ensemble import describe_steps, load_test_data, member_probs, resolve_member
@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             source = f"{member.name} (run {member.meta.get('run_id', '?')}, {member.meta['model']})"
             write_probs(Path(args.save_probs), data.test_ids, probs, member.meta["classes"], source)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return report_error(e)
     scored = ""
     if data.test_labels is not None:
         m = classification_metrics(data.test_labels, probs)

@@ -42,8 +42,8 @@ def main(argv=None) -> int:
     run_id = new_run_id()
     out_dir = Path(args.out_dir or runs_dir() / f"register-{run_id}")
     run = tracking.init({k: v for k, v in vars(args).items() if k != "out_dir"}, run_id, out_dir, args.wandb_mode,
-                        project=args.project, entity=args.entity, name=f"register-{args.name}",
-                        job_type="register-data")
+                        tracking.RunOptions(project=args.project, entity=args.entity, name=f"register-{args.name}",
+                                            job_type="register-data"))
     return run.run_to_end(lambda: run.set_summary(register(args, run)))
 
 

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from utils import UserError
+from utils import UserError, report_error
 from utils.runs import DEFAULT_PROJECT
 from workflows.sweep import DONE, SweepDir, load_sweep, varied_keys, write_leaderboard
 from workflows.sweep_runner import Runner
@@ -97,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         lock.close()
         return code
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return report_error(e)
 
 
 if __name__ == "__main__":

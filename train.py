@@ -22,7 +22,7 @@ import numpy as np
 from datasets import load_data, load_image, screen_images, write_submission
 from optim import is_per_epoch
 from optim.stepper import EpochProgress, train_one_epoch
-from utils import UserError, distributed, tracking
+from utils import UserError, distributed, report_error, tracking
 from utils.device import pick_device
 from utils.metrics import classification_metrics
 from utils.runs import new_run_id, runs_dir
@@ -32,7 +32,7 @@ from workflows.config import ADDED_CONFIG_KEYS, Config, parse_config
 from workflows.label_errors import analyse_oof, apply_label_fixes
 from workflows.prepare import data_source, load_pseudo_labels, measure_test_shift, resolve_auto, stored_images
 from workflows.report import write_report
-from workflows.training import FitSetup, build_fit, describe_fit, epoch_metrics, evaluate, predict_test
+from workflows.training import FitInputs, FitSetup, build_fit, describe_fit, epoch_metrics, evaluate, predict_test
 
 
 def main(cfg: Config | list[str] | None = None) -> int:
@@ -43,9 +43,7 @@ def main(cfg: Config | list[str] | None = None) -> int:
             rank, world = distributed.setup(pick_device(cfg.device))  # torchrun: one process per GPU; else (0, 1)
             stop.phase_checks = world == 1  # torchrun: stops at optimizer steps only, where every rank agrees
         except UserError as e:
-            if distributed.local_rank() == 0:
-                print(f"error: {e}", file=sys.stderr)
-            return 1
+            return report_error(e) if distributed.local_rank() == 0 else 1
         try:
             if rank > 0:
                 sys.stdout = open(os.devnull, "w")  # one console log, rank 0's; errors still reach stderr
@@ -65,11 +63,10 @@ def run_and_finish(cfg: Config, stop: StopSignal) -> int:
         run_id = distributed.broadcast(new_run_id())
         state, out_dir = resume.resume_from(cfg, Path(cfg.out_dir or runs_dir() / run_id))
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    run = tracking.init(cfg.to_dict(), state["run_id"] if state else run_id, out_dir, mode,
-                        project=cfg.project, entity=cfg.entity, name=cfg.run_name, resume=state,
-                        console=cfg.wandb_console, record=distributed.is_main(), notes=cfg.notes, tags=cfg.tags,
+        return report_error(e)
+    options = tracking.RunOptions(project=cfg.project, entity=cfg.entity, name=cfg.run_name, notes=cfg.notes,
+                                  tags=cfg.tags, console=cfg.wandb_console, record=distributed.is_main())
+    run = tracking.init(cfg.to_dict(), state["run_id"] if state else run_id, out_dir, mode, options, resume=state,
                         stop_fn=stop.request)  # W&B's stop (UI, sweep): a stop like a signal's
 
     def work():
@@ -112,10 +109,11 @@ def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None 
                                       data.classes, source_rows, artifact, resumed=state is not None)
     shift = measure_test_shift(cfg, run, data, stored)
     pseudo = load_pseudo_labels(cfg, run, data, lineage_meta)
+    inputs = FitInputs(data, lineage_meta, shift, pseudo)
     if cfg.cv:
-        summary, test_probs = cross_validate(cfg, run, out_dir, data, stop, state, lineage_meta, shift, pseudo)
+        summary, test_probs = cross_validate(cfg, run, out_dir, inputs, stop, state)
     else:
-        r = fit(cfg, run, out_dir, data, stop, state=state, lineage_meta=lineage_meta, shift=shift, pseudo=pseudo)
+        r = fit(cfg, run, out_dir, inputs, stop, state=state)
         summary, test_probs = {cfg.monitor: r.best_score, "best_epoch": r.best_epoch}, r.test_probs
     if distributed.is_main():
         finish_summary(cfg, run, out_dir, data, summary, test_probs)
@@ -149,12 +147,12 @@ class FitResult:
     test_probs: np.ndarray | None  # the best checkpoint's, rebuilt from the file alone
 
 
-def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal, state: dict | None = None,
-                   lineage_meta: dict | None = None, shift: dict | None = None,
-                   pseudo: tuple | None = None) -> tuple[dict, np.ndarray | None]:
+def cross_validate(cfg: Config, run, out_dir: Path, inputs: FitInputs, stop: StopSignal,
+                   state: dict | None = None) -> tuple[dict, np.ndarray | None]:
     """All folds in one run: the monitored metric is their mean (std beside it); out-of-fold
     probabilities of every training image go to oof.csv and a W&B artifact; the test set gets the
     folds' average. Resuming, folds done before `state`'s are read back from fold<k>/result.npz."""
+    data = inputs.data
     oof, folds, results = np.full((len(data.labels), len(data.classes)), np.nan), np.zeros(len(data.labels), int), []
     start = state["config"]["fold"] if state else 0
     for k in range(cfg.folds):
@@ -162,9 +160,8 @@ def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal, stat
         if k < start:
             r = FitResult(**resume.load_arrays(fold_dir / "result.npz"), best_path=fold_dir / "best.safetensors")
         else:
-            r = fit(dataclasses.replace(cfg, fold=k), run, fold_dir, data, stop, prefix=f"fold{k}/",
-                    state=state if k == start else None, resume_path=out_dir / resume.RESUME_FILE,
-                    lineage_meta=lineage_meta, shift=shift, pseudo=pseudo)
+            r = fit(dataclasses.replace(cfg, fold=k), run, fold_dir, inputs, stop, prefix=f"fold{k}/",
+                    state=state if k == start else None, resume_path=out_dir / resume.RESUME_FILE)
             if distributed.is_main():
                 kept = ("val_idx", "val_probs", "best_score", "best_epoch", "test_probs")
                 resume.save_arrays(fold_dir / "result.npz", {f: getattr(r, f) for f in kept})
@@ -182,15 +179,15 @@ def cross_validate(cfg: Config, run, out_dir: Path, data, stop: StopSignal, stat
     return summary, None if test[0] is None else np.mean(test, axis=0)
 
 
-def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "", state: dict | None = None,
-        resume_path: Path | None = None, lineage_meta: dict | None = None, shift: dict | None = None,
-        pseudo: tuple | None = None) -> FitResult:
+def fit(cfg: Config, run, out_dir: Path, inputs: FitInputs, stop: StopSignal, prefix: str = "",
+        state: dict | None = None, resume_path: Path | None = None) -> FitResult:
     """Train on fold cfg.fold (or the holdout split) and predict the test set with the best checkpoint.
     Metrics, tables and artifacts are logged under `prefix` (fold<k>/ in a cross-validated run).
     After each epoch, and at a stop inside one, resume_path (default out_dir/resume.pt) holds the whole training state;
     `state` (that file, loaded) continues from it, bit-identical on the CPU to a run that was never interrupted."""
-    s = build_fit(cfg, run.id, out_dir, data, prefix, lineage_meta, shift, pseudo, online=run.mode == "online")
-    print(describe_fit(cfg, s, data, prefix, out_dir, pseudo))
+    data = inputs.data
+    s = build_fit(cfg, run.id, out_dir, inputs, prefix, online=run.mode == "online")
+    print(describe_fit(cfg, s, data, prefix, out_dir, inputs.pseudo))
     resume_path = resume_path or out_dir / resume.RESUME_FILE
     try:
         start_epoch, best_probs, progress = 1, None, None
@@ -219,7 +216,7 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
             meta = {**s.meta, "epoch": epoch, "metrics": {k: metrics[k] for k in s.scalar_keys}}
             if s.keeper.update(s.eval_model, meta, epoch, metrics[cfg.monitor]):
                 best_probs = probs
-            early_stop = log_epoch(cfg, run, out_dir, data, s, prefix, metrics, m, probs)
+            early_stop = log_epoch(cfg, run, data, s, prefix, metrics, m, probs)
             s.model_log.after_epoch(run, s, epoch)
             resume.save_fit_state(resume_path, cfg, run, s, cfg.epochs + 1 if early_stop else epoch + 1, best_probs)
             if early_stop:
@@ -227,7 +224,7 @@ def fit(cfg: Config, run, out_dir: Path, data, stop: StopSignal, prefix: str = "
         test_probs = predict_test(cfg, run, data, s, prefix) if data.test_items and distributed.is_main() else None
         s.model_log.log_pending(run, s)  # after predict_test: the test-time decision it records is in the file
         if best_probs is not None:
-            submit_report(cfg, run, out_dir, prefix, data, s, best_probs)  # every epoch's curves
+            submit_report(cfg, run, prefix, data, s, best_probs)  # every epoch's curves
     except BaseException:  # an error, a NaN stop, a signal: the newest best reaches W&B before the run finishes
         with contextlib.suppress(Exception):
             s.model_log.log_pending(run, s)
@@ -248,8 +245,7 @@ def train_epoch(cfg: Config, s: FitSetup, epoch: int, prefix: str, stop: StopSig
     return loss
 
 
-def log_epoch(cfg: Config, run, out_dir: Path, data, s: FitSetup, prefix: str, metrics: dict, m: dict,
-              probs: np.ndarray) -> bool:
+def log_epoch(cfg: Config, run, data, s: FitSetup, prefix: str, metrics: dict, m: dict, probs: np.ndarray) -> bool:
     """The epoch's row, its tables and report at a new best, the summary and the console line; True when
     early stopping ends the fit here."""
     epoch, best = metrics["epoch"], s.keeper.best_epoch == metrics["epoch"]
@@ -262,7 +258,7 @@ def log_epoch(cfg: Config, run, out_dir: Path, data, s: FitSetup, prefix: str, m
         run.log_pending_tables(f"{prefix}val")
     run.log({k if k == "epoch" else prefix + k: v for k, v in metrics.items()})
     if best:
-        submit_report(cfg, run, out_dir, prefix, data, s, probs)
+        submit_report(cfg, run, prefix, data, s, probs)
     run.set_summary({prefix + cfg.monitor: s.keeper.best_score, prefix + "best_epoch": s.keeper.best_epoch})
     shown = ["train/loss", "val/loss", "val/acc", "val/f1_macro", "val/acsa", "val/auc_macro", "val_clean/f1_macro"]
     print(f"{prefix}epoch {epoch:>3}/{cfg.epochs} | "
@@ -274,17 +270,17 @@ def log_epoch(cfg: Config, run, out_dir: Path, data, s: FitSetup, prefix: str, m
     return early_stop
 
 
-def submit_report(cfg: Config, run, out_dir: Path, prefix: str, data, s: FitSetup, probs: np.ndarray) -> None:
-    """out_dir/report.html (workflows/report.py) for the best epoch so far, written on the checkpoint writer's
-    thread."""
+def submit_report(cfg: Config, run, prefix: str, data, s: FitSetup, probs: np.ndarray) -> None:
+    """report.html in the fit's folder (workflows/report.py) for the best epoch so far, written on the checkpoint
+    writer's thread."""
     if not distributed.is_main():
         return
     summary = {"run": run.id, **({"fold": cfg.fold} if prefix else {}), "model": cfg.model, "img_size": cfg.img_size,
                "loss": cfg.loss, "optimizer": cfg.optimizer, "lr": cfg.lr, "epochs": cfg.epochs,
                "best_epoch": s.keeper.best_epoch, cfg.monitor: s.keeper.best_score}
     report = functools.partial(
-        write_report, out_dir / "report.html", title=f"{cfg.model}, run {run.id} {prefix.rstrip('/')}", summary=summary,
-        history=run.history(prefix), classes=data.classes, y_true=data.labels[s.val_idx], probs=probs,
+        write_report, s.keeper.dir / "report.html", title=f"{cfg.model}, run {run.id} {prefix.rstrip('/')}",
+        summary=summary, history=run.history(prefix), classes=data.classes, y_true=data.labels[s.val_idx], probs=probs,
         ids=[data.ids[i] for i in s.val_idx], images=lambda r: load_image(s.val_images[r]), max_images=cfg.table_rows)
     s.keeper.writer.submit(report)
 

@@ -24,7 +24,7 @@ from sklearn.metrics import f1_score
 from sklearn.model_selection import train_test_split
 
 from datasets.files import Data, read_csv, write_csv
-from utils import UserError
+from utils import UserError, report_error
 
 SIZE = 64          # px, the demo's stored resolution (the training transform resizes to img_size)
 TEST_FRACTION = 0.2
@@ -180,4 +180,4 @@ if __name__ == "__main__":
         else:
             parser.error("give --export DIR [--hard] or --score FILE --answers FILE")
     except UserError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(report_error(e)) from None

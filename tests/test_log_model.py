@@ -27,10 +27,10 @@ def epochs_of(artifact) -> list[int]:
 def test_a_crashed_run_still_logs_its_best_model(tmp_path, competition, monkeypatch):
     real = train.log_epoch
 
-    def crash_in_epoch_2(cfg, run, out_dir, data, s, prefix, metrics, *rest):
+    def crash_in_epoch_2(cfg, run, data, s, prefix, metrics, *rest):
         if metrics["epoch"] == 2:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return real(cfg, run, out_dir, data, s, prefix, metrics, *rest)
+        return real(cfg, run, data, s, prefix, metrics, *rest)
     monkeypatch.setattr(train, "log_epoch", crash_in_epoch_2)
     out_dir = tmp_path / "run"
     with pytest.raises(RuntimeError, match="illegal memory access"):

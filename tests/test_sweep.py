@@ -122,12 +122,12 @@ def test_broken_sweep_fails_before_any_trial(monkeypatch, tmp_path, capsys):
     bad.write_text(yaml.safe_dump(_broken(lambda s: s["parameters"].update(optimizer={"values": ["adamw", "adamm"]}))))
     code = sweep_cli.main([str(bad), "--count", "2", "--sweep_dir", str(tmp_path / "sw")])
     err = capsys.readouterr().err
-    assert code == 2 and "parameters.optimizer: 'adamm'" in err
+    assert code == 1 and "parameters.optimizer: 'adamm'" in err
     assert not (tmp_path / "sw").exists()
 
 
 def test_status_of_a_missing_dir_is_one_line(tmp_path, capsys):
-    assert sweep_cli.main(["--status", str(tmp_path / "nothing")]) == 2
+    assert sweep_cli.main(["--status", str(tmp_path / "nothing")]) == 1
     assert "is not a sweep dir" in capsys.readouterr().err
 
 

@@ -26,7 +26,8 @@ def test_under_the_agent_neither_project_nor_run_id_is_passed(tmp_path, monkeypa
     monkeypatch.delenv("WANDB_SILENT")  # wandb's own warnings are what this looks for
     monkeypatch.setenv("WANDB_SWEEP_ID", "sweep123")
     monkeypatch.setenv("WANDB_RUN_ID", "agentrun")
-    run = tracking.init({"model": "m"}, "agentrun", tmp_path / "run", "offline", project="elsewhere", entity="team")
+    run = tracking.init({"model": "m"}, "agentrun", tmp_path / "run", "offline",
+                        tracking.RunOptions(project="elsewhere", entity="team"))
     assert run.id == "agentrun"
     assert run.finish() == 0
     out = capfd.readouterr()

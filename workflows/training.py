@@ -4,7 +4,7 @@ then evaluate(), which returns the validation probabilities, and epoch_metrics()
 at the end predict_test(), which first decides the test-time steps (--tta/--test_bn auto, workflows/test_time.py).
 
 Usage:
-    s = build_fit(cfg, run.id, out_dir, data, prefix="", shift=shift)
+    s = build_fit(cfg, run.id, out_dir, FitInputs(data, shift=shift), prefix="")
     probs, clean_probs = evaluate(s, cfg.tta)
     scores, per_class = epoch_metrics(data.labels[s.val_idx], data.classes, probs, clean_probs)
     test_probs = predict_test(cfg, run, data, s)   # test-time steps decided and recorded, then the best file alone
@@ -98,6 +98,15 @@ class ModelLog:
 
 
 @dataclass
+class FitInputs:
+    """What every fit of a run trains from: the data (datasets.Data), and what the run prepared before its fits."""
+    data: object
+    lineage_meta: dict | None = None  # goes in every checkpoint (workflows/lineage.record)
+    shift: dict | None = None  # the test set's measured corruption (datasets/shift.measure_data), for the auto keys
+    pseudo: tuple | None = None  # (test rows, their labels) that train beside the training split
+
+
+@dataclass
 class FitSetup:
     """Everything one fit trains, evaluates and checkpoints with."""
     device: torch.device
@@ -121,11 +130,11 @@ class FitSetup:
     model_log: ModelLog      # which checkpoints go to W&B, and when
 
 
-def build_fit(cfg: Config, run_id: str, out_dir: Path, data, prefix: str = "", lineage_meta: dict | None = None,
-              shift: dict | None = None, pseudo: tuple | None = None, online: bool = False) -> FitSetup:
-    """The set-up of fold cfg.fold (or the holdout split). shift: the test set's measured corruption
-    (datasets/shift.measure_data), for --aug_preset auto and --val_noise auto. pseudo: (test rows, their labels)
-    that train beside the training split. lineage_meta goes in every checkpoint."""
+def build_fit(cfg: Config, run_id: str, out_dir: Path, inputs: FitInputs, prefix: str = "",
+              online: bool = False) -> FitSetup:
+    """The set-up of fold cfg.fold (or the holdout split) from the run's inputs: its shift drives --aug_preset auto
+    and --val_noise auto, its pseudo-labelled test images train beside the training split."""
+    data, lineage_meta, shift, pseudo = inputs.data, inputs.lineage_meta, inputs.shift, inputs.pseudo
     seed_everything(cfg.seed)
     device = distributed.device_for(pick_device(cfg.device))
     train_idx, val_idx = split_indices(data.labels, data.groups, cfg.val_fraction, cfg.folds, cfg.fold, cfg.seed)

@@ -1,5 +1,5 @@
 """The W&B boundary: the only package that imports wandb. Usage:
-    run = tracking.init(cfg.to_dict(), run_id, out_dir, cfg.wandb_mode, project=cfg.project)
+    run = tracking.init(cfg.to_dict(), run_id, out_dir, cfg.wandb_mode, tracking.RunOptions(project=cfg.project))
     cfg = Config.from_dict(run.config(exclude=ADDED_CONFIG_KEYS))   # values a sweep locked win
     run.log_eval_tables("val", ...); run.log(metrics); run.finish()
 
@@ -23,4 +23,4 @@ from utils.tracking import api, mode, private, tables  # noqa: F401
 from utils.tracking.api import SweepRun, download_artifact, sweep_runs_best_first  # noqa: F401
 from utils.tracking.mode import SERVER_TIMEOUT_S, has_api_key, resolve_mode  # noqa: F401
 from utils.tracking.run import MIN_FINISH_S, STOP_STATUS_TIMEOUT_S, TABLES_SHARE, Run  # noqa: F401
-from utils.tracking.start import INIT_TIMEOUT_S, init, split_tags  # noqa: F401
+from utils.tracking.start import INIT_TIMEOUT_S, RunOptions, init, split_tags  # noqa: F401

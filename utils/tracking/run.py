@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import wandb
 
-from utils import UserError
+from utils import UserError, report_error
 from utils.background import BackgroundWriter
 from utils.runs import RunRecord, random_id
 from utils.stop import Stopped, stop_budget_s
@@ -259,7 +259,7 @@ class Run:
         try:
             work()
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            report_error(e)
             self.set_summary({"error": str(e)})
             self.finish(exit_code=1)
             return 1

@@ -1,8 +1,9 @@
 """Starting a run: the mode resolved (utils/tracking/mode.py), the server probed, wandb.init with every file under
 out_dir, an offline fallback for a standalone run whose server cannot be reached. Usage:
-    run = init(cfg.to_dict(), run_id, out_dir, cfg.wandb_mode, project=cfg.project)
+    run = init(cfg.to_dict(), run_id, out_dir, cfg.wandb_mode, RunOptions(project=cfg.project))
 """
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import wandb
@@ -16,18 +17,30 @@ from utils.tracking.run import Run
 INIT_TIMEOUT_S = 60  # wandb.init's own limit for an online run (wandb's default: 90 s) unless WANDB_INIT_TIMEOUT
 
 
-def init(config: dict, run_id: str, out_dir: Path, mode: str, *, project: str = "", entity: str = "", name: str = "",
-         job_type: str = "train", resume: dict | None = None, console: bool = True, record: bool = True,
-         notes: str = "", tags: str | list = "", stop_fn=None) -> "Run":
-    """resume: a resumed run's {"wandb_step", "history_rows", "summary"} from its last saved state; W&B
+@dataclass
+class RunOptions:
+    """Where a run goes and how it is named, described and recorded (init)."""
+    project: str = ""  # '' = $WANDB_PROJECT, else sweepcls
+    entity: str = ""  # '' = the key's default entity
+    name: str = ""  # '' = <model>-<run id> offline, W&B's own name online
+    job_type: str = "train"
+    notes: str = ""
+    tags: str | list = ""  # added to those in $WANDB_TAGS (the offline sweep runner's); a list replaces them
+    console: bool = True  # W&B also captures stdout/stderr
+    record: bool = True  # False: no run files at all (torchrun's ranks > 0)
+
+
+def init(config: dict, run_id: str, out_dir: Path, mode: str, options: RunOptions | None = None, *,
+         resume: dict | None = None, stop_fn=None) -> "Run":
+    """options: RunOptions (project, entity, name, job type, notes, tags, console, record).
+    resume: a resumed run's {"wandb_step", "history_rows", "summary"} from its last saved state; W&B
     continues the same run id (offline: a new offline-run-...-<id>-N folder that syncs into it). Under `wandb agent`
     a run id may be one W&B requeued after a preemption: the run is always continued there, never replaced.
     stop_fn: called (on a W&B thread) when W&B asks the run to stop (the UI's stop button, a sweep's early
     termination), in place of wandb's own SIGINT to the main thread (utils/stop.py StopSignal.request).
-    console: W&B also captures stdout/stderr. record False: no run files at all (torchrun's ranks > 0).
-    tags: added to those in $WANDB_TAGS (the offline sweep runner's), which an explicit list would replace.
     save_code: W&B keeps the script (files/code/) and, in a git checkout, the commit, remote and diff.patch."""
-    if not record:
+    o = options or RunOptions()
+    if not o.record:
         return Run(wandb.init(mode="disabled", config=config, id=run_id), None)
     # a mode resolved already (train.py resolves it first, on every rank) is not resolved, nor probed, again
     mode = modes.resolve_mode(mode) if mode == "auto" else mode  # under `wandb agent`: a missing key or server raises
@@ -39,21 +52,21 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, *, project: str = 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ["WANDB_DATA_DIR"] = str(out_dir / "wandb-data")  # staged tables, media and artifact files
-    where = {"project": project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT, "entity": entity or None,
+    where = {"project": o.project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT, "entity": o.entity or None,
              "id": run_id}
     if sweep:  # under `wandb agent` the sweep decides all three (ours: ignored, warned)
         where = {}
 
     def start(mode):
-        settings = {"console": "auto" if console else "off", "save_code": True,
+        settings = {"console": "auto" if o.console else "off", "save_code": True,
                     **({"stop_fn": stop_fn} if stop_fn is not None else {})}
         if mode == "online" and not os.environ.get("WANDB_INIT_TIMEOUT"):  # a server that connects, then hangs
             settings["init_timeout"] = INIT_TIMEOUT_S
         return wandb.init(
-            **where, name=name or (f"{config.get('model', 'run')}-{run_id}" if mode == "offline" else None),
-            dir=str(out_dir), config=config, mode=mode, job_type=job_type, resume="allow" if resume or sweep else None,
-            settings=wandb.Settings(**settings), notes=notes or None,
-            tags=split_tags(os.environ.get("WANDB_TAGS", ""), tags) or None)
+            **where, name=o.name or (f"{config.get('model', 'run')}-{run_id}" if mode == "offline" else None),
+            dir=str(out_dir), config=config, mode=mode, job_type=o.job_type,
+            resume="allow" if resume or sweep else None, settings=wandb.Settings(**settings), notes=o.notes or None,
+            tags=split_tags(os.environ.get("WANDB_TAGS", ""), o.tags) or None)
     try:
         run = start(mode)
     except (CommError, TimeoutError) as e:  # init_timeout passed (CommError), or wandb's grace period after it
