@@ -151,9 +151,16 @@ def print_scores(members, weights: np.ndarray, table: dict) -> None:
               + "  ".join(f"{v[i]:>6.4f}" for v in table.values()))
 
 
+def weighted(weights: np.ndarray, probs: list[np.ndarray]) -> np.ndarray:
+    """The ensemble's probabilities: each member's, weighted."""
+    return sum(w * p for w, p in zip(weights, probs))
+
+
 def log_ensemble_run(args, refs: list[str], members, weights: np.ndarray, metric: str, table: dict, data,
-                     test: list[np.ndarray], ensemble: np.ndarray) -> None:
-    """The ensemble as a W&B run: its scores, the submission (and probabilities) as artifacts, the disagreements."""
+                     test: list[np.ndarray]) -> None:
+    """The ensemble (the members' test probabilities `test`, weighted) as a W&B run: its scores, the submission (and
+    probabilities) as artifacts, the disagreements."""
+    ensemble = weighted(weights, test)
     names = [m.name for m in members] + ["ensemble"]
     # W&B keys: <set>/<member>/<metric>; a member named by an artifact ref keeps its slashes out of the key
     scores = {f"{s}/{name.replace('/', '_')}/{metric}": v[i] for s, v in table.items() for i, name in enumerate(names)}
@@ -203,13 +210,13 @@ def main(argv: list[str] | None = None) -> int:
                 for m in members]
     except UserError as e:
         return report_error(e)
-    ensemble = sum(w * p for w, p in zip(weights, test))
+    ensemble = weighted(weights, test)
     write_submission(Path(args.out), data, ensemble.argmax(1))
     if data.test_labels is not None:
         table["test"] = [score(metric, data.test_labels, p) for p in test + [ensemble]]
     print_scores(members, weights, table)
     print(f"wrote {args.out} ({args.weights} weights, tta {args.tta}, test_bn {args.test_bn})")
-    log_ensemble_run(args, refs, members, weights, metric, table, data, test, ensemble)
+    log_ensemble_run(args, refs, members, weights, metric, table, data, test)
     return 0
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from utils import UserError, report_error
 from utils.runs import DEFAULT_PROJECT
 from workflows.sweep import DONE, SweepDir, load_sweep, varied_keys, write_leaderboard
-from workflows.sweep_runner import Runner
+from workflows.sweep_runner import Runner, RunnerSettings
 
 
 # ----------------------------------------------------------------------------- leaderboard
@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         sdir.root.mkdir(parents=True, exist_ok=True)
         lock = sdir.lock()
         info = sdir.create_or_check(sweep, args.sweep_yaml)
-        runner = Runner(sweep, sdir, info, args.count, args.workers, args.max_failures,
-                        [g for g in args.gpus.split(",") if g], args.seed, kill_delay=args.kill_delay)
+        runner = Runner(sweep, sdir, info, RunnerSettings(args.count, args.workers, args.max_failures,
+                                                          [g for g in args.gpus.split(",") if g], args.seed,
+                                                          kill_delay=args.kill_delay))
         print(f"sweep {info['name']} ({info['id']}) in {sdir.root}: {len(runner.trials)} trials so far, "
               f"up to {args.count or 'all grid points'}, {args.workers} at once")
         code = runner.run()

@@ -24,7 +24,7 @@ from optim import is_per_epoch
 from optim.stepper import EpochProgress, train_one_epoch
 from utils import UserError, distributed, report_error, tracking
 from utils.device import pick_device
-from utils.metrics import classification_metrics
+from utils.metrics import Predictions, classification_metrics
 from utils.runs import new_run_id, runs_dir
 from utils.stop import Stopped, StopSignal, ignore_later_stops
 from workflows import lineage, resume
@@ -252,8 +252,7 @@ def log_epoch(cfg: Config, run, data, s: FitSetup, prefix: str, metrics: dict, m
     early_stop = bool(cfg.patience and epoch - s.keeper.best_epoch >= cfg.patience and epoch < cfg.epochs)
     last = early_stop or epoch == cfg.epochs  # the best epoch's tables, held for short epochs, are logged by now
     if best:
-        run.log_eval_tables(f"{prefix}val", [data.ids[i] for i in s.val_idx], lambda r: load_image(s.val_images[r]),
-                            data.labels[s.val_idx], probs, data.classes, m, cfg.table_rows, hold=not last)
+        run.log_eval_tables(f"{prefix}val", val_predictions(data, s, probs), m, cfg.table_rows, hold=not last)
     elif last:
         run.log_pending_tables(f"{prefix}val")
     run.log({k if k == "epoch" else prefix + k: v for k, v in metrics.items()})
@@ -280,9 +279,14 @@ def submit_report(cfg: Config, run, prefix: str, data, s: FitSetup, probs: np.nd
                "best_epoch": s.keeper.best_epoch, cfg.monitor: s.keeper.best_score}
     report = functools.partial(
         write_report, s.keeper.dir / "report.html", title=f"{cfg.model}, run {run.id} {prefix.rstrip('/')}",
-        summary=summary, history=run.history(prefix), classes=data.classes, y_true=data.labels[s.val_idx], probs=probs,
-        ids=[data.ids[i] for i in s.val_idx], images=lambda r: load_image(s.val_images[r]), max_images=cfg.table_rows)
+        summary=summary, history=run.history(prefix), preds=val_predictions(data, s, probs), max_images=cfg.table_rows)
     s.keeper.writer.submit(report)
+
+
+def val_predictions(data, s: FitSetup, probs: np.ndarray) -> Predictions:
+    """The validation rows' predictions, their images as they were validated (noisy copies under --val_noise auto)."""
+    return Predictions([data.ids[i] for i in s.val_idx], lambda r: load_image(s.val_images[r]),
+                       data.labels[s.val_idx], probs, data.classes)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import yaml
 
 from conftest import ROOT, read_run
 from utils import tracking
-from utils.metrics import classification_metrics
+from utils.metrics import Predictions, classification_metrics
 from utils.runs import DEFAULT_PROJECT, random_id
 from utils.stop import Stopped, StopSignal
 
@@ -96,8 +96,8 @@ def test_short_epochs_hold_their_tables_and_the_last_best_still_gets_them(tmp_pa
     images = rng.integers(0, 255, (40, 16, 16, 3), dtype=np.uint8)
     sets = [rng.dirichlet(np.ones(4), 40) for _ in range(3)]
     for epoch, probs in enumerate(sets, 1):
-        run.log_eval_tables("val", [f"s{i}" for i in range(40)], lambda r: images[r], y, probs, list("abcd"),
-                            classification_metrics(y, probs), max_rows=40)
+        run.log_eval_tables("val", Predictions([f"s{i}" for i in range(40)], lambda r: images[r], y, probs,
+                                               list("abcd")), classification_metrics(y, probs), max_rows=40)
         run.log({"epoch": epoch})
         run.writer.drain()  # the first set's cost is known before the next best
     assert run.tables_seconds > 0 and set(run.pending_tables) == {"val"}

@@ -1,5 +1,8 @@
-"""Classification metrics from scikit-learn. Usage: m = classification_metrics(y_true, probs)"""
+"""Classification metrics from scikit-learn, and a labelled set's predictions as tables and reports show them.
+Usage: m = classification_metrics(y_true, probs); Predictions(ids, images, y_true, probs, classes)"""
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 from sklearn.metrics import (
@@ -10,6 +13,17 @@ from sklearn.metrics import (
     precision_recall_fscore_support,
     roc_auc_score,
 )
+
+
+@dataclass
+class Predictions:
+    """A labelled set's predictions, as the W&B tables (utils/tracking) and report.html (workflows/report.py) show
+    them."""
+    ids: list  # each row's image id
+    images: Callable  # images(row) -> HxWx3 uint8, decoded only when shown
+    y_true: np.ndarray  # class index per row
+    probs: np.ndarray  # rows x classes
+    classes: list  # class names
 
 
 def classification_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict:

@@ -14,7 +14,7 @@ import numpy as np
 
 from datasets import load_image, read_csv, write_csv, write_oof
 from utils import UserError
-from utils.metrics import classification_metrics
+from utils.metrics import Predictions, classification_metrics
 from workflows.report import write_report
 
 EXCLUDE = "exclude"
@@ -85,7 +85,8 @@ def analyse_oof(cfg, run, out_dir: Path, data, oof: np.ndarray, folds: np.ndarra
     write_report(out_dir / "report.html", f"{cfg.model}, run {run.id}, {cfg.folds}-fold out-of-fold predictions",
                  {"run": run.id, "model": cfg.model, "img_size": cfg.img_size, "folds": cfg.folds,
                   "scores": str(scores), cfg.monitor: float(np.mean(scores)), "suspect labels": len(suspects)},
-                 [], data.classes, data.labels, oof, data.ids, lambda i: load_image(data.items[i]), cfg.table_rows)
+                 [], Predictions(data.ids, lambda i: load_image(data.items[i]), data.labels, oof, data.classes),
+                 cfg.table_rows)
     print(f"{len(suspects)} suspect label(s), least self-confident first, in {out_dir / 'suspect_labels.csv'}: put a "
           f"class or 'exclude' in new_label and pass it back with --label_fixes")
     summary = {cfg.monitor: float(np.mean(scores)), f"{cfg.monitor}_std": float(np.std(scores)), "cv/scores": scores,

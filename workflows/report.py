@@ -2,7 +2,7 @@
 their curves, the per-class scores, the confusion matrix and the misclassified gallery, for machines
 where the W&B dashboard is out of reach. Open it in any browser, or copy it anywhere.
 
-Usage: write_report(out_dir / "report.html", title, summary, history, classes, y_true, probs, ids, images, max_images)
+Usage: write_report(out_dir / "report.html", title, summary, history, Predictions(...), max_images)
 """
 import base64
 import html
@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 
 from utils.files import atomic_write_bytes
-from utils.metrics import classification_metrics
+from utils.metrics import Predictions, classification_metrics
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;background:#fff}
@@ -50,9 +50,11 @@ def _chart(history: list[dict], key: str) -> str:
             f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{line}"/></svg></figure>')
 
 
-def write_report(path: Path, title: str, summary: dict, history: list[dict], classes: list[str], y_true: np.ndarray,
-                 probs: np.ndarray, ids: list, images, max_images: int = 60) -> None:
-    """images(i) -> HxWx3 uint8 of validation sample i. The gallery: the most confident mistakes first."""
+def write_report(path: Path, title: str, summary: dict, history: list[dict], preds: Predictions,
+                 max_images: int = 60) -> None:
+    """preds: the validation set's (utils/metrics.Predictions; images(i) -> HxWx3 uint8 of sample i). The gallery:
+    the most confident mistakes first."""
+    classes, y_true, probs, ids, images = preds.classes, preds.y_true, preds.probs, preds.ids, preds.images
     m = classification_metrics(y_true, probs)
     pred = probs.argmax(1)
     wrong = np.flatnonzero(pred != y_true)

@@ -3,7 +3,8 @@ train.py launched as `wandb agent` launches it (its own process group, its GPU, 
 every state change is written to the sweep dir first, so a killed runner restarted with the same
 command carries on: finished trials stay, interrupted ones resume from their run folders.
 
-Usage: runner = Runner(sweep, sdir, info, count=8, workers=2, max_failures=3, gpus=[], seed=0); code = runner.run()
+Usage: runner = Runner(sweep, sdir, info, RunnerSettings(count=8, workers=2, max_failures=3, gpus=[], seed=0))
+       code = runner.run()
 """
 import ctypes
 import json
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -73,11 +75,24 @@ def _die_with_parent() -> None:
         pass
 
 
+@dataclass
+class RunnerSettings:
+    """How the runner runs a sweep's trials: sweep.py's --count, --workers, --max_failures, --gpus, --seed,
+    --kill_delay."""
+    count: int | None  # trials in all (None: every grid point)
+    workers: int  # trials at once
+    max_failures: int  # trials failed in a row that end the sweep
+    gpus: list[str]  # one per worker (CUDA_VISIBLE_DEVICES); [] = none set
+    seed: int  # the search's seed
+    poll: float = 1.0  # seconds between looks at the trials
+    kill_delay: float = 30.0  # seconds from a trial's SIGTERM to its SIGKILL
+
+
 class Runner:
-    def __init__(self, sweep: dict, sdir: SweepDir, info: dict, count: int | None, workers: int, max_failures: int,
-                 gpus: list[str], seed: int, poll: float = 1.0, kill_delay: float = 30.0):
-        self.sweep, self.dir, self.info, self.count, self.workers = sweep, sdir, info, count, workers
-        self.max_failures, self.gpus, self.seed, self.poll, self.kill_delay = max_failures, gpus, seed, poll, kill_delay
+    def __init__(self, sweep: dict, sdir: SweepDir, info: dict, settings: RunnerSettings):
+        self.sweep, self.dir, self.info, s = sweep, sdir, info, settings
+        self.count, self.workers, self.max_failures, self.gpus = s.count, s.workers, s.max_failures, s.gpus
+        self.seed, self.poll, self.kill_delay = s.seed, s.poll, s.kill_delay
         self.engine = sweeps_engine()
         self.trials = {t.id: t for t in sdir.trials()}
         self.procs: dict[str, subprocess.Popen] = {}

@@ -19,6 +19,7 @@ import wandb
 
 from utils import UserError, report_error
 from utils.background import BackgroundWriter
+from utils.metrics import Predictions
 from utils.runs import RunRecord, random_id
 from utils.stop import Stopped, stop_budget_s
 from utils.tracking import private, tables
@@ -114,10 +115,9 @@ class Run:
             self.writer.drain()
         return found[0]
 
-    def log_eval_tables(self, prefix: str, ids, images, y_true, probs, classes, metrics: dict, max_rows: int,
-                        hold: bool = True) -> None:
+    def log_eval_tables(self, prefix: str, preds: Predictions, metrics: dict, max_rows: int, hold: bool = True) -> None:
         """Prediction table, misclassified table (most confident mistakes first), confusion matrix and
-        per-class scores, added to the next history row (run.log). `images(i)` returns sample i as
+        per-class scores, added to the next history row (run.log). `preds.images(i)` returns sample i as
         HxWx3 uint8; it is called on the writer thread, after this returns.
         W&B stages every image of every table again: about 0.65 s a set of 200-row tables on 2 cores. To keep
         that under TABLES_SHARE of the run's time, a set due sooner than its cost / TABLES_SHARE after the last
@@ -125,7 +125,7 @@ class Run:
         log_pending_tables adds it to a later row (the last epoch's)."""
         if self.mode == "disabled":  # nothing would keep them; skip decoding and staging images
             return
-        tables = (prefix, ids, images, y_true, probs, classes, metrics, max_rows)
+        tables = (prefix, preds, metrics, max_rows)
         if hold and time.monotonic() - self.tables_at.get(prefix, -np.inf) < self.tables_seconds / TABLES_SHARE:
             self.pending_tables[prefix] = tables
             return
@@ -141,8 +141,9 @@ class Run:
             self.tables_at[prefix] = time.monotonic()
             self._submit(lambda: self._log_eval_tables(*tables))
 
-    def _log_eval_tables(self, prefix, ids, images, y_true, probs, classes, metrics, max_rows) -> None:
+    def _log_eval_tables(self, prefix: str, preds: Predictions, metrics: dict, max_rows: int) -> None:
         start = time.perf_counter()
+        ids, images, y_true, probs, classes = preds.ids, preds.images, preds.y_true, preds.probs, preds.classes
 
         def thumb(r):
             key = (prefix, str(ids[r]))
