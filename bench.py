@@ -24,7 +24,7 @@ import torch
 from utils import UserError, report_error
 from utils.device import pick_device
 from workflows.bench import pipeline_figures, step_costs
-from workflows.config import HelpFormatter, add_config_flags
+from workflows.flags import HelpFormatter, add_config_flags
 
 ROOT = Path(__file__).resolve().parent
 

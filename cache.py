@@ -16,7 +16,7 @@ from pathlib import Path
 from datasets.cache import default_cache_dir
 from utils import UserError, report_error
 from workflows.cache import CLEARABLE, FOLDERS, clear, listing
-from workflows.config import HelpFormatter, add_config_flags
+from workflows.flags import HelpFormatter, add_config_flags
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:

@@ -21,8 +21,8 @@ from datasets import load_data, load_image, write_csv
 from datasets.cache import default_cache_dir
 from utils import UserError, tracking
 from utils.runs import new_run_id, runs_dir
-from workflows.config import HelpFormatter, add_config_flags
 from workflows.eda import describe, near_duplicates, split_gap
+from workflows.flags import HelpFormatter, add_config_flags
 
 SAMPLES = 8
 

@@ -23,7 +23,6 @@ from datasets.pseudo import write_probs
 from datasets.shift import any_on, noisy_copies
 from utils import UserError, report_error, tracking
 from utils.runs import new_run_id, runs_dir
-from workflows.config import HelpFormatter, add_config_flags
 from workflows.ensemble import (
     caruana,
     check_compatible,
@@ -38,6 +37,7 @@ from workflows.ensemble import (
     score,
     sweep_member_refs,
 )
+from workflows.flags import HelpFormatter, add_config_flags
 
 
 def labelled_set(members, data, args) -> tuple[str, np.ndarray, list[np.ndarray]]:

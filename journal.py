@@ -17,7 +17,7 @@ from pathlib import Path
 
 from utils import UserError, report_error
 from utils.runs import runs_dir
-from workflows.config import HelpFormatter, add_config_flags
+from workflows.flags import HelpFormatter, add_config_flags
 from workflows.journal import markdown, project_runs, runs_folder, sweep_folder
 
 

@@ -17,8 +17,8 @@ from datasets.cache import default_cache_dir
 from datasets.pseudo import write_probs
 from utils import UserError, report_error
 from utils.metrics import classification_metrics
-from workflows.config import HelpFormatter, add_config_flags
 from workflows.ensemble import describe_steps, load_test_data, member_probs, resolve_member
+from workflows.flags import HelpFormatter, add_config_flags
 
 
 def main(argv: list[str] | None = None) -> int:

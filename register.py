@@ -19,7 +19,7 @@ from pathlib import Path
 
 from utils import tracking
 from utils.runs import new_run_id, runs_dir
-from workflows.config import HelpFormatter, add_config_flags
+from workflows.flags import HelpFormatter, add_config_flags
 from workflows.register import register
 
 

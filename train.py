@@ -28,7 +28,8 @@ from utils.metrics import Predictions, classification_metrics
 from utils.runs import new_run_id, runs_dir
 from utils.stop import Stopped, StopSignal, ignore_later_stops
 from workflows import lineage, resume
-from workflows.config import ADDED_CONFIG_KEYS, Config, parse_config
+from workflows.config import ADDED_CONFIG_KEYS, Config
+from workflows.flags import parse_config
 from workflows.label_errors import analyse_oof, apply_label_fixes
 from workflows.prepare import data_source, load_pseudo_labels, measure_test_shift, resolve_auto, stored_images
 from workflows.report import write_report

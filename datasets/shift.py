@@ -3,7 +3,6 @@
 
 Usage:
     shift = measure_shift(train_images, test_images)   # HxWx3 uint8 arrays, at the training size
-    print(describe_shift(shift))                        # the measured gap and the resolved settings
     train_tf = AUGS.build("auto", img_size, strength, mean, std, settings=shift["settings"])
     noisy = corrupt(image, shift["settings"], seed=image_seed(sample_id))   # the same corruption every time
 
@@ -315,26 +314,6 @@ def _at_most(image: np.ndarray, side: int) -> np.ndarray:
         return image
     k = side / max(h, w)
     return cv2.resize(image, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA)
-
-
-def describe_shift(shift: dict) -> str:
-    """The measured gap and the resolved settings, one line per operation."""
-    def setting(s: dict, magnitude: bool) -> str:
-        if not s["p"]:
-            return "off"
-        return f"p={s['p']:.2f}" + (f" magnitude {s['magnitude']:g}" if magnitude else "")
-
-    n_train, n_test = shift["images"]
-    lines = [f"test set vs training set ({n_train} / {n_test} images measured):"]
-    p = shift["poses"]
-    for op, what in (("turn", "turned"), ("flip", "mirrored")):
-        lines.append(f"  {op:<10} {what} {p[what]:.2f} (pose classifier accuracy {p['pose_accuracy']:.2f})"
-                     f" -> {setting(shift['settings'][op], False)}")
-    for op, g in shift["gap"].items():
-        sure = f" ± {g['share_sd']:.2f}" if g.get("share_sd") else ""  # the share's bootstrap sd over the test images
-        lines.append(f"  {op:<10} {g['statistic']} train {g['train']:.3g}, test {g['test']:.3g}, share {g['share']:.2f}"
-                     f"{sure} -> {setting(shift['settings'][op], True)}")
-    return "\n".join(lines)
 
 
 def image_seed(sample_id: str) -> int:

@@ -11,7 +11,8 @@ from utils import tracking
 from utils.runs import new_run_id
 from utils.stop import Stopped, StopSignal
 from workflows import config as config_module
-from workflows.config import ADDED_CONFIG_KEYS, Config, parse_config
+from workflows.config import ADDED_CONFIG_KEYS, Config
+from workflows.flags import parse_config
 
 # the menu's valid names come from registries that import torch (about 4 s a trial on 2 cores); a stand-in that
 # trains nothing takes the flags as they come

@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from utils import UserError, tracking
-from workflows.config import ADDED_CONFIG_KEYS, Config, build_parser, parse_config
+from workflows.config import ADDED_CONFIG_KEYS, Config
+from workflows.flags import build_parser, parse_config
 
 
 @pytest.mark.parametrize("text,expected", [("True", True), ("False", False), ("true", True), ("false", False),

@@ -3,11 +3,12 @@ given to (train.py, sweep.py, predict.py, ..., benchmarks/*.py, python -m datase
 every relative link in them leads to a file (and a heading) that is there.
 
 The flags come from the parser objects themselves, without importing the commands: importing any of them imports
-torch, torchvision and scikit-learn (about 5 s on 2 cores). train.py's parser is workflows.config.build_parser (a
+torch, torchvision and scikit-learn (about 5 s on 2 cores). train.py's parser is workflows.flags.build_parser (a
 cheap module; the registries that give the keys' valid values are not asked). Each other command's parser is built
 by running its own parser code, read from its source: the function (or the `__main__` block) that creates the
-ArgumentParser, up to the parse_args call, with argparse and workflows.config real, constants read from the source,
-and anything else (a path, a dict of functions) an inert stand-in. wandb's flags come from its click commands."""
+ArgumentParser, up to the parse_args call, with argparse, workflows.config and workflows.flags real, constants
+read from the source, and anything else (a path, a dict of functions) an inert stand-in. wandb's flags come from
+its click commands."""
 import argparse
 import ast
 import dataclasses
@@ -19,6 +20,7 @@ from pathlib import Path
 from unittest import mock
 
 import workflows.config
+import workflows.flags
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -106,9 +108,9 @@ def _namespace(path: Path, tree: ast.Module) -> dict:
                 top = alias.name.split(".")[0]
                 ns[alias.asname or top] = __import__(top) if top in sys.stdlib_module_names else _StandIn()
         elif isinstance(stmt, ast.ImportFrom) and stmt.module:
-            real = (workflows.config if stmt.module == "workflows.config" else
-                    __import__(stmt.module, fromlist=["_"]) if stmt.module.split(".")[0] in sys.stdlib_module_names
-                    else None)
+            real = {"workflows.config": workflows.config, "workflows.flags": workflows.flags}.get(stmt.module)
+            if real is None and stmt.module.split(".")[0] in sys.stdlib_module_names:
+                real = __import__(stmt.module, fromlist=["_"])
             for alias in stmt.names:
                 ns[alias.asname or alias.name] = (getattr(real, alias.name) if real is not None
                                                   else _constant(_module_file(stmt.module), alias.name))
@@ -165,7 +167,7 @@ def _scripts() -> dict[str, Path]:
         dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and not d.startswith("."))
         for path in (Path(folder) / f for f in sorted(files) if f.endswith(".py")):
             name = path.relative_to(ROOT).as_posix()
-            if name != "workflows/config.py" and "ArgumentParser(" in path.read_text():  # config.py: train.py's
+            if name != "workflows/flags.py" and "ArgumentParser(" in path.read_text():  # flags.py: train.py's
                 out[name] = path
     return out
 
@@ -176,7 +178,7 @@ def known_flags() -> dict[str, set[str]]:
     flags = {}
     # the registries that give the keys' valid values (and their help) import torch: not asked
     with mock.patch.multiple(workflows.config, choices_of=lambda f: None, describe_choices=lambda f: ""):
-        flags["train.py"] = _options(workflows.config.build_parser())
+        flags["train.py"] = _options(workflows.flags.build_parser())
         assert flags["train.py"] >= {f"--{f.name}" for f in dataclasses.fields(workflows.config.Config)}
         for name, path in _scripts().items():
             parsers = _script_parsers(path)

@@ -9,11 +9,12 @@ import pytest
 from conftest import _digit_images
 from datasets import load_data
 from datasets.digits import HARD_CLASSES, answers_path, export_hard, score
-from datasets.shift import any_on, corrupt, describe_shift, image_seed, measure_shift, mixture_share, significant
+from datasets.shift import any_on, corrupt, image_seed, measure_shift, mixture_share, significant
 from datasets.transforms import AUGS
 from models import find_pretrained
 from utils import UserError
-from workflows.config import parse_config
+from workflows.flags import parse_config
+from workflows.prepare import describe_shift
 
 MEAN, STD = [0.5] * 3, [0.25] * 3
 

@@ -14,7 +14,7 @@ from datasets import load_data, screen_images, shift, shift_cache
 from datasets.cache import cache_images, list_decode_caches
 from datasets.shift_cache import measure_cached, shift_key
 from utils import UserError
-from workflows.config import parse_config
+from workflows.flags import parse_config
 from workflows.prepare import measure_test_shift, stored_images
 
 

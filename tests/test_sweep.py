@@ -8,7 +8,8 @@ from wandb.sdk.lib import config_util
 
 import sweep as sweep_cli
 from conftest import ROOT
-from workflows.config import Config, parse_config
+from workflows.config import Config
+from workflows.flags import parse_config
 from workflows.sweep import agent_command, check_sweep, load_sweep, param_file_text, plain, sweeps_engine
 
 

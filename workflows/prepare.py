@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from datasets.pseudo import read_pseudo_labels
-from datasets.shift import describe_shift, native_side
+from datasets.shift import native_side
 from datasets.shift_cache import measure_cached
 from models import DEFAULT_MODEL, DEMO_MODEL, MIN_AUTO_SIZE, find_pretrained, pretrained_input_size
 from utils import UserError, distributed
@@ -102,3 +102,23 @@ def data_source(cfg: Config, run) -> tuple[str, str | None]:
     if isinstance(answer, str):
         raise UserError(answer)
     return answer
+
+
+def describe_shift(shift: dict) -> str:
+    """The measured gap and the resolved settings, one line per operation."""
+    def setting(s: dict, magnitude: bool) -> str:
+        if not s["p"]:
+            return "off"
+        return f"p={s['p']:.2f}" + (f" magnitude {s['magnitude']:g}" if magnitude else "")
+
+    n_train, n_test = shift["images"]
+    lines = [f"test set vs training set ({n_train} / {n_test} images measured):"]
+    p = shift["poses"]
+    for op, what in (("turn", "turned"), ("flip", "mirrored")):
+        lines.append(f"  {op:<10} {what} {p[what]:.2f} (pose classifier accuracy {p['pose_accuracy']:.2f})"
+                     f" -> {setting(shift['settings'][op], False)}")
+    for op, g in shift["gap"].items():
+        sure = f" ± {g['share_sd']:.2f}" if g.get("share_sd") else ""  # the share's bootstrap sd over the test images
+        lines.append(f"  {op:<10} {g['statistic']} train {g['train']:.3g}, test {g['test']:.3g}, share {g['share']:.2f}"
+                     f"{sure} -> {setting(shift['settings'][op], True)}")
+    return "\n".join(lines)
