@@ -96,8 +96,8 @@ def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None 
     rows = lineage.manifest(data) if cfg.label_fixes else source_rows
     stored = stored_images(data)  # the images as stored, before the decode cache resizes them: what is measured
     start = time.perf_counter()
-    skipped = screen_images(data, cfg.skip_bad_images, cfg.cache, cfg.img_size, cfg.cache_dir or None,
-                            cfg.cache_max_gb)
+    data, skipped = screen_images(data, cfg.skip_bad_images, cfg.cache, cfg.img_size, cfg.cache_dir or None,
+                                  cfg.cache_max_gb)
     print(f"images {'cached' if cfg.cache != 'none' else 'checked'} in {time.perf_counter() - start:.1f}s"
           + (f" ({data.items.path})" if getattr(data.items, "path", None) else ""))
     if skipped:

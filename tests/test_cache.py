@@ -77,17 +77,17 @@ def test_bad_images_named_through_the_cache(competition, mode):
     data = load_data(str(competition))
     with pytest.raises(UserError, match=r"1 training image.*tr_0003\.png.*--skip_bad_images True"):
         screen_images(data, skip_bad=False, cache=mode, img_size=24)
-    data = load_data(str(competition))
-    assert screen_images(data, skip_bad=True, cache=mode, img_size=24) == ["tr_0003.png"]
-    assert len(data.items) == len(data.labels) == len(data.ids) == 239
+    loaded = load_data(str(competition))
+    data, skipped = screen_images(loaded, skip_bad=True, cache=mode, img_size=24)
+    assert skipped == ["tr_0003.png"] and len(data.items) == len(data.labels) == len(data.ids) == 239
+    assert len(loaded.items) == len(loaded.ids) == 240 and isinstance(loaded.items[0], Path)  # left as it was
     if mode != "none":
         assert isinstance(data.items, CachedImages) and data.items[0].shape == (24, 24, 3)
         assert isinstance(data.test_items, CachedImages) and len(data.test_items) == 40
 
 
 def test_auto_cache_is_ram_for_in_memory_data():
-    data = load_data("digits")
-    screen_images(data, skip_bad=False, cache="auto", img_size=32)
+    data, _ = screen_images(load_data("digits"), skip_bad=False, cache="auto", img_size=32)
     assert data.items.path is None and data.items[0].shape == (32, 32, 3)
 
 
@@ -185,7 +185,8 @@ def test_a_stopped_build_leaves_no_file(competition, tmp_path):
 
 
 def test_cache_max_gb_is_a_bookkeeping_key_and_never_negative(capsys):
-    from workflows.config import BOOKKEEPING_KEYS, parse_config
+    from workflows.config import BOOKKEEPING_KEYS
+    from workflows.flags import parse_config
     assert parse_config(["--cache_max_gb", "1e-5"]).cache_max_gb == 1e-5 and "cache_max_gb" in BOOKKEEPING_KEYS
     with pytest.raises(SystemExit) as e:
         parse_config(["--cache_max_gb", "-1"])

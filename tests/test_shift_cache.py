@@ -94,8 +94,7 @@ def test_what_the_measure_depends_on_measures_again(competition, tmp_path, monke
 def test_decoded_images_are_keyed_by_their_decode_cache(competition, tmp_path, measures):
     """--cache disk puts each data set's .npy in place of the paths: its name and the rows taken key the measure,
     without reading the pixels again."""
-    data = load_data(str(competition))
-    screen_images(data, skip_bad=False, cache="disk", img_size=32, cache_dir=tmp_path)
+    data, _ = screen_images(load_data(str(competition)), skip_bad=False, cache="disk", img_size=32, cache_dir=tmp_path)
     run = lambda items: measure_cached(items, data.test_items, 32, 32, tmp_path)[2]
     rolled = data.items[np.roll(np.arange(len(data.items)), 1)]  # the same file, as many rows, other ones
     assert [run(data.items), run(data.items), run(rolled), run(rolled)] == ["measured", "cached", "measured", "cached"]

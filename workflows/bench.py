@@ -133,7 +133,7 @@ def pipeline_figures(model_name: str, img_size: int, batch_size: int, steps: int
     from utils.device import default_workers
     data = load_data(data_source)
     start = time.perf_counter()
-    screen_images(data, False, cache, img_size)
+    data, _ = screen_images(data, False, cache, img_size)
     prepare_seconds = time.perf_counter() - start
     workers = default_workers(workers)
     torch.manual_seed(0)

@@ -1,0 +1,21 @@
+"""What a run writes for the leaderboard and for error analysis: submission.csv and the out-of-fold probabilities.
+Usage: write_submission(out_dir / "submission.csv", data, probs.argmax(1))
+"""
+from pathlib import Path
+
+import numpy as np
+
+from datasets.files import Data, write_csv
+
+
+def write_submission(path: Path, data: Data, pred: np.ndarray) -> None:
+    """ID,target rows in the order of data.test_ids (the sample submission's order where there is one)."""
+    write_csv(path, data.submission_columns, ((i, data.targets[p]) for i, p in zip(data.test_ids, pred)))
+
+
+def write_oof(path: Path, data: Data, probs: np.ndarray, folds: np.ndarray) -> None:
+    """Out-of-fold probabilities of every labelled image: id, label, fold, p_<class>..."""
+    write_csv(path, ["id", "label", "fold"] + [f"p_{c}" for c in data.classes],
+              ([i, data.classes[y], f, *(f"{p:.6g}" for p in row)]
+               for i, y, f, row in zip(data.ids, data.labels, folds, probs)))
+
