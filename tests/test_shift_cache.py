@@ -11,7 +11,8 @@ import pytest
 
 from conftest import _digit_images
 from datasets import load_data, screen_images, shift, shift_cache
-from datasets.cache import cache_images, list_decode_caches
+from datasets.cache import cache_images
+from datasets.cache_folder import list_decode_caches
 from datasets.shift_cache import measure_cached, shift_key
 from utils import UserError
 from workflows.flags import parse_config

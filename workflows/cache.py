@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from datasets.cache import DecodeCache, clear_decode_caches, decode_bound, list_decode_caches, size_text
+from datasets.cache_folder import DecodeCache, clear_decode_caches, decode_bound, list_decode_caches, size_text
 
 FOLDERS = {"preds": "predictions (predict.py, ensemble.py, eda.py --diff)",
            "artifacts": "downloaded model artifacts (ensemble.py)",
