@@ -121,26 +121,33 @@ def read_run(run_dir: Path) -> list[dict]:
 
 def run_script(name: str, args: list[str], cwd=ROOT) -> subprocess.CompletedProcess:
     """`python NAME.py ARGS` run in this process through NAME.main (the imports are paid once per session, not once
-    per command): its exit code, stdout and stderr as a finished process would give them. A test about the process
-    itself (signals, kills, torchrun, the agent, a fresh import) starts a real one instead."""
+    per command): its exit code, stdout and stderr as a finished process would give them. An uncaught exception
+    propagates to the test (a process would print its traceback and exit 1). A test about the process itself
+    (signals, kills, torchrun, the agent, a fresh import) starts a real one instead."""
     import importlib
 
     import wandb
     main = importlib.import_module(name).main
     args = [str(a) for a in args]
-    out, err, before, argv = io.StringIO(), io.StringIO(), os.getcwd(), sys.argv
+    out, err = io.StringIO(), io.StringIO()
+    before, argv, program = os.getcwd(), sys.argv, os.environ.get("WANDB_PROGRAM")
     os.chdir(cwd)
     sys.argv, os.environ["WANDB_PROGRAM"] = [f"{name}.py", *args], f"{name}.py"  # W&B saves and names the script
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
                 code = main(args)
-            except SystemExit as e:  # argparse: 2 and its usage on stderr
-                code = e.code if isinstance(e.code, int) else 1
+            except SystemExit as e:  # argparse: 2 and its usage on stderr; SystemExit("text"): the text, 1
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
     finally:
         os.chdir(before)
         sys.argv = argv
-        os.environ.pop("WANDB_PROGRAM")
+        if program is None:
+            os.environ.pop("WANDB_PROGRAM")
+        else:
+            os.environ["WANDB_PROGRAM"] = program
         wandb.teardown()  # the next run's wandb.setup reads this test's environment, not the first one's
     return subprocess.CompletedProcess([f"{name}.py", *args], code, out.getvalue(), err.getvalue())
 
