@@ -88,7 +88,7 @@ def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None 
     source, artifact = data_source(cfg, run)
     data = load_data(source, cfg.image_col, cfg.label_col, cfg.group_col, cfg.skip_bad_images)
     given, cfg = cfg, resolve_auto(cfg, run, data)  # the lineage records what was asked: auto, not its answer
-    source_rows = lineage.manifest(data)  # before screening replaces the paths with decoded images
+    source_rows = lineage.manifest(data)  # the paths, as read (screening returns decoded copies)
     if cfg.label_fixes:
         fixed, excluded = apply_label_fixes(data, cfg.label_fixes)
         print(f"--label_fixes {cfg.label_fixes}: {fixed} label(s) changed, {excluded} image(s) excluded")
