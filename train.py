@@ -10,7 +10,6 @@ Reads top-down: main -> train (data, decisions, lineage) -> fit (one split's epo
 """
 import contextlib
 import dataclasses
-import functools
 import os
 import sys
 import time
@@ -19,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets import load_data, load_image, screen_images, write_submission
+from datasets import load_data, screen_images, write_submission
+from models.checkpoint import read_meta
 from optim import is_per_epoch
 from optim.stepper import EpochProgress, train_one_epoch
 from utils import UserError, distributed, report_error, tracking
 from utils.device import pick_device
-from utils.metrics import Predictions, classification_metrics
+from utils.metrics import classification_metrics
 from utils.runs import new_run_id, runs_dir
 from utils.stop import Stopped, StopSignal, ignore_later_stops
 from workflows import lineage, resume
@@ -32,7 +32,7 @@ from workflows.config import ADDED_CONFIG_KEYS, Config
 from workflows.flags import parse_config
 from workflows.label_errors import analyse_oof, apply_label_fixes
 from workflows.prepare import data_source, load_pseudo_labels, measure_test_shift, resolve_auto, stored_images
-from workflows.report import write_report
+from workflows.report import submit_report, val_predictions
 from workflows.training import FitInputs, FitSetup, build_fit, describe_fit, epoch_metrics, evaluate, predict_test
 
 
@@ -114,8 +114,7 @@ def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None 
     if cfg.cv:
         summary, test_probs = cross_validate(cfg, run, out_dir, inputs, stop, state)
     else:
-        r = fit(cfg, run, out_dir, inputs, stop, state=state)
-        summary, test_probs = {cfg.monitor: r.best_score, "best_epoch": r.best_epoch}, r.test_probs
+        summary, test_probs = holdout(cfg, run, out_dir, inputs, stop, state)
     if distributed.is_main():
         finish_summary(cfg, run, out_dir, data, summary, test_probs)
 
@@ -134,6 +133,8 @@ def finish_summary(cfg: Config, run, out_dir: Path, data, summary: dict, test_pr
     print(f"best {cfg.monitor} {summary[cfg.monitor]:.4f}"
           + (f" at epoch {summary['best_epoch']}" if "best_epoch" in summary else " (mean over folds)")
           + (f" | test/f1_macro {summary['test/f1_macro']:.4f}" if "test/f1_macro" in summary else "")
+          + (f" (holdout model: {summary.get('holdout/test/f1_macro', 0):.4f})" if "holdout/test/f1_macro" in summary
+             else "") + (" | test set predicted by the final fit" if cfg.final_fit and test_probs is not None else "")
           + (f" | wrote {out_dir / 'submission.csv'}" if test_probs is not None else ""))
 
 
@@ -146,6 +147,7 @@ class FitResult:
     best_epoch: int
     best_path: Path
     test_probs: np.ndarray | None  # the best checkpoint's, rebuilt from the file alone
+SAVED = ("val_idx", "val_probs", "best_score", "best_epoch", "test_probs")  # result.npz: a fit done before a resume
 
 
 def cross_validate(cfg: Config, run, out_dir: Path, inputs: FitInputs, stop: StopSignal,
@@ -164,8 +166,7 @@ def cross_validate(cfg: Config, run, out_dir: Path, inputs: FitInputs, stop: Sto
             r = fit(dataclasses.replace(cfg, fold=k), run, fold_dir, inputs, stop, prefix=f"fold{k}/",
                     state=state if k == start else None, resume_path=out_dir / resume.RESUME_FILE)
             if distributed.is_main():
-                kept = ("val_idx", "val_probs", "best_score", "best_epoch", "test_probs")
-                resume.save_arrays(fold_dir / "result.npz", {f: getattr(r, f) for f in kept})
+                resume.save_arrays(fold_dir / "result.npz", {f: getattr(r, f) for f in SAVED})
         oof[r.val_idx], folds[r.val_idx] = r.val_probs, k
         results.append(r)
         scores = [r.best_score for r in results]
@@ -180,6 +181,27 @@ def cross_validate(cfg: Config, run, out_dir: Path, inputs: FitInputs, stop: Sto
     return summary, None if test[0] is None else np.mean(test, axis=0)
 
 
+def holdout(cfg: Config, run, out_dir: Path, inputs: FitInputs, stop: StopSignal,
+            state: dict | None = None) -> tuple[dict, np.ndarray | None]:
+    """One holdout fit; its best epoch is the run's monitor. --final_fit: then one more fit, on every labelled image
+    for the same epochs with the holdout's test-time steps, in final/; its last epoch predicts the test set."""
+    in_final = state is not None and state["config"]["monitor"] == resume.FINAL_MONITOR  # stopped in the final fit
+    r = (FitResult(**resume.load_arrays(out_dir / "result.npz"), best_path=out_dir / "best.safetensors") if in_final
+         else fit(cfg, run, out_dir, inputs, stop, state=state))
+    summary = {cfg.monitor: r.best_score, "best_epoch": r.best_epoch}
+    if not cfg.final_fit:
+        return summary, r.test_probs
+    if distributed.is_main() and not in_final:
+        resume.save_arrays(out_dir / "result.npz", {f: getattr(r, f) for f in SAVED})
+    decided = distributed.broadcast(read_meta(r.best_path).get("test_time") if distributed.is_main() else None)
+    final_cfg = dataclasses.replace(cfg, monitor=resume.FINAL_MONITOR, monitor_mode="max", patience=0)
+    final = fit(final_cfg, run, out_dir / "final", dataclasses.replace(inputs, final=True, test_time=decided), stop,
+                prefix="final/", state=state if in_final else None, resume_path=out_dir / resume.RESUME_FILE)
+    if r.test_probs is not None and inputs.data.test_labels is not None:  # what the final fit changed, where known
+        summary["holdout/test/f1_macro"] = classification_metrics(inputs.data.test_labels, r.test_probs)["f1_macro"]
+    return summary, final.test_probs
+
+
 def fit(cfg: Config, run, out_dir: Path, inputs: FitInputs, stop: StopSignal, prefix: str = "",
         state: dict | None = None, resume_path: Path | None = None) -> FitResult:
     """Train on fold cfg.fold (or the holdout split) and predict the test set with the best checkpoint.
@@ -188,7 +210,7 @@ def fit(cfg: Config, run, out_dir: Path, inputs: FitInputs, stop: StopSignal, pr
     `state` (that file, loaded) continues from it, bit-identical on the CPU to a run that was never interrupted."""
     data = inputs.data
     s = build_fit(cfg, run.id, out_dir, inputs, prefix, online=run.mode == "online")
-    print(describe_fit(cfg, s, data, prefix, out_dir, inputs.pseudo))
+    print(describe_fit(cfg, s, data, prefix, out_dir, inputs))
     resume_path = resume_path or out_dir / resume.RESUME_FILE
     try:
         start_epoch, best_probs, progress = 1, None, None
@@ -268,26 +290,6 @@ def log_epoch(cfg: Config, run, data, s: FitSetup, prefix: str, metrics: dict, m
         print(f"early stop: no new best {cfg.monitor} for {cfg.patience} epochs")
         run.set_summary({prefix + "stopped_epoch": epoch})
     return early_stop
-
-
-def submit_report(cfg: Config, run, prefix: str, data, s: FitSetup, probs: np.ndarray) -> None:
-    """report.html in the fit's folder (workflows/report.py) for the best epoch so far, written on the checkpoint
-    writer's thread."""
-    if not distributed.is_main():
-        return
-    summary = {"run": run.id, **({"fold": cfg.fold} if prefix else {}), "model": cfg.model, "img_size": cfg.img_size,
-               "loss": cfg.loss, "optimizer": cfg.optimizer, "lr": cfg.lr, "epochs": cfg.epochs,
-               "best_epoch": s.keeper.best_epoch, cfg.monitor: s.keeper.best_score}
-    report = functools.partial(
-        write_report, s.keeper.dir / "report.html", title=f"{cfg.model}, run {run.id} {prefix.rstrip('/')}",
-        summary=summary, history=run.history(prefix), preds=val_predictions(data, s, probs), max_images=cfg.table_rows)
-    s.keeper.writer.submit(report)
-
-
-def val_predictions(data, s: FitSetup, probs: np.ndarray) -> Predictions:
-    """The validation rows' predictions, their images as they were validated (noisy copies under --val_noise auto)."""
-    return Predictions([data.ids[i] for i in s.val_idx], lambda r: load_image(s.val_images[r]),
-                       data.labels[s.val_idx], probs, data.classes)
 
 
 if __name__ == "__main__":

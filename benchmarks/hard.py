@@ -33,7 +33,13 @@ RECIPES = {  # name -> train.py flags on top of the defaults
     "TTA d4": ["--tta", "d4", "--test_bn", "none"],
     "TTA d4 + test-time BN": ["--tta", "d4", "--test_bn", "adapt"],
     "no test-time steps": ["--test_bn", "none", "--tta", "none"],  # the defaults are auto: decided from the measure
-    "pseudo-labels": None,  # the defaults run's test probabilities (p >= 0.9) added, trained again
+    "EMA": ["--ema", "True"],
+    "final fit": ["--final_fit", "True"],  # + a fit on every labelled image; its holdout model: holdout/test/f1_macro
+}
+PSEUDO = {  # the defaults run's test probabilities added (p >= 0.9, and the share per class), trained again
+    "pseudo-labels": [],
+    "pseudo-labels, class-balanced 30 %": ["--pseudo_share", "0.3"],
+    "pseudo-labels, class-balanced 60 %": ["--pseudo_share", "0.6"],
 }
 
 
@@ -62,7 +68,7 @@ def train(out: Path, epochs: int, seed: int, flags: list[str]) -> tuple[float, f
 
 
 def recipe(name: str, work: Path, epochs: int, seed: int) -> tuple[float, float]:
-    if RECIPES[name] is not None:
+    if name in RECIPES:
         return train(work / f"{name.replace(' ', '_')}-{seed}", epochs, seed, RECIPES[name])
     first = work / f"defaults-{seed}"
     if not (first / "best.safetensors").is_file():
@@ -70,7 +76,8 @@ def recipe(name: str, work: Path, epochs: int, seed: int) -> tuple[float, float]
     probs = work / f"probs-{seed}.csv"
     _, wall = run([sys.executable, "predict.py", str(first), "--data", "digits_hard", "--out", str(work / "sub.csv"),
                    "--save_probs", str(probs), "--cache_dir", str(work / "cache")])
-    f1, wall2 = train(work / f"pseudo-{seed}", epochs, seed, ["--pseudo_labels", str(probs)])
+    f1, wall2 = train(work / f"{name.replace(' ', '_')}-{seed}", epochs, seed, ["--pseudo_labels", str(probs),
+                                                                             *PSEUDO[name]])
     return f1, wall + wall2
 
 
@@ -139,8 +146,8 @@ def rank_correlation(work: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipes", nargs="*", default=["reference loop", *RECIPES],
-                        help=f"any of: 'reference loop', {', '.join(repr(r) for r in RECIPES)}")
+    parser.add_argument("--recipes", nargs="*", default=["reference loop", *RECIPES, *PSEUDO],
+                        help=f"any of: 'reference loop', {', '.join(repr(r) for r in [*RECIPES, *PSEUDO])}")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--sweep", type=int, default=0, help="also run a sweep of this many trials (seed 0)")

@@ -3,7 +3,7 @@ reads them back and trains on the confident test images (pseudo-labels).
 
 Usage:
     write_probs("probs.csv", data.test_ids, probs, data.classes, source="ensemble of a, b (run x1y2)")
-    rows, labels, info = read_pseudo_labels("probs.csv", data, threshold=0.9)   # test rows, their class index
+    rows, labels, info = read_pseudo_labels("probs.csv", data, threshold=0.9, share=0.3)  # test rows, class index
 File: id,source,p_<class>... one row per test image, the class columns in the model's class order; `source`
 names the run or ensemble that produced it (lineage).
 """
@@ -21,8 +21,25 @@ def write_probs(path: Path, ids: list[str], probs: np.ndarray, classes: list[str
               ([i, source, *(f"{p:.6g}" for p in row)] for i, row in zip(ids, probs)))
 
 
-def read_pseudo_labels(path: str, data: Data, threshold: float) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(test rows whose top probability >= threshold, their predicted class, a record for the lineage).
+def select_confident(probs: np.ndarray, threshold: float, share: float) -> np.ndarray:
+    """Which rows become pseudo-labels: a top probability >= threshold, or (share > 0) among the most confident
+    `share` of the rows predicted as that class: class-balanced self-training (Zou et al. 2018, CBST), so a class the
+    model is less sure of on a shifted test set still gets its share instead of none."""
+    if not len(probs):
+        return np.zeros(0, bool)
+    top, pred = probs.max(1), probs.argmax(1)
+    keep = top >= threshold
+    if share > 0:
+        for k in np.unique(pred):
+            rows = np.flatnonzero(pred == k)
+            take = rows[np.argsort(-top[rows], kind="stable")[:int(np.ceil(share * len(rows)))]]
+            keep[take] = True
+    return keep
+
+
+def read_pseudo_labels(path: str, data: Data, threshold: float,
+                       share: float = 0.0) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(test rows chosen by select_confident, their predicted class, a record for the lineage).
     The file must cover this data's test ids (no others) with this data's classes, in the same order."""
     path = Path(path)
     try:
@@ -48,10 +65,11 @@ def read_pseudo_labels(path: str, data: Data, threshold: float) -> tuple[np.ndar
                          dtype=np.float64).reshape(len(rows), len(wanted))
     except ValueError as e:
         raise UserError(f"--pseudo_labels {path}: a probability is not a number ({e})") from None
-    keep = probs.max(1) >= threshold if len(rows) else np.zeros(0, bool)
+    keep = select_confident(probs, threshold, share)
     test_rows = np.array([where[i] for i in ids], dtype=np.int64)[keep]
     labels = probs.argmax(1)[keep].astype(np.int64)
     info = {"file": str(path), "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "threshold": threshold,
+            "share": share,
             "source": sorted({r.get("source", "") for r in rows}), "test_images": len(rows), "added": int(keep.sum()),
             "per_class": {c: int((labels == k).sum()) for k, c in enumerate(data.classes)}}
     return test_rows, labels, info

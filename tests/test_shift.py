@@ -146,6 +146,17 @@ def test_pseudo_label_file_is_checked_and_thresholded(tmp_path):
         read_pseudo_labels(str(path), data, 0.9)
 
 
+def test_class_balanced_pseudo_labels_give_an_unsure_class_its_share():
+    from datasets.pseudo import select_confident
+    # class a: confident rows 0-3; class b: never above 0.6, so the threshold alone gives it nothing
+    probs = np.array([[0.99, 0.01], [0.97, 0.03], [0.95, 0.05], [0.6, 0.4],
+                      [0.45, 0.55], [0.4, 0.6], [0.48, 0.52], [0.3, 0.7]])
+    assert np.flatnonzero(select_confident(probs, 0.9, 0.0)).tolist() == [0, 1, 2]
+    # share 0.5: the top half of each predicted class (a: rows 0, 1; b: rows 7, 5), plus all above the threshold
+    assert np.flatnonzero(select_confident(probs, 0.9, 0.5)).tolist() == [0, 1, 2, 5, 7]
+    assert select_confident(probs, 1.0, 1.0).all() and not select_confident(np.zeros((0, 2)), 0.9, 0.5).size
+
+
 def test_batchnorm_adapts_to_the_test_images_and_a_model_without_says_so(capsys):
     import torch
 

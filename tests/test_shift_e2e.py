@@ -52,3 +52,37 @@ def test_noisy_test_set_drives_augmentation_validation_and_pseudo_labels(noisy_c
     wrong.write_text("id,source,p_a,p_b\n" + "".join(f"{r['id']},x,0.5,0.5\n" for r in rows))
     proc = run_train(args + [f"--out_dir={tmp_path / 'c'}", f"--pseudo_labels={wrong}"], check=False)
     assert proc.returncode == 1 and proc.stderr.strip().count("\n") == 0 and "p_zero" in proc.stderr
+
+
+def test_final_fit_trains_on_every_image_with_the_holdouts_decisions_and_resumes_inside_it(
+        noisy_competition, tmp_path, monkeypatch):
+    import signal
+
+    import train
+    from models.checkpoint import read_meta
+    from utils.stop import Stopped
+    args = ["--data", str(noisy_competition), "--model", TINY_MODEL, "--img_size", "32", "--epochs=2", "--workers=0",
+            "--batch_size=32", "--table_rows=5", "--keep_top_k=1", "--final_fit=True", f"--out_dir={tmp_path / 'f'}"]
+    real_epoch = train.train_epoch
+
+    def stop_in_final_epoch_2(cfg, s, epoch, prefix, stop, progress):
+        if prefix == "final/" and epoch == 2:
+            raise Stopped(signal.SIGTERM, phase="training")
+        return real_epoch(cfg, s, epoch, prefix, stop, progress)
+    monkeypatch.setattr(train, "train_epoch", stop_in_final_epoch_2)
+    proc = run_train(args, check=False)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "train 160, val 40, test 160" in proc.stdout  # the holdout
+    assert "train 200, val 40 (final fit: every labelled image trains, validation included)" in proc.stdout
+    monkeypatch.setattr(train, "train_epoch", real_epoch)
+
+    proc = run_train(args)  # continues inside the final fit: the holdout is not trained again
+    assert "resumed at epoch 2 of 2" in proc.stdout and "\nepoch   1/2" not in proc.stdout, proc.stdout
+    assert "test set predicted by the final fit" in proc.stdout
+    holdout, final = read_meta(tmp_path / "f" / "best.safetensors"), read_meta(tmp_path / "f" / "final" /
+                                                                                "best.safetensors")
+    assert final["test_time"] == holdout["test_time"] and final["epoch"] == 2  # its last epoch, the holdout's steps
+    summary = merged(read_run(sorted((tmp_path / "f" / "wandb").glob("offline-run-*"))[-1]), "summary")  # resumed
+    assert summary["final/best_epoch"] == 2 and summary["best_epoch"] == holdout["epoch"]
+    assert summary["val/f1_macro"] == holdout["metrics"]["val/f1_macro"]  # the monitor stays the holdout's
+    assert (tmp_path / "f" / "submission.csv").is_file() and not (tmp_path / "f" / "resume.pt").exists()

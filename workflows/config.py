@@ -68,6 +68,11 @@ class Config:
     fold: int = opt(0, "which fold validates, 0 <= fold < folds")
     cv: bool = opt(False, "train all `folds` folds in one run: the monitored metric becomes their mean (std beside "
                           "it), with out-of-fold probabilities for every training image in oof.csv")
+    final_fit: bool = opt(False, "after the holdout fit (which picks the best epoch and decides --tta and --test_bn "
+                                 "auto), train again on every labelled image, validation included, for the same "
+                                 "epochs, in out_dir/final/; its last epoch predicts the test set and the "
+                                 "submission. The monitor stays the holdout's; not with cv (the folds' models "
+                                 "already predict the test set together)")
     img_size: int = opt(0, "square input size in px; 0 = auto: the images' median side rounded to 32 px, at least 64 "
                            "and at most the model's pretrained size (the digits demo: 48)")
     aug_preset: str = opt("auto", "training augmentation preset", _augs)
@@ -92,7 +97,10 @@ class Config:
     pseudo_labels: str = opt("", "CSV of test-set probabilities (predict.py or ensemble.py --save_probs): the test "
                                  "images whose top probability is >= pseudo_threshold train with that label (never "
                                  "validate)")
-    pseudo_threshold: float = opt(0.9, "the least top probability that makes a test image a pseudo-label")
+    pseudo_threshold: float = opt(0.9, "a test image whose top probability is at least this is a pseudo-label")
+    pseudo_share: float = opt(0.0, "0-1: also, per predicted class, its most confident share of the test images "
+                                   "(class-balanced: every class gets pseudo-labels on a shifted test set, where one "
+                                   "threshold keeps few); 0 = the threshold alone")
     label_fixes: str = opt("", "CSV of id,new_label (a --cv run's suspect_labels.csv, edited): relabel each listed "
                                "training image to its new_label, or drop it where new_label is 'exclude'; blank rows "
                                "are kept as they are")
@@ -231,11 +239,14 @@ class Config:
             (self.folds == 0 or self.folds >= 2, "folds must be 0 (holdout) or >= 2"),
             (self.folds == 0 or 0 <= self.fold < self.folds, f"fold must satisfy 0 <= fold < folds ({self.folds})"),
             (not self.cv or self.folds >= 2, "cv needs folds >= 2, e.g. --folds 5 --cv True"),
+            (not (self.cv and self.final_fit), "final_fit follows one holdout fit; with cv, the folds' models predict "
+                                               "the test set together: pass one of them"),
             (self.keep_top_k >= 0 and self.table_rows >= 0, "keep_top_k and table_rows must be >= 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (0 <= self.aug_strength <= 1, "aug_strength must be in [0, 1]"),
             (self.cache_max_gb >= 0, "cache_max_gb must be >= 0 (0 = auto)"),
             (0 < self.pseudo_threshold <= 1, "pseudo_threshold must be in (0, 1]"),
+            (0 <= self.pseudo_share <= 1, "pseudo_share must be in [0, 1]"),
             (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
             (0 <= self.mix_prob <= 1, "mix_prob must be in [0, 1]"),
             (not (self.mixup or self.cutmix) or self.batch_size % 2 == 0, "mixup/cutmix need an even batch_size"),

@@ -74,13 +74,14 @@ def measure_test_shift(cfg: Config, run, data, stored: tuple[list, list, list]) 
 
 
 def load_pseudo_labels(cfg: Config, run, data, lineage_meta: dict | None) -> tuple | None:
-    """--pseudo_labels: (test rows, labels) at or above --pseudo_threshold, counted per class in the log, the W&B
-    config (pseudo_label_source: file, digest, the run or ensemble that wrote it) and every checkpoint's lineage;
-    the file itself is an artifact of the run."""
+    """--pseudo_labels: (test rows, labels) at or above --pseudo_threshold or in --pseudo_share, counted per class in
+    the log, the W&B config (pseudo_label_source: file, digest, the run or ensemble that wrote it) and every
+    checkpoint's lineage; the file itself is an artifact of the run."""
     if not cfg.pseudo_labels:
         return None
-    rows, labels, info = read_pseudo_labels(cfg.pseudo_labels, data, cfg.pseudo_threshold)
-    print(f"pseudo-labels: {info['added']} of {info['test_images']} test images at p >= {cfg.pseudo_threshold} "
+    rows, labels, info = read_pseudo_labels(cfg.pseudo_labels, data, cfg.pseudo_threshold, cfg.pseudo_share)
+    print(f"pseudo-labels: {info['added']} of {info['test_images']} test images at p >= {cfg.pseudo_threshold}"
+          f"{f' or in the top {cfg.pseudo_share:.0%} of their class' if cfg.pseudo_share else ''} "
           f"({', '.join(f'{c} {n}' for c, n in info['per_class'].items())}) from {'; '.join(info['source'])}")
     run.update_config({"pseudo_label_source": info})
     run.set_summary({"pseudo_labels/added": info["added"],

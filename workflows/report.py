@@ -3,14 +3,18 @@ their curves, the per-class scores, the confusion matrix and the misclassified g
 where the W&B dashboard is out of reach. Open it in any browser, or copy it anywhere.
 
 Usage: write_report(out_dir / "report.html", title, summary, history, Predictions(...), max_images)
+       submit_report(cfg, run, prefix, data, s, probs)   # train.py: a fit's report, on its checkpoint writer
 """
 import base64
+import functools
 import html
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from datasets import load_image
+from utils import distributed
 from utils.files import atomic_write_bytes
 from utils.metrics import Predictions, classification_metrics
 
@@ -96,3 +100,23 @@ balanced accuracy {m['acsa']:.4f}, ROC-AUC {m['auc_macro']:.4f};
 </body></html>
 """
     atomic_write_bytes(Path(path), page.encode())
+
+
+def submit_report(cfg, run, prefix: str, data, s, probs: np.ndarray) -> None:
+    """report.html in the fit's folder (workflows/report.py) for the best epoch so far, written on the checkpoint
+    writer's thread."""
+    if not distributed.is_main():
+        return
+    summary = {"run": run.id, **({"fold": cfg.fold} if prefix else {}), "model": cfg.model, "img_size": cfg.img_size,
+               "loss": cfg.loss, "optimizer": cfg.optimizer, "lr": cfg.lr, "epochs": cfg.epochs,
+               "best_epoch": s.keeper.best_epoch, cfg.monitor: s.keeper.best_score}
+    report = functools.partial(
+        write_report, s.keeper.dir / "report.html", title=f"{cfg.model}, run {run.id} {prefix.rstrip('/')}",
+        summary=summary, history=run.history(prefix), preds=val_predictions(data, s, probs), max_images=cfg.table_rows)
+    s.keeper.writer.submit(report)
+
+
+def val_predictions(data, s, probs: np.ndarray) -> Predictions:
+    """The validation rows' predictions, their images as they were validated (noisy copies under --val_noise auto)."""
+    return Predictions([data.ids[i] for i in s.val_idx], lambda r: load_image(s.val_images[r]),
+                       data.labels[s.val_idx], probs, data.classes)

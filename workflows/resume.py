@@ -84,6 +84,9 @@ def load_state(path: Path) -> dict:
     return state
 
 
+FINAL_MONITOR = "epoch"  # the monitor of --final_fit's fit (train.py holdout): its last epoch is its best
+
+
 def find_resume(resume: str, out_dir: Path) -> Path | None:
     """--resume auto: out_dir/resume.pt if a run there was interrupted, else None (a fresh start);
     --resume PATH: that file, or PATH/resume.pt."""
@@ -101,6 +104,8 @@ def find_resume(resume: str, out_dir: Path) -> Path | None:
 
 def check_same_run(saved: dict, current: dict, path: Path) -> None:
     free = BOOKKEEPING_KEYS | ({"fold"} if saved.get("cv") else set())  # a cross-validated run saves the fold it was in
+    if saved.get("monitor") == FINAL_MONITOR:  # stopped in --final_fit's fit, which keeps its last epoch
+        free |= {"monitor", "monitor_mode", "patience"}
     auto = {k for k, v in current.items() if v in ("auto", 0) and k in AUTO_KEYS}  # decided again, the same way
     auto |= {"pretrained_path"} if current.get("pretrained") == "auto" else set()
     free |= {"test_bn"}  # used once, after training: a run saved before --test_bn auto resumes under it

@@ -104,6 +104,8 @@ class FitInputs:
     lineage_meta: dict | None = None  # goes in every checkpoint (workflows/lineage.record)
     shift: dict | None = None  # the test set's measured corruption (datasets/shift.measure_data), for the auto keys
     pseudo: tuple | None = None  # (test rows, their labels) that train beside the training split
+    final: bool = False  # the final fit (--final_fit): every labelled image trains; validation is in training
+    test_time: dict | None = None  # the final fit: its holdout's test-time decision (not decided again)
 
 
 @dataclass
@@ -138,6 +140,8 @@ def build_fit(cfg: Config, run_id: str, out_dir: Path, inputs: FitInputs, prefix
     seed_everything(cfg.seed)
     device = distributed.device_for(pick_device(cfg.device))
     train_idx, val_idx = split_indices(data.labels, data.groups, cfg.val_fraction, cfg.folds, cfg.fold, cfg.seed)
+    if inputs.final:  # its validation scores only show the fit is sane: it trains on those images too
+        train_idx = np.arange(len(data.labels))
     train_items, y_train = take(data.items, train_idx), data.labels[train_idx]
     if pseudo is not None:  # confident test images, in training only
         train_items = JoinedImages(train_items, take(data.test_items, pseudo[0]))
@@ -145,7 +149,7 @@ def build_fit(cfg: Config, run_id: str, out_dir: Path, inputs: FitInputs, prefix
     settings = shift["settings"] if shift else None
     noisy_val = cfg.val_noise == "auto" and any_on(settings)  # val/* noisy, val_clean/* clean
     scalar_keys = SCALAR_KEYS + (CLEAN_KEYS if noisy_val else [])
-    metric_keys = scalar_keys + [f"val/f1/{c}" for c in data.classes]
+    metric_keys = scalar_keys + [f"val/f1/{c}" for c in data.classes] + (["epoch"] if inputs.final else [])
     if cfg.monitor not in metric_keys:
         raise UserError(f"--monitor {cfg.monitor!r} is not a logged metric; choose one of {metric_keys}")
     loss_fn, mixup = build_loss_and_mixup(cfg, y_train, len(data.classes), device)
@@ -171,13 +175,13 @@ def build_fit(cfg: Config, run_id: str, out_dir: Path, inputs: FitInputs, prefix
                               writer=BackgroundWriter("checkpoint-writer"))  # files written while the next epoch trains
     meta = dict(format="sweepcls/1", model=cfg.model, classes=data.classes, targets=data.targets, img_size=cfg.img_size,
                 mean=mean, std=std, config=cfg.to_dict(), run_id=run_id, fold=cfg.fold, lineage=lineage_meta,
-                test_shift=shift)
+                test_shift=shift, **({"test_time": inputs.test_time} if inputs.test_time else {}))
     return FitSetup(device=device, amp_dtype=stepper.amp_dtype, workers=workers, train_size=len(train_ds),
                     val_idx=val_idx, val_part=val_part, val_images=val_images, scalar_keys=scalar_keys, sampler=sampler,
                     train_loader=train_loader, val_loader=val_loader(val_images),
                     clean_loader=val_loader(val_items) if noisy_val else None, mixup=mixup, stepper=stepper,
                     eval_model=stepper.ema.module if stepper.ema is not None else model, keeper=keeper, meta=meta,
-                    artifact_name=f"model-{run_id}{f'-fold{cfg.fold}' if prefix else ''}",
+                    artifact_name=f"model-{run_id}{'-' + prefix.rstrip('/') if prefix else ''}",
                     model_log=ModelLog(cfg.log_model, online))
 
 
@@ -248,7 +252,8 @@ def predict_test(cfg: Config, run, data, s: FitSetup, prefix: str = "") -> np.nd
     """The test-time steps decided and recorded in best.safetensors (decide_test_time; before the model artifact is
     logged from it), then the test set's probabilities from that file alone, as a user (predict.py) would load it."""
     s.keeper.flush()  # best.safetensors on disk
-    decide_test_time(cfg, run, data, s, prefix)
+    if "test_time" not in s.meta:  # the final fit's is its holdout's, in every checkpoint's metadata
+        decide_test_time(cfg, run, data, s, prefix)
     best, meta = load_model(s.keeper.best_path, s.device)
     steps = test_time.resolve(meta, s.keeper.best_path, cfg.tta, cfg.test_bn)  # the decision just recorded
     loader = make_loader(ImageDataset(data.test_items, data.test_labels,
@@ -287,12 +292,13 @@ def decide_test_time(cfg: Config, run, data, s: FitSetup, prefix: str = "") -> d
     return decision
 
 
-def describe_fit(cfg: Config, s: FitSetup, data, prefix: str, out_dir: Path, pseudo: tuple | None) -> str:
+def describe_fit(cfg: Config, s: FitSetup, data, prefix: str, out_dir: Path, inputs: FitInputs) -> str:
     """The console line that opens a fit."""
-    world = distributed.world_size()
+    world, pseudo = distributed.world_size(), inputs.pseudo
     own = s.train_size - (len(pseudo[0]) if pseudo is not None else 0)
     return (f"{cfg.model} on {s.device} | {len(data.classes)} classes | train {own}"
-            f"{f' + {len(pseudo[0])} pseudo-labelled' if pseudo is not None else ''}, val {len(s.val_idx)}, "
+            f"{f' + {len(pseudo[0])} pseudo-labelled' if pseudo is not None else ''}, val {len(s.val_idx)}"
+            f"{' (final fit: every labelled image trains, validation included)' if inputs.final else ''}, "
             f"test {len(data.test_items or [])} | {cfg.loss}, {cfg.optimizer}{'+SAM' if cfg.sam else ''}, "
             f"{cfg.scheduler}, {cfg.sampler} sampler{', EMA' if cfg.ema else ''} | {s.workers} loader workers"
             f"{f' | {world} processes' if world > 1 else ''} | {prefix}out {out_dir}")
