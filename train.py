@@ -133,8 +133,8 @@ def finish_summary(cfg: Config, run, out_dir: Path, data, summary: dict, test_pr
     print(f"best {cfg.monitor} {summary[cfg.monitor]:.4f}"
           + (f" at epoch {summary['best_epoch']}" if "best_epoch" in summary else " (mean over folds)")
           + (f" | test/f1_macro {summary['test/f1_macro']:.4f}" if "test/f1_macro" in summary else "")
-          + (f" (holdout model: {summary.get('holdout/test/f1_macro', 0):.4f})" if "holdout/test/f1_macro" in summary
-             else "") + (" | test set predicted by the final fit" if cfg.final_fit and test_probs is not None else "")
+          + (f" (holdout model: {summary['holdout/test/f1_macro']:.4f})" if "holdout/test/f1_macro" in summary else "")
+          + (" | final fit on every labelled image predicted it" if "final/best_epoch" in summary else "")
           + (f" | wrote {out_dir / 'submission.csv'}" if test_probs is not None else ""))
 
 
@@ -189,7 +189,7 @@ def holdout(cfg: Config, run, out_dir: Path, inputs: FitInputs, stop: StopSignal
     r = (FitResult(**resume.load_arrays(out_dir / "result.npz"), best_path=out_dir / "best.safetensors") if in_final
          else fit(cfg, run, out_dir, inputs, stop, state=state))
     summary = {cfg.monitor: r.best_score, "best_epoch": r.best_epoch}
-    if not cfg.final_fit:
+    if cfg.final_fit == "false" or (cfg.final_fit == "auto" and not inputs.data.test_items):
         return summary, r.test_probs
     if distributed.is_main() and not in_final:
         resume.save_arrays(out_dir / "result.npz", {f: getattr(r, f) for f in SAVED})
@@ -199,7 +199,7 @@ def holdout(cfg: Config, run, out_dir: Path, inputs: FitInputs, stop: StopSignal
                 prefix="final/", state=state if in_final else None, resume_path=out_dir / resume.RESUME_FILE)
     if r.test_probs is not None and inputs.data.test_labels is not None:  # what the final fit changed, where known
         summary["holdout/test/f1_macro"] = classification_metrics(inputs.data.test_labels, r.test_probs)["f1_macro"]
-    return summary, final.test_probs
+    return summary | {"final/best_epoch": final.best_epoch}, final.test_probs
 
 
 def fit(cfg: Config, run, out_dir: Path, inputs: FitInputs, stop: StopSignal, prefix: str = "",

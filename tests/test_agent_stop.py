@@ -26,7 +26,8 @@ def start_trial(competition, env: dict, *args, wrapper: str = "") -> subprocess.
     """train.py as `wandb agent` starts a trial: its own process group, WANDB_SWEEP_ID and WANDB_RUN_ID set, the
     run folder under SWEEPCLS_RUNS_DIR by run id (no --out_dir)."""
     cmd = [sys.executable, *(["-c", wrapper] if wrapper else ["train.py"]), "--data", str(competition),
-           "--model", TINY_MODEL, "--img_size", "32", "--epochs", "40", "--workers", "0", "--batch_size", "16", *args]
+           "--model", TINY_MODEL, "--img_size", "32", "--epochs", "40", "--workers", "0", "--batch_size", "16",
+           "--final_fit", "false", *args]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             process_group=0)
 

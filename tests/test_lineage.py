@@ -237,6 +237,7 @@ def test_journal_lists_the_runs_of_an_offline_sweep(tmp_path):
                                     "parameters": {"data": {"value": str(data)}, "model": {"value": TINY_MODEL},
                                                    "img_size": {"value": 32}, "epochs": {"value": 2},
                                                    "workers": {"value": 0}, "table_rows": {"value": 4},
+                                                   "final_fit": {"value": "false"},
                                                    "lr": {"values": [0.002, 0.01, 0.0005]}}}))
     sweep = subprocess.run([sys.executable, "sweep.py", str(spec), "--count", "3", "--workers", "2", "--sweep_dir",
                             str(tmp_path / "sw")], cwd=ROOT, capture_output=True, text=True)

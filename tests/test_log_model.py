@@ -11,7 +11,8 @@ from models.checkpoint import CheckpointKeeper
 from utils import tracking
 from workflows import training
 
-ARGS = ["--model", TINY_MODEL, "--img_size", "32", "--epochs", "3", "--batch_size", "16", "--workers", "0",
+ARGS = ["--final_fit", "false", "--model", TINY_MODEL,
+        "--img_size", "32", "--epochs", "3", "--batch_size", "16", "--workers", "0",
         "--wandb_mode", "offline", "--resume", ""]
 
 

@@ -18,7 +18,8 @@ from utils.background import BackgroundWriter
 from workflows.resume import RESUME_FILE, load_state, save_state
 
 # dropout and mixup draw from the torch and numpy RNGs: a resume that lost either would diverge
-ARGS = ["--model", TINY_MODEL, "--img_size", "32", "--epochs", "4", "--batch_size", "16", "--drop_rate", "0.2",
+ARGS = ["--final_fit", "false", "--model", TINY_MODEL,
+        "--img_size", "32", "--epochs", "4", "--batch_size", "16", "--drop_rate", "0.2",
         "--mixup", "0.2", "--table_rows", "4"]
 
 

@@ -25,7 +25,8 @@ from conftest import (
     wait_for_epochs,
 )
 
-ARGS = ["--model", TINY_MODEL, "--img_size", "32", "--epochs", "3", "--batch_size", "16", "--drop_rate", "0.2",
+ARGS = ["--final_fit", "false", "--model", TINY_MODEL,
+        "--img_size", "32", "--epochs", "3", "--batch_size", "16", "--drop_rate", "0.2",
         "--mixup", "0.2", "--table_rows", "4"]
 STEPS_PER_EPOCH = 12  # 240 images, 48 of them validate: 192 / 16
 

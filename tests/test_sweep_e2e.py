@@ -42,6 +42,7 @@ def test_offline_sweep_of_train_py_survives_a_killed_runner(tmp_path):
                        metric={"name": "val/f1_macro", "goal": "maximize"}, parameters={
                            "data": {"value": str(data)}, "model": {"value": TINY_MODEL}, "img_size": {"value": 32},
                            "epochs": {"value": 2}, "workers": {"value": 0}, "table_rows": {"value": 8},
+                           "final_fit": {"value": "false"},
                            "lr": {"distribution": "log_uniform_values", "min": 1e-3, "max": 1e-2},
                            "loss": {"values": ["ce", "label_smoothing"]}})
     sweep_dir = tmp_path / "sw"
@@ -129,8 +130,8 @@ def test_stop_signal_saves_and_finishes_the_run(tmp_path, competition, sig):
     out_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "train.py", "--data", str(competition), "--model", TINY_MODEL,
                              "--img_size", "32", "--epochs", "50", "--workers", "0", "--batch_size", "16",
-                             "--out_dir", str(out_dir)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=os.environ.copy())
+                             "--final_fit", "false", "--out_dir", str(out_dir)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=os.environ.copy())
     deadline = time.time() + 120
     while not (out_dir / "metrics.jsonl").exists() or not (out_dir / "metrics.jsonl").read_text():
         assert time.time() < deadline and proc.poll() is None

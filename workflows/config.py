@@ -68,11 +68,12 @@ class Config:
     fold: int = opt(0, "which fold validates, 0 <= fold < folds")
     cv: bool = opt(False, "train all `folds` folds in one run: the monitored metric becomes their mean (std beside "
                           "it), with out-of-fold probabilities for every training image in oof.csv")
-    final_fit: bool = opt(False, "after the holdout fit (which picks the best epoch and decides --tta and --test_bn "
+    final_fit: str = opt("auto", "after the holdout fit (which picks the best epoch and decides --tta and --test_bn "
                                  "auto), train again on every labelled image, validation included, for the same "
-                                 "epochs, in out_dir/final/; its last epoch predicts the test set and the "
-                                 "submission. The monitor stays the holdout's; not with cv (the folds' models "
-                                 "already predict the test set together)")
+                                 "epochs, in out_dir/final/; its last epoch predicts the test set and writes the "
+                                 "submission. The monitor stays the holdout's. auto = true when the data has a test "
+                                 "set and cv is off (with cv, the folds' models predict the test set together)",
+                          auto_bool=True)
     img_size: int = opt(0, "square input size in px; 0 = auto: the images' median side rounded to 32 px, at least 64 "
                            "and at most the model's pretrained size (the digits demo: 48)")
     aug_preset: str = opt("auto", "training augmentation preset", _augs)
@@ -239,8 +240,8 @@ class Config:
             (self.folds == 0 or self.folds >= 2, "folds must be 0 (holdout) or >= 2"),
             (self.folds == 0 or 0 <= self.fold < self.folds, f"fold must satisfy 0 <= fold < folds ({self.folds})"),
             (not self.cv or self.folds >= 2, "cv needs folds >= 2, e.g. --folds 5 --cv True"),
-            (not (self.cv and self.final_fit), "final_fit follows one holdout fit; with cv, the folds' models predict "
-                                               "the test set together: pass one of them"),
+            (not (self.cv and self.final_fit == "true"),
+             "final_fit follows one holdout fit; with cv, the folds' models predict the test set together: pass one"),
             (self.keep_top_k >= 0 and self.table_rows >= 0, "keep_top_k and table_rows must be >= 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (0 <= self.aug_strength <= 1, "aug_strength must be in [0, 1]"),
