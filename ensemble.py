@@ -8,8 +8,10 @@ Members may differ in backbone, image size and normalization: each is rebuilt fr
 --weights auto fits non-negative weights on a labelled set every member can be scored on without
 leakage (their shared validation split, or out-of-fold predictions of cross-validated runs). The
 ensemble is a W&B run (job_type=ensemble) with the scores, the submission and a table of the images
-on which the members disagree. --tta and --test_bn auto (the default) give each member (each fold of a --cv
-run) what its own run decided. Predictions are cached per (member, images, resolved TTA and test_bn) in --cache_dir.
+on which the members disagree. A run dir with a final fit (train.py --final_fit) predicts the test set with it;
+its weight comes from its holdout model, which did not train on the validation images. --tta and --test_bn auto
+(the default) give each member (each fold of a --cv run) what its own run decided. Predictions are cached per
+(member, images, resolved TTA and test_bn) in --cache_dir.
 """
 import argparse
 import sys
@@ -27,6 +29,7 @@ from workflows.ensemble import (
     caruana,
     check_compatible,
     describe_steps,
+    for_test,
     is_artifact_ref,
     load_test_data,
     member_probs,
@@ -202,12 +205,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("give members, or --sweep with --top")
         members = load_members(refs, args.cache_dir)
         data = load_test_data(args.data, members[0].meta)
-        for line in (line for m in members for line in describe_steps(m, args.tta, args.test_bn)):
+        for line in (line for m in members for line in describe_steps(for_test(m), args.tta, args.test_bn)):
             print(line)
         metric = monitor_metric(members[0].meta)
         weights, table = fit_weights(members, data, args, metric)  # table: set -> each member's score + the ensemble's
-        test = [member_probs(m, data.test_items, args.tta, args.cache_dir, args.batch_size, args.device, args.test_bn)
-                for m in members]
+        test = [member_probs(for_test(m), data.test_items, args.tta, args.cache_dir, args.batch_size, args.device,
+                             args.test_bn) for m in members]  # a run's final fit where it has one
     except UserError as e:
         return report_error(e)
     ensemble = weighted(weights, test)

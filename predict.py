@@ -1,7 +1,7 @@
 """One model on a test set: writes the submission (sample_submission.csv's rows and order where there is one).
 
 Usage:
-    python predict.py runs/<run id> --data /data/comp --out submission.csv
+    python predict.py runs/<run id> --data /data/comp --out submission.csv   # its final fit, where it has one
     python predict.py runs/<run id>/best.safetensors --data /data/test_images --tta flip
     python predict.py ENTITY/PROJECT/model-<run id>:best --data /data/comp      # online: pulls the artifact
 The model is rebuilt from its checkpoint alone (backbone, classes, image size, normalization). --tta and --test_bn
@@ -17,7 +17,7 @@ from datasets.cache import default_cache_dir
 from datasets.pseudo import write_probs
 from utils import UserError, report_error
 from utils.metrics import classification_metrics
-from workflows.ensemble import describe_steps, load_test_data, member_probs, resolve_member
+from workflows.ensemble import describe_steps, for_test, load_test_data, member_probs, resolve_member
 from workflows.flags import HelpFormatter, add_config_flags
 
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cache_dir = Path(args.cache_dir or default_cache_dir())
     try:
-        member = resolve_member(args.member, cache_dir)
+        member = for_test(resolve_member(args.member, cache_dir))  # a run dir: its final fit, as its submission
         data = load_test_data(args.data, member.meta)
         for line in describe_steps(member, args.tta, args.test_bn):
             print(line)

@@ -78,7 +78,7 @@ def test_final_fit_trains_on_every_image_with_the_holdouts_decisions_and_resumes
 
     proc = run_train(args)  # continues inside the final fit: the holdout is not trained again
     assert "resumed at epoch 2 of 2" in proc.stdout and "\nepoch   1/2" not in proc.stdout, proc.stdout
-    assert "test set predicted by the final fit" in proc.stdout
+    assert "final fit on every labelled image predicted it" in proc.stdout
     holdout, final = read_meta(tmp_path / "f" / "best.safetensors"), read_meta(tmp_path / "f" / "final" /
                                                                                 "best.safetensors")
     assert final["test_time"] == holdout["test_time"] and final["epoch"] == 2  # its last epoch, the holdout's steps
@@ -86,3 +86,7 @@ def test_final_fit_trains_on_every_image_with_the_holdouts_decisions_and_resumes
     assert summary["final/best_epoch"] == 2 and summary["best_epoch"] == holdout["epoch"]
     assert summary["val/f1_macro"] == holdout["metrics"]["val/f1_macro"]  # the monitor stays the holdout's
     assert (tmp_path / "f" / "submission.csv").is_file() and not (tmp_path / "f" / "resume.pt").exists()
+    # predict.py on the run dir predicts the test set with its final fit, as the run's own submission did
+    assert predict.main([str(tmp_path / "f"), "--data", str(noisy_competition), "--out", str(tmp_path / "p.csv"),
+                         "--batch_size", "32"]) == 0  # as train.py adapted BatchNorm: in batches of 32
+    assert (tmp_path / "p.csv").read_text() == (tmp_path / "f" / "submission.csv").read_text()

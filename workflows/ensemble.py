@@ -36,6 +36,16 @@ class Member:
     paths: list[Path]             # one checkpoint, or a cross-validated run's folds (their probabilities are averaged)
     meta: dict = field(repr=False)  # the first checkpoint's metadata
     oof: Path | None = None       # oof.csv of a cross-validated run
+    final: Path | None = None     # a run dir's final fit (train.py --final_fit): it predicts the test set
+
+
+def for_test(member: Member) -> Member:
+    """The member that predicts the test set: a run's final fit (trained on every labelled image, what wrote the
+    run's own submission) where it has one, else the member itself. Validation, and so the ensemble's weights, stays
+    with the holdout model: the final fit trained on the validation images."""
+    if member.final is None:
+        return member
+    return _checkpoint_member(f"{member.name} (final fit)", [member.final])
 
 
 def _checkpoint_member(name: str, paths: list[Path], oof: Path | None = None) -> Member:
@@ -51,7 +61,8 @@ def is_artifact_ref(ref: str) -> bool:
 
 
 def resolve_member(ref: str, cache_dir: Path) -> Member:
-    """A checkpoint file, a run dir (best.safetensors, or fold*/best.safetensors of a --cv run), or a W&B
+    """A checkpoint file, a run dir (best.safetensors and its final fit's final/best.safetensors, or
+    fold*/best.safetensors of a --cv run), or a W&B
     artifact ref ENTITY/PROJECT/model-<id>:ALIAS, downloaded into cache_dir (online only); refs joined by '+'
     (a --cv run's ENTITY/PROJECT/model-<id>-fold<k>:best) are one member, their probabilities averaged."""
     path = Path(ref)
@@ -59,7 +70,10 @@ def resolve_member(ref: str, cache_dir: Path) -> Member:
         return _checkpoint_member(path.parent.name if path.name == "best.safetensors" else path.name, [path])
     if path.is_dir():
         if (path / "best.safetensors").is_file():
-            return _checkpoint_member(path.name, [path / "best.safetensors"])
+            member = _checkpoint_member(path.name, [path / "best.safetensors"])
+            final = path / "final" / "best.safetensors"
+            member.final = final if final.is_file() else None
+            return member
         folds = sorted(path.glob("fold*/best.safetensors"))
         if folds:
             return _checkpoint_member(path.name, folds, path / "oof.csv" if (path / "oof.csv").is_file() else None)
