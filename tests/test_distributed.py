@@ -40,10 +40,12 @@ def test_torchrun_two_processes_match_one(tmp_path):
     one = subprocess.run([sys.executable, *args, "--out_dir", str(tmp_path / "one")], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
-    assert "2 processes" in two.stdout and two.stdout.count("epoch   2/2") == 1  # rank 1 prints nothing
+    assert "2 processes" in two.stdout and two.stdout.count("\nepoch   2/2") == 1  # rank 1 prints nothing
+    assert two.stdout.count("final/epoch   2/2") == 1 and "final fit on every labelled image predicted it" in two.stdout
 
     rows = {k: [json.loads(line) for line in open(tmp_path / k / "metrics.jsonl")] for k in ("one", "two")}
-    assert len(rows["one"]) == len(rows["two"]) == 2
+    assert len(rows["one"]) == len(rows["two"]) == 4  # the holdout's 2 epochs, then the final fit's
+    rows = {k: [r for r in v if "train/loss" in r] for k, v in rows.items()}  # the holdout's
     for a, b in zip(rows["one"], rows["two"]):
         for key in ("train/loss", "val/loss"):
             assert b[key] == pytest.approx(a[key], rel=LOSS_RTOL), key
@@ -53,10 +55,11 @@ def test_torchrun_two_processes_match_one(tmp_path):
     run_dirs = list((tmp_path / "two" / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1  # one W&B run, rank 0's
     records = read_run(run_dirs[0])
-    assert sum(r["type"] == "history" for r in records) == 2 and [r["exit"]["exit_code"] for r in records
+    assert sum(r["type"] == "history" for r in records) == 4 and [r["exit"]["exit_code"] for r in records
                                                                    if r["type"] == "exit"] == [0]
     assert not (tmp_path / "two" / "resume.pt").exists()
     assert (tmp_path / "two" / "best.safetensors").is_file() and (tmp_path / "two" / "submission.csv").is_file()
+    assert (tmp_path / "two" / "final" / "best.safetensors").is_file()
     one_sub = (tmp_path / "one" / "submission.csv").read_text().splitlines()
     two_sub = (tmp_path / "two" / "submission.csv").read_text().splitlines()
     agree = np.mean([x == y for x, y in zip(one_sub, two_sub)])

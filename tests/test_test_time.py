@@ -103,7 +103,7 @@ def train_with_shift(monkeypatch, data: Path, out: Path, shift: dict | None, *ex
     monkeypatch.setattr(training, "adapt_test_bn", adapt_spy)
     code = train.main(["--data", str(data), "--img_size=32", "--batch_size=32", "--workers=0", "--epochs=1",
                        "--table_rows=0", "--keep_top_k=0", "--wandb_mode=disabled", f"--out_dir={out}",
-                       "--model", TINY_MODEL, *extra])
+                       "--final_fit=false", "--model", TINY_MODEL, *extra])
     return code, calls, adapted
 
 
