@@ -157,7 +157,8 @@ def rank_correlation(work: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipes", nargs="*", default=["reference loop", *RECIPES, *PSEUDO],
-                        help=f"any of: 'reference loop', {', '.join(repr(r) for r in [*RECIPES, *PSEUDO])}")
+                        help="any of: 'reference loop', "
+                        + ", ".join(repr(r) for r in [*RECIPES, *PSEUDO]).replace("%", "%%"))  # argparse formats %
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--sweep", type=int, default=0, help="also run a sweep of this many trials (seed 0)")
