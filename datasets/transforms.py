@@ -5,14 +5,20 @@ Usage:
     eval_tf = eval_transform(img_size, mean, std)
     probs = mean over view in TTA["d4"] of softmax(model(view(batch)))
     candidate = tta_for_shift(shift["settings"])                   # --tta auto: d4, rot4, flip or none
+    train_tf = with_augmix(train_tf, 0.5)                          # --augmix: AugMix before the preset's ops
 `strength` scales every probability and magnitude of a preset: 0 is exactly eval_transform
 (resize + normalize), 1 is the preset at full force. Every pipeline ends with resize to
 img_size x img_size, normalization with the model's mean/std (0-1 pixel scale) and a CHW tensor.
 """
+import random
+
 import albumentations as A
 import cv2
+import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
+from PIL import Image
+from timm.data.auto_augment import augment_and_mix_transform
 
 from utils.registry import Registry
 
@@ -104,6 +110,42 @@ def matched_ops(settings: dict, scale: float) -> list:
         worst, best = max(1, round(100 - m("jpeg"))), max(1, round(100 - m("jpeg") / 2))
         ops.append(A.ImageCompression(quality_range=(worst, best), p=p("jpeg")))
     return ops
+
+
+class AugMix(A.ImageOnlyTransform):
+    """AugMix (Hendrycks et al. 2020) by timm's augment_and_mix_transform: a mix of 3 chains of 1-3 random PIL
+    operations (rotate, shear, translate, posterize, solarize, equalize, autocontrast...) blended with the image.
+    It adds none of the test-set corruptions itself; it widens what the model has seen around them."""
+
+    def __init__(self, magnitude: int = 3, width: int = 3, p: float = 0.5):
+        super().__init__(p=p)
+        self.magnitude, self.width = magnitude, width
+        self.augmix = augment_and_mix_transform(f"augmix-m{magnitude}-w{width}", {"img_mean": (128, 128, 128)})
+
+    def apply(self, img: np.ndarray, **params) -> np.ndarray:
+        """timm draws from the global numpy and random generators: seeded here from the pipeline's own (which the
+        dataset seeds per sample), so a sample's AugMix is the same whatever the loader workers, then put back."""
+        seed = int(self.random_generator.integers(2**32))
+        states = np.random.get_state(), random.getstate()
+        np.random.seed(seed)
+        random.seed(seed)
+        try:
+            return np.asarray(self.augmix(Image.fromarray(img)))
+        finally:
+            np.random.set_state(states[0])
+            random.setstate(states[1])
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("magnitude", "width")
+
+
+def with_augmix(tf: A.Compose, p: float) -> A.Compose:
+    """The pipeline with AugMix applied to a share p of the images right after the resize, before the preset's own
+    operations (the measured corruptions land on the mixed image, as they land on a test image); p 0: as it was."""
+    if not p:
+        return tf
+    first, *rest = tf.transforms
+    return A.Compose([first, AugMix(p=p), *rest])
 
 
 @AUGS.register("auto")

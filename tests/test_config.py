@@ -27,7 +27,8 @@ def test_both_flag_forms_and_types():
                                   ["--loss=nope"], ["--wandb_mode=cloud"], ["--lr=-1"], ["--folds=5", "--fold=5"],
                                   ["--epoch=3"], ["--aug_strength=1.5"], ["--mix_prob=2"], ["--accum_steps=0"],
                                   ["--sam_rho=0"], ["--ema_decay=1"], ["--label_smoothing=1"],
-                                  ["--batch_size=33", "--mixup=0.2"], ["--sampler=balanced"], ["--tta=d8"]])
+                                  ["--batch_size=33", "--mixup=0.2"], ["--sampler=balanced"], ["--tta=d8"],
+                                  ["--augmix=1.5"]])
 def test_bad_flags_exit_with_usage(argv, capsys):
     with pytest.raises(SystemExit) as e:
         parse_config(argv)

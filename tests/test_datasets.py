@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import NAMES, ROOT, make_competition_folder
 from datasets import ImageDataset, SeededSampler, load_data, load_image, split_indices, write_submission
-from datasets.transforms import AUGS, eval_transform
+from datasets.transforms import AUGS, eval_transform, with_augmix
 from utils import UserError
 
 
@@ -148,10 +148,25 @@ def test_presets_give_model_ready_tensors(preset, strength):
     assert ref.min() >= -1 and ref.max() <= 1
 
 
-def test_augmentation_is_seeded_per_sample_not_per_worker():
+def test_augmix_changes_images_and_zero_leaves_the_pipeline_as_it_was():
+    image = np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8)
+    plain = AUGS["none"](24, 1.0, (0.5,) * 3, (0.5,) * 3)
+    assert with_augmix(plain, 0.0) is plain
+    mixed = with_augmix(plain, 1.0)
+    outs = []
+    for seed in (1, 1, 2):
+        mixed.set_random_seed(seed)
+        outs.append(mixed(image=image)["image"])
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])  # seeded by the pipeline
+    assert not torch.equal(outs[0], plain(image=image)["image"])
+
+
+@pytest.mark.parametrize("augmix", [0.0, 1.0])
+def test_augmentation_is_seeded_per_sample_not_per_worker(augmix):
     rng = np.random.default_rng(0)
     items = [rng.integers(0, 255, (24, 24, 3), dtype=np.uint8) for _ in range(12)]
-    ds = ImageDataset(items, np.zeros(12, dtype=np.int64), AUGS["test_noise"](24, 1.0, (0.5,) * 3, (0.5,) * 3))
+    tf = with_augmix(AUGS["test_noise"](24, 1.0, (0.5,) * 3, (0.5,) * 3), augmix)
+    ds = ImageDataset(items, np.zeros(12, dtype=np.int64), tf)
 
     def batches(workers, epoch, weights=None):
         sampler = SeededSampler(len(ds), seed=7, weights=weights)

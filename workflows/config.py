@@ -79,6 +79,8 @@ class Config:
     aug_preset: str = opt("auto", "training augmentation preset", _augs)
     aug_strength: float = opt(1.0, "0-1, scales every probability and magnitude of the preset: 0 = resize + normalize "
                                    "only, 1 = full force (auto: 1 = as measured on the test set)")
+    augmix: float = opt(0.0, "0-1: the share of training images given AugMix (timm's augmix-m3-w3: chains of "
+                             "PIL operations blended with the image) before the preset's operations; 0 = off")
     val_noise: str = opt("auto", "auto = validate on images given the corruption measured on the test set (fixed per "
                                  "image), so the monitor, early stopping and sweeps track the leaderboard; the clean "
                                  "scores are logged as val_clean/*; none = clean validation", ("auto", "none"))
@@ -245,6 +247,7 @@ class Config:
             (self.keep_top_k >= 0 and self.table_rows >= 0, "keep_top_k and table_rows must be >= 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (0 <= self.aug_strength <= 1, "aug_strength must be in [0, 1]"),
+            (0 <= self.augmix <= 1, "augmix must be in [0, 1]"),
             (self.cache_max_gb >= 0, "cache_max_gb must be >= 0 (0 = auto)"),
             (0 < self.pseudo_threshold <= 1, "pseudo_threshold must be in (0, 1]"),
             (0 <= self.pseudo_share <= 1, "pseudo_share must be in [0, 1]"),

@@ -24,7 +24,7 @@ from datasets import ImageDataset, build_sampler, split_indices
 from datasets.cache import JoinedImages
 from datasets.files import take
 from datasets.shift import any_on, noisy_copies
-from datasets.transforms import AUGS, eval_transform
+from datasets.transforms import AUGS, eval_transform, with_augmix
 from losses import build_loss, loss_kwargs, soft_target_losses
 from models import adapt_test_bn, batchnorm_layers, build_model, check_input_size, normalization
 from models.checkpoint import CheckpointKeeper, load_model, read_meta, update_meta
@@ -156,8 +156,8 @@ def build_fit(cfg: Config, run_id: str, out_dir: Path, inputs: FitInputs, prefix
     model = build_fit_model(cfg, len(data.classes), device)
     mean, std = normalization(model)
     workers = default_workers(cfg.workers, distributed.world_size())
-    aug = AUGS.build(cfg.aug_preset, cfg.img_size, cfg.aug_strength, mean, std,
-                     **({"settings": settings} if cfg.aug_preset == "auto" else {}))
+    aug = with_augmix(AUGS.build(cfg.aug_preset, cfg.img_size, cfg.aug_strength, mean, std,
+                                 **({"settings": settings} if cfg.aug_preset == "auto" else {})), cfg.augmix)
     train_ds = ImageDataset(train_items, y_train, aug)
     sampler = build_sampler(cfg.sampler, y_train, cfg.seed, distributed.rank(), distributed.world_size())
     train_loader = make_loader(train_ds, cfg.batch_size // distributed.world_size(), workers, device, sampler,
