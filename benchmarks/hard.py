@@ -43,8 +43,8 @@ RECIPES = {  # name -> train.py flags on top of the defaults
     "no final fit": ["--final_fit", "false"],  # the holdout model predicts the test set (the defaults: a final fit)
 }
 PSEUDO = {  # the defaults run's test probabilities added (p >= 0.9, and the share per class), trained again
-    "pseudo-labels": [],
-    "pseudo-labels, class-balanced 30 %": ["--pseudo_share", "0.3"],
+    "pseudo-labels": [],  # the defaults: --pseudo_share 0.3
+    "pseudo-labels, threshold alone": ["--pseudo_share", "0"],
     "pseudo-labels, class-balanced 60 %": ["--pseudo_share", "0.6"],
 }
 PSEUDO_ROUND_SHARE = "0.3"  # --sweep: the pseudo-label round after the top-3 ensemble

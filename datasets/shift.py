@@ -50,7 +50,7 @@ MIN_POSE_ACCURACY = 0.2  # chance: 0.125. The unmixing corrects for the classifi
 # the shares (documents under noise: accuracy 0.29, turned 0.72 and mirrored 0.45 measured, 0.75 and 0.5 true)
 MIN_POSE_SHARE = 0.25  # turns and flips: the pose estimate's own error on upright sets reaches ~0.15
 SEED = 0
-VERSION = 2        # of the measure: a cached measure (datasets/shift_cache.py) of another version is measured again
+VERSION = 3        # of the measure: a cached measure (datasets/shift_cache.py) of another version is measured again
 POSE_SIDE = 16     # px, the pose classifier's input (grey, standardized)
 
 # per operation, in the order they are resolved (each against training images that already carry the ones before,
@@ -69,6 +69,7 @@ NATIVE = {"jpeg zeros", "noise"}  # read on the images as stored (JPEG's 8x8 gri
 ORIENTATION_BINS = 36    # of 2.5 degrees, over 0-90
 PASSES = 2                # over all operations: each resolved again against all the others the pass before found
 PERMUTATIONS = 300        # random halves of the training and test images: the chance spread of the rotation statistic
+FILLS = ("black", "white", "edge")  # a rotation's corners: constant 0, constant 255, the border pixels repeated
 ROTATION_PROBE, ROTATION_Z = 10, 3.0  # degrees: a rotation's signature; counts beyond this many of its chance spreads
 STORED_MAX = 2            # stored images larger than this many times the training size are measured at that size
 BOOTSTRAP = 30            # resamples of the test images that say how sure a share is
@@ -101,8 +102,10 @@ def _resolve_rotation(images: list, test_images: list, settings: dict, to_side) 
     image's gradients are too few to say how it is turned (a digit), a few hundred images' are not. A rotation by
     up to m degrees smears the training images' histogram; the test set's is fitted as (1 - s) of the training
     images' (with the operations resolved so far) + s of the same images rotated, least squares in units of each
-    bin's standard error; the magnitude that fits best wins. images: the training images as stored (the settings
-    are applied there, as the test set got them), to_side: the resize to the training size."""
+    bin's standard error; the magnitude that fits best wins, and the corners' fill (FILLS) that fits best with it:
+    black corners on white paper are long edges at the rotated angle, white ones on white paper none at all.
+    gap["fill"] names it. images: the training images as stored (the settings are applied there, as the test set
+    got them), to_side: the resize to the training size."""
     apply = corrupter(settings)
     base = _orientations([to_side(apply(img, SEED + i)) for i, img in enumerate(images)])
     test = _orientations(test_images)
@@ -110,20 +113,31 @@ def _resolve_rotation(images: list, test_images: list, settings: dict, to_side) 
     d = (test.mean(0) - base.mean(0)) / error
     gap = {"train": float(base.mean(0).max() * ORIENTATION_BINS), "test": float(test.mean(0).max() * ORIENTATION_BINS),
            "share": 0.0}  # the histograms' peak over a flat one: how axis-aligned the images are
+    fits = [f for f in (_rotation_fit(images, settings, to_side, base, test, error, d, fill) for fill in FILLS) if f]
+    if not fits:
+        return 0.0, 0.0, gap
+    share, magnitude, _, fill, h = min(fits, key=lambda f: f[2])
+    gap["share"], gap["fill"], gap["share_sd"] = round(share, 3), fill, _bootstrap_sd(
+        lambda rows: _share_along((test[rows].mean(0) - base.mean(0)) / error, h), len(test))
+    return share, magnitude, gap
 
+
+def _share_along(d: np.ndarray, h: np.ndarray) -> float:
+    return float(np.clip(d @ h / (h @ h), 0.0, 1.0)) if h @ h > 0 else 0.0
+
+
+def _rotation_fit(images, settings, to_side, base, test, error, d, fill) -> tuple | None:
+    """(share, magnitude, residual, fill, smear) of rotations with these corners, or None when the test set's
+    histogram does not differ from the training images' along a rotation's smear beyond chance."""
     def smear(m):  # the change of the mean histogram when every image is rotated by up to m degrees
-        apply = corrupter({**settings, "rotate": {"p": 1.0, "magnitude": m}})
+        apply = corrupter({**settings, "rotate": {"p": 1.0, "magnitude": m, "fill": fill}})
         return (_orientations([to_side(apply(img, SEED + i)) for i, img in enumerate(images)]).mean(0)
                 - base.mean(0)) / error
-
     smears = {}
-
-    def share_along(d, h):
-        return float(np.clip(d @ h / (h @ h), 0.0, 1.0)) if h @ h > 0 else 0.0
 
     def fit(m):
         smears[m] = h = smear(m)
-        share = share_along(d, h)
+        share = _share_along(d, h)
         return share, float(np.sum((d - share * h) ** 2))
     # a matched filter: the difference along the smear a rotation leaves, against the same for random halves of both
     # sets (the bins are correlated, so a sum of squares over them would hear chance as often as a rotation)
@@ -135,11 +149,10 @@ def _resolve_rotation(images: list, test_images: list, settings: dict, to_side) 
         order = rng.permutation(len(pooled))
         null.append(float(pooled[order[len(base):]].mean() - pooled[order[:len(base)]].mean()))
     if d @ direction <= ROTATION_Z * np.std(null):
-        return 0.0, 0.0, gap
+        return None
     share, magnitude = _best_fit(OPERATIONS["rotate"][1], fit)
-    gap["share"], gap["share_sd"] = round(share, 3), _bootstrap_sd(
-        lambda rows: share_along((test[rows].mean(0) - base.mean(0)) / error, smears[magnitude]), len(test))
-    return share, magnitude, gap
+    h = smears[magnitude]
+    return share, magnitude, float(np.sum((d - share * h) ** 2)), fill, h
 
 
 def _best_fit(levels: list, fit) -> tuple[float, float]:
@@ -285,6 +298,8 @@ def measure_shift(train_images: list, test_images: list, native_side: int | None
                 share, magnitude, gap[op] = _resolve(op, readers[stat], native[0][:SIMULATE], test_values[stat], others)
             gap[op]["statistic"] = stat
             stored[op] = {"p": round(share, 3), "magnitude": magnitude} if share >= MIN_SHARE else OFF[op]
+            if op == "rotate" and stored[op]["p"]:
+                stored[op]["fill"] = gap[op]["fill"]
     settings = training_units(stored, stored_side, side)
     check_stop("measuring the test set's shift")
     poses = measure_poses(train_images, test_images, {k: settings[k] for k in ("noise", "blur", "tint", "noise_scale")})

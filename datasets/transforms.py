@@ -82,6 +82,11 @@ def test_noise(s):
     ]
 
 
+BORDERS = {"black": {"border_mode": cv2.BORDER_CONSTANT, "fill": 0},  # a rotation's corners (shift.FILLS)
+           "white": {"border_mode": cv2.BORDER_CONSTANT, "fill": 255},
+           "edge": {"border_mode": cv2.BORDER_REPLICATE}}
+
+
 def matched_ops(settings: dict, scale: float) -> list:
     """The test set's measured corruption (datasets/shift.py settings) as albumentations operations, each
     probability and magnitude times `scale` (probabilities capped at 1): turns, flips, small rotation, tint,
@@ -94,7 +99,8 @@ def matched_ops(settings: dict, scale: float) -> list:
     if p("flip"):
         ops.append(A.HorizontalFlip(p=min(0.5, p("flip"))))
     if p("rotate"):
-        ops.append(A.Rotate(limit=(-m("rotate"), m("rotate")), border_mode=cv2.BORDER_CONSTANT, fill=0, p=p("rotate")))
+        ops.append(A.Rotate(limit=(-m("rotate"), m("rotate")), p=p("rotate"),
+                            **BORDERS[settings["rotate"].get("fill", "black")]))  # the corners the test set has
     if p("tint"):
         ops.append(A.RGBShift(r_shift_limit=m("tint"), g_shift_limit=m("tint"), b_shift_limit=m("tint"), p=p("tint")))
     if p("brightness"):
@@ -159,7 +165,8 @@ def auto(img_size, strength, mean, std, settings: dict | None = None) -> A.Compo
 
     def ops(s):  # s = 1: the measured probabilities and magnitudes
         jitter = A.Affine(scale=(1 - 0.1 * s, 1 + 0.1 * s), translate_percent=(-0.06 * s, 0.06 * s),
-                          border_mode=cv2.BORDER_CONSTANT, fill=0, p=min(1.0, 0.8 * s))
+                          p=min(1.0, 0.8 * s), **BORDERS[settings.get("rotate", {}).get("fill", "edge")])  # no
+        # black frame on white paper: the corners the test's rotations have, else the border pixels repeated
         return [jitter, *matched_ops(settings, s)]
     return _preset(ops)(img_size, strength, mean, std)
 

@@ -170,3 +170,18 @@ def test_batchnorm_adapts_to_the_test_images_and_a_model_without_says_so(capsys)
     assert not model.training and model[1].momentum == 0.1
     adapt_test_bn(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), test, torch.device("cpu"), "plain")
     assert "plain has no BatchNorm layers" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fill", [0, 255])
+def test_rotations_are_read_with_the_corners_they_left(digit_sets, fill):
+    """Dark digits on white paper, turned by up to 20 degrees: black corners are long edges at the turned angle, white
+    ones none at all; either way the rotation is found, and the augmentation gives the corners the test set has."""
+    train, test = ([255 - img for img in images] for images in digit_sets)
+    rotated = corrupted(test, A.Rotate(limit=(-20, 20), border_mode=cv2.BORDER_CONSTANT, fill=fill, p=1.0))
+    shift = measure_shift(train, rotated)
+    rotate = shift["settings"]["rotate"]
+    assert rotate["p"] >= 0.5 and 10 <= rotate["magnitude"] <= 30, describe_shift(shift)
+    assert rotate["fill"] == "black" if fill == 0 else rotate["fill"] in ("white", "edge")
+    ops = {type(t).__name__: t for t in AUGS.build("auto", 48, 1.0, MEAN, STD, settings=shift["settings"]).transforms}
+    assert ops["Rotate"].border_mode == ops["Affine"].border_mode  # the jitter leaves the same corners
+    assert fill != 255 or ops["Rotate"].border_mode == cv2.BORDER_REPLICATE or ops["Rotate"].fill == 255
