@@ -182,6 +182,7 @@ def test_rotations_are_read_with_the_corners_they_left(digit_sets, fill):
     rotate = shift["settings"]["rotate"]
     assert rotate["p"] >= 0.5 and 10 <= rotate["magnitude"] <= 30, describe_shift(shift)
     assert rotate["fill"] == "black" if fill == 0 else rotate["fill"] in ("white", "edge")
+    assert f"{rotate['fill']} corners" in describe_shift(shift)
     ops = {type(t).__name__: t for t in AUGS.build("auto", 48, 1.0, MEAN, STD, settings=shift["settings"]).transforms}
     assert ops["Rotate"].border_mode == ops["Affine"].border_mode  # the jitter leaves the same corners
     assert fill != 255 or ops["Rotate"].border_mode == cv2.BORDER_REPLICATE or ops["Rotate"].fill == 255

@@ -110,7 +110,8 @@ def describe_shift(shift: dict) -> str:
     def setting(s: dict, magnitude: bool) -> str:
         if not s["p"]:
             return "off"
-        return f"p={s['p']:.2f}" + (f" magnitude {s['magnitude']:g}" if magnitude else "")
+        return (f"p={s['p']:.2f}" + (f" magnitude {s['magnitude']:g}" if magnitude else "")
+                + (f", {s['fill']} corners" if "fill" in s else ""))
 
     n_train, n_test = shift["images"]
     lines = [f"test set vs training set ({n_train} / {n_test} images measured):"]
