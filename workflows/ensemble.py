@@ -217,9 +217,10 @@ def member_probs(member: Member, items: list, tta: str, cache_dir: Path | None, 
     for path, st in zip(member.paths, steps):
         model, meta = load_model(path, dev)
         dataset = ImageDataset(items, None, eval_transform(meta["img_size"], meta["mean"], meta["std"]))
-        if st.test_bn == "adapt":
+        if st.test_bn == "adapt":  # in the batches the run trained with, as its own adaptation did: the same statistics
             from models import adapt_test_bn
-            adapt_test_bn(model, make_loader(dataset, batch_size, 0, dev), dev, member.name)
+            adapt_batch = int(meta.get("config", {}).get("batch_size", batch_size))
+            adapt_test_bn(model, make_loader(dataset, adapt_batch, 0, dev), dev, member.name)
         probs.append(predict_probs(model, make_loader(dataset, batch_size, 0, dev), dev, None, st.tta))
     out = np.mean(probs, axis=0)
     if cached is not None:
