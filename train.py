@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets import load_data, screen_images, write_submission
+from datasets import load_data, screen_images
 from models.checkpoint import read_meta
 from optim import is_per_epoch
 from optim.stepper import EpochProgress, train_one_epoch
@@ -32,7 +32,7 @@ from workflows.config import ADDED_CONFIG_KEYS, Config
 from workflows.flags import parse_config
 from workflows.label_errors import analyse_oof, apply_label_fixes
 from workflows.prepare import data_source, load_pseudo_labels, measure_test_shift, resolve_auto, stored_images
-from workflows.report import submit_report, val_predictions
+from workflows.report import submit_report, val_predictions, write_test_outputs
 from workflows.training import FitInputs, FitSetup, build_fit, describe_fit, epoch_metrics, evaluate, predict_test
 
 
@@ -123,7 +123,7 @@ def finish_summary(cfg: Config, run, out_dir: Path, data, summary: dict, test_pr
     """submission.csv (also an artifact), the test scores where the test labels are known, the summary line."""
     summary["out_dir"] = str(out_dir)
     if test_probs is not None:
-        write_submission(out_dir / "submission.csv", data, test_probs.argmax(1))
+        write_test_outputs(out_dir, data, test_probs, f"{out_dir.name} (run {run.id}, {cfg.model})")
         run.log_artifact(out_dir / "submission.csv", f"submission-{run.id}", "submission",
                          {cfg.monitor: summary[cfg.monitor]})
         if data.test_labels is not None:

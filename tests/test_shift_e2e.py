@@ -39,6 +39,9 @@ def test_noisy_test_set_drives_augmentation_validation_and_pseudo_labels(noisy_c
     assert predict.main([str(tmp_path / "a"), "--data", str(noisy_competition), "--out", str(tmp_path / "sub.csv"),
                          "--save_probs", str(probs), "--test_bn", "adapt"]) == 0
     rows = list(csv.DictReader(open(probs)))
+    own = list(csv.DictReader(open(tmp_path / "a" / "test_probs.csv")))  # the run's own, for a pseudo-label round
+    assert own[0]["source"].startswith("a (run ") and [r["id"] for r in own] == [r["id"] for r in rows]
+    assert all(abs(float(a[k]) - float(b[k])) < 1e-4 for a, b in zip(own, rows) for k in a if k.startswith("p_"))
     run_id = next((tmp_path / "a" / "wandb").glob("offline-run-*")).name.rsplit("-", 1)[1]
     assert len(rows) == 160 and f"(run {run_id}, {TINY_MODEL})" in rows[0]["source"]
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from datasets import load_image
+from datasets import load_image, write_submission
+from datasets.pseudo import write_probs
 from utils import distributed
 from utils.files import atomic_write_bytes
 from utils.metrics import Predictions, classification_metrics
@@ -120,3 +121,10 @@ def val_predictions(data, s, probs: np.ndarray) -> Predictions:
     """The validation rows' predictions, their images as they were validated (noisy copies under --val_noise auto)."""
     return Predictions([data.ids[i] for i in s.val_idx], lambda r: load_image(s.val_images[r]),
                        data.labels[s.val_idx], probs, data.classes)
+
+
+def write_test_outputs(out_dir: Path, data, probs: np.ndarray, source: str) -> None:
+    """submission.csv, and test_probs.csv (id,source,p_<class>...) for a pseudo-label round: train.py --pseudo_labels
+    out_dir/test_probs.csv."""
+    write_submission(out_dir / "submission.csv", data, probs.argmax(1))
+    write_probs(out_dir / "test_probs.csv", data.test_ids, probs, data.classes, source)
