@@ -27,11 +27,10 @@ from utils.device import pick_device
 from utils.metrics import classification_metrics
 from utils.runs import new_run_id, runs_dir
 from utils.stop import Stopped, StopSignal, ignore_later_stops
-from workflows import lineage, resume
+from workflows import lineage, prepare, resume
 from workflows.config import ADDED_CONFIG_KEYS, Config
 from workflows.flags import parse_config
 from workflows.label_errors import analyse_oof, apply_label_fixes
-from workflows.prepare import data_source, load_pseudo_labels, measure_test_shift, resolve_auto, stored_images
 from workflows.report import submit_report, val_predictions, write_test_outputs
 from workflows.training import FitInputs, FitSetup, build_fit, describe_fit, epoch_metrics, evaluate, predict_test
 
@@ -85,16 +84,16 @@ def run_and_finish(cfg: Config, stop: StopSignal) -> int:
 
 def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None = None) -> None:
     """Read the data, decide what is auto, record the lineage, train (all folds with --cv), write the submission."""
-    source, artifact = data_source(cfg, run)
+    source, artifact = prepare.data_source(cfg, run)
     data = load_data(source, cfg.image_col, cfg.label_col, cfg.group_col, cfg.skip_bad_images)
-    given, cfg = cfg, resolve_auto(cfg, run, data)  # the lineage records what was asked: auto, not its answer
+    given, cfg = cfg, prepare.resolve_auto(cfg, run, data)  # the lineage records what was asked: auto, not its answer
     source_rows = lineage.manifest(data)  # the paths, as read (screening returns decoded copies)
     if cfg.label_fixes:
         fixed, excluded = apply_label_fixes(data, cfg.label_fixes)
         print(f"--label_fixes {cfg.label_fixes}: {fixed} label(s) changed, {excluded} image(s) excluded")
         run.set_summary({"label_fixes/changed": fixed, "label_fixes/excluded": excluded})
     rows = lineage.manifest(data) if cfg.label_fixes else source_rows
-    stored = stored_images(data)  # the images as stored, before the decode cache resizes them: what is measured
+    stored = prepare.stored_images(data)  # the images as stored, before the decode cache resizes them: what is measured
     start = time.perf_counter()
     data, skipped = screen_images(data, cfg.skip_bad_images, cfg.cache, cfg.img_size, cfg.cache_dir or None,
                                   cfg.cache_max_gb)
@@ -108,8 +107,8 @@ def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None 
         kept = set(data.ids)  # the images that train: skipped ones left out
         lineage_meta = lineage.record(given, run, out_dir, [r for r in rows if r[0] != "train" or r[1] in kept],
                                       data.classes, source_rows, artifact, resumed=state is not None)
-    shift = measure_test_shift(cfg, run, data, stored)
-    pseudo = load_pseudo_labels(cfg, run, data, lineage_meta)
+    shift = prepare.measure_test_shift(cfg, run, data, stored)
+    pseudo = prepare.load_pseudo_labels(cfg, run, data, lineage_meta)
     inputs = FitInputs(data, lineage_meta, shift, pseudo)
     if cfg.cv:
         summary, test_probs = cross_validate(cfg, run, out_dir, inputs, stop, state)
@@ -195,7 +194,8 @@ def holdout(cfg: Config, run, out_dir: Path, inputs: FitInputs, stop: StopSignal
         resume.save_arrays(out_dir / "result.npz", {f: getattr(r, f) for f in SAVED})
     decided = distributed.broadcast(read_meta(r.best_path).get("test_time") if distributed.is_main() else None)
     final_cfg = dataclasses.replace(cfg, monitor=resume.FINAL_MONITOR, monitor_mode="max", patience=0)
-    final = fit(final_cfg, run, out_dir / "final", dataclasses.replace(inputs, final=True, test_time=decided), stop,
+    final_inputs = prepare.final_fit_inputs(cfg, run, inputs, r.test_probs, decided)  # --final_pseudo: labels too
+    final = fit(final_cfg, run, out_dir / "final", final_inputs, stop,
                 prefix="final/", state=state if in_final else None, resume_path=out_dir / resume.RESUME_FILE)
     if r.test_probs is not None and inputs.data.test_labels is not None:  # what the final fit changed, where known
         summary["holdout/test/f1_macro"] = classification_metrics(inputs.data.test_labels, r.test_probs)["f1_macro"]

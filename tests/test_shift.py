@@ -10,7 +10,7 @@ from conftest import _digit_images
 from datasets import load_data
 from datasets.digits import HARD_CLASSES, answers_path, export_hard, score
 from datasets.shift import any_on, corrupt, image_seed, measure_shift, mixture_share, significant
-from datasets.transforms import AUGS
+from datasets.transforms import AUGS, matched_ops
 from models import find_pretrained
 from utils import UserError
 from workflows.flags import parse_config
@@ -186,3 +186,16 @@ def test_rotations_are_read_with_the_corners_they_left(digit_sets, fill):
     ops = {type(t).__name__: t for t in AUGS.build("auto", 48, 1.0, MEAN, STD, settings=shift["settings"]).transforms}
     assert ops["Rotate"].border_mode == ops["Affine"].border_mode  # the jitter leaves the same corners
     assert fill != 255 or ops["Rotate"].border_mode == cv2.BORDER_REPLICATE or ops["Rotate"].fill == 255
+
+
+def test_the_floor_draws_what_the_measure_left_off_and_nothing_on_a_clean_test_set():
+    from datasets.shift import FLOOR, OFF, with_floor
+    measured = {**OFF, "turn": {"p": 1.0}, "noise": {"p": 0.6, "magnitude": 0.2}, "noise_scale": 0.5}
+    floored = with_floor(measured, 0.2)
+    assert floored["noise"] == measured["noise"] and floored["turn"] == {"p": 1.0}  # as measured
+    assert floored["flip"] == OFF["flip"] and floored["rotate"] == OFF["rotate"]  # poses never guessed
+    assert {op for op, s in floored.items() if isinstance(s, dict) and s["p"] == 0.2} == set(FLOOR) - {"noise"}
+    assert floored["blur"] == {"p": 0.2, "magnitude": FLOOR["blur"]} and floored["noise_scale"] == 0.5
+    assert with_floor(OFF, 0.2) == OFF and with_floor(measured, 0.0) == measured and with_floor(None, 0.2) is None
+    ops = A.Compose(matched_ops(floored, 1.0))  # the augmentation draws them
+    assert {type(t).__name__ for t in ops.transforms} >= {"GaussianBlur", "ImageCompression", "RGBShift"}

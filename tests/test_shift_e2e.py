@@ -59,13 +59,18 @@ def test_noisy_test_set_drives_augmentation_validation_and_pseudo_labels(noisy_c
 
 def test_final_fit_trains_on_every_image_with_the_holdouts_decisions_and_resumes_inside_it(
         noisy_competition, tmp_path, monkeypatch):
+    """--final_pseudo 0.3: the final fit also trains on the holdout model's most confident test predictions."""
     import signal
 
+    import numpy as np
+
     import train
+    from datasets.pseudo import select_confident
     from models.checkpoint import read_meta
     from utils.stop import Stopped
     args = ["--data", str(noisy_competition), "--model", TINY_MODEL, "--img_size", "32", "--epochs=2", "--workers=0",
-            "--batch_size=32", "--table_rows=5", "--keep_top_k=1", "--final_fit=True", f"--out_dir={tmp_path / 'f'}"]
+            "--batch_size=32", "--table_rows=5", "--keep_top_k=1", "--final_fit=True", "--final_pseudo=0.3",
+            f"--out_dir={tmp_path / 'f'}"]
     real_epoch = train.train_epoch
 
     def stop_in_final_epoch_2(cfg, s, epoch, prefix, stop, progress):
@@ -76,7 +81,11 @@ def test_final_fit_trains_on_every_image_with_the_holdouts_decisions_and_resumes
     proc = run_train(args, check=False)
     assert proc.returncode == 128 + signal.SIGTERM, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "train 160, val 40, test 160" in proc.stdout  # the holdout
-    assert "train 200, val 40 (final fit: every labelled image trains, validation included)" in proc.stdout
+    holdout_probs = np.load(tmp_path / "f" / "result.npz")["test_probs"]
+    chosen = int(select_confident(holdout_probs, 0.9, 0.3).sum())  # the top 30 % of each predicted class at least
+    assert chosen >= 0.3 * 160 and f"pseudo-labels (--final_pseudo 0.3): {chosen} of 160 test images" in proc.stdout
+    assert (f"train 200 + {chosen} pseudo-labelled, val 40 (final fit: every labelled image trains, validation "
+            "included)") in proc.stdout
     monkeypatch.setattr(train, "train_epoch", real_epoch)
 
     proc = run_train(args)  # continues inside the final fit: the holdout is not trained again
@@ -85,9 +94,12 @@ def test_final_fit_trains_on_every_image_with_the_holdouts_decisions_and_resumes
     holdout, final = read_meta(tmp_path / "f" / "best.safetensors"), read_meta(tmp_path / "f" / "final" /
                                                                                 "best.safetensors")
     assert final["test_time"] == holdout["test_time"] and final["epoch"] == 2  # its last epoch, the holdout's steps
+    assert f"+ {chosen} pseudo-labelled" in proc.stdout  # the same rows again, from the holdout's saved predictions
+    assert final["lineage"]["pseudo_labels"]["added"] == chosen and "pseudo_labels" not in holdout["lineage"]
     summary = merged(read_run(sorted((tmp_path / "f" / "wandb").glob("offline-run-*"))[-1]), "summary")  # resumed
     assert summary["final/best_epoch"] == 2 and summary["best_epoch"] == holdout["epoch"]
     assert summary["val/f1_macro"] == holdout["metrics"]["val/f1_macro"]  # the monitor stays the holdout's
+    assert summary["final/pseudo_labels/added"] == chosen
     assert (tmp_path / "f" / "submission.csv").is_file() and not (tmp_path / "f" / "resume.pt").exists()
     # predict.py on the run dir predicts the test set with its final fit, as the run's own submission did
     # (at predict.py's own batch size of 64: BatchNorm is adapted in the batches the run trained with, 32)

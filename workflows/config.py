@@ -77,6 +77,10 @@ class Config:
     img_size: int = opt(0, "square input size in px; 0 = auto: the images' median side rounded to 32 px, at least 64 "
                            "and at most the model's pretrained size (the digits demo: 48)")
     aug_preset: str = opt("auto", "training augmentation preset", _augs)
+    aug_floor: float = opt(0.0, "0-1, --aug_preset auto and --val_noise auto on a shifted test set: every "
+                                "photometric corruption the measure left off (tint, brightness, contrast, blur, "
+                                "noise, JPEG) is still drawn for this share of the images, at a middle magnitude: "
+                                "cover what a measure can miss; 0 = only what was measured")
     aug_strength: float = opt(1.0, "0-1, scales every probability and magnitude of the preset: 0 = resize + normalize "
                                    "only, 1 = full force (auto: 1 = as measured on the test set)")
     augmix: float = opt(0.0, "0-1: the share of training images given AugMix (timm's augmix-m3-w3: chains of "
@@ -105,6 +109,10 @@ class Config:
                                    "(class-balanced: every class gets pseudo-labels on a shifted test set, where one "
                                    "threshold keeps few; +0.08 test macro-F1 over the threshold alone on both "
                                    "benchmarks, docs/noisy-test.md); 0 = the threshold alone")
+    final_pseudo: float = opt(0.0, "0-1: the final fit (--final_fit) also trains on the holdout model's test "
+                                   "predictions, per predicted class its most confident share of the test images "
+                                   "(and any at p >= pseudo_threshold): a self-training round inside the run; 0 = "
+                                   "off; --pseudo_labels, when given, is used instead")
     label_fixes: str = opt("", "CSV of id,new_label (a --cv run's suspect_labels.csv, edited): relabel each listed "
                                "training image to its new_label, or drop it where new_label is 'exclude'; blank rows "
                                "are kept as they are")
@@ -248,10 +256,12 @@ class Config:
             (self.keep_top_k >= 0 and self.table_rows >= 0, "keep_top_k and table_rows must be >= 0"),
             (self.weight_decay >= 0, "weight_decay must be >= 0"),
             (0 <= self.aug_strength <= 1, "aug_strength must be in [0, 1]"),
+            (0 <= self.aug_floor <= 1, "aug_floor must be in [0, 1]"),
             (0 <= self.augmix <= 1, "augmix must be in [0, 1]"),
             (self.cache_max_gb >= 0, "cache_max_gb must be >= 0 (0 = auto)"),
             (0 < self.pseudo_threshold <= 1, "pseudo_threshold must be in (0, 1]"),
             (0 <= self.pseudo_share <= 1, "pseudo_share must be in [0, 1]"),
+            (0 <= self.final_pseudo <= 1, "final_pseudo must be in [0, 1]"),
             (self.mixup >= 0 and self.cutmix >= 0, "mixup and cutmix alphas must be >= 0"),
             (0 <= self.mix_prob <= 1, "mix_prob must be in [0, 1]"),
             (not (self.mixup or self.cutmix) or self.batch_size % 2 == 0, "mixup/cutmix need an even batch_size"),

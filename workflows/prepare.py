@@ -7,13 +7,16 @@ Usage:
     stored = stored_images(data)                                  # before the decode cache resizes them
     shift = measure_test_shift(cfg, run, data, stored)
     pseudo = load_pseudo_labels(cfg, run, data, lineage_meta)   # (test rows, labels) or None
+    final_inputs = final_fit_inputs(cfg, run, inputs, holdout_test_probs, decided)  # --final_pseudo's labels too
     folder, artifact = data_source(cfg, run)
 """
 import dataclasses
 import time
 from pathlib import Path
 
-from datasets.pseudo import read_pseudo_labels
+import numpy as np
+
+from datasets.pseudo import read_pseudo_labels, select_confident
 from datasets.shift import native_side
 from datasets.shift_cache import measure_cached
 from models import DEFAULT_MODEL, DEMO_MODEL, MIN_AUTO_SIZE, find_pretrained, pretrained_input_size
@@ -90,6 +93,33 @@ def load_pseudo_labels(cfg: Config, run, data, lineage_meta: dict | None) -> tup
     if lineage_meta is not None:
         lineage_meta["pseudo_labels"] = info
     return rows, labels
+
+
+def final_fit_inputs(cfg: Config, run, inputs, holdout_test_probs, test_time: dict | None):
+    """The final fit's FitInputs: every labelled image, the holdout's test-time decision and, with --final_pseudo
+    (and no --pseudo_labels given), the holdout model's most confident test predictions per class as pseudo-labels:
+    the self-training round --pseudo_labels runs/<id>/test_probs.csv would be, inside the same run. The same rows
+    on every rank; printed, counted in the summary and recorded in the final checkpoints' lineage."""
+    final = dataclasses.replace(inputs, final=True, test_time=test_time)
+    if not cfg.final_pseudo or inputs.pseudo is not None or not inputs.data.test_items:
+        return final
+    pseudo = None
+    if distributed.is_main() and holdout_test_probs is not None:
+        rows = np.flatnonzero(select_confident(holdout_test_probs, cfg.pseudo_threshold, cfg.final_pseudo))
+        pseudo = (rows, holdout_test_probs.argmax(1)[rows])
+    pseudo = distributed.broadcast(pseudo)
+    if pseudo is None:
+        return final
+    classes = inputs.data.classes
+    per_class = {c: int(n) for c, n in zip(classes, np.bincount(pseudo[1], minlength=len(classes)))}
+    info = {"source": ["the holdout model's test predictions"], "share": cfg.final_pseudo,
+            "threshold": cfg.pseudo_threshold, "added": len(pseudo[0]), "per_class": per_class}
+    print(f"final fit pseudo-labels (--final_pseudo {cfg.final_pseudo:g}): {len(pseudo[0])} of "
+          f"{len(inputs.data.test_items)} test images, the holdout model's most confident per class "
+          f"({', '.join(f'{c} {n}' for c, n in per_class.items())})")
+    run.set_summary({"final/pseudo_labels/added": len(pseudo[0])})
+    lineage_meta = None if inputs.lineage_meta is None else {**inputs.lineage_meta, "pseudo_labels": info}
+    return dataclasses.replace(final, pseudo=pseudo, lineage_meta=lineage_meta)
 
 
 def data_source(cfg: Config, run) -> tuple[str, str | None]:

@@ -23,7 +23,7 @@ from timm.utils import ModelEmaV3
 from datasets import ImageDataset, build_sampler, split_indices
 from datasets.cache import JoinedImages
 from datasets.files import take
-from datasets.shift import any_on, noisy_copies
+from datasets.shift import any_on, noisy_copies, with_floor
 from datasets.transforms import AUGS, eval_transform, with_augmix
 from losses import build_loss, loss_kwargs, soft_target_losses
 from models import adapt_test_bn, batchnorm_layers, build_model, check_input_size, normalization
@@ -146,7 +146,7 @@ def build_fit(cfg: Config, run_id: str, out_dir: Path, inputs: FitInputs, prefix
     if pseudo is not None:  # confident test images, in training only
         train_items = JoinedImages(train_items, take(data.test_items, pseudo[0]))
         y_train = np.concatenate([y_train, pseudo[1]])
-    settings = shift["settings"] if shift else None
+    settings = with_floor(shift["settings"], cfg.aug_floor) if shift else None
     noisy_val = cfg.val_noise == "auto" and any_on(settings)  # val/* noisy, val_clean/* clean
     scalar_keys = SCALAR_KEYS + (CLEAN_KEYS if noisy_val else [])
     metric_keys = scalar_keys + [f"val/f1/{c}" for c in data.classes] + (["epoch"] if inputs.final else [])
