@@ -23,7 +23,7 @@ from datasets.transforms import tta_for_shift
 from models import batchnorm_layers, build_model
 from models.checkpoint import CheckpointKeeper, checkpoint_bytes, read_meta, update_meta
 from utils.files import atomic_write_bytes
-from workflows import test_time, training
+from workflows import prepare, test_time, training
 
 NOISE_AND_TURNS = {"turn": 1.0, "noise": 0.9}
 
@@ -59,17 +59,38 @@ def test_the_validation_check_drops_views_that_lower_macro_f1_and_keeps_ties():
     assert test_time.check_tta("rot4", labels, right, right)[0] == "rot4"  # not lower: kept
 
 
-def test_auto_decides_from_the_shift_and_the_model_and_given_values_win():
+def test_the_batchnorm_check_keeps_adapt_only_where_it_raises_macro_f1():
+    labels = np.array([0, 1, 2, 0, 1, 2])
+    right, worse = one_hot(labels), one_hot(labels, right=np.array([1, 1, 1, 0, 0, 1], bool))
+    bn, why, scores = test_time.check_test_bn(labels, worse, right, "noisy validation")
+    assert bn == "adapt" and scores == {"none": scores["none"], "adapt": 1.0} and scores["none"] < 1.0
+    assert why == (f"noisy validation macro-F1 1.0000 with BatchNorm statistics from the test images, "
+                   f"{scores['none']:.4f} as trained: adapt kept")
+    assert test_time.check_test_bn(labels, right, worse)[0] == "none"
+    assert test_time.check_test_bn(labels, right, right)[0] == "none"  # a tie: the model as trained
+
+
+@pytest.mark.parametrize("adapt_helps", [True, False])
+def test_auto_decides_from_the_shift_and_the_model_and_given_values_win(adapt_helps):
     labels = np.array([0, 1, 2, 0, 1, 2])
     asked = []
 
-    def val_probs(tta):
-        asked.append(tta)
-        return one_hot(labels) if tta == "none" else one_hot(labels, right=np.arange(6) < 3)
+    def val_probs(tta, test_bn="none"):
+        asked.append((tta, test_bn))
+        if tta == "none":  # BatchNorm from the test images: all right, or two wrong, against one as trained
+            return one_hot(labels, right=np.arange(6) < (6 if adapt_helps else 4)) if test_bn == "adapt" else \
+                one_hot(labels, right=np.arange(6) < 5)
+        return one_hot(labels, right=np.arange(6) < 3)
     shifted = shift_of(**NOISE_AND_TURNS)["settings"]
     d = test_time.decide("auto", "auto", shifted, 20, "resnet18", val_probs, labels)
-    assert (d["tta"], d["test_bn"], asked) == ("none", "adapt", ["none", "rot4"])  # rot4 checked and dropped
-    assert d["why"]["test_bn"] == "the test set is shifted: turn, noise; resnet18 has 20 BatchNorm layers"
+    bn = "adapt" if adapt_helps else "none"
+    # BatchNorm checked first, without views; rot4 then checked, and dropped, with the statistics kept
+    assert (d["tta"], d["test_bn"]) == ("none", bn)
+    assert asked == [("none", "none"), ("none", "adapt"), ("none", bn), ("rot4", bn)]
+    assert d["why"]["test_bn"].startswith("the test set is shifted: turn, noise; resnet18 has 20 BatchNorm layers; ")
+    assert d["why"]["test_bn"].endswith(f"as trained: adapt {'kept' if adapt_helps else 'dropped'}")
+    assert set(d["test_bn_check"]) == {"none", "adapt"}
+    assert test_time.summary(d)["test_bn_check/adapt"] == d["test_bn_check"]["adapt"]
     assert test_time.decide("auto", "auto", shifted, 0, "vit", val_probs, labels)["test_bn"] == "none"
     clean = test_time.decide("auto", "auto", shift_of()["settings"], 20, "resnet18", val_probs, labels)
     assert (clean["tta"], clean["test_bn"], clean["why"]["test_bn"]) == ("none", "none", "the test set is not shifted")
@@ -89,7 +110,7 @@ def digits_folder(tmp_path_factory):
 def train_with_shift(monkeypatch, data: Path, out: Path, shift: dict | None, *extra) -> tuple[int, list, list]:
     """train.main with `shift` as the measure's answer; (exit code, every predict_probs call as (tta, phase), the
     models BatchNorm adaptation was asked for)."""
-    monkeypatch.setattr(train, "measure_test_shift", lambda *a: shift)
+    monkeypatch.setattr(prepare, "measure_test_shift", lambda *a: shift)
     calls, adapted, real_predict, real_adapt = [], [], training.predict_probs, training.adapt_test_bn
 
     def spy(model, loader, device, amp_dtype=None, tta="none", phase="prediction"):
@@ -123,22 +144,27 @@ def test_auto_adapts_batchnorm_and_checks_the_views_on_a_shifted_test_set(digits
     out = tmp_path / "run"
     code, calls, adapted = train_with_shift(monkeypatch, digits_folder, out, shift_of(**NOISE_AND_TURNS))
     assert code == 0
-    bn = len(batchnorm_layers(build_model(TINY_MODEL, 10)))
     lines = capsys.readouterr().out.splitlines()
-    assert f"test_bn auto: adapt (the test set is shifted: turn, noise; {TINY_MODEL} has {bn} BatchNorm layers)" \
-        in lines and len(adapted) == 1
     decision = read_meta(out / "best.safetensors")["test_time"]
+    bn, bn_check = decision["test_bn"], decision["test_bn_check"]
+    assert bn == ("adapt" if bn_check["adapt"] > bn_check["none"] else "none")
+    layers = len(batchnorm_layers(build_model(TINY_MODEL, 10)))
+    assert f"test_bn auto: {bn} (the test set is shifted: turn, noise; {TINY_MODEL} has {layers} BatchNorm layers; " \
+           f"noisy validation macro-F1 {bn_check['adapt']:.4f} with BatchNorm statistics from " \
+           f"the test images, {bn_check['none']:.4f} as trained: adapt {'kept' if bn == 'adapt' else 'dropped'})" \
+        in lines
+    assert len(adapted) == 1 + (bn == "adapt")  # a copy for the check; the test prediction's where it was kept
     check = decision["tta_check"]
     assert f"tta auto: {decision['tta']} (noisy validation macro-F1 {check['rot4']:.4f} with rot4, " \
            f"{check['none']:.4f} without: {'kept' if decision['tta'] == 'rot4' else 'rot4 dropped'})" in lines
     assert decision["tta"] == ("rot4" if check["rot4"] >= check["none"] else "none")
-    # the epoch validates without TTA (noisy and clean images); the candidate is checked once, on the noisy ones;
-    # the test set gets what was kept
-    assert calls == [("none", "validation")] * 2 + [("none", "the TTA check"), ("rot4", "the TTA check"),
-                                                    (decision["tta"], "test prediction")]
+    # the epoch validates without TTA (noisy and clean images); BatchNorm is checked as trained and adapted, then
+    # the candidate views with what was kept, on the noisy images; the test set gets what was kept
+    checked = [("none", "the test-time check")] * 2 + [(tta, "the test-time check") for tta in ("none", "rot4")]
+    assert calls == [("none", "validation")] * 2 + checked + [(decision["tta"], "test prediction")]
     summary = summary_of(out)
-    assert (summary["tta_resolved"], summary["test_bn_resolved"]) == (decision["tta"], "adapt")
-    assert summary["tta_check/rot4"] == check["rot4"] and summary["tta_check/none"] == check["none"]
+    assert (summary["tta_resolved"], summary["test_bn_resolved"]) == (decision["tta"], bn)
+    assert summary["tta_check/rot4"] == check["rot4"] and summary["test_bn_check/adapt"] == bn_check["adapt"]
     assert "test_time" not in read_meta(out / "last.safetensors")  # best.safetensors alone was rewritten
 
 
@@ -177,22 +203,24 @@ def test_cross_validation_decides_per_fold_and_predict_reads_each_fold(digits_fo
     out = tmp_path / "cv"
     code, calls, adapted = train_with_shift(monkeypatch, digits_folder, out, shift_of(**NOISE_AND_TURNS),
                                             "--folds=2", "--cv=True")
-    assert code == 0 and len(adapted) == 2
-    printed = capsys.readouterr().out
-    assert all(f"fold{k}/test_bn auto: adapt" in printed and f"fold{k}/tta auto: " in printed for k in (0, 1))
     decisions = [read_meta(out / f"fold{k}" / "best.safetensors")["test_time"] for k in (0, 1)]
+    assert code == 0 and len(adapted) == 2 + sum(d["test_bn"] == "adapt" for d in decisions)
+    printed = capsys.readouterr().out
+    assert all(f"fold{k}/test_bn auto: {d['test_bn']} (the test set is shifted" in printed and f"fold{k}/tta auto: "
+               in printed for k, d in enumerate(decisions))
     summary = summary_of(out)
     assert [summary[f"fold{k}/tta_resolved"] for k in (0, 1)] == [d["tta"] for d in decisions]
     ttas = [d["tta"] for d in decisions]
     assert summary["tta_resolved"] == (ttas[0] if len(set(ttas)) == 1 else f"fold0 {ttas[0]}, fold1 {ttas[1]}")
-    assert summary["test_bn_resolved"] == "adapt"
+    bns = [d["test_bn"] for d in decisions]
+    assert summary["test_bn_resolved"] == (bns[0] if len(set(bns)) == 1 else f"fold0 {bns[0]}, fold1 {bns[1]}")
 
     for k, tta in enumerate(["rot4", "none"]):  # folds that disagree: predict.py says what each one gets
         update_meta(out / f"fold{k}" / "best.safetensors", {"test_time": {**decisions[k], "tta": tta}})
     assert predict.main([str(out), "--data", str(digits_folder), "--out", str(tmp_path / "s.csv")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "tta auto: fold0 rot4, fold1 none for cv (recorded at training)" in lines
-    assert any(line.startswith("test_bn auto: adapt for cv (recorded at training: the test set is shifted")
+    assert any(line.startswith(("test_bn auto: fold0", f"test_bn auto: {bns[0]} for cv (recorded at training"))
                for line in lines)
     for k in (0, 1):  # folds that agree, each for its own validation scores: one value
         update_meta(out / f"fold{k}" / "best.safetensors",

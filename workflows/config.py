@@ -97,8 +97,9 @@ class Config:
                            "validation and at the test set, auto validates without TTA and decides at the end:", _tta)
     test_bn: str = opt("auto", "before predicting the test set, adapt = re-estimate BatchNorm statistics on the test "
                                "images (test-time adaptation to their noise, Schneider et al. 2020); none = as "
-                               "trained; auto = adapt when the model has BatchNorm layers and the test set was "
-                               "measured shifted from the training set (test_shift), else none. train.py records what "
+                               "trained; auto = adapt when the model has BatchNorm layers, the test set was measured "
+                               "shifted from the training set (test_shift) and statistics from the test images raise "
+                               "the noisy validation macro-F1, else none. train.py records what "
                                "tta and test_bn became in best.safetensors; predict.py and ensemble.py use that under "
                                "auto", ("adapt", "auto", "none"))
     pseudo_labels: str = opt("", "CSV of test-set probabilities (predict.py or ensemble.py --save_probs): the test "

@@ -9,6 +9,7 @@ Usage:
     scores, per_class = epoch_metrics(data.labels[s.val_idx], data.classes, probs, clean_probs)
     test_probs = predict_test(cfg, run, data, s)   # test-time steps decided and recorded, then the best file alone
 """
+import copy
 import functools
 import math
 import time
@@ -266,9 +267,10 @@ def predict_test(cfg: Config, run, data, s: FitSetup, prefix: str = "") -> np.nd
 
 def decide_test_time(cfg: Config, run, data, s: FitSetup, prefix: str = "") -> dict:
     """--test_bn and --tta for the test set (workflows/test_time.py), with the best checkpoint: auto decided from
-    the measured shift, the TTA candidate checked on the validation images as they were validated (noisy under
-    --val_noise auto); printed, in the summary (tta_resolved, test_bn_resolved; under --cv per fold, and the folds'
-    at the top) and recorded in best.safetensors (meta["test_time"])."""
+    the measured shift, BatchNorm statistics from the test images and the TTA candidate checked on the validation
+    images as they were validated (noisy under --val_noise auto); printed, in the summary (tta_resolved,
+    test_bn_resolved; under --cv per fold, and the folds' at the top) and recorded in best.safetensors
+    (meta["test_time"])."""
     model, meta = load_model(s.keeper.best_path, s.device)
     labels = data.labels[s.val_idx]
 
@@ -278,8 +280,18 @@ def decide_test_time(cfg: Config, run, data, s: FitSetup, prefix: str = "") -> d
                                                                              meta["std"])),
                            cfg.batch_size, s.workers, s.device)
 
-    def val_probs(tta: str) -> np.ndarray:
-        return predict_probs(model, loader(), s.device, s.amp_dtype, tta, "the TTA check")
+    @functools.cache
+    def adapted():  # BatchNorm statistics from the test images, as predict_test adapts them
+        test = make_loader(ImageDataset(data.test_items, None, eval_transform(meta["img_size"], meta["mean"],
+                                                                              meta["std"])),
+                           cfg.batch_size, s.workers, s.device)
+        moved = copy.deepcopy(model)
+        adapt_test_bn(moved, test, s.device, cfg.model)
+        return moved
+
+    def val_probs(tta: str, test_bn: str = "none") -> np.ndarray:
+        return predict_probs(adapted() if test_bn == "adapt" else model, loader(), s.device, s.amp_dtype, tta,
+                             "the test-time check")
     settings = (meta.get("test_shift") or {}).get("settings")
     decision = test_time.decide(cfg.tta, cfg.test_bn, settings, len(batchnorm_layers(model)), cfg.model, val_probs,
                                 labels, "noisy validation" if s.clean_loader is not None else "validation")
