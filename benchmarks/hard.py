@@ -41,8 +41,9 @@ RECIPES = {  # name -> train.py flags on top of the defaults
     "EMA": ["--ema", "True"],
     "AugMix 0.5": ["--augmix", "0.5"],
     "no final fit": ["--final_fit", "false"],  # the holdout model predicts the test set (the defaults: a final fit)
-    "final fit + pseudo 0.3": ["--final_pseudo", "0.3"],  # the holdout model's confident test labels in the final fit
-    "aug floor 0.2": ["--aug_floor", "0.2", "--final_pseudo", "0"],  # every photometric corruption the measure left off, on for 20 %
+    "no final pseudo-labels": ["--final_pseudo", "0"],  # the defaults: the holdout model's confident test labels
+    # in the final fit (--final_pseudo 0.3)
+    "aug floor 0.2": ["--aug_floor", "0.2"],  # every photometric corruption the measure left off, on for 20 %
 }
 PSEUDO = {  # the defaults run's test probabilities added (p >= 0.9, and the share per class), trained again
     "pseudo-labels": [],  # the defaults: --pseudo_share 0.3

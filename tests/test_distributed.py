@@ -42,6 +42,9 @@ def test_torchrun_two_processes_match_one(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     assert "2 processes" in two.stdout and two.stdout.count("\nepoch   2/2") == 1  # rank 1 prints nothing
     assert two.stdout.count("final/epoch   2/2") == 1 and "final fit on every labelled image predicted it" in two.stdout
+    added = [next(line for line in p.stdout.splitlines() if "pseudo-labels (--final_pseudo 0.3)" in line) for p in
+             (one, two)]  # rank 0's pseudo-labels, broadcast: every rank trains on the same rows as one process
+    assert added[0] == added[1] and two.stdout.count("pseudo-labelled, val") == 1
 
     rows = {k: [json.loads(line) for line in open(tmp_path / k / "metrics.jsonl")] for k in ("one", "two")}
     assert len(rows["one"]) == len(rows["two"]) == 4  # the holdout's 2 epochs, then the final fit's
