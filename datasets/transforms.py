@@ -211,7 +211,7 @@ def tta_d4():
 def tta_for_shift(settings: dict | None) -> str:
     """The views the test set's measured right-angle turns and mirrors make plausible (both: d4, turns: rot4,
     mirrors: flip, neither: none), checked at the end of training on the validation images with the best checkpoint
-    and kept only where they do not lower macro-F1; predict.py and ensemble.py use what the run kept.
+    and kept unless they lower macro-F1 beyond chance; predict.py and ensemble.py use what the run kept.
 
     settings: datasets/shift.py's (p of `turn` and `flip`); None (nothing measured) gives none."""
     turned, mirrored = (bool(settings and settings.get(op, {}).get("p")) for op in ("turn", "flip"))

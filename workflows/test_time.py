@@ -5,8 +5,9 @@ predict_test): test_bn adapt when the model has BatchNorm layers, the test set w
 BatchNorm's statistics; re-estimating them on the test images can undo that) and the statistics from the test images
 raise the validation macro-F1 (a model trained on augmentation that matches the test set often loses by them: -0.04
 to -0.07 on the documents benchmark); tta the views the measured
-right-angle turns and mirrors make plausible (datasets/transforms.py tta_for_shift), kept only when they do not lower
-the validation macro-F1 (per-epoch validation stays without TTA, so the monitor compares across epochs). The decision
+right-angle turns and mirrors make plausible (datasets/transforms.py tta_for_shift), kept unless they lower the
+validation macro-F1 beyond chance (in 95 % of paired bootstrap resamples of the images; per-epoch validation
+stays without TTA, so the monitor compares across epochs). The decision
 is written into best.safetensors' metadata as `test_time` before the model artifact is logged from that file, so it
 travels with the checkpoint: predict.py, ensemble.py and train.py's own test prediction read it back through
 resolve(). A checkpoint without one (from before) is resolved from its measured shift (meta["test_shift"]) alone,
@@ -53,15 +54,35 @@ def plausible_views(settings: dict | None) -> tuple[str, str]:
     return candidate, "no shift measured" if settings is None else f"{what} measured in the test set"
 
 
+RESAMPLES = 200   # paired bootstrap resamples of the validation images in the TTA check
+BEYOND_CHANCE = 0.95  # the views are dropped when they score lower in at least this share of the resamples
+
+
+def lower_share(labels: np.ndarray, without: np.ndarray, with_views: np.ndarray) -> float:
+    """The share of paired bootstrap resamples of the images (the same rows for both) where the views' macro-F1 is
+    lower than without them: how sure a drop is on a few dozen validation images."""
+    from sklearn.metrics import f1_score
+    a, b, rng = without.argmax(1), with_views.argmax(1), np.random.default_rng(0)
+    rows = (rng.integers(0, len(labels), len(labels)) for _ in range(RESAMPLES))
+    return float(np.mean([f1_score(labels[r], b[r], average="macro") < f1_score(labels[r], a[r], average="macro")
+                          for r in rows]))
+
+
 def check_tta(candidate: str, labels: np.ndarray, without: np.ndarray, with_views: np.ndarray,
               images: str = "validation") -> tuple[str, str, dict]:
-    """(candidate, or none where it lowers macro-F1 on these images; the reason, both scores in words; the scores)."""
+    """(candidate, or none where it lowers macro-F1 on these images beyond chance; the reason, both scores in
+    words; the scores). The measured turns and mirrors make the views plausible: a drop within chance (lower in
+    fewer than BEYOND_CHANCE of the paired resamples) keeps them, as a tie does (they cost time only)."""
     plain = classification_metrics(labels, without)["f1_macro"]
     viewed = classification_metrics(labels, with_views)["f1_macro"]
-    keep = viewed >= plain  # a tie keeps the views: they cost time only
-    why = (f"{images} macro-F1 {viewed:.4f} with {candidate}, {plain:.4f} without: "
-           f"{'kept' if keep else candidate + ' dropped'}")
-    return candidate if keep else "none", why, {"none": plain, candidate: viewed}
+    scores = {"none": plain, candidate: viewed}
+    if viewed >= plain:
+        return candidate, f"{images} macro-F1 {viewed:.4f} with {candidate}, {plain:.4f} without: kept", scores
+    share = lower_share(labels, without, with_views)
+    keep = share < BEYOND_CHANCE
+    why = (f"{images} macro-F1 {viewed:.4f} with {candidate}, {plain:.4f} without, lower in {share:.0%} of "
+           f"{RESAMPLES} resamples of the images: {'kept, within chance' if keep else candidate + ' dropped'}")
+    return candidate if keep else "none", why, scores | {"lower_share": share}
 
 
 def check_test_bn(labels: np.ndarray, as_trained: np.ndarray, adapted: np.ndarray,
