@@ -22,7 +22,7 @@ import numpy as np
 from datasets import load_image, split_indices, write_submission
 from datasets.cache import default_cache_dir
 from datasets.pseudo import write_probs
-from datasets.shift import any_on, noisy_copies
+from datasets.shift import any_on, noisy_copies, with_floor
 from utils import UserError, report_error, tracking
 from utils.runs import new_run_id, runs_dir
 from workflows.ensemble import (
@@ -64,8 +64,9 @@ def labelled_set(members, data, args) -> tuple[str, np.ndarray, list[np.ndarray]
     items, name = [data.items[i] for i in val], "val"
     shift, config = members[0].meta.get("test_shift"), members[0].meta["config"]
     if config.get("val_noise") == "auto" and shift and any_on(shift["settings"]):  # as the members were validated
-        settings = {**shift["settings"], "noise_scale": 1.0}
-        items, name = noisy_copies(items, [data.ids[i] for i in val], settings), "val_noisy"
+        settings = with_floor(shift["settings"], config.get("aug_floor", 0.0))
+        items = noisy_copies(items, [data.ids[i] for i in val], settings, members[0].meta["img_size"])
+        name = "val_noisy"
     return name, data.labels[val], [member_probs(m, items, args.tta, args.cache_dir, args.batch_size, args.device)
                                      for m in members]
 

@@ -15,7 +15,8 @@ expanded), downscale-then-upscale, blur, brightness/contrast, tint, Gaussian noi
 applied at the source's own resolution; both splits are then measured at the training size, as measure_data does.
 A magnitude is the limit each image's strength is drawn under (uniformly, from a quarter or half of it), as the
 training augmentation reads it: degrees, noise std as a fraction of 255, tint grey levels, brightness and
-contrast fractions, blur sigma in px, JPEG 100 - the lowest quality, downscale factor (side / shrunk side).
+contrast fractions, blur sigma in px, JPEG 100 - the lowest quality, downscale factor (side / shrunk side; scored
+at the training size, as the measure gives it).
 """
 import argparse
 import io
@@ -191,8 +192,10 @@ def measured(shift: dict) -> dict:
     return out
 
 
-def score_recipe(recipe: dict, found: dict) -> dict:
-    """Per operation present: detected, share error, relative magnitude error; per operation absent: a false alarm."""
+def score_recipe(recipe: dict, found: dict, scale: float = 1.0) -> dict:
+    """Per operation present: detected, share error, relative magnitude error; per operation absent: a false alarm.
+    scale: the training size / the source's resolution (the measure gives a downscale's factor at the training size:
+    a factor 3 on 32 px images stretched to 64 is a factor 6 there)."""
     rows = {}
     for op in OPERATIONS:
         share, magnitude = found.get(op, (0.0, None))
@@ -202,7 +205,8 @@ def score_recipe(recipe: dict, found: dict) -> dict:
         truth = recipe[op]
         row = {"present": True, "detected": share > 0, "share_error": abs(share - truth["share"])}
         if "magnitude" in truth:
-            row["magnitude_error"] = abs((magnitude or 0.0) - truth["magnitude"]) / truth["magnitude"]
+            true = truth["magnitude"] * (scale if op == "downscale" else 1.0)
+            row["magnitude_error"] = abs((magnitude or 0.0) - true) / true
         rows[op] = row
     return rows
 
@@ -224,7 +228,7 @@ def run_source(name: str, n_recipes: int, n_clean: int, seed: int, show: bool, n
         test_native = corrupt_split(part, recipe, rng, size / native)
         test = [at_size(x, size) for x in test_native]
         found = measured(measure_shift(train, test, native, native=(train_native, test_native)))
-        rows = score_recipe(recipe, found)
+        rows = score_recipe(recipe, found, size / native)
         (scored if recipe else alarms).append(rows)
         if show:
             print(f"{name} {'recipe ' + str(k) if recipe else 'clean'}: truth " +

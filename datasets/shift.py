@@ -5,6 +5,7 @@ Usage:
     shift = measure_shift(train_images, test_images)   # HxWx3 uint8 arrays, at the training size
     train_tf = AUGS.build("auto", img_size, strength, mean, std, settings=shift["settings"])
     noisy = corrupt(image, shift["settings"], seed=image_seed(sample_id))   # the same corruption every time
+    val_images = noisy_copies(items, ids, shift["settings"], img_size)      # noisy validation, at the training size
 
 One statistic per corruption the write-ups saw in test sets: Gaussian noise (Immerkaer's sigma), tint (spread of
 the channel means), brightness (mean grey), contrast (spread of the smoothed grey), blur (variance of the Laplacian
@@ -40,7 +41,7 @@ from sklearn.linear_model import LogisticRegression
 
 from datasets.files import load_image
 from datasets.transforms import matched_ops
-from utils.image_stats import colour_cast, jpeg_zeros, noise_sigma, orientation_histogram, sharpness
+from utils.image_stats import colour_cast, jpeg_zeros, linear_runs, noise_sigma, orientation_histogram, smooth_sharpness
 from utils.stop import check_stop
 
 SAMPLE = 300       # images per split that are measured (a random, fixed subset of larger sets)
@@ -50,7 +51,7 @@ MIN_POSE_ACCURACY = 0.2  # chance: 0.125. The unmixing corrects for the classifi
 # the shares (documents under noise: accuracy 0.29, turned 0.72 and mirrored 0.45 measured, 0.75 and 0.5 true)
 MIN_POSE_SHARE = 0.25  # turns and flips: the pose estimate's own error on upright sets reaches ~0.15
 SEED = 0
-VERSION = 3        # of the measure: a cached measure (datasets/shift_cache.py) of another version is measured again
+VERSION = 4        # of the measure: a cached measure (datasets/shift_cache.py) of another version is measured again
 POSE_SIDE = 16     # px, the pose classifier's input (grey, standardized)
 
 # per operation, in the order they are resolved (each against training images that already carry the ones before,
@@ -62,10 +63,13 @@ OPERATIONS = {  # JPEG first (its statistic shrugs off the rest, and its ringing
     "noise": ("noise", [0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.14, 0.2, 0.28, 0.4]),   # std, fraction of 255
     "brightness": ("brightness", [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5]),            # shift, fraction of 255
     "contrast": ("contrast", [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.7]),           # factor 1 +- this
+    "downscale": ("linear runs", [1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0]),  # factor: side / shrunk side
     "blur": ("sharpness", [0.5, 0.75, 1.0, 1.3, 1.6, 2.0, 2.5, 3.0, 4.0]),          # Gaussian sigma, px
     "rotate": ("alignment", [2, 4, 6, 8, 10, 13, 16, 20, 25, 30, 40]),                # degrees
 }
-NATIVE = {"jpeg zeros", "noise"}  # read on the images as stored (JPEG's 8x8 grid; noise, which resizing smooths)
+NATIVE = {"jpeg zeros", "noise", "linear runs"}  # read on the images as stored (JPEG's 8x8 grid; noise, which resizing
+# smooths; an upscale's samples, which resizing moves)
+SMOOTHING = ("blur", "downscale")  # two readings of one lost sharpness, resolved together (_resolve_smoothing)
 ORIENTATION_BINS = 36    # of 2.5 degrees, over 0-90
 PASSES = 2                # over all operations: each resolved again against all the others the pass before found
 PERMUTATIONS = 300        # random halves of the training and test images: the chance spread of the rotation statistic
@@ -83,11 +87,12 @@ def _grey(rgb: np.ndarray) -> np.ndarray:
 
 STATISTICS = {
     "noise": lambda rgb: noise_sigma(_grey(rgb)),
-    "sharpness": lambda rgb: (lambda g: sharpness(g) / (float(g.var()) + 1.0))(_grey(rgb)),  # blur, not contrast
+    "sharpness": lambda rgb: smooth_sharpness(_grey(rgb)),  # blur, not contrast nor noise
     "tint": colour_cast,
     "brightness": lambda rgb: float(_grey(rgb).mean()),
     "contrast": lambda rgb: float(np.subtract(*np.percentile(cv2.GaussianBlur(_grey(rgb), (0, 0), 1.5), [95, 5]))),
     "jpeg zeros": lambda rgb: jpeg_zeros(_grey(rgb)),
+    "linear runs": lambda rgb: linear_runs(_grey(rgb)),
 }  # "alignment" (rotate): read from a whole set's orientation histograms (_resolve_rotation)
 
 
@@ -177,14 +182,16 @@ def _ecdf(values: np.ndarray, grid: np.ndarray) -> np.ndarray:
     return np.searchsorted(np.sort(values), grid, side="right") / len(values)
 
 
-def mixture_share(base: np.ndarray, test: np.ndarray, shifted: np.ndarray) -> tuple[float, float]:
+def mixture_share(base: np.ndarray, test: np.ndarray, shifted: np.ndarray,
+                  share: float | None = None) -> tuple[float, float]:
     """(share s, residual): the test distribution of a statistic fitted as (1 - s) base + s shifted, least squares
     over the three empirical CDFs on their pooled values. base: the training images (with the operations resolved
-    so far), shifted: the same images with this operation applied to all of them."""
+    so far), shifted: the same images with this operation applied to all of them. share given: its residual."""
     grid = np.unique(np.concatenate([base, test, shifted]))
     f, t, g = _ecdf(base, grid), _ecdf(test, grid), _ecdf(shifted, grid)
     d, h = t - f, g - f
-    share = float(np.clip(d @ h / (h @ h), 0.0, 1.0)) if h @ h > 0 else 0.0
+    if share is None:
+        share = float(np.clip(d @ h / (h @ h), 0.0, 1.0)) if h @ h > 0 else 0.0
     return share, float(np.mean((d - share * h) ** 2))
 
 
@@ -218,6 +225,30 @@ def _resolve(op: str, statistic, images: list, test_values: np.ndarray, settings
     gap["share"], gap["share_sd"] = round(share, 3), _bootstrap_sd(
         lambda rows: mixture_share(base, test_values[rows], shifted[magnitude])[0], len(test_values))
     return share, magnitude, gap
+
+
+def _resolve_smoothing(readers: dict, images: list, test_values: dict, others: dict) -> dict:
+    """{op: (share, magnitude, gap)} for blur and downscale, at most one of them on: both lose sharpness, so each is
+    fitted alone on its own statistic (blur: the sharpness, downscale: the linear runs), and where both are found the
+    one whose mixture, at its share and magnitude, fits the test set on both statistics better is kept; the other's
+    gap names it ("read_as"). A blur curves every edge; a shrunk image stretched back is linear between its samples."""
+    stats = {op: OPERATIONS[op][0] for op in SMOOTHING}
+    found = {op: _resolve(op, readers[stat], images, test_values[stat], others) for op, stat in stats.items()}
+    on = [op for op in SMOOTHING if found[op][0] >= MIN_SHARE]
+    if len(on) < 2:
+        return found
+    apply = corrupter(others)
+    plain = [apply(img, SEED + i) for i, img in enumerate(images)]
+    base = {stat: np.array([readers[stat](x) for x in plain]) for stat in stats.values()}
+
+    def misfit(op):
+        share, magnitude, _ = found[op]
+        apply = corrupter({**others, op: {"p": 1.0, "magnitude": magnitude}})
+        shifted = [apply(img, SEED + i) for i, img in enumerate(images)]
+        return sum(mixture_share(base[stat], test_values[stat], np.array([readers[stat](x) for x in shifted]),
+                                 share)[1] for stat in stats.values())
+    keep = min(on, key=misfit)
+    return {op: found[op] if op == keep else (0.0, 0.0, {**found[op][2], "read_as": keep}) for op in SMOOTHING}
 
 
 def _bootstrap_sd(share_of, n: int) -> float:
@@ -293,13 +324,19 @@ def measure_shift(train_images: list, test_images: list, native_side: int | None
             check_stop("measuring the test set's shift")
             others = {**stored, op: OFF[op]}
             if op == "rotate":
-                share, magnitude, gap[op] = _resolve_rotation(native[0][:SIMULATE], test_images, others, to_side)
+                found = {op: _resolve_rotation(native[0][:SIMULATE], test_images, others, to_side)}
+            elif op in SMOOTHING:  # both at the first of them
+                if op != SMOOTHING[0]:
+                    continue
+                found = _resolve_smoothing(readers, native[0][:SIMULATE], test_values,
+                                           {**others, **{o: OFF[o] for o in SMOOTHING}})
             else:
-                share, magnitude, gap[op] = _resolve(op, readers[stat], native[0][:SIMULATE], test_values[stat], others)
-            gap[op]["statistic"] = stat
-            stored[op] = {"p": round(share, 3), "magnitude": magnitude} if share >= MIN_SHARE else OFF[op]
-            if op == "rotate" and stored[op]["p"]:
-                stored[op]["fill"] = gap[op]["fill"]
+                found = {op: _resolve(op, readers[stat], native[0][:SIMULATE], test_values[stat], others)}
+            for name, (share, magnitude, g) in found.items():
+                gap[name] = {**g, "statistic": OPERATIONS[name][0]}
+                stored[name] = {"p": round(share, 3), "magnitude": magnitude} if share >= MIN_SHARE else OFF[name]
+                if name == "rotate" and stored[name]["p"]:
+                    stored[name]["fill"] = g["fill"]
     settings = training_units(stored, stored_side, side)
     check_stop("measuring the test set's shift")
     poses = measure_poses(train_images, test_images, {k: settings[k] for k in ("noise", "blur", "tint", "noise_scale")})
@@ -314,8 +351,12 @@ def measure_shift(train_images: list, test_images: list, native_side: int | None
 
 def training_units(stored: dict, stored_side: int, side: int) -> dict:
     """Settings measured on the stored images as the training augmentation applies them, after the resize: noise
-    drawn at the stored resolution (noise_scale) and weakened by a downscale; blur's sigma scaled with the side."""
+    drawn at the stored resolution (noise_scale) and weakened by a downscale; blur's sigma and a downscale's factor
+    scaled with the side (a factor the resize to a smaller side has already applied is off)."""
     settings = {**stored, "noise_scale": float(min(1.0, stored_side / side))}
+    if stored["downscale"]["p"]:
+        factor = round(stored["downscale"]["magnitude"] * side / stored_side, 3)
+        settings["downscale"] = {**stored["downscale"], "magnitude": factor} if factor >= 1.25 else OFF["downscale"]
     if stored["noise"]["p"]:
         settings["noise"] = {**stored["noise"], "magnitude": round(stored["noise"]["magnitude"] *
                                                                    min(1.0, side / stored_side), 4)}
@@ -402,11 +443,13 @@ def at_size(image: np.ndarray, side: int) -> np.ndarray:
     return cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-def noisy_copies(images: list, ids: list, settings: dict) -> list[np.ndarray]:
-    """Each image with the measured corruption, seeded by its id (noisy validation)."""
+def noisy_copies(images: list, ids: list, settings: dict, side: int) -> list[np.ndarray]:
+    """Each image resized to the training side, then given the measured corruption, seeded by its id (noisy
+    validation): corrupted where the training augmentation corrupts, in the units the settings are in (a blur's
+    sigma and a downscale's factor at the training size; noise drawn at the stored resolution by noise_scale)."""
     apply = corrupter(settings)
 
     def one(img, sample_id):
         check_stop("making the noisy validation images")
-        return apply(load_image(img), image_seed(sample_id))
+        return apply(at_size(load_image(img), side), image_seed(sample_id))
     return [one(img, i) for img, i in zip(images, ids)]

@@ -89,8 +89,11 @@ BORDERS = {"black": {"border_mode": cv2.BORDER_CONSTANT, "fill": 0},  # a rotati
 
 def matched_ops(settings: dict, scale: float) -> list:
     """The test set's measured corruption (datasets/shift.py settings) as albumentations operations, each
-    probability and magnitude times `scale` (probabilities capped at 1): turns, flips, small rotation, tint,
-    brightness/contrast, blur, Gaussian noise, JPEG, in the order a camera, a scanner and an upload add them."""
+    probability and magnitude times `scale` (probabilities capped at 1): turns, flips, small rotation, downscale,
+    tint, brightness/contrast, blur, Gaussian noise, JPEG, in the order a camera, a scanner and an upload add them. A
+    magnitude m is the strongest an image gets; brightness, contrast, blur and JPEG draw from [m / 2, m] (noise from
+    [m / 4, m], a downscale's factor from [1 + (m - 1) / 2, m]), rotations and tint from [0, m]: as the measure
+    simulates them when it fits m and the share."""
     p = lambda op: min(1.0, settings.get(op, {}).get("p", 0.0) * scale)  # older checkpoints lack newer operations
     m = lambda op: settings.get(op, {}).get("magnitude", 0.0) * scale
     ops = []
@@ -101,14 +104,20 @@ def matched_ops(settings: dict, scale: float) -> list:
     if p("rotate"):
         ops.append(A.Rotate(limit=(-m("rotate"), m("rotate")), p=p("rotate"),
                             **BORDERS[settings["rotate"].get("fill", "black")]))  # the corners the test set has
+    if p("downscale"):  # shrunk by a factor of 1 + (m - 1) / 2 to m, stretched back: a low-resolution upload
+        factor = 1 + (settings["downscale"]["magnitude"] - 1) * min(1.0, scale)
+        ops.append(A.Downscale(scale_range=(1 / factor, 1 / (1 + (factor - 1) / 2)), p=p("downscale"),
+                               interpolation_pair={"downscale": cv2.INTER_AREA, "upscale": cv2.INTER_LINEAR}))
     if p("tint"):
         ops.append(A.RGBShift(r_shift_limit=m("tint"), g_shift_limit=m("tint"), b_shift_limit=m("tint"), p=p("tint")))
-    if p("brightness"):
-        ops.append(A.RandomBrightnessContrast(brightness_limit=m("brightness"), contrast_limit=0, p=p("brightness")))
+    if p("brightness"):  # a shift of m / 2 to m, up or down
+        ops.append(_either_way(lambda lo, hi: A.RandomBrightnessContrast(brightness_limit=(lo, hi), contrast_limit=0,
+                                                                        p=1.0), m("brightness"), p("brightness")))
     if p("contrast"):  # about the image's mean grey (RandomBrightnessContrast's contrast scales about 0: darker too)
-        ops.append(A.ColorJitter(brightness=0, contrast=m("contrast"), saturation=0, hue=0, p=p("contrast")))
+        ops.append(_either_way(lambda lo, hi: A.ColorJitter(brightness=0, contrast=(1 + lo, 1 + hi), saturation=0,
+                                                            hue=0, p=1.0), min(0.95, m("contrast")), p("contrast")))
     if p("blur"):
-        ops.append(A.GaussianBlur(sigma_limit=(0.3, max(0.3, m("blur"))), p=p("blur")))
+        ops.append(A.GaussianBlur(sigma_limit=(max(0.3, m("blur") / 2), max(0.3, m("blur"))), p=p("blur")))
     if p("noise"):
         ops.append(A.GaussNoise(std_range=(m("noise") / 4, min(1.0, m("noise"))), p=p("noise"),
                                 noise_scale_factor=settings.get("noise_scale", 1.0)))  # at the test's native resolution
@@ -116,6 +125,14 @@ def matched_ops(settings: dict, scale: float) -> list:
         worst, best = max(1, round(100 - m("jpeg"))), max(1, round(100 - m("jpeg") / 2))
         ops.append(A.ImageCompression(quality_range=(worst, best), p=p("jpeg")))
     return ops
+
+
+def _either_way(make, m: float, p: float):
+    """make(lo, hi) with a strength drawn from [m / 2, m] or from [-m, -m / 2], each half the time, for a share p
+    of the images: a corrupted image is corrupted by at least half the magnitude, as the measure (datasets/shift.py)
+    simulates and reads it: the share it measures is the share visibly corrupted, not one diluted by near-zero
+    strengths."""
+    return A.OneOf([make(m / 2, m), make(-m, -m / 2)], p=p)
 
 
 class AugMix(A.ImageOnlyTransform):

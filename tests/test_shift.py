@@ -199,3 +199,73 @@ def test_the_floor_draws_what_the_measure_left_off_and_nothing_on_a_clean_test_s
     assert with_floor(OFF, 0.2) == OFF and with_floor(measured, 0.0) == measured and with_floor(None, 0.2) is None
     ops = A.Compose(matched_ops(floored, 1.0))  # the augmentation draws them
     assert {type(t).__name__ for t in ops.transforms} >= {"GaussianBlur", "ImageCompression", "RGBShift"}
+
+
+@pytest.fixture(scope="module")
+def page_sets():
+    from benchmarks.shift_calibration import documents
+    pages = documents(400, np.random.default_rng(5))
+    return pages[:200], pages[200:]
+
+
+def test_blur_under_noise_is_found_on_half_the_pages(page_sets):
+    """Every test page noisy, half of them blurred too: the median-filtered sharpness sees the blur through the noise
+    (the plain variance of the Laplacian reads the noise's high frequencies as sharpness and missed it)."""
+    train, test = page_sets
+    rng = np.random.default_rng(0)
+    blurred = [cv2.GaussianBlur(img, (0, 0), float(rng.uniform(1.2, 2.0))) if k % 2 else img
+               for k, img in enumerate(test)]
+    shift = measure_shift(train, corrupted(blurred, A.GaussNoise(std_range=(0.1, 0.15), p=1.0)))
+    blur, noise = shift["settings"]["blur"], shift["settings"]["noise"]
+    assert noise["p"] > 0.7 and 0.3 <= blur["p"] <= 0.7 and 1.2 <= blur["magnitude"] <= 3.0, describe_shift(shift)
+
+
+def test_a_measured_magnitude_is_drawn_from_half_of_it_to_all_of_it_both_ways():
+    """Brightness, contrast and blur as the augmentation draws them (and the measure simulates them): every corrupted
+    image at least half the magnitude away, up and down both, so the share measured is the share visibly changed."""
+    from datasets.shift import OFF, corrupter
+    grey, ramp = np.full((24, 24, 3), 128, np.uint8), np.tile(np.linspace(60, 200, 24).astype(np.uint8), (24, 1))
+    ramp = np.repeat(ramp[..., None], 3, -1)
+    bright = corrupter({**OFF, "brightness": {"p": 1.0, "magnitude": 0.2}})
+    shifts = np.array([bright(grey, s).astype(float).mean() - 128 for s in range(100)])
+    assert np.abs(shifts).min() >= 0.1 * 255 - 1 and np.abs(shifts).max() <= 0.2 * 255 + 1
+    assert (shifts > 0).any() and (shifts < 0).any()
+    contrast = corrupter({**OFF, "contrast": {"p": 1.0, "magnitude": 0.4}})
+    factors = np.array([contrast(ramp, s).astype(float).std() / ramp.astype(float).std() for s in range(100)])
+    assert (np.abs(factors - 1) >= 0.2 - 0.02).all() and (factors > 1).any() and (factors < 1).any()
+    blur = [t for t in matched_ops({**OFF, "blur": {"p": 1.0, "magnitude": 2.0}}, 1.0)][0]
+    assert tuple(blur.sigma_limit) == (1.0, 2.0)
+
+
+@pytest.mark.parametrize("smoothing", ["downscale", "blur"])
+def test_a_downscale_is_told_from_a_blur(page_sets, smoothing):
+    """Pages shrunk 2 to 3.3 times and stretched back, or blurred about as much: both lose sharpness; the stretched
+    ones are linear between their samples, so each is read as what it is, the other reading shown as such, and the
+    augmentation draws it."""
+    train, test = page_sets
+    rng = np.random.default_rng(1)
+
+    def smooth(img):
+        if smoothing == "blur":
+            return cv2.GaussianBlur(img, (0, 0), 1.5)
+        side = int(rng.integers(22, 36))  # a factor of 2 to 3.3, rarely a whole one
+        small = cv2.resize(img, (side, side), interpolation=cv2.INTER_AREA)
+        return cv2.resize(small, img.shape[:2][::-1], interpolation=cv2.INTER_LINEAR)
+    shift = measure_shift(train, [smooth(img) if rng.random() < 0.6 else img for img in test])
+    other = "blur" if smoothing == "downscale" else "downscale"
+    s = shift["settings"]
+    assert 0.45 <= s[smoothing]["p"] <= 0.75 and s[other]["p"] == 0, describe_shift(shift)
+    assert shift["gap"][other].get("read_as") in (None, smoothing)
+    if smoothing == "downscale":
+        assert 2.4 <= s["downscale"]["magnitude"] <= 4.5 and "-> off (read as downscale)" in describe_shift(shift)
+        ops = {type(t).__name__: t for t in matched_ops(s, 1.0)}
+        assert ops["Downscale"].scale_range[0] == pytest.approx(1 / s["downscale"]["magnitude"])
+
+
+def test_noisy_validation_is_corrupted_at_the_training_size():
+    from datasets.shift import OFF, noisy_copies
+    stored = [np.random.default_rng(k).integers(0, 255, (96, 80, 3), dtype=np.uint8) for k in range(3)]
+    settings = {**OFF, "downscale": {"p": 1.0, "magnitude": 2.0}, "noise_scale": 1.0}
+    copies = noisy_copies(stored, ["a", "b", "c"], settings, 48)
+    assert [c.shape for c in copies] == [(48, 48, 3)] * 3
+    assert np.array_equal(copies[0], noisy_copies(stored[:1], ["a"], settings, 48)[0])  # fixed per image

@@ -1,7 +1,7 @@
 """Per-image appearance statistics on HxW grey (or HxWx3 RGB) uint8 arrays: pure numpy/OpenCV.
 
-Usage: noise_sigma(gray), dominant_orientation(gray), sharpness(gray), colour_cast(rgb), orientation_histogram(gray),
-       jpeg_zeros(gray)
+Usage: noise_sigma(gray), dominant_orientation(gray), sharpness(gray), smooth_sharpness(gray), linear_runs(gray),
+       colour_cast(rgb), orientation_histogram(gray), jpeg_zeros(gray)
 Used by eda.py's train-vs-test table and by the test-matched augmentation (datasets/shift.py).
 """
 import cv2
@@ -32,6 +32,29 @@ def dominant_orientation(gray: np.ndarray) -> float:
 def sharpness(gray: np.ndarray) -> float:
     """Variance of the Laplacian: falls with blur (and rises with noise)."""
     return float(cv2.Laplacian(gray, cv2.CV_64F).var())
+
+
+def smooth_sharpness(gray: np.ndarray) -> float:
+    """Variance of the Laplacian of the 3x3 median-filtered image over the image's grey variance (+1): falls with
+    blur, and, unlike sharpness(), barely moves with Gaussian noise (the median takes out the isolated pixels the
+    noise makes and keeps the edges) or with contrast (the ratio)."""
+    g = cv2.medianBlur(gray, 3)
+    return float(cv2.Laplacian(g, cv2.CV_64F).var() / (float(gray.var()) + 1.0))
+
+
+def linear_runs(gray: np.ndarray, edge: float = 4.0) -> float:
+    """The trace of an upscale by linear interpolation: the share of edge pixels (a step of at least `edge` grey
+    levels to the next pixel) whose second difference is at most 1 grey level, along the rows and the columns. An
+    image shrunk by a factor s and stretched back is linear between its samples, so about 1 - 2 / s of its pixels
+    are; a blur curves every edge. Read at the image's stored resolution (a resize moves the samples); noise hides
+    it."""
+    shares = []
+    for g in (gray, gray.T):
+        g = g.astype(np.float32)
+        first, second = np.abs(np.diff(g, axis=1))[:, :-1], np.abs(np.diff(g, 2, axis=1))
+        on_edge = first >= edge
+        shares.append(float((second[on_edge] <= 1.0).mean()) if on_edge.any() else 0.0)
+    return float(np.mean(shares))
 
 
 def colour_cast(rgb: np.ndarray) -> float:

@@ -165,7 +165,8 @@ def build_fit(cfg: Config, run_id: str, out_dir: Path, inputs: FitInputs, prefix
                                drop_last=len(train_ds) > cfg.batch_size)
     val_part = distributed.shard(len(val_idx))
     val_items = take(data.items, val_idx)
-    val_images = noisy_copies(val_items, [data.ids[i] for i in val_idx], settings) if noisy_val else val_items
+    val_images = (noisy_copies(val_items, [data.ids[i] for i in val_idx], settings, cfg.img_size) if noisy_val
+                  else val_items)
 
     def val_loader(images):
         dataset = ImageDataset(take(images, val_part), data.labels[val_idx][val_part],
