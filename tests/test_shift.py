@@ -262,10 +262,17 @@ def test_a_downscale_is_told_from_a_blur(page_sets, smoothing):
         assert ops["Downscale"].scale_range[0] == pytest.approx(1 / s["downscale"]["magnitude"])
 
 
-def test_noisy_validation_is_corrupted_at_the_training_size():
-    from datasets.shift import OFF, noisy_copies
+def test_noisy_validation_is_corrupted_as_stored_in_the_images_own_units():
+    """The validation images are corrupted as the test images were, before the resize: a downscale by 2 at the
+    training side of 48 is a downscale by 4 of an image stored at 96; noise keeps its stored strength and grain."""
+    from datasets.shift import OFF, corrupter, noisy_copies, stored_units
     stored = [np.random.default_rng(k).integers(0, 255, (96, 80, 3), dtype=np.uint8) for k in range(3)]
-    settings = {**OFF, "downscale": {"p": 1.0, "magnitude": 2.0}, "noise_scale": 1.0}
+    settings = {**OFF, "downscale": {"p": 1.0, "magnitude": 2.0}, "blur": {"p": 0.5, "magnitude": 1.0},
+                "noise": {"p": 0.5, "magnitude": 0.1}, "noise_scale": 0.5}
+    as_stored = stored_units(settings, 2.0)
+    assert as_stored["downscale"]["magnitude"] == 4.0 and as_stored["blur"]["magnitude"] == 2.0
+    assert as_stored["noise"]["magnitude"] == 0.2 and as_stored["noise_scale"] == 1.0
+    assert stored_units(settings, 0.5)["downscale"] == OFF["downscale"]  # the resize to a smaller side did it
     copies = noisy_copies(stored, ["a", "b", "c"], settings, 48)
-    assert [c.shape for c in copies] == [(48, 48, 3)] * 3
-    assert np.array_equal(copies[0], noisy_copies(stored[:1], ["a"], settings, 48)[0])  # fixed per image
+    assert [c.shape for c in copies] == [(96, 80, 3)] * 3
+    assert np.array_equal(copies[0], corrupter(as_stored)(stored[0], image_seed("a")))  # fixed per image
