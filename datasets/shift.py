@@ -9,10 +9,12 @@ Usage:
 
 One statistic per corruption the write-ups saw in test sets: Gaussian noise (Immerkaer's sigma), tint (spread of
 the channel means), brightness (mean grey), contrast (spread of the smoothed grey), blur (variance of the Laplacian
-over the grey variance), JPEG (the share of its 8x8 blocks' high frequencies rounded to 0), each per image; small
+of the median-filtered grey over the grey variance), downscale-then-upscale (the share of edge pixels linear between
+their neighbours), JPEG (the share of its 8x8 blocks' high frequencies rounded to 0), each per image; small
 rotations from a whole set's gradient-orientation histograms; right-angle turns and mirrors from a pose classifier
-trained on the training images in their 8 square poses. Noise and JPEG are read on the images as stored (a resize
-smooths noise and moves the block grid), the rest at the training size, as the model sees them.
+trained on the training images in their 8 square poses. Noise, JPEG and the downscale are read on the images as
+stored (a resize smooths noise and moves the block grid and the samples), the rest at the training size, as the
+model sees them. Blur and downscale, two readings of one lost sharpness, are resolved together (_resolve_smoothing).
 - Every operation is simulated where the test set got it: on the stored training images, then resized. For each
   operation and magnitude, the training images carrying every other operation found so far are the base, the same
   images with this operation on all of them the shifted sample, and the test set's distribution of the statistic
@@ -445,9 +447,8 @@ def at_size(image: np.ndarray, side: int) -> np.ndarray:
 
 def noisy_copies(images: list, ids: list, settings: dict, side: int) -> list[np.ndarray]:
     """Each image as stored with the measured corruption, seeded by its id (noisy validation): corrupted where the test
-    images were, before the resize to the training side, with the settings in the image's own units (stored_units).
-    Corrupted after the resize instead, validation was easier than the test set (digits_hard: 0.672 against the
-    holdout model's 0.507; JPEG's blocks and noise's grain came out finer than the test set's)."""
+    images were, before the resize to the training side, with the settings in the image's own units (stored_units):
+    JPEG's blocks and noise's grain at the stored resolution, as the test set has them."""
     appliers = {}
 
     def one(img, sample_id):
