@@ -1,5 +1,11 @@
 """sweep.yaml and the offline runner's pieces: validation, and command lines identical to `wandb agent`'s."""
 import copy
+import functools
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -11,6 +17,7 @@ from conftest import ROOT
 from workflows.config import Config
 from workflows.flags import parse_config
 from workflows.sweep import agent_command, check_sweep, load_sweep, param_file_text, plain, sweeps_engine
+from workflows.sweep_runner import _die_with_parent
 
 
 @pytest.fixture
@@ -144,3 +151,16 @@ def test_torchrun_command_from_the_readme(monkeypatch):
     argv = agent_command(sweep, params, "a.json")
     assert argv == wandb_agent_argv(sweep, params, "a.json")
     assert argv[:5] == ["/usr/bin/env", "torchrun", "--standalone", "--nproc_per_node=2", "train.py"]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_trial_forked_as_its_runner_died_does_not_run_on(tmp_path):
+    """The runner killed between fork and exec: the trial would be an orphan nobody waits for, running beside
+    the attempt the restarted runner launches into the same folder. Here the runner's pid is not the parent."""
+    marker = tmp_path / "ran"
+    start = time.time()
+    proc = subprocess.Popen(["sh", "-c", f"touch {marker}; sleep 30"],
+                            preexec_fn=functools.partial(_die_with_parent, os.getpid() + 1_000_000))
+    assert proc.wait(timeout=10) == 128 + signal.SIGTERM and time.time() - start < 10 and not marker.exists()
+    ok = subprocess.Popen(["sh", "-c", f"touch {marker}"], preexec_fn=functools.partial(_die_with_parent, os.getpid()))
+    assert ok.wait(timeout=10) == 0 and marker.exists()

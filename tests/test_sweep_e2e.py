@@ -65,7 +65,8 @@ def test_offline_sweep_of_train_py_survives_a_killed_runner(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     after = trials(sweep_dir)
     assert len(after) == 4 and len({t["id"] for t in after}) == 4
-    assert all(t["state"] == "finished" for t in after), after
+    unfinished = [t for t in after if t["state"] != "finished"]
+    assert not unfinished, [(t, (sweep_dir / "trials" / f"{t['id']}.log").read_text()[-3000:]) for t in unfinished]
     assert len({json.dumps(t["params"], sort_keys=True) for t in after}) == 4  # no trial ran twice as a new one
     for t in after:
         if t["id"] in finished_before:  # kept, not rerun

@@ -7,6 +7,7 @@ Usage: runner = Runner(sweep, sdir, info, RunnerSettings(count=8, workers=2, max
        code = runner.run()
 """
 import ctypes
+import functools
 import json
 import os
 import random
@@ -67,12 +68,17 @@ def _trial_alive(pid: int, trial_id: str) -> bool:
             return False
 
 
-def _die_with_parent() -> None:
-    """In the trial, before exec: SIGTERM when the runner dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG)."""
+def _die_with_parent(runner_pid: int) -> None:
+    """In the trial, before exec: SIGTERM when the runner dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG).
+    The fork inherited the runner's SIGTERM handler, which would swallow a SIGTERM that came before exec: the
+    default action first. A runner that died before prctl sends nothing: then the trial ends here."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
     except (OSError, AttributeError):
-        pass
+        return
+    if os.getppid() != runner_pid:  # the runner was killed during the fork: nobody will wait for this trial
+        os._exit(128 + signal.SIGTERM)
 
 
 @dataclass
@@ -169,7 +175,8 @@ class Runner:
         with open(self.dir.log_path(trial), "ab") as log:
             proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                                     start_new_session=True,  # a terminal's Ctrl-C reaches the runner only; it forwards
-                                    preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+                                    preexec_fn=functools.partial(_die_with_parent, os.getpid())
+                                    if sys.platform.startswith("linux") else None)
         self.procs[trial.id] = proc
         trial.pid = proc.pid
         self.dir.save(trial)
