@@ -21,8 +21,8 @@ import numpy as np
 
 from datasets import load_image, split_indices, write_submission
 from datasets.cache import default_cache_dir
+from datasets.corruption import any_on, noisy_copies, with_floor
 from datasets.pseudo import write_probs
-from datasets.shift import any_on, noisy_copies, with_floor
 from utils import UserError, report_error, tracking
 from utils.runs import new_run_id, runs_dir
 from workflows.ensemble import (

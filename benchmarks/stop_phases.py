@@ -26,7 +26,7 @@ from conftest import as_main  # noqa: E402 - the tests' patches, so the figures 
 DIGITS = ["--epochs", "2", "--wandb_mode", "offline"]
 PHASES = [  # name, the call that sends the signal (module:function), its n-th call, flags (FILES: the image files)
     ("decoding images", "datasets.cache:load_image", 300, "FILES"),
-    ("noisy validation copies", "datasets.shift:noisy_copies", 1, DIGITS),
+    ("noisy validation copies", "datasets.corruption:noisy_copies", 1, DIGITS),
     ("training, mid-epoch", "optim.stepper:Stepper.step", 5, DIGITS),
     ("validation", "workflows.inference:to_input", 2, DIGITS),
     ("validation with --tta d4", "workflows.inference:to_input", 2, DIGITS + ["--tta", "d4"]),

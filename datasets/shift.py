@@ -4,8 +4,7 @@
 Usage:
     shift = measure_shift(train_images, test_images)   # HxWx3 uint8 arrays, at the training size
     train_tf = AUGS.build("auto", img_size, strength, mean, std, settings=shift["settings"])
-    noisy = corrupt(image, shift["settings"], seed=image_seed(sample_id))   # the same corruption every time
-    val_images = noisy_copies(items, ids, shift["settings"], img_size)      # noisy validation, as the test set got it
+    val_images = noisy_copies(items, ids, shift["settings"], img_size)      # datasets/corruption.py: noisy validation
 
 One statistic per corruption the write-ups saw in test sets: Gaussian noise (Immerkaer's sigma), tint (spread of
 the channel means), brightness (mean grey), contrast (spread of the smoothed grey), blur (variance of the Laplacian
@@ -33,9 +32,7 @@ benchmarks/shift_calibration.py measures how right this is on random recipes wit
 Everything is seeded by SEED alone: every run and sweep trial on the same data and img_size gets the same settings.
 """
 import warnings
-import zlib
 
-import albumentations as A
 import cv2
 import numpy as np
 from PIL import Image
@@ -43,8 +40,8 @@ from scipy.optimize import nnls
 from scipy.stats import anderson_ksamp
 from sklearn.linear_model import LogisticRegression
 
+from datasets.corruption import corrupter
 from datasets.files import load_image
-from datasets.transforms import matched_ops
 from utils.image_stats import colour_cast, jpeg_zeros, linear_runs, noise_sigma, orientation_histogram, smooth_sharpness
 from utils.stop import check_stop
 
@@ -381,43 +378,6 @@ def _at_most(image: np.ndarray, side: int) -> np.ndarray:
     return cv2.resize(image, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA)
 
 
-def image_seed(sample_id: str) -> int:
-    """A seed from the image's id alone: the same corruption in every epoch, fold and sweep trial."""
-    return zlib.crc32(str(sample_id).encode())
-
-
-def corrupter(settings: dict):
-    """apply(image, seed): the measured corruption, built once, applied deterministically per seed."""
-    tf = A.Compose(matched_ops(settings, 1.0))
-
-    def apply(rgb: np.ndarray, seed: int) -> np.ndarray:
-        tf.set_random_seed(seed)
-        return tf(image=rgb)["image"]
-    return apply
-
-
-def corrupt(rgb: np.ndarray, settings: dict, seed: int) -> np.ndarray:
-    """The measured corruption applied once to an image, deterministically (noisy validation)."""
-    return corrupter(settings)(rgb, seed)
-
-
-FLOOR = {"tint": 20, "brightness": 0.1, "contrast": 0.2, "blur": 1.0, "noise": 0.05, "jpeg": 50}  # middle magnitudes
-# (training units) of the photometric operations a test set often has and a measure can miss: blur under noise, JPEG
-
-
-def with_floor(settings: dict | None, floor: float) -> dict | None:
-    """The settings with every photometric operation the measure left off drawn for a share `floor` of the images at
-    a middle magnitude (FLOOR), when the test set was measured shifted at all: cover what the measure may have
-    missed. Turns, flips and rotations are left as measured (a wrong pose can change a class)."""
-    if not floor or not any_on(settings):
-        return settings
-    return {**settings, **{op: {"p": floor, "magnitude": m} for op, m in FLOOR.items() if not settings[op]["p"]}}
-
-
-def any_on(settings: dict | None) -> bool:
-    return bool(settings) and any(v["p"] for k, v in settings.items() if isinstance(v, dict))
-
-
 def native_side(items: list, n: int = 50) -> int:
     """Median side (the larger of width and height) of up to n images, read from the file headers alone; 0 when
     none can be read."""
@@ -448,33 +408,3 @@ def at_size(image: np.ndarray, side: int) -> np.ndarray:
         return image
     shrink = max(image.shape[:2]) > side
     return cv2.resize(image, (side, side), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
-def noisy_copies(images: list, ids: list, settings: dict, side: int) -> list[np.ndarray]:
-    """Each image as stored with the measured corruption, seeded by its id (noisy validation): corrupted where the test
-    images were, before the resize to the training side, with the settings in the image's own units (stored_units):
-    JPEG's blocks and noise's grain at the stored resolution, as the test set has them."""
-    appliers = {}
-
-    def one(img, sample_id):
-        check_stop("making the noisy validation images")
-        image = load_image(img)
-        k = round(max(image.shape[:2]) / side, 2)
-        if k not in appliers:
-            appliers[k] = corrupter(stored_units(settings, k))
-        return appliers[k](image, image_seed(sample_id))
-    return [one(img, i) for img, i in zip(images, ids)]
-
-
-def stored_units(settings: dict, k: float) -> dict:
-    """The settings (in the training augmentation's units, after the resize) for an image stored at k times the
-    training side: the inverse of training_units. A blur's sigma and a downscale's factor times k (a factor under
-    1.25 is off), noise at its stored strength, drawn pixel by pixel (noise_scale 1)."""
-    out = {**settings, "noise_scale": 1.0}
-    for op in ("blur", "downscale"):
-        if settings.get(op, {}).get("p"):
-            magnitude = settings[op]["magnitude"] * k
-            out[op] = OFF[op] if op == "downscale" and magnitude < 1.25 else {**settings[op], "magnitude": magnitude}
-    if settings.get("noise", {}).get("p"):
-        out["noise"] = {**settings["noise"], "magnitude": settings["noise"]["magnitude"] * max(1.0, k)}
-    return out

@@ -24,13 +24,13 @@ import cv2
 import numpy as np
 import sklearn
 
-from datasets import files, shift, transforms
+from datasets import corruption, files, shift, transforms
 from datasets.cache import default_cache_dir, hash_items
 from utils import UserError, image_stats
 from utils.files import atomic_write_bytes
 
 SUBFOLDER = "shift"  # in the cache folder: no <key>.* name of its own there, so never read as a decode cache
-CODE = (shift, transforms, image_stats, files)  # the measure, its corruptions, its statistics, the decoder
+CODE = (shift, corruption, transforms, image_stats, files)  # the measure, its corruptions, its statistics, the decoder
 FIELDS = ("images", "gap", "poses", "settings")  # of a measure: a record without them is measured again
 
 

@@ -8,8 +8,9 @@ import pytest
 
 from conftest import _digit_images
 from datasets import load_data
+from datasets.corruption import any_on, corrupt, image_seed
 from datasets.digits import HARD_CLASSES, answers_path, export_hard, score
-from datasets.shift import any_on, corrupt, image_seed, measure_shift, mixture_share, significant
+from datasets.shift import measure_shift, mixture_share, significant
 from datasets.transforms import AUGS, matched_ops
 from models import find_pretrained
 from utils import UserError
@@ -203,7 +204,8 @@ def test_rotations_are_read_with_the_corners_they_left(digit_sets, fill):
 
 
 def test_the_floor_draws_what_the_measure_left_off_and_nothing_on_a_clean_test_set():
-    from datasets.shift import FLOOR, OFF, with_floor
+    from datasets.corruption import FLOOR, with_floor
+    from datasets.shift import OFF
     measured = {**OFF, "turn": {"p": 1.0}, "noise": {"p": 0.6, "magnitude": 0.2}, "noise_scale": 0.5}
     floored = with_floor(measured, 0.2)
     assert floored["noise"] == measured["noise"] and floored["turn"] == {"p": 1.0}  # as measured
@@ -237,7 +239,8 @@ def test_blur_under_noise_is_found_on_half_the_pages(page_sets):
 def test_a_measured_magnitude_is_drawn_from_half_of_it_to_all_of_it_both_ways():
     """Brightness, contrast and blur as the augmentation draws them (and the measure simulates them): every corrupted
     image at least half the magnitude away, up and down both, so the share measured is the share visibly changed."""
-    from datasets.shift import OFF, corrupter
+    from datasets.corruption import corrupter
+    from datasets.shift import OFF
     grey, ramp = np.full((24, 24, 3), 128, np.uint8), np.tile(np.linspace(60, 200, 24).astype(np.uint8), (24, 1))
     ramp = np.repeat(ramp[..., None], 3, -1)
     bright = corrupter({**OFF, "brightness": {"p": 1.0, "magnitude": 0.2}})
@@ -279,7 +282,8 @@ def test_a_downscale_is_told_from_a_blur(page_sets, smoothing):
 def test_noisy_validation_is_corrupted_as_stored_in_the_images_own_units():
     """The validation images are corrupted as the test images were, before the resize: a downscale by 2 at the
     training side of 48 is a downscale by 4 of an image stored at 96; noise keeps its stored strength and grain."""
-    from datasets.shift import OFF, corrupter, noisy_copies, stored_units
+    from datasets.corruption import corrupter, noisy_copies, stored_units
+    from datasets.shift import OFF
     stored = [np.random.default_rng(k).integers(0, 255, (96, 80, 3), dtype=np.uint8) for k in range(3)]
     settings = {**OFF, "downscale": {"p": 1.0, "magnitude": 2.0}, "blur": {"p": 0.5, "magnitude": 1.0},
                 "noise": {"p": 0.5, "magnitude": 0.1}, "noise_scale": 0.5}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import _digit_images
-from datasets import load_data, screen_images, shift, shift_cache
+from datasets import corruption, load_data, screen_images, shift, shift_cache
 from datasets.cache import cache_images
 from datasets.cache_folder import list_decode_caches
 from datasets.shift_cache import measure_cached, shift_key
@@ -58,7 +58,7 @@ def test_a_second_run_reads_the_measure_without_measuring(tmp_path, monkeypatch,
     first, second = Recorder(), Recorder()
     measured = measure_test_shift(cfg, first, data, stored_images(data))
     assert re.search(r"\n  \(\d+\.\ds; aug_preset auto", capsys.readouterr().out)
-    assert shift.any_on(measured["settings"]), measured
+    assert corruption.any_on(measured["settings"]), measured
     [path] = (tmp_path / "c" / "shift").glob("*.json")
     monkeypatch.setattr(shift, "measure_data", lambda *a: pytest.fail("measured again"))
     cached = measure_test_shift(cfg, second, data, stored_images(data))

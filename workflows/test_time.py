@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from datasets.shift import any_on
+from datasets.corruption import any_on
 from datasets.transforms import tta_for_shift
 from models.checkpoint import batchnorm_count, read_meta
 from utils.metrics import classification_metrics

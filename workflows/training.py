@@ -23,8 +23,8 @@ from timm.utils import ModelEmaV3
 
 from datasets import ImageDataset, build_sampler, split_indices
 from datasets.cache import JoinedImages
+from datasets.corruption import any_on, noisy_copies, with_floor
 from datasets.files import take
-from datasets.shift import any_on, noisy_copies, with_floor
 from datasets.transforms import AUGS, eval_transform, with_augmix
 from losses import build_loss, loss_kwargs, soft_target_losses
 from models import adapt_test_bn, batchnorm_layers, build_model, check_input_size, normalization
