@@ -72,10 +72,10 @@ def _die_with_parent(runner_pid: int) -> None:
     """In the trial, before exec: SIGTERM when the runner dies, even by SIGKILL (Linux's PR_SET_PDEATHSIG).
     The fork inherited the runner's SIGTERM handler, which would swallow a SIGTERM that came before exec: the
     default action first. A runner that died before prctl sends nothing: then the trial ends here."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, ValueError):  # ValueError: launched from a thread other than the main one
         return
     if os.getppid() != runner_pid:  # the runner was killed during the fork: nobody will wait for this trial
         os._exit(128 + signal.SIGTERM)
