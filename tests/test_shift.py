@@ -76,20 +76,6 @@ def test_share_is_a_fitted_mixture_and_only_when_significant():
     assert mixture_share(train, overlapping, rng.normal(1.5, 1, 300))[0] == pytest.approx(0.5, abs=0.12)
 
 
-def test_a_shift_either_way_around_the_same_median_is_significant():
-    """A quarter of the test values moved 1.5 to 3 sd up or down (brightness either way: the median stays): the
-    Anderson-Darling test sees the tails (KS, read at the median, found 0 of these 20); same-distribution pairs stay
-    quiet. digits_hard's brightness (0.5 of the images, +-0.3) was missed that way."""
-    found, quiet = 0, 0
-    for seed in range(20):
-        rng = np.random.default_rng(seed)
-        base, test = rng.normal(0, 1, 200), rng.normal(0, 1, 300)
-        test[:75] = rng.choice([-1, 1], 75) * rng.uniform(1.5, 3, 75)
-        found += significant(base, test)
-        quiet += not significant(rng.normal(0, 1, 200), rng.normal(0, 1, 300))
-    assert found >= 8 and quiet == 20
-
-
 def test_auto_preset_strength_and_fallback(digit_sets):
     train, test = digit_sets
     settings = measure_shift(train, corrupted(test, A.GaussNoise(std_range=(0.1, 0.2), p=1.0)))["settings"]
