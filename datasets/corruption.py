@@ -13,7 +13,7 @@ import albumentations as A
 import numpy as np
 
 from datasets.files import load_image
-from datasets.transforms import matched_ops
+from datasets.transforms import matched_ops, seed_pipeline
 from utils.stop import check_stop
 
 
@@ -27,7 +27,7 @@ def corrupter(settings: dict):
     tf = A.Compose(matched_ops(settings, 1.0))
 
     def apply(rgb: np.ndarray, seed: int) -> np.ndarray:
-        tf.set_random_seed(seed)
+        seed_pipeline(tf, seed)
         return tf(image=rgb)["image"]
     return apply
 

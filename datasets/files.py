@@ -1,6 +1,7 @@
 """What a data folder holds, read and written: the Data record, images (any mode to HxWx3 uint8), CSV files.
 
-Usage: image = load_image("train/a.png"); header, rows = read_csv(path); write_csv(path, header, rows)
+Usage: image = load_image("train/a.png"); header, rows = read_csv(path); write_csv(path, header, rows);
+       side = native_side(items)  # the median stored side, from the file headers
 The rest of datasets/ (readers, the cache, the demo data, pseudo-labels) builds on this module.
 """
 import csv
@@ -93,3 +94,19 @@ def write_csv(path: Path, header, rows) -> None:
     writer.writerow(header)
     writer.writerows(rows)
     atomic_write_bytes(Path(path), text.getvalue().encode())
+
+
+def native_side(items: list, n: int = 50) -> int:
+    """Median side (the larger of width and height) of up to n images, read from the file headers alone; 0 when
+    none can be read."""
+    sides = []
+    for item in items[:: max(1, len(items) // n)][:n]:
+        if isinstance(item, np.ndarray):
+            sides.append(max(item.shape[:2]))
+            continue
+        try:
+            with Image.open(item) as img:
+                sides.append(max(img.size))
+        except Exception:  # noqa: BLE001 - an unreadable file is reported by name when the images are screened
+            continue
+    return int(np.median(sides)) if sides else 0

@@ -7,6 +7,7 @@ import torch
 from torchsampler import ImbalancedDatasetSampler
 
 from datasets.files import load_image
+from datasets.transforms import seed_pipeline
 from utils.registry import Registry
 
 
@@ -23,7 +24,7 @@ class ImageDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         index, seed = key if isinstance(key, tuple) else (key, None)
         if seed is not None:
-            self.transform.set_random_seed(seed)
+            seed_pipeline(self.transform, seed)
         image = self.transform(image=load_image(self.items[index]))["image"]
         label = -1 if self.labels is None else int(self.labels[index])
         return image, label, index

@@ -6,14 +6,14 @@ Usage:
     train_tf = AUGS.build("auto", img_size, strength, mean, std, settings=shift["settings"])
     val_images = noisy_copies(items, ids, shift["settings"], img_size)      # datasets/corruption.py: noisy validation
 
-One statistic per corruption the write-ups saw in test sets: Gaussian noise (Immerkaer's sigma), tint (spread of
-the channel means), brightness (mean grey), contrast (spread of the smoothed grey), blur (variance of the Laplacian
-of the median-filtered grey over the grey variance), downscale-then-upscale (the share of edge pixels linear between
-their neighbours), JPEG (the share of its 8x8 blocks' high frequencies rounded to 0), each per image; small
-rotations from a whole set's gradient-orientation histograms; right-angle turns and mirrors from a pose classifier
-trained on the training images in their 8 square poses. Noise, JPEG and the downscale are read on the images as
-stored (a resize smooths noise and moves the block grid and the samples), the rest at the training size, as the
-model sees them. Blur and downscale, two readings of one lost sharpness, are resolved together (_resolve_smoothing).
+One statistic per corruption the write-ups saw in test sets: Gaussian noise (Immerkaer's sigma), tint (spread of the
+channel means), brightness (mean grey), contrast (spread of the smoothed grey), blur (variance of the Laplacian of the
+median-filtered grey over the grey variance), downscale-then-upscale (the share of edge pixels linear between their
+neighbours), JPEG (the share of its 8x8 blocks' high frequencies rounded to 0), each per image; small rotations from a
+whole set's gradient-orientation histograms; right-angle turns and mirrors from a pose classifier trained on the
+training images in their 8 square poses. Noise, JPEG and the downscale are read on the images as stored (a resize
+smooths noise and moves the block grid and the samples), the rest at the training size, as the model sees them. Blur
+and downscale, two readings of one lost sharpness, are resolved together (_resolve_smoothing).
 - Every operation is simulated where the test set got it: on the stored training images, then resized. For each
   operation and magnitude, the training images carrying every other operation found so far are the base, the same
   images with this operation on all of them the shifted sample, and the test set's distribution of the statistic
@@ -33,7 +33,6 @@ Everything is seeded by SEED alone: every run and sweep trial on the same data a
 """
 import cv2
 import numpy as np
-from PIL import Image
 from scipy.optimize import nnls
 from sklearn.linear_model import LogisticRegression
 
@@ -49,7 +48,7 @@ MIN_POSE_ACCURACY = 0.2  # chance: 0.125. The unmixing corrects for the classifi
 # the shares (documents under noise: accuracy 0.29, turned 0.72 and mirrored 0.45 measured, 0.75 and 0.5 true)
 MIN_POSE_SHARE = 0.25  # turns and flips: the pose estimate's own error on upright sets reaches ~0.15
 SEED = 0
-VERSION = 4        # of the measure: a cached measure (datasets/shift_cache.py) of another version is measured again
+VERSION = 5        # of the measure: a cached measure (datasets/shift_cache.py) of another version is measured again
 POSE_SIDE = 16     # px, the pose classifier's input (grey, standardized)
 
 # per operation, in the order they are resolved (each against training images that already carry the ones before,
@@ -370,22 +369,6 @@ def _at_most(image: np.ndarray, side: int) -> np.ndarray:
         return image
     k = side / max(h, w)
     return cv2.resize(image, (max(1, round(w * k)), max(1, round(h * k))), interpolation=cv2.INTER_AREA)
-
-
-def native_side(items: list, n: int = 50) -> int:
-    """Median side (the larger of width and height) of up to n images, read from the file headers alone; 0 when
-    none can be read."""
-    sides = []
-    for item in items[:: max(1, len(items) // n)][:n]:
-        if isinstance(item, np.ndarray):
-            sides.append(max(item.shape[:2]))
-            continue
-        try:
-            with Image.open(item) as img:
-                sides.append(max(img.size))
-        except Exception:  # noqa: BLE001 - an unreadable file is reported by name when the images are screened
-            continue
-    return int(np.median(sides)) if sides else 0
 
 
 def measure_data(train_items: list, test_items: list, img_size: int, native: int) -> dict:

@@ -11,6 +11,7 @@ Usage:
 img_size x img_size, normalization with the model's mean/std (0-1 pixel scale) and a CHW tensor.
 """
 import random
+import zlib
 
 import albumentations as A
 import cv2
@@ -24,6 +25,28 @@ from utils.registry import Registry
 
 AUGS = Registry("augmentation preset")
 TTA = Registry("tta")
+
+
+def seed_pipeline(tf: A.BaseCompose, seed: int) -> None:
+    """Seed a pipeline for one image: each operation its own generator, from the image's seed and the operation's
+    place by name (its kind and how many of that kind come before it, nested under its OneOf). The operations draw
+    independently of each other (albumentations' own set_random_seed gives every operation a generator of that same
+    seed: operations of the same probability were then applied to an image all together or not at all), and an
+    operation draws the same numbers for an image whatever other operations the pipeline has (the shift measure
+    compares an image with and without one operation on these common draws)."""
+    tf.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+    def visit(node: A.BaseCompose, path: str) -> None:
+        seen: dict[str, int] = {}
+        for t in node.transforms:
+            name = type(t).__name__
+            seen[name] = seen.get(name, 0) + 1
+            key = f"{path}/{name}{seen[name]}"
+            sequence = np.random.SeedSequence([seed, zlib.crc32(key.encode())])
+            t.set_random_state(np.random.default_rng(sequence), random.Random(int(sequence.generate_state(1)[0])))
+            if isinstance(t, A.BaseCompose):
+                visit(t, key)
+    visit(tf, "")
 
 
 def _finish(img_size, mean, std):

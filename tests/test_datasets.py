@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import NAMES, ROOT, make_competition_folder
 from datasets import ImageDataset, SeededSampler, load_data, load_image, split_indices, write_submission
-from datasets.transforms import AUGS, eval_transform, with_augmix
+from datasets.transforms import AUGS, eval_transform, seed_pipeline, with_augmix
 from utils import UserError
 
 
@@ -155,7 +155,7 @@ def test_augmix_changes_images_and_zero_leaves_the_pipeline_as_it_was():
     mixed = with_augmix(plain, 1.0)
     outs = []
     for seed in (1, 1, 2):
-        mixed.set_random_seed(seed)
+        seed_pipeline(mixed, seed)
         outs.append(mixed(image=image)["image"])
     assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])  # seeded by the pipeline
     assert not torch.equal(outs[0], plain(image=image)["image"])
@@ -180,6 +180,29 @@ def test_augmentation_is_seeded_per_sample_not_per_worker(augmix):
     for (x0, i0), (x2, i2) in zip(batches(0, 1, weights), batches(2, 1, weights)):
         assert torch.equal(i0, i2) and torch.equal(x0, x2)
     assert not all(torch.equal(a[1], b[1]) for a, b in zip(batches(0, 1), batches(0, 2)))  # reshuffled per epoch
+
+
+def test_a_seeded_sample_draws_its_operations_independently():
+    """Two operations of the same probability, seeded per sample as the loader and the noisy validation seed them:
+    every combination of the two occurs (albumentations' own per-seed seeding gave both operations the same stream:
+    both applied or neither). The corruption the measure finds is drawn the same way."""
+    import albumentations as A
+
+    from datasets.corruption import corrupter
+    from datasets.shift import OFF
+    image = np.random.default_rng(0).integers(0, 255, (8, 8, 3), dtype=np.uint8)
+    views = {(k, m): np.rot90(image[:, ::-1] if m else image, k) for k in range(4) for m in (0, 1)}
+
+    def combos(outputs):
+        seen = [next(km for km, v in views.items() if np.array_equal(v, out)) for out in outputs]
+        return {(k > 0, m): sum((kk > 0, mm) == (k > 0, m) for kk, mm in seen) / len(seen)
+                for k in (0, 1) for m in (0, 1)}
+    ds = ImageDataset([image], None, A.Compose([A.RandomRotate90(p=0.5), A.HorizontalFlip(p=0.5)]))
+    shares = combos(ds[(0, seed)][0] for seed in range(400))
+    assert all(share > 0.1 for share in shares.values()), shares  # turned 3/8, mirrored 1/2, independently
+    apply = corrupter({**OFF, "turn": {"p": 0.5}, "flip": {"p": 0.5}})
+    shares = combos(apply(image, seed) for seed in range(400))
+    assert all(share > 0.1 for share in shares.values()), shares
 
 
 def test_importing_the_entry_points_opens_no_connection():

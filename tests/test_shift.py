@@ -219,7 +219,9 @@ def test_blur_under_noise_is_found_on_half_the_pages(page_sets):
                for k, img in enumerate(test)]
     shift = measure_shift(train, corrupted(blurred, A.GaussNoise(std_range=(0.1, 0.15), p=1.0)))
     blur, noise = shift["settings"]["blur"], shift["settings"]["noise"]
-    assert noise["p"] > 0.7 and 0.3 <= blur["p"] <= 0.7 and 1.2 <= blur["magnitude"] <= 3.0, describe_shift(shift)
+    # sigma 1.2-2.0 is read as up to 1.0-3.0 (1.0 since each operation draws its own strength: 1.3 when the
+    # simulated blur drew the strength of the simulated noise)
+    assert noise["p"] > 0.7 and 0.3 <= blur["p"] <= 0.7 and 1.0 <= blur["magnitude"] <= 3.0, describe_shift(shift)
 
 
 def test_a_measured_magnitude_is_drawn_from_half_of_it_to_all_of_it_both_ways():

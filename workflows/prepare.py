@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from datasets.files import native_side
 from datasets.pseudo import read_pseudo_labels, select_confident
-from datasets.shift import native_side
 from datasets.shift_cache import measure_cached
 from models import DEFAULT_MODEL, DEMO_MODEL, MIN_AUTO_SIZE, find_pretrained, pretrained_input_size
 from utils import UserError, distributed
