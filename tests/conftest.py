@@ -20,6 +20,9 @@ TINY_MODEL = "test_resnet"  # a real timm architecture with ~0.4M parameters, ra
 
 
 SHARED_CACHE: list[Path] = []  # set once per session by shared_cache_dir
+# pytest -n N (xdist): the cores shared out among the N workers, in this process and the commands it starts, so that
+# N torch thread pools do not spin against each other (the sweep runner's own test sets its variable itself)
+THREADS = str(max(1, len(os.sched_getaffinity(0)) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))))
 
 
 def isolated_env(root: Path) -> dict[str, str]:
@@ -27,7 +30,7 @@ def isolated_env(root: Path) -> dict[str, str]:
     sweep of the machine's, and no weights but a test's own (no download). sweepcls' cache folder (decoded images,
     the shift measure, predictions) is one per session: what it holds is keyed by content, so a test reuses what an
     earlier one computed on the same images; a test about the cache itself passes its own --cache_dir."""
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "NETRC": str(root / "no-netrc"),
+    env = {"OMP_NUM_THREADS": THREADS, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "NETRC": str(root / "no-netrc"),
            "SWEEPCLS_CACHE_DIR": str(SHARED_CACHE[0] if SHARED_CACHE else root / "image-cache"),
            "HF_HUB_OFFLINE": "1",  # --pretrained auto: never a download in a test
            "SWEEPCLS_WEIGHTS_DIR": str(root / "weights")}  # ... and no weights but a test's own
@@ -43,6 +46,8 @@ UNSET = ("WANDB_API_KEY", "WANDB_RUN_ID", "WANDB_SWEEP_ID", "WANDB_SWEEP_PARAM_P
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_cache_dir(tmp_path_factory):
+    import torch
+    torch.set_num_threads(int(THREADS))
     SHARED_CACHE[:] = [tmp_path_factory.mktemp("sweepcls-cache")]
     return SHARED_CACHE[0]
 

@@ -169,9 +169,10 @@ def test_changed_keys_of_a_run_with_two_overrides():
 
 @pytest.mark.slow
 def test_run_records_changes_parent_notes_code_and_data(tmp_path):
-    """Three overrides (run_train's --final_fit false among them; bookkeeping flags are no change) on the digits demo;
+    """Five overrides (run_train's --final_fit false among them; bookkeeping flags are no change) on the digits demo;
     a child run of it."""
-    common = ["--epochs", "1", "--workers", "0", "--cache", "ram", "--table_rows", "4"]
+    common = ["--model", TINY_MODEL, "--img_size", "32", "--epochs", "1", "--workers", "0", "--cache", "ram",
+              "--table_rows", "4"]
     run_train([*common, "--lr", "0.01", "--out_dir", str(tmp_path / "a"), "--notes", "hypothesis: a higher lr helps",
                "--tags", "lr,probe"])
     run_dir = next((tmp_path / "a" / "wandb").glob("offline-run-*"))
@@ -179,8 +180,8 @@ def test_run_records_changes_parent_notes_code_and_data(tmp_path):
     config, run = config_of(records), next(r["run"] for r in records if r["type"] == "run")
     assert (run_dir / "files" / "code" / "train.py").is_file()  # W&B's code saving
     assert (run_dir / "files" / "data_manifest.csv").read_text() == (tmp_path / "a" / "data_manifest.csv").read_text()
-    assert config["changed"] == "final_fit=false epochs=1 lr=0.01"
-    assert config["changed_keys"] == ["final_fit", "epochs", "lr"]
+    assert config["changed"] == f"final_fit=false img_size=32 model={TINY_MODEL} epochs=1 lr=0.01"
+    assert config["changed_keys"] == ["final_fit", "img_size", "model", "epochs", "lr"]
     assert run["notes"] == "hypothesis: a higher lr helps" and run["tags"] == ["lr", "probe"]
     code = code_state()  # of this checkout, as the run saw it (the tests change no file)
     head, dirty = code["commit"], code["dirty"]
@@ -200,7 +201,8 @@ def test_run_records_changes_parent_notes_code_and_data(tmp_path):
     child = run_train([*common, "--lr", "0.02", "--out_dir", str(tmp_path / "b"), "--parent", str(tmp_path / "a")])
     config = config_of(read_run(next((tmp_path / "b" / "wandb").glob("offline-run-*"))))
     parent_id = json.loads((tmp_path / "a" / "run.json").read_text())["run_id"]
-    assert config["changed"] == "final_fit=false epochs=1 lr=0.02" and config["changed_vs_parent"] == "lr=0.02"
+    assert config["changed"] == f"final_fit=false img_size=32 model={TINY_MODEL} epochs=1 lr=0.02"
+    assert config["changed_vs_parent"] == "lr=0.02"
     assert config["parent_run"] == parent_id and "vs parent" in child.stdout
 
     journal = run_module("journal", "--runs", tmp_path)
