@@ -48,7 +48,7 @@ MIN_POSE_ACCURACY = 0.2  # chance: 0.125. The unmixing corrects for the classifi
 # the shares (documents under noise: accuracy 0.29, turned 0.72 and mirrored 0.45 measured, 0.75 and 0.5 true)
 MIN_POSE_SHARE = 0.25  # turns and flips: the pose estimate's own error on upright sets reaches ~0.15
 SEED = 0
-VERSION = 5        # of the measure: a cached measure (datasets/shift_cache.py) of another version is measured again
+VERSION = 4        # of the measure: a cached measure (datasets/shift_cache.py) of another version is measured again
 POSE_SIDE = 16     # px, the pose classifier's input (grey, standardized)
 
 # per operation, in the order they are resolved (each against training images that already carry the ones before,
@@ -76,6 +76,10 @@ STORED_MAX = 2            # stored images larger than this many times the traini
 BOOTSTRAP = 30            # resamples of the test images that say how sure a share is
 ALPHA = 0.002             # a statistic's shift counts when a two-sided KS test rejects "no shift" at this level
 OFF = {"turn": {"p": 0.0}, "flip": {"p": 0.0}, **{op: {"p": 0.0, "magnitude": 0.0} for op in OPERATIONS}}
+
+
+def _simulator(settings: dict):
+    return corrupter(settings, shared_draws=True)  # the draws the measure was calibrated on
 
 
 def _grey(rgb: np.ndarray) -> np.ndarray:
@@ -108,7 +112,7 @@ def _resolve_rotation(images: list, test_images: list, settings: dict, to_side) 
     black corners on white paper are long edges at the rotated angle, white ones on white paper none at all.
     gap["fill"] names it. images: the training images as stored (the settings are applied there, as the test set
     got them), to_side: the resize to the training size."""
-    apply = corrupter(settings)
+    apply = _simulator(settings)
     base = _orientations([to_side(apply(img, SEED + i)) for i, img in enumerate(images)])
     test = _orientations(test_images)
     error = np.sqrt(base.var(0) / len(base) + test.var(0) / len(test)) + 1e-9
@@ -132,7 +136,7 @@ def _rotation_fit(images, settings, to_side, base, test, error, d, fill) -> tupl
     """(share, magnitude, residual, fill, smear) of rotations with these corners, or None when the test set's
     histogram does not differ from the training images' along a rotation's smear beyond chance."""
     def smear(m):  # the change of the mean histogram when every image is rotated by up to m degrees
-        apply = corrupter({**settings, "rotate": {"p": 1.0, "magnitude": m, "fill": fill}})
+        apply = _simulator({**settings, "rotate": {"p": 1.0, "magnitude": m, "fill": fill}})
         return (_orientations([to_side(apply(img, SEED + i)) for i, img in enumerate(images)]).mean(0)
                 - base.mean(0)) / error
     smears = {}
@@ -207,7 +211,7 @@ def _resolve(op: str, statistic, images: list, test_values: np.ndarray, settings
     base; for each magnitude the same images with this operation on every one of them are the shifted sample; the
     magnitude whose mixture fits the test values best wins, its share with it. statistic(image as stored) reads it
     where the test set's statistic was read (the image resized to the training size, or as stored)."""
-    apply = corrupter(settings)
+    apply = _simulator(settings)
     base = np.array([statistic(apply(img, SEED + i)) for i, img in enumerate(images)])
     gap = {"train": float(np.median(base)), "test": float(np.median(test_values)), "share": 0.0}
     if not significant(base, test_values):
@@ -215,7 +219,7 @@ def _resolve(op: str, statistic, images: list, test_values: np.ndarray, settings
     shifted = {}
 
     def fit(m):
-        apply = corrupter({**settings, op: {"p": 1.0, "magnitude": m}})
+        apply = _simulator({**settings, op: {"p": 1.0, "magnitude": m}})
         shifted[m] = np.array([statistic(apply(img, SEED + i)) for i, img in enumerate(images)])
         return mixture_share(base, test_values, shifted[m])
     share, magnitude = _best_fit(OPERATIONS[op][1], fit)
@@ -234,13 +238,13 @@ def _resolve_smoothing(readers: dict, images: list, test_values: dict, others: d
     on = [op for op in SMOOTHING if found[op][0] >= MIN_SHARE]
     if len(on) < 2:
         return found
-    apply = corrupter(others)
+    apply = _simulator(others)
     plain = [apply(img, SEED + i) for i, img in enumerate(images)]
     base = {stat: np.array([readers[stat](x) for x in plain]) for stat in stats.values()}
 
     def misfit(op):
         share, magnitude, _ = found[op]
-        apply = corrupter({**others, op: {"p": 1.0, "magnitude": magnitude}})
+        apply = _simulator({**others, op: {"p": 1.0, "magnitude": magnitude}})
         shifted = [apply(img, SEED + i) for i, img in enumerate(images)]
         return sum(mixture_share(base[stat], test_values[stat], np.array([readers[stat](x) for x in shifted]),
                                  share)[1] for stat in stats.values())
@@ -272,7 +276,7 @@ def measure_poses(train_images: list, test_images: list, photometric: dict) -> d
     """Share of test images turned by a right angle and mirrored, from a logistic-regression pose classifier
     trained on half the training images in all 8 poses (corrupted by the measured photometric operations),
     its confusion matrix on the other half, and its predictions on the test images unmixed through it."""
-    apply = corrupter({**OFF, **photometric})
+    apply = _simulator({**OFF, **photometric})
     corrupted = [apply(img, SEED + i) for i, img in enumerate(train_images)]
     half = len(corrupted) // 2
     fit_part, held_part = corrupted[:half], corrupted[half:]
