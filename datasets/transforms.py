@@ -32,8 +32,8 @@ def seed_pipeline(tf: A.BaseCompose, seed: int) -> None:
     place by name (its kind and how many of that kind come before it, nested under its OneOf). The operations draw
     independently of each other (albumentations' own set_random_seed gives every operation a generator of that same
     seed: operations of the same probability were then applied to an image all together or not at all), and an
-    operation draws the same numbers for an image whatever other operations the pipeline has (the shift measure
-    compares an image with and without one operation on these common draws)."""
+    operation draws the same numbers for an image whatever other operations the pipeline has (one operation more
+    leaves the others' draws as they were)."""
     tf.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
     def visit(node: A.BaseCompose, path: str) -> None:
