@@ -168,7 +168,8 @@ def test_disabled_mode_still_saves_work_but_stages_nothing(tmp_path):
 def test_compile_trains_and_saves_plain_weights(tmp_path, monkeypatch):
     """torch.compile through its AOTAutograd tracing of forward and backward (what our step has to survive), with
     the eager backend after it: inductor's C++ code generation is torch's own and costs ~40 s cold on 2 CPU cores
-    (the GPU check runs it). The wrapper, and so the `_orig_mod.` keys a careless save would write, is the same."""
+    (a lent GPU machine is where to run it). The wrapper, and so the `_orig_mod.` keys a careless save would
+    write, is the same."""
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, **{"backend": "aot_eager", **kw}))
     out = tmp_path / "out"
