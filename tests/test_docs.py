@@ -174,7 +174,7 @@ def _scripts() -> dict[str, Path]:
 
 @cache
 def known_flags() -> dict[str, set[str]]:
-    """command -> the flags it accepts: the repo's commands, wandb's subcommands, torchrun."""
+    """command -> the flags it accepts: the repo's commands, wandb's subcommands, torchrun, sbatch's one named."""
     flags = {}
     # the registries that give the keys' valid values (and their help) import torch: not asked
     with mock.patch.multiple(workflows.config, choices_of=lambda f: None, describe_choices=lambda f: ""):
@@ -195,6 +195,7 @@ def known_flags() -> dict[str, set[str]]:
         flags[f"wandb {name}"] = click_flags(command)
     flags["wandb"] = click_flags(wandb_cli.cli)
     flags["torchrun"] = TORCHRUN
+    flags["sbatch"] = {"--signal"}  # SLURM's, named for a scheduler's preemption notice (docs/wandb.md)
     flags["pytest"] = flags["venv"] = set()  # none named today: a long flag of theirs fails here, to be added
     return flags
 
@@ -210,7 +211,7 @@ def _command(token: str, following: str, flags: dict) -> str | None:
         return module
     if token == "wandb":
         return f"wandb {following}" if f"wandb {following}" in flags else "wandb"
-    return "torchrun" if token == "torchrun" else None
+    return token if token in ("torchrun", "sbatch") else None
 
 
 def doc_flags(text: str, flags: dict) -> list[tuple[int, str, str | None]]:

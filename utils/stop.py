@@ -1,6 +1,7 @@
-"""SIGTERM and SIGINT (a cluster preempting, a hyperband stop, Ctrl-C) and W&B's own stop request (the UI's stop
-button, a sweep's early termination: `StopSignal.request`, wandb's stop_fn) as a flag the training loop checks
-between steps, so a run stops at a step boundary, saves, finishes its W&B run and exits.
+"""SIGTERM, SIGINT and SIGUSR1 (a cluster preempting, a hyperband stop, Ctrl-C, a scheduler's explicit preemption
+notice such as SLURM's --signal=USR1@120) and W&B's own stop request (the UI's stop button, a sweep's early
+termination: `StopSignal.request`, wandb's stop_fn) as a flag the training loop checks between steps, so a run
+stops at a step boundary, saves, finishes its W&B run and exits.
 
 Usage:
     with StopSignal() as stop:
@@ -53,13 +54,13 @@ class Stopped(Exception):
         """time.monotonic() by which the run must have exited, before the SIGKILL that follows a SIGTERM (a cluster's,
         the agent's) or anything under `wandb agent`; None after a SIGINT elsewhere (Ctrl-C in a terminal, a
         notebook's interrupt), which nothing follows: the run then finishes however long W&B takes."""
-        if self.signum == signal.SIGTERM or os.environ.get("WANDB_SWEEP_ID"):
+        if self.signum in (signal.SIGTERM, signal.SIGUSR1) or os.environ.get("WANDB_SWEEP_ID"):
             return self.at + stop_budget_s()
         return None
 
 
 class StopSignal:
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # SIGUSR1: a preemption, said so (tracking.Run.on_stop)
 
     def __init__(self):
         self.signum: int | None = None

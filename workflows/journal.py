@@ -47,8 +47,12 @@ def _code(code: dict) -> str:
     return f"{commit[:8]}{'+dirty' if code.get('dirty') else ''}" if commit else ""
 
 
-def _state(exit_code) -> str:
-    return {None: "running", 0: "finished", 1: "failed"}.get(exit_code, "stopped")
+def _state(summary: dict) -> str:
+    """running, finished, failed or stopped; a trial W&B stopped (hyperband, the UI) exits 0 but is "stopped"."""
+    code = summary.get("_exit_code")
+    if code == 0 and "stopped" in summary:
+        return "stopped"
+    return {None: "running", 0: "finished", 1: "failed"}.get(code, "stopped")
 
 
 def local_entry(folder: Path, metric_key: str = "", maximize: bool | None = None, state: str = "") -> Entry | None:
@@ -63,7 +67,7 @@ def local_entry(folder: Path, metric_key: str = "", maximize: bool | None = None
     key = metric_key or config.get("monitor", "val/f1_macro")
     checkpoints = sorted(folder.glob("best.safetensors")) or sorted(folder.glob("fold*/best.safetensors"))
     return Entry(
-        id=rec["run_id"], created=rec["created"], state=state or _state(summary.get("_exit_code")),
+        id=rec["run_id"], created=rec["created"], state=state or _state(summary),
         changed={k: config[k] for k in rec.get("changed_keys", []) if k in config}, metric_key=key,
         metric=_number(summary.get(key)), maximize=_maximize(config, key) if maximize is None else maximize,
         parent=(rec.get("parent") or {}).get("id"), parent_dir=(rec.get("parent") or {}).get("dir"),

@@ -4,11 +4,13 @@ another release line, importing this says once on stderr that these uses were no
     settings = private.wandb_settings()           # the settings files and WANDB_BASE_URL, as wandb.init reads them
     private.set_by_file(settings, "mode")          # whether a settings file (not a default) set it
     private.key_for_host(settings)                 # a key for the server: this session's login, netrc, a file
-    private.stop_requested_in_wandb(run, timeout)  # the run's stop status, as wandb's stop poller asks it
+    private.stop_requested_in_wandb(run, timeout)  # the stop status wandb-core last heard on the file stream
+    private.stopped_on_server(run, timeout)        # the server asked now: True, False, or None (no answer)
 """
 import os
 import re
 import sys
+import threading
 from pathlib import Path
 
 import wandb
@@ -74,13 +76,43 @@ def key_for_host(settings: wandb.Settings) -> bool:
 
 
 def stop_requested_in_wandb(run, timeout: float) -> bool:
-    """Whether W&B asked this run to stop (the UI's stop button; a sweep's early termination, which the agent also
-    passes on as SIGTERM): the question wandb's own stop poller asks every 15 s (wandb/sdk/lib/run_stopping.py),
-    asked now. No answer within timeout (no server, or none reachable) is False. Offline W&B answers at once,
-    with False: nothing can ask an offline run to stop."""
+    """Whether wandb-core has heard that W&B asked this run to stop (the UI's stop button; a sweep's early
+    termination): the question wandb's own stop poller asks every 15 s (wandb/sdk/lib/run_stopping.py). Not a fresh
+    question to the server: wandb-core's Sender.sendRequestStopStatus answers fileStream.IsStopped(), the "stopped"
+    flag of the last file-stream response (every 15 s while data flows, 30 s as a heartbeat), so a stop the agent
+    passes on at once as SIGTERM is usually not known here yet: stopped_on_server asks the server. No answer
+    within timeout is False. Offline W&B answers at once, with False: nothing can ask an offline run to stop."""
     from wandb.proto import wandb_internal_pb2 as pb
     try:
         handle = run._interface._deliver(pb.Record(request=pb.Request(stop_status=pb.StopStatusRequest())))
         return bool(handle.wait_or(timeout=timeout).response.stop_status_response.run_should_stop)
     except Exception:  # noqa: BLE001 - a timeout, an abandoned handle, a wandb whose internals moved
         return False
+
+
+STOPPED_QUERY = """
+query RunStoppedStatus($projectName: String, $entityName: String, $runId: String!) {
+    project(name: $projectName, entityName: $entityName) { run(name: $runId) { stopped } }
+}"""  # wandb's own query for it (wandb/sdk/launch/api.py check_stop_requested; the agent's sweep query selects
+# shouldStop and stopped, wandb/apis/public/sweeps.py)
+
+
+def stopped_on_server(run, timeout: float) -> bool | None:
+    """Whether W&B's server has this run marked stopped (a hyperband or UI stop sets it before the agent's SIGTERM),
+    asked now through the public API's GraphQL transport (wandb.Api()._service_api, which has no public way to send
+    a query in 0.31). None when no answer comes within timeout seconds (no server, no key, a network error): the
+    caller decides what to assume."""
+    answer = []
+
+    def ask():
+        try:
+            api = wandb.Api(timeout=max(1, round(timeout)))
+            found = api._service_api.execute_graphql(STOPPED_QUERY, {
+                "projectName": run.project, "entityName": run.entity, "runId": run.id})
+            answer.append(bool(((found.get("project") or {}).get("run") or {}).get("stopped")))
+        except Exception:  # noqa: BLE001 - no key, a CommError, a timeout, a wandb whose internals moved
+            answer.append(None)
+    asking = threading.Thread(target=ask, name="wandb-stop-status", daemon=True)  # an HTTP call may outlast timeout
+    asking.start()
+    asking.join(timeout)
+    return answer[0] if answer else None

@@ -252,11 +252,11 @@ class Run:
 
     def run_to_end(self, work, stopped_note: str | Callable[[], str] = "") -> int:
         """work() inside the run, then finish it; the one mapping of how a run ends to its exit code: 0; 1 after a
-        UserError (one 'error:' line on stderr, also in the summary); 128 + signal after a stop (utils/stop.py),
-        said on stderr with stopped_note (or what it returns at the stop); any other exception finishes the run with
-        1 and propagates, its traceback in the run before the finish (summary `error`, and traceback.txt in the run's
-        files), so a crashed trial says why in W&B. What is printed before finish reaches W&B's console log
-        (--wandb_console)."""
+        UserError (one 'error:' line on stderr, also in the summary); 128 + signal after a stop (utils/stop.py), 0
+        for one W&B asked for under `wandb agent` (on_stop), said on stderr with stopped_note (or what it returns at
+        the stop); any other exception finishes the run with 1 and propagates, its traceback in the run before the
+        finish (summary `error`, and traceback.txt in the run's files), so a crashed trial says why in W&B. What is
+        printed before finish reaches W&B's console log (--wandb_console)."""
         try:
             work()
         except UserError as e:
@@ -266,40 +266,63 @@ class Run:
             return 1
         except Stopped as e:
             self.set_summary({"stopped": f"{e} during {e.phase or 'set-up'}"})
+            exit_code = e.exit_code
             try:
-                self.on_stop(e)
-                self.finish(exit_code=e.exit_code, deadline=e.deadline)
+                exit_code = self.on_stop(e)
+                self.finish(exit_code=exit_code, deadline=e.deadline)
             except Exception as error:  # noqa: BLE001 - W&B's service gone (SLURM signals every process of a job)
-                self.abandon(e.exit_code, f"W&B's service process ended before the run could finish "
+                self.abandon(exit_code, f"W&B's service process ended before the run could finish "
                                           f"({type(error).__name__}: {str(error)[:100]}), so the run exits now")
             note = stopped_note() if callable(stopped_note) else stopped_note
             print(f"stopped by {e}{f' during {e.phase}' if e.phase else ''}: {note}W&B run finished (exit code "
-                  f"{e.exit_code})", file=sys.stderr)
-            return e.exit_code
+                  f"{exit_code})", file=sys.stderr)
+            return exit_code
         except BaseException as e:
             self.record_crash(e)
             self.finish(exit_code=1)
             raise
         return self.finish()
 
-    def on_stop(self, stop: Stopped) -> None:
-        """What a stop was, in the run before it finishes. Under `wandb agent` a SIGTERM that W&B did not ask for
-        (asked as W&B's stop poller asks: the run's stop status) is a preemption (a cluster or a spot machine taking
-        the GPU back, the agent itself shutting down): the run is marked preempting, so that W&B requeues the trial,
-        and the agent that picks it up continues from this run folder where it is on the same machine, instead of
-        the sweep learning from a "failed" trial that this configuration is the worst."""
-        if self.record is None or self.mode == "disabled":
-            return
-        if not (os.environ.get("WANDB_SWEEP_ID") and stop.signum == signal.SIGTERM and not stop.by_wandb):
-            return
-        if private.stop_requested_in_wandb(self.wandb, timeout=min(STOP_STATUS_TIMEOUT_S,
-                                                           max(0.0, stop.deadline - time.monotonic()) / 4)):
-            print("stopped by the sweep (its early termination, or the UI's stop button)")
-            return
+    def on_stop(self, stop: Stopped) -> int:
+        """What a stop was, into the run before it finishes, and the exit code the run ends with. Under `wandb agent`
+        (WANDB_SWEEP_ID) one signal means two things: the agent passes a hyperband or UI stop on as SIGTERM, and a
+        cluster taking the GPU back (or the agent shutting down) sends the same. Which it was:
+        - W&B asked for it (its stop request reached the run, or the server, asked now, has the run stopped): a
+          finished, stopped trial, exit 0, so the agent neither requeues it nor counts a failure (it gives up after
+          WANDB_AGENT_MAX_INITIAL_FAILURES runs exit non-zero);
+        - the server says it did not (or the run is offline, where nothing can ask it to stop), or the signal is
+          SIGUSR1 (a scheduler's explicit notice: sbatch --signal=USR1@120): a preemption, marked preempting so that
+          W&B requeues the trial and an agent on this machine continues it from this run folder; exit 128 + signal;
+        - no answer from the server in time: assumed asked for (not marked preempting: a requeued trial that W&B
+          stops again would loop), exit 0, and said.
+        Anywhere else: 128 + signal."""
+        if self.record is None or self.mode == "disabled" or not os.environ.get("WANDB_SWEEP_ID"):
+            return stop.exit_code
+        if stop.by_wandb:
+            print("stopped by W&B (the sweep's early termination, or the UI's stop button): a finished trial")
+            return 0
+        if stop.signum == signal.SIGTERM:
+            asked = self._stopped_in_wandb(min(STOP_STATUS_TIMEOUT_S, max(0.0, stop.deadline - time.monotonic()) / 4))
+            if asked or asked is None:
+                print("stopped by the sweep (its early termination, or the UI's stop button): a finished trial" if asked
+                      else f"SIGTERM under wandb agent, and W&B's server did not say within {STOP_STATUS_TIMEOUT_S} s "
+                           f"whether it asked for this stop: assumed it did (a finished trial, not requeued); a "
+                           f"scheduler can mark a preemption explicitly with SIGUSR1")
+                return 0
         self.wandb.mark_preempting()  # sent at once, ahead of anything still queued for W&B
         self.set_summary({"preempted": True})
-        print(f"preempted (SIGTERM that W&B did not ask for): W&B requeues this trial; an agent on this machine "
-              f"continues it from {self.record.dir}")
+        print(f"preempted ({signal.Signals(stop.signum).name} that W&B did not ask for): W&B requeues this trial; an "
+              f"agent on this machine continues it from {self.record.dir}")
+        return stop.exit_code
+
+    def _stopped_in_wandb(self, timeout: float) -> bool | None:
+        """Whether W&B asked this run to stop: what wandb-core last heard (at once), else the server asked now;
+        False offline; None when the server does not answer within timeout."""
+        if self.mode != "online":
+            return False
+        if private.stop_requested_in_wandb(self.wandb, timeout=min(0.5, timeout)):
+            return True
+        return private.stopped_on_server(self.wandb, timeout)
 
     def record_crash(self, error: BaseException) -> None:
         """An unexpected exception, into the run before it finishes: the summary's `error`, and the whole traceback
