@@ -1,6 +1,7 @@
 """The online W&B path as far as it runs here (real SDK, offline): the project a sweep and its runs share, what
 train.py passes to wandb.init under `wandb agent`, the sync hint of a resumed run, tables over W&B's row limit,
 a crash's traceback and console in the run, the agent's second stop signal."""
+import dataclasses
 import json
 import os
 import signal
@@ -32,6 +33,34 @@ def test_under_the_agent_neither_project_nor_run_id_is_passed(tmp_path, monkeypa
     assert run.finish() == 0
     out = capfd.readouterr()
     assert "Ignoring" not in out.out + out.err
+
+
+def test_what_auto_resolved_to_reaches_the_config_under_keys_a_sweep_does_not_lock(tmp_path, monkeypatch, capfd):
+    """The shipped sweep.yaml sets img_size: 0; wandb locks a sweep's keys (WANDB_SWEEP_PARAM_PATH, which the agent
+    writes) and drops updates to them, warning. The size trained at must still reach the dashboard."""
+    from types import SimpleNamespace
+
+    from workflows.config import Config
+    from workflows.prepare import resolve_auto
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"img_size": {"value": 0}, "model": {"value": "auto"}}))
+    monkeypatch.delenv("WANDB_SILENT")  # wandb's own warnings are what this looks for
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sweep1")
+    monkeypatch.setenv("WANDB_RUN_ID", "resolved1")
+    monkeypatch.setenv("WANDB_SWEEP_PARAM_PATH", str(params))
+    cfg = Config(data="/comp", img_size=0, model="auto", pretrained="false")
+    run = tracking.init(dataclasses.asdict(cfg), "resolved1", tmp_path / "run", "offline")
+    data = SimpleNamespace(items=[np.zeros((100, 90, 3), np.uint8)] * 4, test_items=[])
+    cfg = resolve_auto(cfg, run, data)
+    run.finish()
+    records = read_run(next((tmp_path / "run").glob("wandb/offline-run-*")))
+    config = next(r["run"]["config"]["update"] for r in records if r["type"] == "run")
+    for r in records:
+        if r["type"] == "config":
+            config.update(r["config"]["update"])
+    assert config["img_size"] == 0 and config["model"] == "auto"  # the sweep's, as wandb keeps them
+    assert config["resolved/img_size"] == cfg.img_size > 0 and config["resolved/model"] == cfg.model != "auto"
+    assert "ignored update" not in capfd.readouterr().err
 
 
 def test_a_resumed_offline_run_says_how_to_sync_every_attempt(tmp_path, capsys):

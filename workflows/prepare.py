@@ -28,8 +28,10 @@ DEMO_IMG_SIZE = 48  # px: the digits demo keeps its fast settings
 
 
 def resolve_auto(cfg: Config, run, data) -> Config:
-    """--model auto, --img_size 0 and --pretrained auto, decided from the data and this machine; printed, and the
-    decided values replace them in the W&B config (the keys that were auto are listed under `auto`)."""
+    """--model auto, --img_size 0 and --pretrained auto, decided from the data and this machine; printed, and in the
+    W&B config under keys of their own that no sweep locks (`resolved/img_size`, ...: what the dashboard can plot
+    and filter on) and in place of the auto values, except where a sweep set the key (wandb keeps a sweep's value);
+    the keys that were auto are listed under `auto`."""
     demo = cfg.data == "digits"
     values = {"model": DEMO_MODEL if demo else DEFAULT_MODEL} if cfg.model == "auto" else {}
     model = values.get("model", cfg.model)
@@ -44,7 +46,7 @@ def resolve_auto(cfg: Config, run, data) -> Config:
         print(f"pretrained auto: {why}")
     if values:
         print("auto: " + ", ".join(f"{k} {v}" for k, v in values.items()))
-        run.update_config({**values, "auto": sorted(values)})
+        run.update_config({**values, **{f"resolved/{k}": v for k, v in values.items()}, "auto": sorted(values)})
     return dataclasses.replace(cfg, **values)
 
 

@@ -6,6 +6,7 @@ another release line, importing this says once on stderr that these uses were no
     private.key_for_host(settings)                 # a key for the server: this session's login, netrc, a file
     private.stop_requested_in_wandb(run, timeout)  # the stop status wandb-core last heard on the file stream
     private.stopped_on_server(run, timeout)        # the server asked now: True, False, or None (no answer)
+    private.locked_config_keys(run)                # the config keys a sweep set (updates to them are ignored)
 """
 import os
 import re
@@ -116,3 +117,12 @@ def stopped_on_server(run, timeout: float) -> bool | None:
     asking.start()
     asking.join(timeout)
     return answer[0] if answer else None
+
+
+def locked_config_keys(run) -> set[str]:
+    """The config keys wandb ignores updates to (a sweep's parameters, locked by wandb.init from the agent's
+    WANDB_SWEEP_PARAM_PATH: wandb_config.Config._locked; an update to one is dropped with a warning)."""
+    try:
+        return set(run.config._locked)
+    except Exception:  # noqa: BLE001 - a wandb whose internals moved: nothing known to be locked
+        return set()

@@ -68,8 +68,10 @@ class Run:
         return {k: v for k, v in dict(self.wandb.config).items() if not k.startswith("_") and k not in exclude}
 
     def update_config(self, values: dict) -> None:
-        """Entries beside the Config keys (workflows/lineage.py's record), replaced on a resumed run."""
-        values = dict(values)
+        """Entries beside the Config keys (workflows/lineage.py's record), replaced on a resumed run. Keys a sweep
+        locked are left out (wandb would drop them, warning): what they resolved to goes under keys of its own."""
+        locked = private.locked_config_keys(self.wandb) if self.record is not None else set()
+        values = {k: v for k, v in values.items() if k not in locked}
         self._submit(lambda: self.wandb.config.update(values, allow_val_change=True))
 
     def log(self, metrics: dict) -> None:
