@@ -43,6 +43,43 @@ def _offline_run_checks(run, out, url, capsys, started):
         run.finish()
 
 
+@pytest.fixture
+def proxy(monkeypatch):
+    """A proxy at a local port that accepts connections (what the probe can know of one), named as clusters name
+    it: HTTPS_PROXY and HTTP_PROXY; returns its URL."""
+    for key in ("NO_PROXY", "no_proxy", "https_proxy", "http_proxy", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(key, raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+        monkeypatch.setenv("HTTPS_PROXY", url)
+        monkeypatch.setenv("HTTP_PROXY", url)
+        yield url
+
+
+def test_a_server_behind_a_proxy_is_probed_through_it(server, proxy, monkeypatch):
+    """wandb connects through the environment's proxy: the probe must too, not call the server unreachable (here
+    it would be: nothing listens at its port) and send the agent's trial to an error."""
+    assert tracking.mode._server_unreachable() == ""
+    monkeypatch.setenv("WANDB_SWEEP_ID", "sweep1")
+    assert tracking.mode.resolve_mode("auto") == "online"
+
+
+def test_no_proxy_for_the_servers_host_is_probed_directly(server, proxy, monkeypatch):
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert "could not be reached" in tracking.mode._server_unreachable()
+
+
+def test_a_proxy_that_is_down_is_named(server, proxy, monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = f"127.0.0.1:{s.getsockname()[1]}"  # host:port alone, as many set it
+    monkeypatch.setenv("HTTP_PROXY", closed)
+    why = tracking.mode._server_unreachable()
+    assert f"through the proxy http://{closed}" in why and server in why
+
+
 def test_standalone_run_with_unreachable_server_goes_offline_saying_so(server, tmp_path, capsys):
     assert tracking.resolve_mode("auto") == "online"  # standalone: a key means online; init finds the server gone
     out = tmp_path / "run"

@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 import urllib.parse
+import urllib.request
 
 import wandb
 
@@ -51,12 +52,31 @@ def _unreachable(base_url: str, timeout: float = SERVER_TIMEOUT_S) -> str:
     return outcome[0] if outcome else "no answer"
 
 
+def proxy_for(url: str, settings: wandb.Settings | None = None) -> str:
+    """The proxy a connection to url goes through, as wandb's HTTP client picks it: wandb's own http_proxy /
+    https_proxy setting for the URL's scheme, else the environment's (HTTPS_PROXY, HTTP_PROXY) unless NO_PROXY names
+    the host; "" when none."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme or "https"
+    own = getattr(settings, f"{scheme}_proxy", None) if settings is not None else None
+    if own:
+        return own if "://" in own else f"http://{own}"
+    proxy = urllib.request.getproxies_environment().get(scheme, "")
+    if proxy and parts.hostname and urllib.request.proxy_bypass_environment(parts.hostname):
+        return ""
+    return proxy if not proxy or "://" in proxy else f"http://{proxy}"  # host:port alone: an HTTP proxy
+
+
 def _server_unreachable() -> str:
     """"" when W&B's configured server (as wandb.init will find it) accepts a TCP connection within
-    SERVER_TIMEOUT_S; else that it cannot be reached, its URL and why, as the start of a sentence."""
-    url = private.wandb_settings().base_url
-    why = _unreachable(url)
-    return f"W&B's server {url} could not be reached within {SERVER_TIMEOUT_S} s ({why})" if why else ""
+    SERVER_TIMEOUT_S, or the proxy in between does (the server behind it is then wandb's to reach); else that it
+    cannot be reached, its URL and why, as the start of a sentence."""
+    settings = private.wandb_settings()
+    url = settings.base_url
+    proxy = proxy_for(url, settings)
+    why = _unreachable(proxy or url)
+    through = f" through the proxy {proxy}" if proxy else ""
+    return f"W&B's server {url}{through} could not be reached within {SERVER_TIMEOUT_S} s ({why})" if why else ""
 
 
 def resolve_mode(requested: str) -> str:
