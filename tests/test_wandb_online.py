@@ -79,6 +79,27 @@ def test_a_resumed_offline_run_says_how_to_sync_every_attempt(tmp_path, capsys):
     assert len(attempts) == 2
 
 
+def test_a_resumed_attempt_starts_without_how_the_last_one_ended(tmp_path):
+    """A requeued trial that finishes must not show the last attempt's `preempted`, `stopped` or `error`: W&B copies
+    a resumed run's summary back from the server (online) and merges a synced attempt into it (offline), so the new
+    attempt removes those keys; its scores stay."""
+    out_dir = tmp_path / "run"
+    run = tracking.init({"model": "m"}, "again1", out_dir, "offline")
+    run.log({"epoch": 1, "val/acc": 0.5})
+    run.set_summary({"preempted": True, "stopped": "SIGTERM during training", "val/best": 0.5})
+    state = run.position()
+    run.finish(exit_code=143)
+    run = tracking.init({"model": "m"}, "again1", out_dir, "offline", resume=state)
+    run.log({"epoch": 2, "val/acc": 0.6})
+    assert run.finish() == 0
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["val/best"] == 0.5 and not {"preempted", "stopped", "error"} & set(summary)
+    records = read_run(sorted(out_dir.glob("wandb/offline-run-*"))[1])
+    removed = {item.get("key") or item["nestedKey"][0]
+               for r in records if r["type"] == "summary" for item in r["summary"].get("remove", [])}
+    assert {"preempted", "stopped", "error", "wandb_unfinished"} <= removed, records
+
+
 def test_a_table_over_the_row_limit_is_cut_with_a_note(tmp_path, capsys):
     out_dir = tmp_path / "run"
     run = tracking.init({"model": "m"}, random_id(), out_dir, "offline")

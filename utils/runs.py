@@ -55,16 +55,21 @@ def plain(value):
     return SKIP
 
 
+ATTEMPT_KEYS = ("preempted", "stopped", "error", "wandb_unfinished")  # how one attempt of a run ended: a resumed
+# attempt starts without them (W&B copies a resumed run's summary back from the server)
+
+
 class RunRecord:
     """out_dir's metrics.jsonl and summary.json for one run. resume: the saved {"history_rows", "summary"} of an
-    interrupted run; the rows logged after its saved state are dropped (they are redone)."""
+    interrupted run; the rows logged after its saved state are dropped (they are redone), and so is how the last
+    attempt ended (ATTEMPT_KEYS)."""
 
     def __init__(self, out_dir: Path, resume: dict | None = None):
         self.dir = Path(out_dir)
         rows = (self.dir / METRICS_FILE).read_text().splitlines()[:resume["history_rows"]] if resume else []
         (self.dir / METRICS_FILE).write_text("".join(r + "\n" for r in rows))
         self.rows = len(rows)
-        self.summary = dict(resume["summary"]) if resume else {}
+        self.summary = {k: v for k, v in resume["summary"].items() if k not in ATTEMPT_KEYS} if resume else {}
         self.write_summary()  # no stale "_exit_code" from an earlier attempt while this one runs
 
     def append(self, metrics: dict) -> None:

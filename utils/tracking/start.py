@@ -9,7 +9,7 @@ from pathlib import Path
 import wandb
 from wandb.errors import CommError
 
-from utils.runs import DEFAULT_PROJECT, RunRecord
+from utils.runs import ATTEMPT_KEYS, DEFAULT_PROJECT, RunRecord
 from utils.tracking import mode as modes
 from utils.tracking import private
 from utils.tracking.run import Run
@@ -81,6 +81,9 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, options: RunOption
     for key, step in [("train/*", "epoch"), ("val/*", "epoch"), ("lr", "epoch"), ("fold*", "epoch"), ("cv/*", "fold")]:
         run.define_metric(key, step_metric=step)  # fold<k>/...: a cross-validated run's folds
     record = RunRecord(out_dir, resume)
+    if (resume or sweep) and mode != "disabled":  # W&B copied the last attempt's summary back (online), or will
+        for key in ATTEMPT_KEYS:  # merge this attempt's into it (an offline attempt, synced): how that one ended goes
+            del run.summary[key]  # a remove record; a key the summary lacks is nothing to remove
     if resume and mode != "disabled":
         run.log({"resumed_at_step": resume["wandb_step"]}, step=resume["wandb_step"])  # steps go on from there
     if mode == "offline":
