@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import wandb
 import yaml
 
 from conftest import ROOT, read_run
@@ -161,3 +162,34 @@ def test_short_epochs_hold_their_tables_and_the_last_best_still_gets_them(tmp_pa
     last = json.loads((files / with_tables[-1]["item"]["val/predictions.path"]).read_text())
     confidences = [row[4] for row in last["data"]]
     assert confidences == pytest.approx(sets[2].max(1).tolist())
+
+
+def test_a_confusion_matrix_over_wandbs_row_limit_keeps_the_most_confused_classes(tmp_path, capsys):
+    """110 classes make 12,100 (true, pred) rows, and W&B keeps 10,000 of a table, silently: W&B gets the 100 most
+    confused classes, and the console says so."""
+    out_dir = tmp_path / "run"
+    run = tracking.init({"model": "m"}, random_id(), out_dir, "offline")
+    n = 110
+    y = np.repeat(np.arange(n), 3)
+    probs = np.eye(n)[y] * 0.9 + 0.1 / n
+    probs[y == 7] = np.eye(n)[42] * 0.9 + 0.1 / n  # class 7 read as 42: both must stay
+    classes = [f"c{i}" for i in range(n)]
+    images = np.zeros((len(y), 8, 8, 3), np.uint8)
+    run.log_eval_tables("val", Predictions([f"s{i}" for i in range(len(y))], lambda r: images[r], y, probs, classes),
+                        classification_metrics(y, probs), max_rows=5, hold=False)
+    run.log({"epoch": 1})
+    run.finish()
+    assert "the 100 most confused of 110 classes" in capsys.readouterr().out
+    (table,) = out_dir.glob("wandb/offline-run-*/files/media/table/val/confusion_matrix_table_*.table.json")
+    rows = json.loads(table.read_text())["data"]
+    assert len(rows) <= 10_000
+    assert any(row[0] == "c7" and row[1] == "c42" and row[2] == 3 for row in rows)
+
+
+def test_a_dataset_samples_table_over_wandbs_artifact_limit_is_cut_with_a_note(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(wandb.Table, "MAX_ARTIFACT_ROWS", 50)  # W&B's limit (200,000), made small enough to reach
+    out_dir = tmp_path / "run"
+    run = tracking.init({"model": "m"}, random_id(), out_dir, "offline")
+    run.log_dataset("comp", [], ["id", "label"], [[f"s{i}", i % 3] for i in range(60)], {})
+    run.finish()
+    assert "the first 50 of 60 images" in capsys.readouterr().out

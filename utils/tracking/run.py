@@ -42,6 +42,7 @@ class Run:
         self.tables_seconds = 0.0  # what the last set of evaluation tables took to log (on the writer thread)
         self.tables_at: dict = {}  # table prefix -> time.monotonic() its last set was logged
         self.pending_tables: dict = {}  # table prefix -> the newest set held back (log_eval_tables)
+        self.noted: set = set()  # table prefixes whose cut confusion matrix has been said on the console
 
     @property
     def id(self) -> str:
@@ -155,6 +156,10 @@ class Run:
         pred = probs.argmax(1)
         wrong = np.flatnonzero(pred != y_true)
         wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:max_rows]
+        confusion, note = tables.confusion_matrix(y_true, pred, list(classes), metrics["confusion"])
+        if note and prefix not in self.noted:
+            self.noted.add(prefix)
+            print(f"note: W&B chart {prefix}/confusion_matrix: {note}; report.html has every class")
         per_class = wandb.Table(columns=["class", "precision", "recall", "f1", "auc", "support"], data=[
             [c, float(metrics["precision"][i]), float(metrics["recall"][i]), float(metrics["f1"][i]),
              None if np.isnan(metrics["auc"][i]) else float(metrics["auc"][i]), int(metrics["support"][i])]
@@ -163,8 +168,7 @@ class Run:
             f"{prefix}/predictions": tables.prediction_table(np.arange(min(max_rows, len(y_true))), ids, thumb, y_true,
                                                              probs, classes),
             f"{prefix}/misclassified": tables.prediction_table(wrong, ids, thumb, y_true, probs, classes),
-            f"{prefix}/confusion_matrix": wandb.plot.confusion_matrix(
-                y_true=y_true.tolist(), preds=pred.tolist(), class_names=list(classes)),
+            f"{prefix}/confusion_matrix": confusion,
             f"{prefix}/per_class": per_class,
             f"{prefix}/per_class_f1": wandb.plot.bar(per_class, "class", "f1", title=f"{prefix} F1 per class"),
             f"{prefix}/confused_pairs": tables.confused_pairs(y_true, probs, classes, metrics["confusion"], thumb),
@@ -233,9 +237,14 @@ class Run:
                     metadata: dict, references: bool = False, aliases=(), description: str = "") -> None:
         """A W&B artifact of type dataset: each (file, its name in the artifact) copied in, or with references a
         file:// reference with its checksum (nothing copied); and the table `samples` of `rows`, whose
-        callable cells are called here (one image decoded at a time) and HxWx3 uint8 cells become thumbnails."""
+        callable cells are called here (one image decoded at a time) and HxWx3 uint8 cells become thumbnails. W&B
+        keeps wandb.Table.MAX_ARTIFACT_ROWS rows of an artifact's table: the first ones are logged, the cut said."""
         if self.mode == "disabled":
             return
+        limit = wandb.Table.MAX_ARTIFACT_ROWS
+        if len(rows) > limit:
+            print(f"note: W&B dataset {name}: its samples table has the first {limit:,} of {len(rows):,} images (W&B's "
+                  f"limit for an artifact's table)")
 
         def log_it():
             artifact = wandb.Artifact(name, type="dataset", description=description or None, metadata=metadata)
@@ -245,7 +254,7 @@ class Run:
                 else:
                     artifact.add_file(str(path), name=arcname)
             table = wandb.Table(columns=columns)
-            for row in rows:
+            for row in rows[:limit]:
                 cells = [v() if callable(v) else v for v in row]
                 table.add_data(*[tables.thumb(v) if isinstance(v, np.ndarray) and v.ndim == 3 else v for v in cells])
             artifact.add(table, "samples")

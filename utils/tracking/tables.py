@@ -42,3 +42,23 @@ def confused_pairs(y_true, probs, classes, confusion: np.ndarray, thumb, top: in
         table.add_data(classes[t], classes[p], n, n / int(confusion[t].sum()),
                        *[thumb(r) for r in rows], *[None] * (examples - len(rows)))
     return table
+
+
+def confusion_matrix(y_true: np.ndarray, pred: np.ndarray, classes: list, confusion: np.ndarray):
+    """(wandb.plot.confusion_matrix, note): W&B's chart has a row per pair of classes and W&B keeps
+    wandb.Table.MAX_ROWS rows of a table, so above sqrt(MAX_ROWS) classes (100) it gets the most confused classes
+    (the most mistakes made on them or into them, then the most images), the samples between them, and a note
+    saying so ("" when every class fits). report.html keeps the whole matrix."""
+    keep = int(np.sqrt(wandb.Table.MAX_ROWS))
+    note = ""
+    if len(classes) > keep:
+        mistakes = confusion.sum(0) + confusion.sum(1) - 2 * np.diag(confusion)
+        chosen = np.lexsort((-confusion.sum(1), -mistakes))[:keep]
+        index = np.full(len(classes), -1)
+        index[np.sort(chosen)] = np.arange(keep)
+        inside = (index[y_true] >= 0) & (index[pred] >= 0)
+        y_true, pred, classes = index[y_true[inside]], index[pred[inside]], [classes[i] for i in np.sort(chosen)]
+        note = (f"the {keep} most confused of {len(confusion)} classes ({int(inside.sum()):,} of {len(inside):,} "
+                f"images; W&B keeps {wandb.Table.MAX_ROWS:,} rows of a table, one per pair of classes)")
+    return wandb.plot.confusion_matrix(y_true=np.asarray(y_true).tolist(), preds=np.asarray(pred).tolist(),
+                                       class_names=list(classes)), note
