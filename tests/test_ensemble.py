@@ -107,17 +107,21 @@ class FakeRun:
 class FakeSweep:
     config = {"metric": {"name": "val/f1_macro", "goal": "maximize"}}
 
-    def __init__(self, runs=None):
-        self.runs = runs if runs is not None else [
-            FakeRun("r1", {"val/f1_macro": 0.7}), FakeRun("r2", {"val/f1_macro": 0.9}),
-            FakeRun("r3", {}), FakeRun("r4", {"val/f1_macro": 0.8})]
+    @property
+    def runs(self):  # wandb's Sweep.runs: pages of 10, then one request per run for its summary
+        raise AssertionError("Sweep.runs asks the server once per run: api.runs with the sweep as a filter")
+
+
+SWEEP_RUNS = [FakeRun("r1", {"val/f1_macro": 0.7}), FakeRun("r2", {"val/f1_macro": 0.9}), FakeRun("r3", {}),
+              FakeRun("r4", {"val/f1_macro": 0.8})]
 
 
 class FakeApi:
-    """wandb.Api's surface that tracking uses: artifact(ref).download(root) and sweep(path).runs/.config;
-    `files` serves some refs their own checkpoint (others get `checkpoint`)."""
+    """wandb.Api's surface that tracking uses: artifact(ref).download(root), sweep(path).config and runs(project,
+    filters) as the server answers it (the sweep's runs in the state asked for); `files` serves some refs their own
+    checkpoint (others get `checkpoint`)."""
     def __init__(self, checkpoint: Path, runs=None, files=None):
-        self.checkpoint, self.runs, self.files, self.asked = checkpoint, runs, files or {}, []
+        self.checkpoint, self.runs_of_sweep, self.files, self.asked = checkpoint, runs, files or {}, []
 
     def artifact(self, ref):
         self.asked.append(ref)
@@ -125,7 +129,12 @@ class FakeApi:
 
     def sweep(self, path):
         self.asked.append(path)
-        return FakeSweep(self.runs)
+        return FakeSweep()
+
+    def runs(self, path, filters=None, order="+created_at", per_page=50, lazy=True):
+        self.asked.append(("runs", path, filters, lazy))
+        (sweep,), (state,) = (f.values() for f in filters["$and"])
+        return [r for r in (SWEEP_RUNS if self.runs_of_sweep is None else self.runs_of_sweep) if r.state == state]
 
 
 def test_online_members_are_pulled_with_the_wandb_api(tmp_path, monkeypatch):
@@ -135,7 +144,19 @@ def test_online_members_are_pulled_with_the_wandb_api(tmp_path, monkeypatch):
     assert refs == ["team/comp/model-r2:best", "team/comp/model-r4:best"]  # by the sweep's own metric, best first
     member = resolve_member(refs[0], tmp_path / "cache")
     assert member.meta["classes"] == ["a", "b"] and member.paths[0].is_relative_to(tmp_path / "cache")
-    assert api.asked == ["team/comp/sw123", "team/comp/model-r2:best"]
+    assert api.asked == ["team/comp/sw123", ("runs", "team/comp", {"$and": [{"sweep": "sw123"}, {"state": "finished"}]},
+                                             False), "team/comp/model-r2:best"]  # one request for the runs' summaries
+
+
+def test_a_download_that_fails_is_one_error_line_naming_the_artifact(tmp_path, monkeypatch):
+    class Unreachable(FakeArtifact):
+        def download(self, root: str) -> str:
+            raise ConnectionError("Connection reset by peer")
+    api = FakeApi(tmp_path / "unused.safetensors")
+    api.artifact = lambda ref: Unreachable(None)
+    monkeypatch.setattr(tracking.api, "wandb_api", lambda: api)
+    with pytest.raises(UserError, match="cannot download W&B artifact team/comp/model-r2:best .*Connection reset"):
+        resolve_member("team/comp/model-r2:best", tmp_path / "cache")
 
 
 def test_online_sweep_members_are_its_best_finished_runs(tmp_path, monkeypatch):

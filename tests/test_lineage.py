@@ -285,8 +285,9 @@ def test_journal_reads_a_project_from_the_wandb_api(tmp_path, monkeypatch, capsy
             FakeRun("e1", "2026-11-22T10:00:00Z", {"members": ["x"]}, {})]  # an ensemble run: not listed
 
     class FakeApi:
-        def runs(self, path, order=None):
+        def runs(self, path, order=None, per_page=50, lazy=True):
             assert path == "team/comp" and order == "+created_at"
+            assert not lazy  # a lazy page asks again for each run's config and summary
             return runs
     monkeypatch.setattr(tracking.api, "wandb_api", lambda: FakeApi())
     assert journal.main(["--project", "comp", "--entity", "team", "--out", str(tmp_path / "j.md")]) == 0

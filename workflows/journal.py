@@ -112,7 +112,9 @@ def _utc(iso: str) -> float:
 def project_runs(project: str, entity: str = "") -> list[Entry]:
     """The train.py runs of a W&B project, from the public API (needs a key and a server)."""
     try:
-        runs = list(tracking.api.wandb_api().runs(f"{entity}/{project}" if entity else project, order="+created_at"))
+        runs = list(tracking.api.wandb_api().runs(f"{entity}/{project}" if entity else project, order="+created_at",
+                                                  per_page=tracking.api.RUNS_PAGE, lazy=False))  # config, summary in
+        # each page: one request per RUNS_PAGE runs, not one per run
     except Exception as e:  # noqa: BLE001 - wandb raises CommError, ValueError, UsageError...
         raise UserError(f"cannot read W&B project {entity + '/' if entity else ''}{project}: {e}") from None
     entries = []

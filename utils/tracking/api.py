@@ -24,7 +24,14 @@ def download_artifact(ref: str, root: Path) -> Path:
     except Exception as e:  # noqa: BLE001 - wandb raises CommError, ValueError, UsageError...
         raise UserError(f"cannot fetch W&B artifact {ref}: {e}; offline, pass the run dir or checkpoint file "
                         f"instead") from None
-    return Path(artifact.download(root=str(root)))
+    try:
+        return Path(artifact.download(root=str(root)))
+    except Exception as e:  # noqa: BLE001 - a network error, a full disk, a file W&B no longer has
+        raise UserError(f"cannot download W&B artifact {ref} into {root}: {type(e).__name__}: {e}; run the command "
+                        f"again (files already downloaded are kept)") from None
+
+
+RUNS_PAGE = 100  # runs per public-API request
 
 
 class SweepRun(NamedTuple):
@@ -35,13 +42,19 @@ class SweepRun(NamedTuple):
 
 def sweep_runs_best_first(path: str) -> Iterator[SweepRun]:
     """The finished runs (W&B run.state "finished") of an online sweep ENTITY/PROJECT/ID that have the sweep's
-    metric in their summary, best first by it. Lazy: each run's logged artifacts are listed (one API call) only
-    when the caller takes that run."""
+    metric in their summary, best first by it. The server filters (the sweep, finished) and each page of RUNS_PAGE
+    runs comes with its config and summary: one request per page, not wandb's Sweep.runs (pages of 10, lazy, then
+    one request per run for its summary). Lazy: each run's logged artifacts are listed (one API call) only when
+    the caller takes that run."""
     try:
-        sweep = wandb_api().sweep(path)
+        api = wandb_api()
+        sweep = api.sweep(path)
         metric = sweep.config.get("metric") or {}
         name, maximize = metric.get("name"), metric.get("goal", "minimize") == "maximize"
-        scored = [r for r in sweep.runs if r.state == "finished" and isinstance(r.summary.get(name), (int, float))]
+        project, sweep_id = path.rsplit("/", 1)
+        runs = api.runs(project, filters={"$and": [{"sweep": sweep_id}, {"state": "finished"}]}, per_page=RUNS_PAGE,
+                        lazy=False)
+        scored = [r for r in runs if r.state == "finished" and isinstance(r.summary.get(name), (int, float))]
     except Exception as e:  # noqa: BLE001
         raise UserError(f"cannot read W&B sweep {path}: {e}") from None
     scored.sort(key=lambda r: r.summary[name], reverse=maximize)
