@@ -66,3 +66,28 @@ def test_online_best_logs_each_new_best_throttled_and_the_newest_at_exit(tmp_pat
     log.log_pending(run, s)  # logged already: no second copy
     run.finish()
     assert [epochs_of(a) for a in model_artifacts(out_dir)] == [[1], [4]]
+
+
+@pytest.mark.parametrize("state, again", [("COMMITTED", False), ("PENDING", True), (None, True)])
+def test_a_resumed_run_logs_again_a_best_whose_upload_did_not_finish(tmp_path, monkeypatch, state, again):
+    """The last attempt handed epoch 2's best to W&B and saved that in resume.pt; a deadline's exit or a SIGKILL
+    may have ended the upload. The server's answer (faked at the public API: artifact(ref).state; None: no such
+    version) decides whether the resumed run logs it again."""
+    asked = []
+
+    class Server:
+        def artifact(self, ref):
+            asked.append(ref)
+            if state is None:
+                raise ValueError(f"artifact {ref} not found")
+            return SimpleNamespace(state=state)
+    monkeypatch.setattr(tracking.api, "wandb_api", lambda: Server())
+    out_dir = tmp_path / "run"
+    run = tracking.init({"model": "m"}, "again2", out_dir, "offline")
+    keeper = CheckpointKeeper(out_dir, keep_top_k=1, maximize=True)
+    keeper.update(torch.nn.Linear(2, 2), {"epoch": 2}, 2, 0.7)
+    log = training.ModelLog("best", online=True)
+    log.resume(run, SimpleNamespace(keeper=keeper, artifact_name="model-again2"), logged_epoch=2)
+    run.finish()
+    assert asked == [f"{run.entity}/{run.wandb.project}/model-again2:epoch-2"]
+    assert [epochs_of(a) for a in model_artifacts(out_dir)] == ([[2]] if again else [])

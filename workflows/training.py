@@ -69,9 +69,14 @@ class ModelLog:
             self.log_pending(run, s)
 
     def resume(self, run, s: "FitSetup", logged_epoch: int | None) -> None:
-        """A resumed fit: online, the best a SIGKILL kept from W&B goes now (offline, the exit logs it anyway)."""
+        """A resumed fit: online, the best a SIGKILL kept from W&B goes now (offline, the exit logs it anyway). The
+        last attempt counted a best as logged when it handed it to W&B; the upload may not have finished before a
+        stop's deadline or a SIGKILL ended it, so unless the server has that version committed it is logged again
+        (the same file: W&B makes no second version of identical contents)."""
         self.logged_epoch = logged_epoch
         if self.online:
+            if logged_epoch is not None and not run.has_artifact(s.artifact_name, f"epoch-{logged_epoch}"):
+                self.logged_epoch = None
             self.log_pending(run, s)
 
     def log_pending(self, run, s: "FitSetup") -> None:

@@ -1,8 +1,10 @@
 """W&B's public API (a server and a key): artifacts to download, an online sweep's runs best first. Usage:
     path = api.download_artifact("team/comp/model-abc:best", root)
+    api.artifact_state("team/comp/model-abc:epoch-3")     # "COMMITTED", "PENDING", ... or None
     for run in api.sweep_runs_best_first("team/comp/sweep_id"): ...
 wandb_api is the one seam tests replace with a fake (monkeypatch utils.tracking.api.wandb_api).
 """
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -32,6 +34,23 @@ def download_artifact(ref: str, root: Path) -> Path:
 
 
 RUNS_PAGE = 100  # runs per public-API request
+STATE_TIMEOUT_S = 10  # the longest a resumed run waits to learn whether an artifact version reached W&B
+
+
+def artifact_state(ref: str, timeout: float = STATE_TIMEOUT_S) -> str | None:
+    """The state W&B's server has for artifact version ref (COMMITTED once its upload finished; PENDING while it
+    goes on), asked now; None when there is no such version or no answer within timeout seconds."""
+    answer = []
+
+    def ask():
+        try:
+            answer.append(str(wandb_api().artifact(ref).state))
+        except Exception:  # noqa: BLE001 - no such version (CommError), no server, no key
+            answer.append(None)
+    asking = threading.Thread(target=ask, name="wandb-artifact-state", daemon=True)
+    asking.start()
+    asking.join(timeout)
+    return answer[0] if answer else None
 
 
 class SweepRun(NamedTuple):

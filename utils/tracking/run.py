@@ -22,7 +22,7 @@ from utils.background import BackgroundWriter
 from utils.metrics import Predictions
 from utils.runs import RunRecord, random_id
 from utils.stop import Stopped, stop_budget_s
-from utils.tracking import private, tables
+from utils.tracking import api, private, tables
 
 TABLES_SHARE = 0.02  # the share of a run's time its evaluation tables may take (log_eval_tables)
 MIN_FINISH_S = 2  # the least time a stopped run's finish gets, even past its deadline
@@ -193,6 +193,11 @@ class Run:
             self.wandb.log({key: table})
         self._submit(log_it)
         self.next_step += 1
+
+    def has_artifact(self, name: str, alias: str) -> bool:
+        """Whether W&B's server has version `alias` of this run's project's artifact `name` committed (its upload
+        finished), asked now; False when it does not say so in time."""
+        return api.artifact_state(f"{self.entity}/{self.wandb.project}/{name}:{alias}") == "COMMITTED"
 
     def log_artifact(self, path: Path, name: str, type: str, metadata: dict | None = None, aliases=()) -> None:
         if self.mode == "disabled":  # W&B would still stage a copy of the file

@@ -81,17 +81,24 @@ def init(config: dict, run_id: str, out_dir: Path, mode: str, options: RunOption
     for key, step in [("train/*", "epoch"), ("val/*", "epoch"), ("lr", "epoch"), ("fold*", "epoch"), ("cv/*", "fold")]:
         run.define_metric(key, step_metric=step)  # fold<k>/...: a cross-validated run's folds
     record = RunRecord(out_dir, resume)
-    if (resume or sweep) and mode != "disabled":  # W&B copied the last attempt's summary back (online), or will
-        for key in ATTEMPT_KEYS:  # merge this attempt's into it (an offline attempt, synced): how that one ended goes
-            del run.summary[key]  # a remove record; a key the summary lacks is nothing to remove
-    if resume and mode != "disabled":
-        run.log({"resumed_at_step": resume["wandb_step"]}, step=resume["wandb_step"])  # steps go on from there
+    if (resume or sweep) and mode != "disabled":
+        _continue_attempt(run, resume)
     if mode == "offline":
         # every attempt of a resumed run is a folder of its own under out_dir/wandb/: sync them all, in order
         sync = f"wandb sync {Path(run.dir).parent.parent}"
         print(f"{unreachable}, so this run is recorded offline. Upload it later with: {sync}" if unreachable
               else f"W&B is offline. Upload this run later with: {sync}")
     return Run(run, record)
+
+
+def _continue_attempt(run, resume: dict | None) -> None:
+    """A run W&B may already have (resumed, or a trial W&B requeued): how the last attempt ended goes from the
+    summary, which W&B copied back from the server (online) or will merge this attempt's into (an offline one,
+    synced); a remove record, nothing for a key the summary lacks. A resumed run's steps go on from its saved one."""
+    for key in ATTEMPT_KEYS:
+        del run.summary[key]
+    if resume:
+        run.log({"resumed_at_step": resume["wandb_step"]}, step=resume["wandb_step"])
 
 
 def split_tags(*tags) -> list[str]:
