@@ -193,3 +193,26 @@ def test_a_dataset_samples_table_over_wandbs_artifact_limit_is_cut_with_a_note(t
     run.log_dataset("comp", [], ["id", "label"], [[f"s{i}", i % 3] for i in range(60)], {})
     run.finish()
     assert "the first 50 of 60 images" in capsys.readouterr().out
+
+
+def test_an_input_artifact_never_holds_the_run_for_its_upload(tmp_path, monkeypatch):
+    """--pseudo_labels FILE online: the file becomes an input of the run. wandb's use_artifact of a local file waits
+    for its upload with no time-out, on the run's W&B writer thread: an upload that does not end (faked: an
+    artifact.wait that never returns) must not hold training, nor the finish."""
+    import threading
+    import time as clock
+    monkeypatch.setattr(wandb.Artifact, "wait", lambda self, timeout=None: clock.sleep(3600))
+    out_dir = tmp_path / "run"
+    run = tracking.init({"model": "m"}, random_id(), out_dir, "offline")
+    monkeypatch.setattr(tracking.Run, "mode", property(lambda self: "online"))  # the online path, recorded offline
+    labels = tmp_path / "pseudo.csv"
+    labels.write_text("id,label\na,1\n")
+    done = []
+    worker = threading.Thread(target=lambda: (run.use_file(labels, "pseudo-labels-x", "pseudo-labels"),
+                                              run.log({"epoch": 1}), done.append(run.finish())), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert done == [0], "the input artifact held the run, or failed it"
+    records = read_run(next(out_dir.glob("wandb/offline-run-*")))
+    (artifact,) = [r["artifact"] for r in records if r["type"] == "artifact"]
+    assert artifact["name"] == "pseudo-labels-x" and artifact.get("use_after_commit")

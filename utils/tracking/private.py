@@ -7,6 +7,7 @@ another release line, importing this says once on stderr that these uses were no
     private.stop_requested_in_wandb(run, timeout)  # the stop status wandb-core last heard on the file stream
     private.stopped_on_server(run, timeout)        # the server asked now: True, False, or None (no answer)
     private.locked_config_keys(run)                # the config keys a sweep set (updates to them are ignored)
+    private.use_after_commit(run, artifact)        # a draft artifact as the run's input, without waiting
 """
 import os
 import re
@@ -126,3 +127,15 @@ def locked_config_keys(run) -> set[str]:
         return set(run.config._locked)
     except Exception:  # noqa: BLE001 - a wandb whose internals moved: nothing known to be locked
         return set()
+
+
+def use_after_commit(run, artifact) -> None:
+    """A local (draft) artifact as an input of the run, without waiting for its upload: what run.use_artifact(draft)
+    does (wandb_run.py: _log_artifact(..., use_after_commit=True)) minus its artifact.wait(), which has no time-out
+    and would hold the caller for the whole upload; wandb-core records the use once the upload commits
+    (core/pkg/artifacts/saver.go, gql.UseArtifact). On a wandb without it: logged as the run's output instead."""
+    log = getattr(run, "_log_artifact", None)
+    if log is None:
+        run.log_artifact(artifact)
+        return
+    log(artifact, is_user_created=True, use_after_commit=True)

@@ -221,16 +221,20 @@ class Run:
         self._submit(log_it)
 
     def use_file(self, path: Path, name: str, type: str, metadata: dict | None = None) -> None:
-        """A local file as an artifact this run reads: online, an input of the run in W&B's lineage graph; offline
-        (where W&B refuses use_artifact) logged by the run, so it still reaches W&B on sync."""
+        """A local file as an artifact this run reads: online, an input of the run in W&B's lineage graph, recorded by
+        wandb-core once its upload commits (the run never waits for it; a failure is a note); offline (where W&B
+        refuses use_artifact) logged by the run, so it still reaches W&B on sync."""
         if self.mode != "online":
             self.log_artifact(path, name, type, metadata)
             return
 
         def use_it():
-            artifact = wandb.Artifact(name, type=type, metadata=metadata)
-            artifact.add_file(str(path))
-            self.wandb.use_artifact(artifact)
+            try:
+                artifact = wandb.Artifact(name, type=type, metadata=metadata)
+                artifact.add_file(str(path))
+                private.use_after_commit(self.wandb, artifact)  # never waits for the upload
+            except Exception as e:  # noqa: BLE001 - an edge in the lineage graph is not worth the run
+                print(f"note: W&B artifact {name} was not recorded as this run's input ({type(e).__name__}: {e})")
         self._submit(use_it)
 
     def save_file(self, path: Path) -> None:
