@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", default=None, choices=["equal", "auto"],
                         help="auto: Caruana weights on the validation set the members share (default where there is "
                              "one, else equal)")
-    parser.add_argument("--out", default="submission.csv")
+    parser.add_argument("--out", default="submission.csv", help="the ensemble's submission file (the columns of the "
+                                                                "data's sample_submission.csv)")
     parser.add_argument("--save_probs", default="", help="also write the ensemble's test probabilities "
                                                          "(id,source,p_<class>...): train.py --pseudo_labels reads "
                                                          "them")

@@ -27,11 +27,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("path", help="a data folder as train.py's --data reads it (ImageFolder or train.csv layout)")
     parser.add_argument("--name", default="", help="artifact name; '' = the folder's name")
-    parser.add_argument("--description", default="")
+    parser.add_argument("--description", default="", help="the artifact's description in W&B")
     parser.add_argument("--files", default="auto", choices=("auto", "copy", "reference"),
                         help="copy the images into the artifact, or add checksummed file:// references (nothing "
                              "copied; the files must stay where they are); auto = references above --max_copy_gb")
-    parser.add_argument("--max_copy_gb", type=float, default=2.0)
+    parser.add_argument("--max_copy_gb", type=float, default=2.0,
+                        help="--files auto: folders up to this size are copied into the artifact, larger ones "
+                             "referenced")
     parser.add_argument("--thumbnails", type=int, default=100_000,
                         help="images with a thumbnail in the table (the rest: none)")
     parser.add_argument("--out_dir", default="",

@@ -169,8 +169,8 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", default=["reference loop", *RECIPES, *PSEUDO],
                         help="any of: 'reference loop', "
                         + ", ".join(repr(r) for r in [*RECIPES, *PSEUDO]).replace("%", "%%"))  # argparse formats %
-    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="each recipe runs once per seed")
+    parser.add_argument("--epochs", type=int, default=12, help="epochs of every run")
     parser.add_argument("--sweep", type=int, default=0, help="also run a sweep of this many trials (seed 0)")
     parser.add_argument("--work", default="", help="folder for the runs; default a temporary one")
     parser.add_argument("--data", default="digits_hard", choices=["digits_hard", "documents"],

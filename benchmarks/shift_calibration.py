@@ -271,8 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=IMAGES, help="images in the training and in each test split")
     parser.add_argument("--recipes", type=int, default=36, help="random recipes per source")
     parser.add_argument("--clean", type=int, default=10, help="clean test splits per source (false alarms)")
-    parser.add_argument("--sources", nargs="*", default=list(SOURCES), choices=list(SOURCES))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sources", nargs="*", default=list(SOURCES), choices=list(SOURCES),
+                        help="the image sources the test splits are drawn from")
+    parser.add_argument("--seed", type=int, default=0, help="draws the recipes and the splits")
     parser.add_argument("--show", action="store_true", help="print each recipe's truth and what was measured")
     args = parser.parse_args(argv)
     n_recipes, n_clean, n = (2, 1, 120) if args.quick else (args.recipes, args.clean, args.images)

@@ -16,6 +16,44 @@ def test_booleans(text, expected):
     assert parse_config(["--amp", text]).amp is expected
 
 
+def test_flags_as_timm_and_lightning_users_type_them():
+    cfg = parse_config(["--batch-size", "16", "--ema", "--no-amp", "--img-size=64", "--pretrained", "--sam=True"])
+    assert (cfg.batch_size, cfg.ema, cfg.amp, cfg.img_size, cfg.pretrained, cfg.sam) == (16, True, False, 64, "true",
+                                                                                          True)
+    assert parse_config(["--no-pretrained", "--ema", "False"]).pretrained == "false"
+    assert parse_config(["--ema=True"]).ema is True  # what wandb agent passes
+    assert parse_config(["--device", "cuda:1"]).device == "cuda:1"
+
+
+@pytest.mark.parametrize("argv, hint", [(["--lr_rate", "0.01"], "did you mean --lr"),
+                                        (["--batchsize=8"], "did you mean --batch_size"),
+                                        (["--ema", "maybe"], "as bool: not a boolean"),
+                                        (["--device", "gpu"], "device must be auto, cpu, cuda or cuda:N")])
+def test_a_mistyped_flag_gets_a_hint_and_a_one_line_usage(argv, hint, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_config(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and hint in err and "<class" not in err
+    assert len(err.strip().splitlines()) == 2  # usage and the error, not every flag
+
+
+def test_help_groups_the_flags_by_section_with_the_common_ones_first(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    out = capsys.readouterr().out
+    titles = [line[:-1] for line in out.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert titles[:3] == ["options", "common flags", "data"] and {"optimization", "loss", "W&B"} <= set(titles)
+    assert out.index("--lr FLOAT") < out.index("--image_col")
+
+
+def test_every_flag_of_every_command_says_what_it_does():
+    from test_docs import _script_parsers, _scripts
+    parsers = {"train.py": [build_parser()], **{name: _script_parsers(path) for name, path in _scripts().items()}}
+    silent = [f"{name} {a.option_strings[0]}" for name, ps in parsers.items() for p in ps for a in p._actions
+              if a.option_strings and not a.help]
+    assert not silent
+
+
 def test_both_flag_forms_and_types():
     cfg = parse_config(["--lr=0.01", "--epochs", "3", "--model", "resnet18", "--img_size=96"])
     assert (cfg.lr, cfg.epochs, cfg.model, cfg.img_size) == (0.01, 3, "resnet18", 96)

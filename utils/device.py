@@ -22,8 +22,16 @@ def seed_everything(seed: int) -> None:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda, but no CUDA device is visible; use --device auto or cpu")
+    """auto (cuda when there is one), cpu, cuda, cuda:N (that GPU, made the current one)."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}, but no CUDA device is visible; use --device auto or cpu")
+    if name.startswith("cuda:"):
+        index = int(name.split(":")[1])
+        if index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}, but {torch.cuda.device_count()} CUDA device(s) are visible "
+                            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}; CUDA_VISIBLE_DEVICES renumbers them)")
+        torch.cuda.set_device(index)  # what allocates without naming a device goes there too
+        return torch.device("cuda", index)
     return torch.device("cuda" if name in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
 
 

@@ -5,6 +5,7 @@ Every field is a CLI flag of the same snake_case name, the name `wandb agent` pa
 `sweep.yaml` uses. Unknown keys are errors everywhere, so a typo in a sweep cannot pass silently.
 """
 import dataclasses
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -195,7 +196,7 @@ class Config:
                                "weights are evaluated and saved uncompiled)")
     sync_bn: bool = opt(False, "under torchrun on CUDA: BatchNorm statistics over the global batch (SyncBatchNorm) "
                                "instead of each GPU's share")
-    device: str = opt("auto", "auto = cuda when available, else cpu", ("auto", "cpu", "cuda"))
+    device: str = opt("auto", "auto = cuda when available, else cpu; cuda:N = that GPU")
     seed: int = opt(42, "seed for splits, init, augmentation and sampling")
     # --- model selection, checkpoints, outputs ---
     monitor: str = opt("val/f1_macro", "metric that picks the best epoch; its best value goes in the W&B summary")
@@ -246,6 +247,7 @@ class Config:
                 raise UserError(f"--{f.name}={getattr(self, f.name)!r} is not one of {list(valid)}")
         checks = [
             (self.lr > 0, "lr must be > 0"),
+            (re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device), "device must be auto, cpu, cuda or cuda:N"),
             (self.batch_size > 0, "batch_size must be > 0"),
             (self.epochs > 0, "epochs must be > 0"),
             (self.img_size == 0 or self.img_size >= 8, "img_size must be >= 8 px (or 0 = auto)"),
@@ -359,4 +361,5 @@ def coerce(f: dataclasses.Field, value):
             return float(value)
         return "" if value is None else str(value)
     except (TypeError, ValueError) as e:
-        raise UserError(f"config key {f.name!r}: cannot use {value!r} as {f.type}: {e}") from None
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        raise UserError(f"config key {f.name!r}: cannot use {value!r} as {kind}: {e}") from None

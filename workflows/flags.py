@@ -2,10 +2,16 @@
 
 Usage: cfg = parse_config(sys.argv[1:])                  # defaults < --config FILE.yaml < --key=value
        add_config_flags(parser, "tta", "device", required=("data",), batch_size=64)   # another command's flags
-Every field is a CLI flag of the same snake_case name, the name `wandb agent` passes and `sweep.yaml` uses.
+Every field is a CLI flag of the same snake_case name, the name `wandb agent` passes and `sweep.yaml` uses, and
+of its dashed spelling (--batch-size, as timm and Lightning spell them); a boolean also takes a bare --ema and
+--no-ema. An unknown flag gets "did you mean" and a one-line usage; --help lists the flags by Config's sections.
 """
 import argparse
 import dataclasses
+import difflib
+import inspect
+import re
+import sys
 import textwrap
 
 import yaml
@@ -25,9 +31,35 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
                 or [""]]
 
 
+class CommandParser(argparse.ArgumentParser):
+    """train.py's parser: a one-line usage, and "did you mean" for a flag it does not know."""
+
+    def error(self, message: str):
+        unknown = re.match(r"unrecognized arguments: (.*)", message)
+        if unknown and (flags := [w.split("=")[0] for w in unknown[1].split() if w.startswith("-")]):
+            message = "unrecognized flag " + ", ".join(f + self._near(f) for f in flags)
+        sys.stderr.write(f"usage: {self.prog} [--KEY VALUE ...]  (python {self.prog} --help: every flag, by section)\n"
+                         f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+    def _near(self, flag: str) -> str:
+        """ (did you mean --x?) for the known flags nearest to flag: one its name starts with (--lr_rate: --lr), or
+        one difflib finds close; "" when none is."""
+        key = flag.lstrip("-").replace("-", "_")
+        known = [a.dest for a in self._actions if a.option_strings and a.help != argparse.SUPPRESS]
+        near = [k for k in known if key.startswith(k + "_") or k.startswith(key + "_")]
+        near = list(dict.fromkeys(near + difflib.get_close_matches(key, known, n=2, cutoff=0.7)))[:2]
+        return f" (did you mean {' or '.join('--' + k for k in near)}?)" if near else ""
+
+
+def _is_bool(f: dataclasses.Field) -> bool:
+    return f.type in (bool, "bool") or bool(f.metadata.get("auto_bool"))
+
+
 def _add_field_flag(parser, f: dataclasses.Field, default=dataclasses.MISSING, required: bool = False) -> None:
-    """The one place a Config field becomes a flag: --<name> with the field's conversion, choices and help.
-    A script whose default differs from train.py's passes its own, and the help says so."""
+    """The one place a Config field becomes a flag: --<name> (and --<dashed-name>) with the field's conversion,
+    choices and help; a boolean also bare (--ema: true) and negated (--no-ema). A script whose default differs
+    from train.py's passes its own, and the help says so."""
     def convert(text):
         try:
             return coerce(f, text)
@@ -41,8 +73,18 @@ def _add_field_flag(parser, f: dataclasses.Field, default=dataclasses.MISSING, r
         default = f.default
     elif default != f.default:
         text += f" (train.py's default: {f.default!r})"
-    parser.add_argument(f"--{f.name}", type=convert, default=default, required=required, choices=config.choices_of(f),
-                        metavar=convert.__name__.upper(), help=text.replace("%", "%%"))
+    names = list(dict.fromkeys([f"--{f.name}", f"--{f.name.replace('_', '-')}"]))
+    flag = {}
+    if _is_bool(f):
+        on, off = (True, False) if f.type in (bool, "bool") else ("true", "false")
+        flag = {"nargs": "?", "const": on}
+        text += f" (bare {names[0]}: {str(on).lower()}; --no-{f.name}: {str(off).lower()})"
+    parser.add_argument(*names, dest=f.name, type=convert, default=default, required=required,
+                        choices=config.choices_of(f), metavar=convert.__name__.upper(), help=text.replace("%", "%%"),
+                        **flag)
+    if _is_bool(f):
+        parser.add_argument(*dict.fromkeys([f"--no-{f.name}", f"--no-{f.name.replace('_', '-')}"]), dest=f.name,
+                            action="store_const", const=off, help=argparse.SUPPRESS)
 
 
 def add_config_flags(parser, *names: str, required: tuple[str, ...] = (), **defaults) -> None:
@@ -57,12 +99,31 @@ def add_config_flags(parser, *names: str, required: tuple[str, ...] = (), **defa
         _add_field_flag(parser, fields[name], defaults.get(name, dataclasses.MISSING), name in required)
 
 
+COMMON = ("data", "model", "img_size", "epochs", "batch_size", "lr", "out_dir", "wandb_mode")  # --help lists first
+
+
+def sections() -> dict[str, list[str]]:
+    """Config's fields by the section comments of its source (`# --- data ---`), in order."""
+    out, current = {}, "other"
+    for line in inspect.getsource(Config).splitlines():
+        if heading := re.match(r"\s*# --- (.+?) ---", line):
+            current = heading[1]
+        elif name := re.match(r"    (\w+): ", line):
+            out.setdefault(current, []).append(name[1])
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="train.py", formatter_class=HelpFormatter, allow_abbrev=False,
-        description="Train an image classifier; every run is a W&B run. Flags accept --key=value and --key value.")
+    parser = CommandParser(
+        prog="train.py", formatter_class=HelpFormatter, allow_abbrev=False, usage="%(prog)s [--KEY VALUE ...]",
+        description="Train an image classifier; every run is a W&B run. Flags accept --key=value, --key value and "
+                    "--dashed-key; booleans also --key and --no-key.")
     parser.add_argument("--config", default=None, help="YAML file of key: value overrides (below the CLI)")
-    add_config_flags(parser, *(f.name for f in dataclasses.fields(Config)))
+    add_config_flags(parser.add_argument_group("common flags"), *COMMON)
+    fields = {f.name for f in dataclasses.fields(Config)}
+    for title, names in sections().items():
+        if rest := [n for n in names if n in fields and n not in COMMON]:
+            add_config_flags(parser.add_argument_group(title), *rest)
     return parser
 
 
