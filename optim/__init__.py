@@ -26,8 +26,17 @@ def optimizer_kwargs(cfg) -> dict:
     return dict(lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, layer_decay=cfg.layer_decay)
 
 
+MAX_WARMUP_SHARE = 0.2  # of the run: --epochs 1 with the default 1-epoch warm-up would train the whole run warming up
+
+
 def scheduler_kwargs(cfg, steps_per_epoch: int) -> dict:
-    return dict(epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=cfg.warmup_epochs,
+    """The schedule's arguments; the warm-up at most MAX_WARMUP_SHARE of the run (said when it is cut; onecycle's
+    rising share is its own choice)."""
+    warmup = cfg.warmup_epochs if cfg.scheduler == "onecycle" else min(cfg.warmup_epochs, MAX_WARMUP_SHARE * cfg.epochs)
+    if warmup < cfg.warmup_epochs:
+        print(f"note: warm-up cut to {warmup:g} of {cfg.epochs} epochs (--warmup_epochs {cfg.warmup_epochs:g} would be "
+              f"more than {MAX_WARMUP_SHARE:.0%} of the run)")
+    return dict(epochs=cfg.epochs, steps_per_epoch=steps_per_epoch, warmup_epochs=warmup,
                 warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, step_size=cfg.step_size, gamma=cfg.gamma,
                 plateau_patience=cfg.plateau_patience, maximize=cfg.maximize)
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from datasets import build_sampler
 from datasets.transforms import AUGS, TTA, eval_transform, seed_pipeline
 from losses import LOSSES, build_loss, soft_target_losses, weights_for
-from optim import SAM, build_scheduler
+from optim import SAM, build_scheduler, scheduler_kwargs
 from optim.stepper import Stepper
 from workflows.inference import predict_probs
 
@@ -189,6 +189,14 @@ def test_cosine_warms_up_then_decays_to_zero():
     assert np.allclose(lrs[:10], 0.1 * np.arange(10) / 10)  # timm's warm-up, from --warmup_lr 0
     assert lrs[10] == pytest.approx(0.1) and np.all(np.diff(lrs[10:]) < 0) and lrs[-1] < 0.001
     assert np.allclose(lrs[10:], 0.05 * (1 + np.cos(np.pi * np.arange(30) / 30)))
+
+
+def test_a_one_epoch_run_is_not_all_warm_up(capsys):
+    from workflows.config import Config
+    kwargs = scheduler_kwargs(Config(epochs=1, warmup_epochs=1.0), steps_per_epoch=10)
+    assert kwargs["warmup_epochs"] == pytest.approx(0.2) and "warm-up cut to 0.2 of 1 epochs" in capsys.readouterr().out
+    assert scheduler_kwargs(Config(epochs=12, warmup_epochs=1.0), 10)["warmup_epochs"] == 1.0
+    assert scheduler_kwargs(Config(epochs=1, scheduler="onecycle", warmup_epochs=0.5), 10)["warmup_epochs"] == 0.5
 
 
 def test_step_onecycle_and_plateau_schedules():

@@ -162,7 +162,8 @@ class Config:
     ema_decay: float = opt(0.999, "EMA decay (with timm's warm-up, so short runs still move)")
     scheduler: str = opt("cosine", "learning-rate schedule, stepped per iteration (plateau: per epoch)",
                          _schedulers)
-    warmup_epochs: float = opt(1.0, "linear lr warm-up (cosine, step, none; onecycle: its rising share)")
+    warmup_epochs: float = opt(1.0, "linear lr warm-up, at most 20% of --epochs (cosine, step, none; onecycle: its "
+                                    "rising share)")
     warmup_lr: float = opt(0.0, "the lr the warm-up starts from (cosine, step, none)")
     min_lr: float = opt(0.0, "cosine: the lr at the last step")
     layer_decay: float = opt(0.0, "in (0, 1): each layer's lr times layer_decay^(its depth from the head), timm's "
