@@ -34,6 +34,7 @@ class Data:
     test_ids: list[str] | None = None
     test_labels: np.ndarray | None = None  # known only for the digits demo and labelled test folders
     submission_columns: tuple[str, str] = ("ID", "target")
+    submission_template: tuple[list, list] | None = None  # sample_submission.csv's (header, rows): columns kept
 
     def drop(self, rows) -> None:
         """Remove these training rows (indices) from items, ids, labels and groups alike."""

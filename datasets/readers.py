@@ -124,6 +124,7 @@ def _load_csv(root: Path, image_col: str, label_col: str, group_col: str, skip_b
                             f"each test image must appear once")
         data.test_items = [_image_dir(root, "test") / i for i in data.test_ids]
         data.submission_columns = (id_col, target_col)
+        data.submission_template = (sample_header, sample_rows)
         _check_files(data.test_items, f"images in {sample_csv}")
     elif test_dir.is_dir():
         data.test_items = _list_images(test_dir)

@@ -9,8 +9,17 @@ from datasets.files import Data, write_csv
 
 
 def write_submission(path: Path, data: Data, pred: np.ndarray) -> None:
-    """ID,target rows in the order of data.test_ids (the sample submission's order where there is one)."""
-    write_csv(path, data.submission_columns, ((i, data.targets[p]) for i, p in zip(data.test_ids, pred)))
+    """ID,target rows in the order of data.test_ids (the sample submission's order where there is one); with a
+    sample submission, every one of its columns in its order, the prediction in its target column and any other
+    column (a Usage, a second id) as the sample has it."""
+    id_col, target_col = data.submission_columns
+    if data.submission_template is None:
+        write_csv(path, data.submission_columns, ((i, data.targets[p]) for i, p in zip(data.test_ids, pred)))
+        return
+    header, rows = data.submission_template
+    by_id = {r[id_col]: r for r in rows}
+    write_csv(path, header, ([data.targets[p] if h == target_col else by_id[i][h] for h in header]
+                             for i, p in zip(data.test_ids, pred)))
 
 
 def write_oof(path: Path, data: Data, probs: np.ndarray, folds: np.ndarray) -> None:

@@ -28,6 +28,21 @@ def test_csv_int_labels_with_meta(competition):
     assert load_data(str(competition)).labels.tolist() == data.labels.tolist()
 
 
+def test_the_submission_keeps_every_column_of_the_sample_submission(competition, tmp_path):
+    sample = competition / "sample_submission.csv"
+    with open(sample) as fh:
+        rows = list(csv.DictReader(fh))
+    with open(sample, "w", newline="") as fh:  # a Usage column before the target, as some leaderboards give
+        csv.writer(fh).writerows([["ID", "Usage", "target"]] + [[r["ID"], f"u{n % 2}", 0] for n, r in enumerate(rows)])
+    data = load_data(str(competition))
+    write_submission(tmp_path / "submission.csv", data, np.arange(len(data.test_ids)) % 10)
+    with open(tmp_path / "submission.csv") as fh:
+        written = list(csv.reader(fh))
+    assert written[0] == ["ID", "Usage", "target"]
+    expected = [(r["ID"], f"u{n % 2}", n % 10) for n, r in enumerate(rows)]
+    assert [(r[0], r[1], int(r[2])) for r in written[1:]] == expected
+
+
 def test_csv_name_labels_without_meta(tmp_path):
     root = make_competition_folder(tmp_path / "c", n_train=60, n_test=5, name_labels=True, with_meta=False)
     data = load_data(str(root))
