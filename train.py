@@ -25,7 +25,7 @@ from optim.stepper import EpochProgress, train_one_epoch
 from utils import UserError, distributed, report_error, tracking
 from utils.device import pick_device
 from utils.metrics import classification_metrics
-from utils.runs import new_run_id, runs_dir
+from utils.runs import claimed, new_run_id, runs_dir
 from utils.stop import Stopped, StopSignal, ignore_later_stops
 from workflows import lineage, prepare, resume
 from workflows.config import ADDED_CONFIG_KEYS, Config
@@ -62,24 +62,21 @@ def run_and_finish(cfg: Config, stop: StopSignal) -> int:
         mode = tracking.resolve_mode(cfg.wandb_mode)  # e.g. under `wandb agent` without a key: a UserError
         run_id = distributed.broadcast(new_run_id())
         state, out_dir = resume.resume_from(cfg, Path(cfg.out_dir or runs_dir() / run_id))
+        with claimed(out_dir, hold=distributed.is_main()):  # no second run writes it at once; torchrun: rank 0
+            options = tracking.RunOptions(project=cfg.project, entity=cfg.entity, name=cfg.run_name, notes=cfg.notes,
+                                          tags=cfg.tags, console=cfg.wandb_console, record=distributed.is_main())
+            run = tracking.init(cfg.to_dict(), state["run_id"] if state else run_id, out_dir, mode, options,
+                                resume=state, stop_fn=stop.request)  # W&B's stop (UI, sweep): a stop like a signal's
+
+            def work():
+                # a sweep's values win
+                locked = Config.from_dict(distributed.broadcast(run.config(exclude=ADDED_CONFIG_KEYS)))
+                train(locked, run, out_dir, stop, state)  # a stop after the last epoch: done anyway
+                if distributed.is_main():
+                    (out_dir / resume.RESUME_FILE).unlink(missing_ok=True)  # finished: nothing to resume
+            return run.run_to_end(work, stopped_note=lambda: resume.stopped_note(out_dir, cfg.restart))
     except UserError as e:
         return report_error(e)
-    options = tracking.RunOptions(project=cfg.project, entity=cfg.entity, name=cfg.run_name, notes=cfg.notes,
-                                  tags=cfg.tags, console=cfg.wandb_console, record=distributed.is_main())
-    run = tracking.init(cfg.to_dict(), state["run_id"] if state else run_id, out_dir, mode, options, resume=state,
-                        stop_fn=stop.request)  # W&B's stop (UI, sweep): a stop like a signal's
-
-    def work():
-        locked = Config.from_dict(distributed.broadcast(run.config(exclude=ADDED_CONFIG_KEYS)))  # a sweep's values win
-        train(locked, run, out_dir, stop, state)  # a stop after the last epoch: done anyway
-        if distributed.is_main():
-            (out_dir / resume.RESUME_FILE).unlink(missing_ok=True)  # finished: nothing to resume
-    def stopped_note() -> str:
-        again = "the same command" + (" without --restart" if cfg.restart else "")
-        if (out_dir / resume.RESUME_FILE).is_file():
-            return f"saved where it stopped (resume.pt, last.safetensors in {out_dir}): {again} continues it; "
-        return f"nothing trained yet; {again} starts it again in {out_dir}; "
-    return run.run_to_end(work, stopped_note=stopped_note)
 
 
 def train(cfg: Config, run, out_dir: Path, stop: StopSignal, state: dict | None = None) -> None:
@@ -151,9 +148,9 @@ SAVED = ("val_idx", "val_probs", "best_score", "best_epoch", "test_probs")  # re
 
 def cross_validate(cfg: Config, run, out_dir: Path, inputs: FitInputs, stop: StopSignal,
                    state: dict | None = None) -> tuple[dict, np.ndarray | None]:
-    """All folds in one run: the monitored metric is their mean (std beside it); out-of-fold
-    probabilities of every training image go to oof.csv and a W&B artifact; the test set gets the
-    folds' average. Resuming, folds done before `state`'s are read back from fold<k>/result.npz."""
+    """All folds in one run: the monitored metric is their mean (std beside it); out-of-fold probabilities of every
+    training image go to oof.csv and a W&B artifact; the test set gets the folds' average. Resuming, folds done
+    before `state`'s are read back from fold<k>/result.npz."""
     data = inputs.data
     oof, folds, results = np.full((len(data.labels), len(data.classes)), np.nan), np.zeros(len(data.labels), int), []
     start = state["config"]["fold"] if state else 0

@@ -148,3 +148,21 @@ def test_labels_with_spaces_around_them_are_one_class_and_said(tmp_path, capsys)
     (root / "train.csv").write_text("\n".join(lines) + "\n")
     data = load_data(str(root))
     assert len(data.classes) == 10 and "1 label(s) had spaces around them" in capsys.readouterr().out
+
+
+def test_a_run_folder_in_use_or_unwritable_is_one_error_line(tmp_path, capsys):
+    """The same command started twice into one --out_dir: the second must not resume into the folder the first is
+    still writing (it names the first's pid); a folder that cannot be written: one line, not a traceback."""
+    import os
+
+    from utils.runs import claimed
+    out_dir = tmp_path / "run"
+    with claimed(out_dir):  # the first run, alive (an flock: a second open file conflicts even in this process)
+        assert train.main(["--data", "digits", *BASE, "--out_dir", str(out_dir)]) == 1
+    err = capsys.readouterr().err
+    assert f"--out_dir {out_dir} is in use by a run still going (process {os.getpid()})" in err
+    assert "Traceback" not in err and not (out_dir / "run.json").exists()
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the folder's parent should be")
+    assert train.main(["--data", "digits", *BASE, "--out_dir", str(blocked / "run")]) == 1
+    assert f"--out_dir {blocked / 'run'} cannot be written" in capsys.readouterr().err

@@ -157,7 +157,7 @@ def test_disabled_mode_still_saves_work_but_stages_nothing(tmp_path):
                f"--out_dir={out}"])
     # code.diff: only from a checkout with edits
     written = sorted(p.name for p in out.iterdir() if p.name != "code.diff")
-    assert written == ["best.safetensors", "data_manifest.csv", "epoch-001.safetensors", "last.safetensors",
+    assert written == [".lock", "best.safetensors", "data_manifest.csv", "epoch-001.safetensors", "last.safetensors",
                        "metrics.jsonl", "report.html", "run.json", "submission.csv", "summary.json", "test_probs.csv"]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]  # what a sweep runner reads
     summary = json.loads((out / "summary.json").read_text())

@@ -6,6 +6,9 @@ Usage:
     history, summary = read_local(out_dir)      # the offline sweep runner and the journal, while a run is live
 utils/tracking/ writes the record beside every W&B run; sweep.py and journal.py read it without importing wandb.
 """
+import contextlib
+import errno
+import fcntl
 import json
 import math
 import numbers
@@ -24,6 +27,42 @@ DEFAULT_PROJECT = "sweepcls"  # the W&B project when --project and $WANDB_PROJEC
 def runs_dir() -> Path:
     """Where run folders go by default: $SWEEPCLS_RUNS_DIR (a sweep's trials: the sweep dir's runs/), else runs/."""
     return Path(os.environ.get("SWEEPCLS_RUNS_DIR") or "runs")
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def claimed(out_dir: Path, hold: bool = True):
+    """out_dir, created and held by this process for the block's length (an flock on out_dir/.lock, which the
+    kernel drops when the process ends, however it ends): a second run started into the same folder while the
+    first is alive is a UserError naming the first's pid, not two runs writing one folder; a folder that cannot
+    be written is a UserError too. hold False: nothing is done (torchrun's other ranks)."""
+    from utils import UserError
+    out_dir = Path(out_dir)
+    if not hold:
+        yield out_dir
+        return
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"--out_dir {out_dir} cannot be written ({e.strerror or e}); pass a folder you can write "
+                        f"to") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            raise UserError(f"--out_dir {out_dir} is in use by a run still going (process {holder}); wait for it, "
+                            f"or pass another --out_dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield out_dir
+    finally:
+        os.close(fd)  # the lock goes with it
 
 
 def random_id() -> str:

@@ -254,3 +254,11 @@ def load_arrays(path: Path) -> dict:
     with np.load(path, allow_pickle=False) as f:
         return {k: None if f[k].size == 0 and f[k].ndim == 1 else f[k].item() if f[k].ndim == 0 else f[k]
                 for k in f.files}
+
+
+def stopped_note(out_dir: Path, restart: bool) -> str:
+    """What a stopped run says it saved and how to continue (the start of its last line)."""
+    again = "the same command" + (" without --restart" if restart else "")
+    if (out_dir / RESUME_FILE).is_file():
+        return f"saved where it stopped (resume.pt, last.safetensors in {out_dir}): {again} continues it; "
+    return f"nothing trained yet; {again} starts it again in {out_dir}; "
