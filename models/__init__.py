@@ -64,16 +64,21 @@ def check_input_size(model: nn.Module, name: str, img_size: int) -> None:
         model.train(was_training)
 
 
+MIN_FIT = 0.5  # of a model's tensors a --pretrained_path file must fill (name and shape), or it is refused
+
+
 def load_weights(model: nn.Module, path: str) -> None:
-    """Copy every tensor of the file whose name and shape match; the rest keeps its initialization."""
+    """Copy every tensor of the file whose name and shape match; the rest keeps its initialization. A file that
+    fills less than MIN_FIT of the model (another architecture's weights) is refused, not trained on."""
     if not os.path.isfile(path):
         raise UserError(f"--pretrained_path {path}: no such file")
     state = timm.models.load_state_dict(path, weights_only=True)
     own = model.state_dict()
     kept = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not kept:
-        raise UserError(f"--pretrained_path {path}: none of its tensors fits this model; "
-                        f"is it a weight file for the same architecture?")
+    if len(kept) < MIN_FIT * len(own):  # a head for other classes does not fit: the rest must
+        raise UserError(f"--pretrained_path {path}: {len(kept)} of this model's {len(own)} tensors "
+                        f"({len(kept) / max(1, len(own)):.0%}) fit it; is it a weight file of another architecture? "
+                        f"Pass weights of the same --model")
     fresh = model.load_state_dict(kept, strict=False).missing_keys
     print(f"loaded {len(kept)}/{len(own)} tensors from {path}" + (f"; freshly initialized: {fresh}" if fresh else ""))
 

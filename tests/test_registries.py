@@ -120,6 +120,9 @@ def test_pretrained_path_loads_local_weights(tmp_path):
         assert torch.equal(other[name], tensor) if not name.startswith("fc.") else other[name].shape[0] == 3
     with pytest.raises(UserError, match="no such file"):
         build_model(TINY_MODEL, 3, pretrained_path=str(tmp_path / "none.pth"))
+    save_file(build_model("resnet10t", 5).state_dict(), tmp_path / "other.safetensors")  # another architecture
+    with pytest.raises(UserError, match=r"\d+ of this model's \d+ tensors \(\d+%\) fit it; .*another architecture"):
+        build_model(TINY_MODEL, 3, pretrained_path=str(tmp_path / "other.safetensors"))
 
 
 def test_metrics_on_an_imbalanced_case():
