@@ -31,7 +31,7 @@ from workflows import lineage, prepare, resume
 from workflows.config import ADDED_CONFIG_KEYS, Config
 from workflows.flags import parse_config
 from workflows.label_errors import analyse_oof, apply_label_fixes
-from workflows.report import submit_report, val_predictions, write_test_outputs
+from workflows.report import submit_report, val_predictions, where_and_next, write_test_outputs
 from workflows.training import FitInputs, FitSetup, build_fit, describe_fit, epoch_metrics, evaluate, predict_test
 
 
@@ -132,6 +132,7 @@ def finish_summary(cfg: Config, run, out_dir: Path, data, summary: dict, test_pr
           + (f" (holdout model: {summary['holdout/test/f1_macro']:.4f})" if "holdout/test/f1_macro" in summary else "")
           + (" | final fit on every labelled image predicted it" if "final/best_epoch" in summary else "")
           + (f" | wrote {out_dir / 'submission.csv'}" if test_probs is not None else ""))
+    print(where_and_next(cfg, out_dir, test_probs is not None))
 
 
 # ----------------------------------------------------------------------------- one split

@@ -126,8 +126,11 @@ def test_competition_folder_run(competition, tmp_path):
 
 def test_digits_demo_logs_test_scores(tmp_path):
     out = tmp_path / "out"
-    run_train(["--model", TINY_MODEL, "--img_size=32", "--epochs=1", "--workers=0", "--table_rows=5",
-               f"--out_dir={out}"])
+    proc = run_train(["--model", TINY_MODEL, "--img_size=32", "--epochs=1", "--workers=0", "--table_rows=5",
+                      f"--out_dir={out}"])
+    # the end says where the results are and what comes next, with commands that run as written
+    assert f"results in {out}/: report.html" in proc.stdout and "submission.csv" in proc.stdout
+    assert f"next: python predict.py {out} --data digits" in proc.stdout
     summary = merged(read_run(next((out / "wandb").glob("offline-run-*"))), "summary")
     assert 0 <= summary["test/f1_macro"] <= 1 and 0 <= summary["test/acc"] <= 1
     with open(out / "submission.csv") as fh:

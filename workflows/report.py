@@ -128,3 +128,15 @@ def write_test_outputs(out_dir: Path, data, probs: np.ndarray, source: str) -> N
     out_dir/test_probs.csv."""
     write_submission(out_dir / "submission.csv", data, probs.argmax(1))
     write_probs(out_dir / "test_probs.csv", data.test_ids, probs, data.classes, source)
+
+
+def where_and_next(cfg, out_dir: Path, has_test: bool) -> str:
+    """The end of a run, as Ultralytics ends one: where its results are and the commands that come next."""
+    saved = ["report.html (open it in a browser)", "best.safetensors"] + (["submission.csv"] if has_test else [])
+    final = out_dir / "final" / "best.safetensors"
+    lines = [f"results in {out_dir}/: " + ", ".join(saved)
+             + (f"; the final fit's model in {final.parent}/" if final.is_file() else "")]
+    if has_test:
+        lines.append(f"next: python predict.py {out_dir} --data {cfg.data} (predict again, or other images); "
+                     f"python ensemble.py {out_dir} runs/<other id> --data {cfg.data} (several runs)")
+    return "\n".join(lines)
