@@ -35,12 +35,14 @@ class Data:
     test_labels: np.ndarray | None = None  # known only for the digits demo and labelled test folders
     submission_columns: tuple[str, str] = ("ID", "target")
     submission_template: tuple[list, list] | None = None  # sample_submission.csv's (header, rows): columns kept
+    given_val: np.ndarray | None = None  # bool per item: the data's own validation split (an ImageFolder's val/)
 
     def drop(self, rows) -> None:
         """Remove these training rows (indices) from items, ids, labels and groups alike."""
         keep = np.setdiff1d(np.arange(len(self.labels)), sorted(rows))
         self.items, self.ids, self.labels = take(self.items, keep), [self.ids[i] for i in keep], self.labels[keep]
         self.groups = self.groups[keep] if self.groups is not None else None
+        self.given_val = self.given_val[keep] if self.given_val is not None else None
 
 
 WIDE_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # PIL's 16-bit, 32-bit integer and float grayscale

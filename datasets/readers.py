@@ -137,22 +137,52 @@ def _list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
 
-def _load_image_folder(root: Path) -> Data:
-    train_dir = root / "train" if (root / "train").is_dir() else root
-    # "test" is the test set, hidden folders (.ipynb_checkpoints) are not classes
-    classes = sorted(d.name for d in train_dir.iterdir()
-                     if d.is_dir() and d.name != "test" and not d.name.startswith("."))
-    if not classes:
-        raise UserError(f"{train_dir}: no class folders; expected {train_dir}/<class>/<image> or a train.csv")
+VAL_DIRS = ("val", "valid")  # an ImageFolder's own validation split beside train/ (timm's and Ultralytics' layout)
+
+
+def _class_folders(folder: Path, skip=("test",)) -> list[str]:
+    """The class folders of an ImageFolder tree ("test" is the test set; hidden folders are not classes)."""
+    return sorted(d.name for d in folder.iterdir() if d.is_dir() and d.name not in skip and not d.name.startswith("."))
+
+
+def _labelled_images(folder: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
     items, labels = [], []
     for i, name in enumerate(classes):
-        files = _list_images(train_dir / name)
-        if not files:
-            raise UserError(f"{train_dir / name}: class {name!r} has no images ({sorted(IMAGE_EXTS)})")
+        files = _list_images(folder / name) if (folder / name).is_dir() else []
         items += files
         labels += [i] * len(files)
+    return items, labels
+
+
+def _load_image_folder(root: Path) -> Data:
+    vals = [root / v for v in VAL_DIRS if (root / v).is_dir()]
+    train_dir = root / "train" if (root / "train").is_dir() else root
+    if vals and train_dir == root:
+        raise UserError(f"{root}: class folders beside {vals[0].name}/ is ambiguous; put the training classes under "
+                        f"{root}/train/<class>/ (the train/ + {vals[0].name}/ layout), or rename {vals[0].name}/ if "
+                        f"it is a class")
+    if len(vals) > 1:
+        raise UserError(f"{root}: both val/ and valid/; keep the one that is the validation split")
+    classes = _class_folders(train_dir)
+    if not classes:
+        raise UserError(f"{train_dir}: no class folders; expected {train_dir}/<class>/<image> or a train.csv")
+    for name in classes:
+        if not _list_images(train_dir / name):
+            raise UserError(f"{train_dir / name}: class {name!r} has no images ({sorted(IMAGE_EXTS)})")
+    items, labels = _labelled_images(train_dir, classes)
+    ids = [str(p.relative_to(train_dir)) for p in items]
+    given_val = None
+    if vals:
+        if unknown := sorted(set(_class_folders(vals[0], skip=())) - set(classes)):
+            raise UserError(f"{vals[0]}: class folders {unknown} are not training classes {classes}")
+        val_items, val_labels = _labelled_images(vals[0], classes)
+        if not val_items:
+            raise UserError(f"{vals[0]}: no images under {vals[0]}/<class>/")
+        given_val = np.r_[np.zeros(len(items), bool), np.ones(len(val_items), bool)]
+        items, labels = items + val_items, labels + val_labels
+        ids += [str(p.relative_to(root)) for p in val_items]
     data = Data(classes=classes, targets=list(classes), items=items, labels=np.array(labels, dtype=np.int64),
-                ids=[str(p.relative_to(train_dir)) for p in items])
+                ids=ids, given_val=given_val)
 
     test_dir = root / "test"
     if test_dir.is_dir():

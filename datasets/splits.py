@@ -6,9 +6,12 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold, train
 
 
 def split_indices(labels: np.ndarray, groups: np.ndarray | None, val_fraction: float,
-                  folds: int, fold: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified train/val indices, deterministic given seed; with groups, no group is in both."""
+                  folds: int, fold: int, seed: int, given: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified train/val indices, deterministic given seed; with groups, no group is in both. given (a bool per
+    image: the data's own validation split, an ImageFolder's val/) is the holdout as it is; K folds pool it."""
     idx = np.arange(len(labels))
+    if given is not None and folds == 0:
+        return idx[~given], idx[given]
     counts = np.bincount(labels)
     if groups is None and folds == 0:
         stratify = labels if counts[counts > 0].min() >= 2 else None

@@ -75,6 +75,27 @@ def _write_images(folder, n, size=(20, 24)):
         Image.fromarray(np.full((*size, 3), 40 * i % 255, np.uint8)).save(folder / f"im{i}.png")
 
 
+def test_an_image_folder_with_train_and_val_uses_that_split(tmp_path):
+    """The timm and Ultralytics layout: train/<class>/ and val/<class>/ (or valid/); val/ is the holdout."""
+    for c, (n_train, n_val) in {"cat": (4, 2), "dog": (5, 1)}.items():
+        _write_images(tmp_path / "tv" / "train" / c, n_train)
+        _write_images(tmp_path / "tv" / "val" / c, n_val)
+    data = load_data(str(tmp_path / "tv"))
+    assert data.classes == ["cat", "dog"] and len(data.items) == 12 and data.given_val.sum() == 3
+    train_idx, val_idx = split_indices(data.labels, data.groups, 0.2, 0, 0, 42, data.given_val)
+    assert sorted(data.ids[i] for i in val_idx) == ["val/cat/im0.png", "val/cat/im1.png", "val/dog/im0.png"]
+    assert len(train_idx) == 9 and len(split_indices(data.labels, None, 0.2, 3, 0, 42, data.given_val)[1]) == 4
+    data.drop([0])  # screening drops an undecodable image: the split follows
+    assert len(data.given_val) == 11 and data.given_val.sum() == 3
+    _write_images(tmp_path / "tv" / "val" / "fox", 1)
+    with pytest.raises(UserError, match=r"class folders \['fox'\] are not training classes"):
+        load_data(str(tmp_path / "tv"))
+    for c in ("cat", "val"):  # a flat tree beside val/: ambiguous, not a class named val
+        _write_images(tmp_path / "flatval" / c / "x", 1) if c == "val" else _write_images(tmp_path / "flatval" / c, 2)
+    with pytest.raises(UserError, match="ambiguous"):
+        load_data(str(tmp_path / "flatval"))
+
+
 def test_image_folder_flat_and_with_test(tmp_path):
     for c, n in [("cat", 3), ("dog", 4)]:
         _write_images(tmp_path / "flat" / c, n)

@@ -145,7 +145,8 @@ def build_fit(cfg: Config, run_id: str, out_dir: Path, inputs: FitInputs, prefix
     data, lineage_meta, shift, pseudo = inputs.data, inputs.lineage_meta, inputs.shift, inputs.pseudo
     seed_everything(cfg.seed)
     device = distributed.device_for(pick_device(cfg.device))
-    train_idx, val_idx = split_indices(data.labels, data.groups, cfg.val_fraction, cfg.folds, cfg.fold, cfg.seed)
+    train_idx, val_idx = split_indices(data.labels, data.groups, cfg.val_fraction, cfg.folds, cfg.fold, cfg.seed,
+                                       data.given_val)
     if inputs.final:  # its validation scores only show the fit is sane: it trains on those images too
         train_idx = np.arange(len(data.labels))
     train_items, y_train = take(data.items, train_idx), data.labels[train_idx]
@@ -316,6 +317,7 @@ def describe_fit(cfg: Config, s: FitSetup, data, prefix: str, out_dir: Path, inp
     own = s.train_size - (len(pseudo[0]) if pseudo is not None else 0)
     return (f"{cfg.model} on {s.device} | {len(data.classes)} classes | train {own}"
             f"{f' + {len(pseudo[0])} pseudo-labelled' if pseudo is not None else ''}, val {len(s.val_idx)}"
+            f"{' (the data' + chr(39) + 's own val/ folder)' if data.given_val is not None and not cfg.folds else ''}"
             f"{' (final fit: every labelled image trains, validation included)' if inputs.final else ''}, "
             f"test {len(data.test_items or [])} | {cfg.loss}, {cfg.optimizer}{'+SAM' if cfg.sam else ''}, "
             f"{cfg.scheduler}, {cfg.sampler} sampler{', EMA' if cfg.ema else ''} | {s.workers} loader workers"
