@@ -56,6 +56,7 @@ def run_and_finish(cfg: Config, stop: StopSignal) -> int:
     """One run, as a W&B run: exit code 0, 1 (a UserError, one line on stderr) or 128 + signal."""
     try:
         cfg.validate()  # a Config built in a notebook is checked as the flags are
+        prepare.check_before_start(cfg)  # a typo leaves no run folder, no W&B run
         if cfg.batch_size % distributed.world_size():
             raise UserError(f"--batch_size {cfg.batch_size} is the global batch and must split evenly over the "
                             f"{distributed.world_size()} processes")

@@ -10,6 +10,13 @@ from datasets.files import IMAGE_EXTS, Data, read_csv
 from utils import UserError
 
 
+def check_source(source: str) -> None:
+    """--data names the bundled digits, a W&B dataset artifact (wandb:...) or a folder that exists; else a UserError
+    (before any run folder or W&B run exists)."""
+    if source not in ("digits", "digits_hard") and not source.startswith("wandb:") and not Path(source).is_dir():
+        raise UserError(f"--data {source}: not 'digits' and not a folder (nor 'digits_hard')")
+
+
 def load_data(source: str, image_col: str = "ID", label_col: str = "target", group_col: str = "",
               skip_bad: bool = False) -> Data:
     """skip_bad: training rows whose file is missing pass here; screen_images drops them."""
@@ -17,9 +24,8 @@ def load_data(source: str, image_col: str = "ID", label_col: str = "target", gro
         # imported here, not at the top: `python -m datasets.digits` (the export) must not find itself imported
         from datasets.digits import load_digits_data
         return load_digits_data(hard=source == "digits_hard")
+    check_source(source)
     root = Path(source)
-    if not root.is_dir():
-        raise UserError(f"--data {source}: not 'digits' and not a folder (nor 'digits_hard')")
     if (root / "train.csv").is_file():
         return _load_csv(root, image_col, label_col, group_col, skip_bad)
     if group_col:

@@ -138,14 +138,25 @@ def test_digits_demo_logs_test_scores(tmp_path):
     assert len(rows) == 360 and all(r["ID"].startswith("digit-") for r in rows)
 
 
-def test_bad_input_fails_with_one_line_and_a_failed_run(tmp_path):
+def test_a_typo_in_the_data_or_the_model_fails_before_any_run_folder_exists(tmp_path):
+    """Checked before a run folder or a W&B run exists: the journal gets no failed run from a typo."""
+    for args, said in [(["--data", str(tmp_path / "nope")], f"--data {tmp_path / 'nope'}: not 'digits'"),
+                       (["--model", "resnet181"], "unknown model 'resnet181'; close timm names: ['resnet18'"),
+                       (["--pretrained_path", str(tmp_path / "w.pth")], "no such file")]:
+        out = tmp_path / "out"
+        proc = run_train([*args, f"--out_dir={out}"], check=False)
+        assert proc.returncode == 1 and said in proc.stderr and "Traceback" not in proc.stderr
+        assert not out.exists()
+
+
+def test_a_failure_inside_the_run_is_a_failed_w_and_b_run_with_its_error(tmp_path):
     out = tmp_path / "out"
-    proc = run_train(["--data", str(tmp_path / "nope"), f"--out_dir={out}"], check=False)
-    assert proc.returncode == 1
-    assert "Traceback" not in proc.stderr and f"--data {tmp_path / 'nope'}" in proc.stderr
+    (tmp_path / "empty").mkdir()  # a folder, but no classes in it: found when the data is read
+    proc = run_train(["--data", str(tmp_path / "empty"), f"--out_dir={out}"], check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "no class folders" in proc.stderr
     records = read_run(next((out / "wandb").glob("offline-run-*")))
     assert [r["exit"]["exit_code"] for r in records if r["type"] == "exit"] == [1]
-    assert "not 'digits' and not a folder" in merged(records, "summary")["error"]
+    assert "no class folders" in merged(records, "summary")["error"]
 
 
 def test_unknown_key_exits_before_any_run(tmp_path):

@@ -119,7 +119,7 @@ def test_train_under_sweep_agent_with_unreachable_server_exits_1_with_one_error_
     monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")
     out = tmp_path / "run"
     started = time.monotonic()
-    code = train.main(["--data", str(tmp_path / "no-data"), f"--out_dir={out}", "--epochs", "1", "--workers=0",
+    code = train.main(["--data", "digits", f"--out_dir={out}", "--epochs", "1", "--workers=0",
                        "--device=cpu", "--wandb_mode", "auto"])
     err = capsys.readouterr().err
     assert time.monotonic() - started < 15

@@ -18,13 +18,25 @@ import numpy as np
 
 from datasets.files import native_side
 from datasets.pseudo import read_pseudo_labels, select_confident
+from datasets.readers import check_source
 from datasets.shift_cache import measure_cached
-from models import DEFAULT_MODEL, DEMO_MODEL, MIN_AUTO_SIZE, find_pretrained, pretrained_input_size
+from models import DEFAULT_MODEL, DEMO_MODEL, MIN_AUTO_SIZE, check_model_name, find_pretrained, pretrained_input_size
 from utils import UserError, distributed
 from workflows import lineage
 from workflows.config import Config
 
 DEMO_IMG_SIZE = 48  # px: the digits demo keeps its fast settings
+
+
+def check_before_start(cfg: Config) -> None:
+    """What can be checked before a run folder or a W&B run exists, so a typo leaves nothing behind: the data path,
+    the model's name, the files the flags name."""
+    check_source(cfg.data)
+    if cfg.model != "auto":
+        check_model_name(cfg.model)
+    for flag in ("pretrained_path", "pseudo_labels", "label_fixes"):
+        if (path := getattr(cfg, flag)) and not Path(path).is_file():
+            raise UserError(f"--{flag} {path}: no such file")
 
 
 def resolve_auto(cfg: Config, run, data) -> Config:
