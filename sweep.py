@@ -17,9 +17,11 @@ import os
 import sys
 from pathlib import Path
 
+import yaml
+
 from utils import UserError, report_error
 from utils.runs import DEFAULT_PROJECT
-from workflows.sweep import DONE, SweepDir, load_sweep, varied_keys, write_leaderboard
+from workflows.sweep import DONE, SweepDir, load_sweep, short, varied_keys, write_leaderboard
 from workflows.sweep_runner import Runner, RunnerSettings
 
 
@@ -32,7 +34,7 @@ def print_status(sweep: dict, sdir: SweepDir, info: dict) -> None:
     metric = (sweep.get("metric") or {}).get("name", "metric")
     header = ["rank", "run_id", "state", metric, *varied_keys(sweep), "checkpoint"]
     table = [[str(r["rank"]), r["run_id"], r["state"], "" if r["metric"] is None else f"{r['metric']:.4f}",
-              *(_short(r[k]) for k in varied_keys(sweep)), r["checkpoint"]] for r in rows]
+              *(short(r[k]) for k in varied_keys(sweep)), r["checkpoint"]] for r in rows]
     widths = [max(len(str(c)) for c in col) for col in zip(header, *table)]
     for line in [header, *table]:
         print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip())
@@ -47,8 +49,12 @@ def print_status(sweep: dict, sdir: SweepDir, info: dict) -> None:
               f"python journal.py --sweep {sdir.root}")
 
 
-def _short(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+def _key_value(text: str, parser) -> tuple[str, object]:
+    """KEY=VALUE of --set, the value read as YAML reads it (1 -> int, 0.1 -> float, true -> bool)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        parser.error(f"--set {text}: expected KEY=VALUE, e.g. --set epochs=1")
+    return key.strip().lstrip("-"), yaml.safe_load(value) if value.strip() else ""
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -64,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_failures", type=int, default=3, help="stop after this many failed trials in a row")
     parser.add_argument("--seed", type=int, default=0, help="seed of the proposals")
     parser.add_argument("--kill_delay", type=float, default=30.0, help="seconds from SIGTERM to SIGKILL for a trial")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="fix a train.py key for every trial (repeatable): a quick try, e.g. --set epochs=1")
     parser.add_argument("--check", action="store_true", help="validate the sweep file and exit")
     parser.add_argument("--status", metavar="DIR", default=None, help="print a sweep dir's progress and leaderboard")
     args = parser.parse_args(argv)
@@ -75,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.sweep_yaml:
             parser.error("give a sweep file (or --status DIR)")
-        sweep = load_sweep(args.sweep_yaml)  # every problem before any trial starts
+        overrides = dict(_key_value(text, parser) for text in args.set)
+        sweep = load_sweep(args.sweep_yaml, overrides)  # every problem before any trial starts
+        if overrides:
+            print("every trial: " + ", ".join(f"{k}={v}" for k, v in overrides.items()) + " (--set)")
         if args.check:
             print(f"{args.sweep_yaml}: ok ({sweep['method']}, {len(sweep['parameters'])} parameters)")
             return 0

@@ -134,6 +134,20 @@ def test_broken_sweep_fails_before_any_trial(monkeypatch, tmp_path, capsys):
     assert not (tmp_path / "sw").exists()
 
 
+def test_set_fixes_a_key_for_every_trial_and_is_checked(monkeypatch, tmp_path, capsys):
+    """sweep.py sweep.yaml --count 1 --set epochs=1: a quick try of the shipped sweep, said so; a key train.py does
+    not have is refused before any trial starts."""
+    monkeypatch.chdir(ROOT)
+    sweep = load_sweep(ROOT / "sweep.yaml", {"epochs": 1, "lr": 0.001})
+    assert sweep["parameters"]["epochs"] == {"value": 1} and sweep["parameters"]["lr"] == {"value": 0.001}
+    assert sweep_cli.main(["sweep.yaml", "--check", "--set", "epochs=1", "--set", "aug_strength=0.5"]) == 0
+    assert "every trial: epochs=1, aug_strength=0.5 (--set)" in capsys.readouterr().out
+    assert sweep_cli.main(["sweep.yaml", "--check", "--set", "epoch=1"]) == 1
+    assert "parameters.epoch: not a train.py key" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        sweep_cli.main(["sweep.yaml", "--check", "--set", "epochs"])
+
+
 def test_status_of_a_missing_dir_is_one_line(tmp_path, capsys):
     assert sweep_cli.main(["--status", str(tmp_path / "nothing")]) == 1
     assert "is not a sweep dir" in capsys.readouterr().err

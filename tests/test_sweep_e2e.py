@@ -76,6 +76,8 @@ def test_offline_sweep_of_train_py_survives_a_killed_runner(tmp_path):
     for aside in (sweep_dir / "interrupted").glob("*"):  # what an interrupted attempt had written is kept
         assert next(t for t in after if aside.name == f"{t['id']}-attempt1")["attempts"] == 2
 
+    header = next(csv.reader(open(sweep_dir / "leaderboard.csv")))
+    assert header[0] == "rank" and header.count("rank") == 1
     rows = list(csv.DictReader(open(sweep_dir / "leaderboard.csv")))
     assert [r["run_id"] for r in rows] == [t["id"] for t in sorted(after, key=lambda t: -json.loads(
         (sweep_dir / "runs" / t["id"] / "summary.json").read_text())["val/f1_macro"])]

@@ -47,7 +47,9 @@ def sweeps_engine():
     return sweeps
 
 
-def load_sweep(path: str | Path) -> dict:
+def load_sweep(path: str | Path, overrides: dict | None = None) -> dict:
+    """The sweep file, checked; overrides (sweep.py --set key=value) fix those keys for every trial (a quick try:
+    --set epochs=1), replacing what the file says about them."""
     try:
         sweep = yaml.safe_load(Path(path).read_text())
     except OSError as e:
@@ -56,6 +58,8 @@ def load_sweep(path: str | Path) -> dict:
         raise SweepError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(sweep, dict):
         raise SweepError(f"{path}: expected a mapping with method, metric and parameters")
+    if overrides:
+        sweep["parameters"] = {**(sweep.get("parameters") or {}), **{k: {"value": v} for k, v in overrides.items()}}
     problems = check_sweep(sweep)
     if problems:
         raise SweepError(f"{path} would fail:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -286,6 +290,11 @@ def varied_keys(sweep: dict) -> list[str]:
     return [k for k, spec in sweep["parameters"].items() if "value" not in spec]
 
 
+def short(value) -> str:
+    """A value as the console shows it: floats to 4 significant digits (lr=0.0008996, not 0.0008995784230731146)."""
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
 def leaderboard(sweep: dict, sdir: SweepDir) -> list[dict]:
     """One row per trial, best first by the sweep metric (trials without it last)."""
     metric = (sweep.get("metric") or {}).get("name")
@@ -310,7 +319,7 @@ def write_leaderboard(sweep: dict, sdir: SweepDir) -> list[dict]:
     rows = leaderboard(sweep, sdir)
     if rows:
         with open(sdir.root / "leaderboard.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, ["rank", *rows[0]])
+            writer = csv.DictWriter(fh, list(dict.fromkeys(["rank", *rows[0]])))  # rank first, once
             writer.writeheader()
             writer.writerows(rows)
     return rows

@@ -34,6 +34,7 @@ from workflows.sweep import (
     agent_command,
     param_file_text,
     plain,
+    short,
     sweeps_engine,
     varied_keys,
     write_leaderboard,
@@ -180,7 +181,7 @@ class Runner:
         self.procs[trial.id] = proc
         trial.pid = proc.pid
         self.dir.save(trial)
-        varied = " ".join(f"{k}={trial.params[k]}" for k in varied_keys(self.sweep) if k in trial.params)
+        varied = " ".join(f"{k}={short(trial.params[k])}" for k in varied_keys(self.sweep) if k in trial.params)
         print(f"[{_now()}] trial {trial.number}{'/' + str(self.count) if self.count else ''} {trial.id} "
               f"{'restarted' if trial.attempts > 1 else 'started'}: {varied}", flush=True)
 
@@ -207,7 +208,7 @@ class Runner:
             lines = self.dir.log_path(trial).read_text(errors="replace").strip().splitlines() or ["(no output)"]
             last = next((line for line in reversed(lines) if line.startswith("error:")), lines[-1])
             return f"exit code {trial.exit_code}: {last.strip()[:300]} (log: {self.dir.log_path(trial)})"
-        return f"{metric} {summary.get(metric, 'n/a')}" if metric else f"exit code {trial.exit_code}"
+        return f"{metric} {short(summary.get(metric, 'n/a'))}" if metric else f"exit code {trial.exit_code}"
 
     def early_terminate(self) -> None:
         if "early_terminate" not in self.sweep or not any(t.state == "running" for t in self.trials.values()):
