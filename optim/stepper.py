@@ -6,6 +6,8 @@ Usage:
     mean_loss = train_one_epoch(stepper, loader, accum_steps, mixup, stop=stop, progress=EpochProgress())
 """
 import contextlib
+import sys
+import time
 from dataclasses import dataclass
 
 import torch
@@ -104,6 +106,45 @@ class EpochProgress:
                 "lr": self.lr}
 
 
+PROGRESS_EVERY_S = 20.0  # with output to a file, a pipe or a notebook (no progress bar): a line at most this often
+
+
+class Progress:
+    """What an epoch shows while it runs: on a terminal the bar with the loss and lr so far; elsewhere (a log file,
+    nohup, a notebook's !python) a line every PROGRESS_EVERY_S seconds: step, loss, lr, img/s, time left."""
+
+    def __init__(self, loader, desc: str, stepper: "Stepper", progress: "EpochProgress"):
+        self.bar = tqdm(loader, desc=desc, leave=False, disable=None)
+        self.total = len(loader) + progress.batches if hasattr(loader, "__len__") else None  # a resumed epoch: the rest
+        self.desc, self.stepper, self.progress = desc.strip() or "training", stepper, progress
+        self.start = self.last = time.monotonic()
+        self.start_seen, self.start_batches, self.steps = progress.seen, progress.batches, 0
+
+    def __iter__(self):
+        return iter(self.bar)
+
+    def stepped(self) -> None:
+        self.steps += 1
+        now = time.monotonic()
+        if self.bar.disable and now - self.last < PROGRESS_EVERY_S:
+            return
+        if not self.bar.disable and self.steps % 10:  # the bar's postfix every 10 steps: cheap
+            return
+        world = distributed.world_size()
+        loss = float(self.progress.total) / max(self.progress.seen * world, 1)
+        lr = self.stepper.optimizer.param_groups[0]["lr"]
+        if not self.bar.disable:
+            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", refresh=False)
+            return
+        self.last = now
+        rate = (self.progress.seen - self.start_seen) * world / max(now - self.start, 1e-9)
+        done = self.progress.batches
+        per_batch = (now - self.start) / max(done - self.start_batches, 1)
+        left = f" | {(self.total - done) * per_batch:.0f} s left" if self.total else ""
+        print(f"  {self.desc} batch {done}{f'/{self.total}' if self.total else ''} | loss {loss:.4f} | lr {lr:.3g} | "
+              f"{rate:.0f} img/s{left}", file=sys.stdout, flush=True)
+
+
 def train_one_epoch(stepper: Stepper, loader, accum_steps: int = 1, mixup=None, desc="",
                     stop: StopSignal | None = None, progress: EpochProgress | None = None) -> float:
     """The epoch's mean training loss. `progress` (updated after every optimizer step) is where a resumed epoch
@@ -111,7 +152,8 @@ def train_one_epoch(stepper: Stepper, loader, accum_steps: int = 1, mixup=None, 
     progress = progress if progress is not None else EpochProgress()
     stepper.model.train()
     batches = []
-    for images, labels, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+    shown = Progress(loader, desc, stepper, progress)
+    for images, labels, _ in shown:
         x, y = to_input(images, stepper.device), labels.to(stepper.device, non_blocking=True)
         if mixup is not None and len(x) % 2 == 0:  # timm's Mixup pairs images; an odd tail batch stays unmixed
             x, y = mixup(x, y)
@@ -119,6 +161,7 @@ def train_one_epoch(stepper: Stepper, loader, accum_steps: int = 1, mixup=None, 
         if len(batches) == accum_steps:
             progress.add(stepper.step(batches), batches)
             batches = []
+            shown.stepped()
             if stop is not None:
                 stop.check(distributed.any_rank)  # between optimizer steps only; under torchrun all ranks at one step
     if batches:

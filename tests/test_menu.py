@@ -96,6 +96,21 @@ def _data(n=8, seed=1):
     return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
+def test_an_epoch_without_a_terminal_prints_its_progress(monkeypatch, capsys):
+    """Output to a file, nohup or a notebook's !python: no progress bar, so a line now and then (step, loss, lr,
+    img/s, time left), not minutes of silence."""
+    from optim import stepper as stepper_module
+    monkeypatch.setattr(stepper_module, "PROGRESS_EVERY_S", 0.0)
+    model = nn.Linear(6, 3)
+    loader = [(*_data(4, seed), None) for seed in range(6)]
+    loss = stepper_module.train_one_epoch(_stepper(model, torch.optim.SGD(model.parameters(), lr=0.05)), loader,
+                                          desc="epoch 1")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "batch" in line]
+    assert len(lines) == 6 and lines[-1].startswith("  epoch 1 batch 6/6 | loss ")
+    assert "| lr 0.05 | " in lines[0] and " img/s | " in lines[0] and lines[0].endswith(" s left")
+    assert float(lines[-1].split("loss ")[1].split(" ")[0]) == pytest.approx(loss, abs=1e-4)
+
+
 @pytest.mark.parametrize("clip", [0.0, 0.05], ids=["no-clip", "clip"])
 @pytest.mark.parametrize("adaptive", [False, True], ids=["SAM", "ASAM"])
 def test_sam_step_equals_the_two_step_update_by_hand(adaptive, clip):
