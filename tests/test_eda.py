@@ -16,7 +16,7 @@ def summary_of(out_dir):
     summary = {}
     for r in read_run(next((out_dir / "wandb").glob("offline-run-*"))):
         if r["type"] == "summary":
-            summary.update(r["summary"]["update"])
+            summary.update(r["summary"].get("update", {}))
     return summary
 
 

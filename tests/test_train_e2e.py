@@ -17,7 +17,7 @@ def merged(records, kind):
     out = {}
     for r in records:
         if r["type"] == kind:
-            out.update(r[kind]["update"])
+            out.update(r[kind].get("update", {}))  # a summary record may only remove keys (a resumed attempt's)
     return out
 
 

@@ -88,7 +88,7 @@ def test_train_under_sweep_agent_without_a_key_exits_1_with_one_error_line(wandb
     wandb_files(global_settings=f"base_url = {HOST}\n")
     monkeypatch.setenv("WANDB_SWEEP_ID", "abc123")
     out = tmp_path / "run"
-    code = train.main(["--data", str(tmp_path / "no-data"), f"--out_dir={out}", "--epochs=1", "--workers=0",
+    code = train.main(["--data", "digits", f"--out_dir={out}", "--epochs=1", "--workers=0",
                        "--device=cpu", "--wandb_mode", "auto"])
     err = capsys.readouterr().err
     assert code == 1
