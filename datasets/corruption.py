@@ -26,8 +26,8 @@ def corrupter(settings: dict, shared_draws: bool = False):
     """apply(image, seed): the measured corruption, built once, applied deterministically per seed, each operation
     drawing on its own (seed_pipeline). shared_draws: every operation from a generator of that same seed, as
     albumentations' set_random_seed seeds them: how the shift measure simulates the corruption it fits, the draws
-    its thresholds were calibrated on (independent draws misread the digits' small rotations as 40 degrees, and
-    the blur after them: docs/noisy-test.md, seventh pass)."""
+    its thresholds were calibrated on (independent draws misread the shares of small rotations and a blur under
+    noise: docs/noisy-test.md, seventh and eighth passes)."""
     tf = A.Compose(matched_ops(settings, 1.0))
 
     def apply(rgb: np.ndarray, seed: int) -> np.ndarray:

@@ -10,7 +10,7 @@ from conftest import _digit_images
 from datasets import load_data
 from datasets.corruption import any_on, corrupt, image_seed
 from datasets.digits import HARD_CLASSES, answers_path, export_hard, score
-from datasets.shift import measure_shift, mixture_share, significant
+from datasets.shift import EXPLAINED, MIN_SHARE, explained, measure_shift, mixture_share, significant
 from datasets.transforms import AUGS, matched_ops
 from models import find_pretrained
 from utils import UserError
@@ -79,6 +79,20 @@ def test_share_is_a_fitted_mixture_and_only_when_significant():
         assert significant(train, test) and mixture_share(train, test, shifted)[0] == pytest.approx(share, abs=0.05)
     overlapping = np.concatenate([rng.normal(0, 1, 150), rng.normal(1.5, 1, 150)])  # half, hidden in the overlap
     assert mixture_share(train, overlapping, rng.normal(1.5, 1, 300))[0] == pytest.approx(0.5, abs=0.12)
+
+
+def test_an_operation_must_explain_the_shift_it_is_fitted_to():
+    """The digits' case: the test values spread wider than the base on both sides; an operation that only moves
+    values one way fits a share to one tail and leaves most of the difference: it is refused (EXPLAINED)."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 1, 300)
+    blurred = base - 3  # what the operation does to every image
+    half = np.concatenate([rng.normal(0, 1, 150), rng.normal(-3, 1, 150)])  # half the test images got it
+    share, _ = mixture_share(base, half, blurred)
+    assert explained(base, half, blurred, share) > 0.8 >= EXPLAINED
+    wider = rng.normal(0, 2.5, 300)  # something else: both tails
+    share, _ = mixture_share(base, wider, blurred)
+    assert significant(base, wider) and share >= MIN_SHARE and explained(base, wider, blurred, share) < EXPLAINED
 
 
 def test_auto_preset_strength_and_fallback(digit_sets, noisy_shift):

@@ -166,6 +166,8 @@ def describe_shift(shift: dict) -> str:
     for op, g in shift["gap"].items():
         sure = f" ± {g['share_sd']:.2f}" if g.get("share_sd") else ""  # the share's bootstrap sd over the test images
         read_as = f" (read as {g['read_as']})" if g.get("read_as") else ""  # blur or downscale: the one that fits
+        if not g["share"] and g.get("explained") is not None:  # fitted, but it explains little of the difference
+            read_as += f" (explains {max(0.0, g['explained']):.0%} of the difference: another operation's)"
         lines.append(f"  {op:<10} {g['statistic']} train {g['train']:.3g}, test {g['test']:.3g}, share {g['share']:.2f}"
                      f"{sure} -> {setting(shift['settings'][op], True)}{read_as}")
     return "\n".join(lines)
