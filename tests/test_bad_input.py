@@ -153,14 +153,22 @@ def test_labels_with_spaces_around_them_are_one_class_and_said(tmp_path, capsys)
 def test_a_run_folder_in_use_or_unwritable_is_one_error_line(tmp_path, capsys):
     """The same command started twice into one --out_dir: the second must not resume into the folder the first is
     still writing (it names the first's pid); a folder that cannot be written: one line, not a traceback."""
-    import os
+    import subprocess
+    import sys
 
-    from utils.runs import claimed
+    from conftest import ROOT
     out_dir = tmp_path / "run"
-    with claimed(out_dir):  # the first run, alive (an flock: a second open file conflicts even in this process)
+    first = subprocess.Popen([sys.executable, "-c", "import sys, time; from utils.runs import claimed\n"
+                              f"with claimed({str(out_dir)!r}):\n    print('held', flush=True); time.sleep(60)"],
+                             cwd=ROOT, stdout=subprocess.PIPE, text=True)  # the first run, alive
+    try:
+        assert first.stdout.readline().strip() == "held"
         assert train.main(["--data", "digits", *BASE, "--out_dir", str(out_dir)]) == 1
+    finally:
+        first.kill()
+        first.wait()
     err = capsys.readouterr().err
-    assert f"--out_dir {out_dir} is in use by a run still going (process {os.getpid()})" in err
+    assert f"--out_dir {out_dir} is in use by a run still going (process {first.pid})" in err
     assert "Traceback" not in err and not (out_dir / "run.json").exists()
     blocked = tmp_path / "file"
     blocked.write_text("a file where the folder's parent should be")

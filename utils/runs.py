@@ -34,9 +34,10 @@ LOCK_FILE = ".lock"
 
 @contextlib.contextmanager
 def claimed(out_dir: Path, hold: bool = True):
-    """out_dir, created and held by this process for the block's length (an flock on out_dir/.lock, which the
-    kernel drops when the process ends, however it ends): a second run started into the same folder while the
-    first is alive is a UserError naming the first's pid, not two runs writing one folder; a folder that cannot
+    """out_dir, created and held by this process for the block's length (a POSIX lock on out_dir/.lock, which the
+    kernel drops when the process ends, however it ends, and which, unlike flock, the loader's forked workers do
+    not inherit: a SIGKILLed run's lingering workers hold nothing): a second run started into the same folder while
+    the first is alive is a UserError naming the first's pid, not two runs writing one folder; a folder that cannot
     be written is a UserError too. hold False: nothing is done (torchrun's other ranks)."""
     from utils import UserError
     out_dir = Path(out_dir)
@@ -51,7 +52,7 @@ def claimed(out_dir: Path, hold: bool = True):
                         f"to") from None
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
