@@ -75,7 +75,10 @@ def run_and_finish(cfg: Config, stop: StopSignal) -> int:
                 train(locked, run, out_dir, stop, state)  # a stop after the last epoch: done anyway
                 if distributed.is_main():
                     (out_dir / resume.RESUME_FILE).unlink(missing_ok=True)  # finished: nothing to resume
-            return run.run_to_end(work, stopped_note=lambda: resume.stopped_note(out_dir, cfg.restart))
+            code = run.run_to_end(work, stopped_note=lambda: resume.stopped_note(out_dir, cfg.restart))
+            if not code and distributed.is_main():  # the last lines, after W&B's footer: where, and what next
+                print(where_and_next(cfg, out_dir))
+            return code
     except UserError as e:
         return report_error(e)
 
@@ -133,7 +136,6 @@ def finish_summary(cfg: Config, run, out_dir: Path, data, summary: dict, test_pr
           + (f" (holdout model: {summary['holdout/test/f1_macro']:.4f})" if "holdout/test/f1_macro" in summary else "")
           + (" | final fit on every labelled image predicted it" if "final/best_epoch" in summary else "")
           + (f" | wrote {out_dir / 'submission.csv'}" if test_probs is not None else ""))
-    print(where_and_next(cfg, out_dir, test_probs is not None))
 
 
 # ----------------------------------------------------------------------------- one split
@@ -268,8 +270,7 @@ def train_epoch(cfg: Config, s: FitSetup, epoch: int, prefix: str, stop: StopSig
 
 
 def log_epoch(cfg: Config, run, data, s: FitSetup, prefix: str, metrics: dict, m: dict, probs: np.ndarray) -> bool:
-    """The epoch's row, its tables and report at a new best, the summary and the console line; True when
-    early stopping ends the fit here."""
+    """The epoch's row, its tables and report at a new best, the summary, the console line; True: early stop."""
     epoch, best = metrics["epoch"], s.keeper.best_epoch == metrics["epoch"]
     early_stop = bool(cfg.patience and epoch - s.keeper.best_epoch >= cfg.patience and epoch < cfg.epochs)
     last = early_stop or epoch == cfg.epochs  # the best epoch's tables, held for short epochs, are logged by now

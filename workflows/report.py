@@ -130,8 +130,9 @@ def write_test_outputs(out_dir: Path, data, probs: np.ndarray, source: str) -> N
     write_probs(out_dir / "test_probs.csv", data.test_ids, probs, data.classes, source)
 
 
-def where_and_next(cfg, out_dir: Path, has_test: bool) -> str:
+def where_and_next(cfg, out_dir: Path) -> str:
     """The end of a run, as Ultralytics ends one: where its results are and the commands that come next."""
+    has_test = (out_dir / "submission.csv").is_file()
     saved = ["report.html (open it in a browser)", "best.safetensors"] + (["submission.csv"] if has_test else [])
     final = out_dir / "final" / "best.safetensors"
     lines = [f"results in {out_dir}/: " + ", ".join(saved)
