@@ -6,6 +6,7 @@ Usage:
     writer.submit(lambda: write(path, snapshot))   # returns at once (waits only when `backlog` are queued)
     writer.drain()                                 # every call so far has run; raises the first failure
     writer.close()                                 # drain, then stop the thread
+    answer = answer_within(lambda: ask_server(), timeout=5, name="probe", default=None)   # a bounded wait
 A call that raises is not lost: the exception is raised, once, by the next submit/drain/close on the
 caller's thread; calls queued behind the failure are dropped.
 """
@@ -48,3 +49,19 @@ class BackgroundWriter:
             self.queue.put(None)
             self.thread.join()
         self.raise_error()
+
+
+def answer_within(fn, timeout: float, name: str, default=None):
+    """fn() on a daemon thread: what it returns, or `default` when it raises or has not returned within timeout
+    seconds (a network call with no time-out of its own, a name lookup, is left to end on its own)."""
+    answer = []
+
+    def run():
+        try:
+            answer.append(fn())
+        except Exception:  # noqa: BLE001 - any failure is "no answer"
+            answer.append(default)
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return answer[0] if answer else default

@@ -317,7 +317,7 @@ def describe_fit(cfg: Config, s: FitSetup, data, prefix: str, out_dir: Path, inp
     own = s.train_size - (len(pseudo[0]) if pseudo is not None else 0)
     return (f"{cfg.model} on {s.device} | {len(data.classes)} classes | train {own}"
             f"{f' + {len(pseudo[0])} pseudo-labelled' if pseudo is not None else ''}, val {len(s.val_idx)}"
-            f"{' (the data' + chr(39) + 's own val/ folder)' if data.given_val is not None and not cfg.folds else ''}"
+            f"{' (the val/ folder given)' if data.given_val is not None and not cfg.folds else ''}"
             f"{' (final fit: every labelled image trains, validation included)' if inputs.final else ''}, "
             f"test {len(data.test_items or [])} | {cfg.loss}, {cfg.optimizer}{'+SAM' if cfg.sam else ''}, "
             f"{cfg.scheduler}, {cfg.sampler} sampler{', EMA' if cfg.ema else ''} | {s.workers} loader workers"

@@ -4,7 +4,6 @@
     for run in api.sweep_runs_best_first("team/comp/sweep_id"): ...
 wandb_api is the one seam tests replace with a fake (monkeypatch utils.tracking.api.wandb_api).
 """
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -12,6 +11,7 @@ from typing import NamedTuple
 import wandb
 
 from utils import UserError
+from utils.background import answer_within
 
 
 def wandb_api():
@@ -40,17 +40,8 @@ STATE_TIMEOUT_S = 10  # the longest a resumed run waits to learn whether an arti
 def artifact_state(ref: str, timeout: float = STATE_TIMEOUT_S) -> str | None:
     """The state W&B's server has for artifact version ref (COMMITTED once its upload finished; PENDING while it
     goes on), asked now; None when there is no such version or no answer within timeout seconds."""
-    answer = []
-
-    def ask():
-        try:
-            answer.append(str(wandb_api().artifact(ref).state))
-        except Exception:  # noqa: BLE001 - no such version (CommError), no server, no key
-            answer.append(None)
-    asking = threading.Thread(target=ask, name="wandb-artifact-state", daemon=True)
-    asking.start()
-    asking.join(timeout)
-    return answer[0] if answer else None
+    return answer_within(lambda: str(wandb_api().artifact(ref).state), timeout, "wandb-artifact-state")  # no such
+    # version (CommError), no server, no key: None
 
 
 class SweepRun(NamedTuple):

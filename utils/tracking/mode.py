@@ -4,13 +4,13 @@ started here. Usage:
 """
 import os
 import socket
-import threading
 import urllib.parse
 import urllib.request
 
 import wandb
 
 from utils import UserError
+from utils.background import answer_within
 from utils.tracking import private
 
 _SETTINGS_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
@@ -38,18 +38,13 @@ def _unreachable(base_url: str, timeout: float = SERVER_TIMEOUT_S) -> str:
         return str(e)
     if not host:
         return "no host in the URL"
-    outcome = []
-
-    def connect():
+    def connect() -> str:
         try:
             socket.create_connection((host, port), timeout=timeout).close()
-            outcome.append("")
+            return ""
         except OSError as e:  # refused, no route, a name that does not resolve, timed out
-            outcome.append(e.strerror or str(e) or type(e).__name__)
-    probe = threading.Thread(target=connect, name="wandb-server-probe", daemon=True)  # a name lookup has no timeout
-    probe.start()
-    probe.join(timeout)
-    return outcome[0] if outcome else "no answer"
+            return e.strerror or str(e) or type(e).__name__
+    return answer_within(connect, timeout, "wandb-server-probe", "no answer")  # a name lookup has no time-out
 
 
 def proxy_for(url: str, settings: wandb.Settings | None = None) -> str:

@@ -12,7 +12,6 @@ another release line, importing this says once on stderr that these uses were no
 import os
 import re
 import sys
-import threading
 from pathlib import Path
 
 import wandb
@@ -20,6 +19,7 @@ from wandb.errors import AuthenticationError
 from wandb.sdk.lib import wbauth
 
 from utils import UserError
+from utils.background import answer_within
 
 CHECKED = (0, 31)  # the wandb release line whose source these uses were read in
 
@@ -104,20 +104,13 @@ def stopped_on_server(run, timeout: float) -> bool | None:
     asked now through the public API's GraphQL transport (wandb.Api()._service_api, which has no public way to send
     a query in 0.31). None when no answer comes within timeout seconds (no server, no key, a network error): the
     caller decides what to assume."""
-    answer = []
-
-    def ask():
-        try:
-            api = wandb.Api(timeout=max(1, round(timeout)))
-            found = api._service_api.execute_graphql(STOPPED_QUERY, {
-                "projectName": run.project, "entityName": run.entity, "runId": run.id})
-            answer.append(bool(((found.get("project") or {}).get("run") or {}).get("stopped")))
-        except Exception:  # noqa: BLE001 - no key, a CommError, a timeout, a wandb whose internals moved
-            answer.append(None)
-    asking = threading.Thread(target=ask, name="wandb-stop-status", daemon=True)  # an HTTP call may outlast timeout
-    asking.start()
-    asking.join(timeout)
-    return answer[0] if answer else None
+    def ask() -> bool:
+        api = wandb.Api(timeout=max(1, round(timeout)))
+        found = api._service_api.execute_graphql(STOPPED_QUERY, {
+            "projectName": run.project, "entityName": run.entity, "runId": run.id})
+        return bool(((found.get("project") or {}).get("run") or {}).get("stopped"))
+    # no key, a CommError, a timeout, a wandb whose internals moved: None; an HTTP call may outlast timeout
+    return answer_within(ask, timeout, "wandb-stop-status")
 
 
 def locked_config_keys(run) -> set[str]:
