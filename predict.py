@@ -1,8 +1,8 @@
 """One model on a test set: writes the submission (sample_submission.csv's rows and order where there is one).
 
 Usage:
-    python predict.py runs/<run id> --data /data/comp --out submission.csv   # its final fit, where it has one
-    python predict.py runs/<run id>/best.safetensors --data /data/test_images --tta flip
+    python predict.py runs/<model>-<id> --data /data/comp --out submission.csv   # its final fit, where it has one
+    python predict.py runs/<model>-<id>/best.safetensors --data /data/test_images --tta flip
     python predict.py ENTITY/PROJECT/model-<run id>:best --data /data/comp      # online: pulls the artifact
 The model is rebuilt from its checkpoint alone (backbone, classes, image size, normalization). --tta and --test_bn
 auto (the default) use what the checkpoint's run decided for its test set, said in one line each; a checkpoint from

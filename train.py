@@ -25,7 +25,7 @@ from optim.stepper import EpochProgress, train_one_epoch
 from utils import UserError, distributed, report_error, tracking
 from utils.device import pick_device
 from utils.metrics import classification_metrics
-from utils.runs import claimed, new_run_id, runs_dir
+from utils.runs import claimed, new_run_id, run_folder
 from utils.stop import Stopped, StopSignal, ignore_later_stops
 from workflows import lineage, prepare, resume
 from workflows.config import ADDED_CONFIG_KEYS, Config
@@ -57,12 +57,10 @@ def run_and_finish(cfg: Config, stop: StopSignal) -> int:
     try:
         cfg.validate()  # a Config built in a notebook is checked as the flags are
         prepare.check_before_start(cfg)  # a typo leaves no run folder, no W&B run
-        if cfg.batch_size % distributed.world_size():
-            raise UserError(f"--batch_size {cfg.batch_size} is the global batch and must split evenly over the "
-                            f"{distributed.world_size()} processes")
         mode = tracking.resolve_mode(cfg.wandb_mode)  # e.g. under `wandb agent` without a key: a UserError
         run_id = distributed.broadcast(new_run_id())
-        state, out_dir = resume.resume_from(cfg, Path(cfg.out_dir or runs_dir() / run_id))
+        out_dir = Path(cfg.out_dir or run_folder(run_id, cfg.run_name or prepare.model_name(cfg)))  # runs/resnet18-<id>
+        state, out_dir = resume.resume_from(cfg, out_dir)
         with claimed(out_dir, hold=distributed.is_main()):  # no second run writes it at once; torchrun: rank 0
             options = tracking.RunOptions(project=cfg.project, entity=cfg.entity, name=cfg.run_name, notes=cfg.notes,
                                           tags=cfg.tags, console=cfg.wandb_console, record=distributed.is_main())
@@ -75,7 +73,7 @@ def run_and_finish(cfg: Config, stop: StopSignal) -> int:
                 train(locked, run, out_dir, stop, state)  # a stop after the last epoch: done anyway
                 if distributed.is_main():
                     (out_dir / resume.RESUME_FILE).unlink(missing_ok=True)  # finished: nothing to resume
-            code = run.run_to_end(work, stopped_note=lambda: resume.stopped_note(out_dir, cfg.restart))
+            code = run.run_to_end(work, stopped_note=lambda: resume.stopped_note(out_dir, cfg))
             if not code and distributed.is_main():  # the last lines, after W&B's footer: where, and what next
                 print(where_and_next(cfg, out_dir))
             return code

@@ -163,3 +163,18 @@ def test_restart_with_resume_from_elsewhere_is_a_conflict(tmp_path, capsys):
         train.main(["--restart", "True", "--resume", str(tmp_path / "other"), "--wandb_mode", "disabled"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"--restart starts over in out_dir and --resume {tmp_path / 'other'}" in err
+
+
+def test_the_stopped_line_says_how_to_continue_a_run_in_a_folder_of_its_own(tmp_path, monkeypatch):
+    """Without --out_dir a rerun gets a new id and a new folder: only --resume finds the stopped one again."""
+    from workflows.resume import RESUME_FILE, stopped_note
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    (tmp_path / RESUME_FILE).write_bytes(b"")
+    assert f"the same command with --resume {tmp_path} continues it" in stopped_note(tmp_path, cfg())
+    assert "(resume.pt, last.safetensors in" in stopped_note(tmp_path, cfg(out_dir=str(tmp_path)))
+    assert ": the same command continues it" in stopped_note(tmp_path, cfg(out_dir=str(tmp_path)))
+    monkeypatch.setenv("WANDB_RUN_ID", "trial001")  # a sweep's trial: its id, and so its folder, comes back
+    assert ": the same command continues it" in stopped_note(tmp_path, cfg())
+    (tmp_path / RESUME_FILE).unlink()
+    assert stopped_note(tmp_path, cfg(restart=True)).startswith("nothing trained yet; the same command without "
+                                                                "--restart starts it again in")

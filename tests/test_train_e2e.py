@@ -1,6 +1,7 @@
 """train.py end to end in W&B's real offline mode; the run is read back with wandb's own reader."""
 import csv
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import torch
 
 from conftest import TINY_MODEL, read_run, run_train
 from models.checkpoint import load_checkpoint, load_model
+from utils.runs import find_run_folder
 
 pytestmark = pytest.mark.slow
 
@@ -165,10 +167,13 @@ def test_unknown_key_exits_before_any_run(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_disabled_mode_still_saves_work_but_stages_nothing(tmp_path):
-    out = tmp_path / "out"
+def test_disabled_mode_still_saves_work_but_stages_nothing(tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
     run_train(["--model", TINY_MODEL, "--img_size=32", "--epochs=1", "--workers=0", "--wandb_mode=disabled",
-               f"--out_dir={out}"])
+               "--run_name", "first try"], cwd=tmp_path)
+    out, = (tmp_path / "runs").iterdir()  # no --out_dir: a folder named for what it holds, runs/<name>-<run id>
+    assert re.fullmatch(r"first-try-[a-z0-9]{8}", out.name), out.name
+    assert find_run_folder(tmp_path / "runs", out.name[-8:]) == out  # --parent <id> finds it
     # code.diff: only from a checkout with edits
     written = sorted(p.name for p in out.iterdir() if p.name != "code.diff")
     assert written == [".lock", "best.safetensors", "data_manifest.csv", "epoch-001.safetensors", "last.safetensors",

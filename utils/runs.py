@@ -9,10 +9,12 @@ utils/tracking/ writes the record beside every W&B run; sweep.py and journal.py 
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import math
 import numbers
 import os
+import re
 import secrets
 import string
 import time
@@ -27,6 +29,20 @@ DEFAULT_PROJECT = "sweepcls"  # the W&B project when --project and $WANDB_PROJEC
 def runs_dir() -> Path:
     """Where run folders go by default: $SWEEPCLS_RUNS_DIR (a sweep's trials: the sweep dir's runs/), else runs/."""
     return Path(os.environ.get("SWEEPCLS_RUNS_DIR") or "runs")
+
+
+def run_folder(run_id: str, label: str) -> Path:
+    """A new run's folder: runs_dir()/<label>-<id>, label being --run_name or the model as a file name
+    (runs/resnet18-q65tju9m). A run whose id was given to it (WANDB_RUN_ID: a sweep's trial, which its sweep, its
+    trial files and a requeue find by id) keeps the bare id."""
+    label = re.sub(r"[^\w.-]+", "-", label).strip("-.")[:40]
+    return runs_dir() / (f"{label}-{run_id}" if label and not os.environ.get("WANDB_RUN_ID") else run_id)
+
+
+def find_run_folder(root: Path, run_id: str) -> Path | None:
+    """The folder of run `run_id` under root, named either way (<id> or <label>-<id>); None if there is none."""
+    found = [Path(root) / run_id, *sorted(Path(root).glob(f"*-{glob.escape(run_id)}"))]
+    return next((f for f in found if f.is_dir()), None)
 
 
 LOCK_FILE = ".lock"

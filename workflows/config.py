@@ -210,7 +210,8 @@ class Config:
                                  "always before the run finishes, however it ends (offline: once, at the end); all = "
                                  "every epoch's weights; end = the best once, at the end; off = none",
                          ("off", "end", "best", "all"))
-    out_dir: str = opt("", "run output folder; '' = $SWEEPCLS_RUNS_DIR/<run id>, by default runs/<run id>")
+    out_dir: str = opt("", "run output folder; '' = runs/<run_name or model>-<run id> ($SWEEPCLS_RUNS_DIR "
+                                  "for runs/; a sweep's trial: <sweep dir>/runs/<run id>)")
     # --- W&B ---
     wandb_mode: str = opt("auto", "auto = online when an API key is configured, else offline; WANDB_MODE wins over "
                                   "auto", ("auto", "online", "offline", "disabled"))

@@ -25,7 +25,7 @@ import numpy as np
 from models.checkpoint import read_meta
 from utils import UserError, tracking
 from utils.files import atomic_write_bytes
-from utils.runs import runs_dir
+from utils.runs import find_run_folder, runs_dir
 from workflows.config import BOOKKEEPING_KEYS, DATA_KEYS, Config
 
 ROOT = Path(__file__).resolve().parents[1]  # the sweepcls checkout whose code state a run records
@@ -191,7 +191,7 @@ def find_parent(ref: str, near: Path) -> dict:
     runs/), in $SWEEPCLS_RUNS_DIR or in runs/, or ENTITY/PROJECT/RUN_ID from the W&B API (online)."""
     path = Path(ref)
     roots = dict.fromkeys([Path(near).parent, runs_dir(), Path("runs")])
-    folders = [path] if path.is_dir() else [root / ref for root in roots]
+    folders = [path] if path.is_dir() else [f for root in roots if (f := find_run_folder(root, ref))]
     for folder in folders:
         if (folder / RUN_FILE).is_file():
             rec = json.loads((folder / RUN_FILE).read_text())

@@ -30,13 +30,21 @@ DEMO_IMG_SIZE = 48  # px: the digits demo keeps its fast settings
 
 def check_before_start(cfg: Config) -> None:
     """What can be checked before a run folder or a W&B run exists, so a typo leaves nothing behind: the data path,
-    the model's name, the files the flags name."""
+    the model's name, the files the flags name, a batch that splits over torchrun's processes."""
     check_source(cfg.data)
+    if cfg.batch_size % distributed.world_size():
+        raise UserError(f"--batch_size {cfg.batch_size} is the global batch and must split evenly over the "
+                        f"{distributed.world_size()} processes")
     if cfg.model != "auto":
         check_model_name(cfg.model)
     for flag in ("pretrained_path", "pseudo_labels", "label_fixes"):
         if (path := getattr(cfg, flag)) and not Path(path).is_file():
             raise UserError(f"--{flag} {path}: no such file")
+
+
+def model_name(cfg: Config) -> str:
+    """--model, with auto decided: the digits demo's small model, else the default."""
+    return cfg.model if cfg.model != "auto" else DEMO_MODEL if cfg.data == "digits" else DEFAULT_MODEL
 
 
 def resolve_auto(cfg: Config, run, data) -> Config:
@@ -45,7 +53,7 @@ def resolve_auto(cfg: Config, run, data) -> Config:
     and filter on) and in place of the auto values, except where a sweep set the key (wandb keeps a sweep's value);
     the keys that were auto are listed under `auto`."""
     demo = cfg.data == "digits"
-    values = {"model": DEMO_MODEL if demo else DEFAULT_MODEL} if cfg.model == "auto" else {}
+    values = {"model": model_name(cfg)} if cfg.model == "auto" else {}
     model = values.get("model", cfg.model)
     if not cfg.img_size:
         side = native_side(list(data.items) + list(data.test_items or []))

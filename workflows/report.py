@@ -139,5 +139,5 @@ def where_and_next(cfg, out_dir: Path) -> str:
              + (f"; the final fit's model in {final.parent}/" if final.is_file() else "")]
     if has_test:
         lines.append(f"next: python predict.py {out_dir} --data {cfg.data} (predict again, or other images); "
-                     f"python ensemble.py {out_dir} runs/<other id> --data {cfg.data} (several runs)")
+                     f"python ensemble.py {out_dir} runs/<other run> --data {cfg.data} (several runs)")
     return "\n".join(lines)

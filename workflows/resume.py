@@ -256,9 +256,12 @@ def load_arrays(path: Path) -> dict:
                 for k in f.files}
 
 
-def stopped_note(out_dir: Path, restart: bool) -> str:
-    """What a stopped run says it saved and how to continue (the start of its last line)."""
-    again = "the same command" + (" without --restart" if restart else "")
+def stopped_note(out_dir: Path, cfg) -> str:
+    """What a stopped run says it saved and how to continue (the start of its last line). A run in a folder of its
+    own id's choosing (no --out_dir, no id given by a sweep) is found again only through --resume."""
+    fixed = bool(cfg.out_dir or os.environ.get("WANDB_RUN_ID"))  # the same command comes back to out_dir
+    again = "the same command" + (" without --restart" if cfg.restart else "")
     if (out_dir / RESUME_FILE).is_file():
-        return f"saved where it stopped (resume.pt, last.safetensors in {out_dir}): {again} continues it; "
-    return f"nothing trained yet; {again} starts it again in {out_dir}; "
+        how = again if fixed else f"{again} with --resume {out_dir}"
+        return f"saved where it stopped (resume.pt, last.safetensors in {out_dir}): {how} continues it; "
+    return f"nothing trained yet; {again} starts it again" + (f" in {out_dir}; " if fixed else "; ")
