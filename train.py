@@ -27,7 +27,7 @@ from utils.device import pick_device
 from utils.metrics import classification_metrics
 from utils.runs import claimed, new_run_id, run_folder
 from utils.stop import Stopped, StopSignal, ignore_later_stops
-from workflows import lineage, prepare, resume
+from workflows import check, lineage, prepare, resume
 from workflows.config import ADDED_CONFIG_KEYS, Config
 from workflows.flags import parse_config
 from workflows.label_errors import analyse_oof, apply_label_fixes
@@ -37,6 +37,8 @@ from workflows.training import FitInputs, FitSetup, build_fit, describe_fit, epo
 
 def main(cfg: Config | list[str] | None = None) -> int:
     """A Config runs as it is; a list of flags (default: the command line) is parsed first. Returns the exit code."""
+    if not isinstance(cfg, Config) and "--check" in (cfg if cfg is not None else sys.argv[1:]):
+        return check.main(parse_config(cfg))  # the resolved plan, printed; nothing written, no W&B run
     with StopSignal() as stop:  # from the start: a stop during set-up still finishes the W&B run
         cfg = cfg if isinstance(cfg, Config) else parse_config(cfg)
         try:

@@ -1,5 +1,6 @@
 """Config: CLI forms, booleans, unknown keys, precedence defaults < file < CLI < sweep-locked."""
 import dataclasses
+import json
 
 import pytest
 import yaml
@@ -104,6 +105,20 @@ def test_file_below_cli(tmp_path):
     assert (cfg.lr, cfg.epochs, cfg.pretrained) == (0.2, 7, "true")
 
 
+def test_a_run_record_replays_without_its_folder_and_with_what_this_version_lacks_left_out(tmp_path, capsys):
+    record = {"run_id": "abc12345", "config": Config(lr=0.01, epochs=3, out_dir="old", resume="auto", restart=True,
+                                                       run_name="first").to_dict() | {"gone_key": 1}}
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    cfg = parse_config(["--config", str(tmp_path / "run.json"), "--epochs=5"])
+    assert (cfg.lr, cfg.epochs, cfg.out_dir, cfg.restart, cfg.run_name) == (0.01, 5, "", False, "")
+    assert cfg.parent == str(tmp_path) and cfg.resume == Config().resume
+    out = capsys.readouterr().out
+    assert "replaying run abc12345" in out and "['gone_key']" in out
+    with pytest.raises(SystemExit):  # a folder without a run's record
+        parse_config(["--config", str(tmp_path / "nothing")])
+    assert f"--config {tmp_path / 'nothing'}: No such file" in capsys.readouterr().err
+
+
 def test_file_with_unknown_key_fails(tmp_path, capsys):
     path = tmp_path / "exp.yaml"
     path.write_text("lr: 0.1\nlearning_rate: 0.3\n")
@@ -156,5 +171,5 @@ def test_wandb_mode_resolution(monkeypatch, tmp_path):
 
 
 def test_parser_flags_match_fields():
-    flags = {a.dest for a in build_parser()._actions} - {"help", "config"}
+    flags = {a.dest for a in build_parser()._actions} - {"help", "config", "check"}
     assert flags == {f.name for f in dataclasses.fields(Config)}

@@ -11,6 +11,7 @@ import torch
 from conftest import TINY_MODEL, read_run, run_train
 from models.checkpoint import load_checkpoint, load_model
 from utils.runs import find_run_folder
+from workflows.flags import parse_config
 
 pytestmark = pytest.mark.slow
 
@@ -174,6 +175,10 @@ def test_disabled_mode_still_saves_work_but_stages_nothing(tmp_path, monkeypatch
     out, = (tmp_path / "runs").iterdir()  # no --out_dir: a folder named for what it holds, runs/<name>-<run id>
     assert re.fullmatch(r"first-try-[a-z0-9]{8}", out.name), out.name
     assert find_run_folder(tmp_path / "runs", out.name[-8:]) == out  # --parent <id> finds it
+    # --config <run folder> replays it: its flags as given, a new folder of its own, the replayed run its parent
+    replay = parse_config(["--config", str(out), "--epochs", "2"])
+    given = json.loads((out / "run.json").read_text())["config"]
+    assert replay.to_dict() == given | {"epochs": 2, "run_name": "", "parent": str(out)}
     # code.diff: only from a checkout with edits
     written = sorted(p.name for p in out.iterdir() if p.name != "code.diff")
     assert written == [".lock", "best.safetensors", "data_manifest.csv", "epoch-001.safetensors", "last.safetensors",

@@ -1,6 +1,6 @@
 """Config fields as command-line flags: train.py's parser, any command's shared flags, the help's layout.
 
-Usage: cfg = parse_config(sys.argv[1:])                  # defaults < --config FILE.yaml < --key=value
+Usage: cfg = parse_config(sys.argv[1:])                  # defaults < --config FILE.yaml|run.json < --key=value
        add_config_flags(parser, "tta", "device", required=("data",), batch_size=64)   # another command's flags
 Every field is a CLI flag of the same snake_case name, the name `wandb agent` passes and `sweep.yaml` uses, and
 of its dashed spelling (--batch-size, as timm and Lightning spell them); a boolean also takes a bare --ema and
@@ -13,6 +13,7 @@ import inspect
 import re
 import sys
 import textwrap
+from pathlib import Path
 
 import yaml
 
@@ -118,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py", formatter_class=HelpFormatter, allow_abbrev=False, usage="%(prog)s [--KEY VALUE ...]",
         description="Train an image classifier; every run is a W&B run. Flags accept --key=value, --key value and "
                     "--dashed-key; booleans also --key and --no-key.")
-    parser.add_argument("--config", default=None, help="YAML file of key: value overrides (below the CLI)")
+    parser.add_argument("--config", default=None, help="YAML file of key: value overrides (below the CLI), or a "
+                        "run folder / its run.json: replays that run (its flags as given) in a new folder")
+    parser.add_argument("--check", action="store_true", help="print the resolved plan (data, split, classes, what "
+                        "auto comes to, output folder, W&B mode, device) and exit: no run, nothing written")
     add_config_flags(parser.add_argument_group("common flags"), *COMMON)
     fields = {f.name for f in dataclasses.fields(Config)}
     for title, names in sections().items():
@@ -127,34 +131,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+REPLAY_DROPPED = ("out_dir", "resume", "restart", "run_name")  # a replay is a new run, in a folder of its own
+
+
+def read_config_file(path: str) -> dict:
+    """--config's values: a YAML file of key: value, or a run's record (runs/<name>/run.json, or the folder) whose
+    config replays: what it was given (auto stays auto and is decided again), in a new folder, its parent the run
+    replayed. Raises UserError with the file and what to do."""
+    file = Path(path) / "run.json" if Path(path).is_dir() else Path(path)
+    try:
+        values = yaml.safe_load(file.read_text()) or {}  # JSON is YAML
+    except OSError as e:
+        raise UserError(f"--config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:  # the file and line, not a traceback
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise UserError(f"--config {path}:{where} is not YAML ({getattr(e, 'problem', None) or e}); write one "
+                        f"`key: value` per line") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path}: expected a mapping of key: value")
+    if isinstance(values.get("config"), dict) and "run_id" in values:  # a run's record: replay it
+        known = {f.name for f in dataclasses.fields(Config)}
+        if old := sorted(set(values["config"]) - known):
+            print(f"--config {path}: keys this version no longer has are left out: {old}")
+        replay = {k: v for k, v in values["config"].items() if k in known and k not in REPLAY_DROPPED}
+        print(f"--config {path}: replaying run {values['run_id']} (its flags as given; a new run folder)")
+        return replay | {"parent": replay.get("parent") or str(file.parent)}
+    if nested := [k for k, v in values.items() if isinstance(v, dict)]:
+        raise UserError(f"--config {path}: {nested[:5]} hold a mapping; the config is flat, one `key: value` per "
+                        f"line (a list is written [a, b])")
+    return values
+
+
 def parse_config(argv: list[str] | None = None) -> Config:
-    """defaults < --config FILE.yaml < CLI. Exits with a usage message on an unknown or malformed key."""
+    """defaults < --config FILE.yaml (or a run's run.json: a replay) < CLI. Exits with a usage message on an unknown
+    or malformed key."""
     parser = build_parser()
     pre_parser = argparse.ArgumentParser(add_help=False)  # only to find --config
     pre_parser.add_argument("--config")
     pre, _ = pre_parser.parse_known_args(argv)
     if pre.config:
         try:
-            with open(pre.config) as fh:
-                from_file = yaml.safe_load(fh) or {}
-        except OSError as e:
-            parser.error(f"--config {pre.config}: {e.strerror}")
-        except yaml.YAMLError as e:  # the file and line, not a traceback
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            parser.error(f"--config {pre.config}:{where} is not YAML ({getattr(e, 'problem', None) or e}); "
-                         f"write one `key: value` per line")
-        if not isinstance(from_file, dict):
-            parser.error(f"--config {pre.config}: expected a mapping of key: value")
-        if nested := [k for k, v in from_file.items() if isinstance(v, dict)]:
-            parser.error(f"--config {pre.config}: {nested[:5]} hold a mapping; the config is flat, one `key: value` "
-                         f"per line (a list is written [a, b])")
-        try:
-            parser.set_defaults(**Config.from_dict(from_file).to_dict())
+            parser.set_defaults(**Config.from_dict(read_config_file(pre.config)).to_dict())
         except UserError as e:
-            parser.error(f"--config {pre.config}: {e}")
+            msg = str(e)
+            parser.error(msg if msg.startswith("--config") else f"--config {pre.config}: {msg}")
     args = vars(parser.parse_args(argv))
-    args.pop("config")
+    args.pop("config"), args.pop("check")  # --check: train.main looks for it
     try:
         return Config.from_dict(args)
     except UserError as e:

@@ -52,6 +52,15 @@ def resolve_auto(cfg: Config, run, data) -> Config:
     W&B config under keys of their own that no sweep locks (`resolved/img_size`, ...: what the dashboard can plot
     and filter on) and in place of the auto values, except where a sweep set the key (wandb keeps a sweep's value);
     the keys that were auto are listed under `auto`."""
+    values = auto_values(cfg, data)
+    if values:
+        print("auto: " + ", ".join(f"{k} {v}" for k, v in values.items()))
+        run.update_config({**values, **{f"resolved/{k}": v for k, v in values.items()}, "auto": sorted(values)})
+    return dataclasses.replace(cfg, **values)
+
+
+def auto_values(cfg: Config, data) -> dict:
+    """What --model auto, --img_size 0 and --pretrained auto come to for this data (pretrained's reason printed)."""
     demo = cfg.data == "digits"
     values = {"model": model_name(cfg)} if cfg.model == "auto" else {}
     model = values.get("model", cfg.model)
@@ -64,10 +73,7 @@ def resolve_auto(cfg: Config, run, data) -> Config:
             else find_pretrained(model)
         values |= {"pretrained": "true", "pretrained_path": path} if path else {"pretrained": "false"}
         print(f"pretrained auto: {why}")
-    if values:
-        print("auto: " + ", ".join(f"{k} {v}" for k, v in values.items()))
-        run.update_config({**values, **{f"resolved/{k}": v for k, v in values.items()}, "auto": sorted(values)})
-    return dataclasses.replace(cfg, **values)
+    return values
 
 
 def stored_images(data) -> tuple[list, list, list]:
