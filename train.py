@@ -27,7 +27,7 @@ from utils.device import pick_device
 from utils.metrics import classification_metrics
 from utils.runs import claimed, new_run_id, run_folder
 from utils.stop import Stopped, StopSignal, ignore_later_stops
-from workflows import check, lineage, prepare, resume
+from workflows import check, lineage, prepare, resume, training
 from workflows.config import ADDED_CONFIG_KEYS, Config
 from workflows.flags import parse_config
 from workflows.label_errors import analyse_oof, apply_label_fixes
@@ -224,7 +224,7 @@ def fit(cfg: Config, run, out_dir: Path, inputs: FitInputs, stop: StopSignal, pr
             start = time.perf_counter()
             progress = progress or EpochProgress(lr=s.stepper.optimizer.param_groups[0]["lr"])
             try:
-                train_loss = train_epoch(cfg, s, epoch, prefix, stop, progress)
+                train_loss = train_epoch(cfg, run, s, epoch, prefix, stop, progress)
                 probs, clean_probs = evaluate(s, cfg.tta)
             except Stopped as e:  # saved where it stands: --resume continues inside this epoch
                 s.keeper.save_last(s.eval_model, {**s.meta, "epoch": epoch - 1, "stopped_in_epoch": epoch})
@@ -258,12 +258,12 @@ def fit(cfg: Config, run, out_dir: Path, inputs: FitInputs, stop: StopSignal, pr
     return FitResult(s.val_idx, best_probs, s.keeper.best_score, s.keeper.best_epoch, s.keeper.best_path, test_probs)
 
 
-def train_epoch(cfg: Config, s: FitSetup, epoch: int, prefix: str, stop: StopSignal, progress: EpochProgress) -> float:
-    """One epoch's training loss, from where `progress` stands (a resumed epoch: after its saved batches). A stop
-    raises Stopped between optimizer steps; a non-finite epoch loss is an error."""
+def train_epoch(cfg: Config, run, s: FitSetup, epoch: int, prefix: str, stop: StopSignal, progress) -> float:
+    """One epoch's training loss from where `progress` (EpochProgress) stands (a resumed epoch: after its saved
+    batches); a W&B row every --log_every steps. A stop raises Stopped between optimizer steps; a NaN loss errs."""
     s.sampler.set_epoch(epoch, skip=progress.batches * s.train_loader.batch_size)
     loss = train_one_epoch(s.stepper, s.train_loader, cfg.accum_steps, s.mixup, f"{prefix}epoch {epoch}/{cfg.epochs}",
-                           stop, progress)
+                           stop, progress, training.step_rows(run, prefix, cfg.log_every))
     if not np.isfinite(loss):
         raise UserError(f"training loss is {loss} at epoch {epoch}; lower --lr or check the data")
     return loss

@@ -8,6 +8,7 @@ Usage:
 import contextlib
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -93,11 +94,13 @@ class EpochProgress:
     batches: int = 0
     total: torch.Tensor | float = 0.0
     seen: int = 0
-    lr: float | None = None  # at the epoch's start (what its row logs)
+    lr: float | None = None  # the lr of the epoch's last optimizer step so far (what its row logs), else its start's
 
-    def add(self, loss_sum: torch.Tensor | None, batches) -> None:
-        """One optimizer step's batches; a skipped (NaN/inf) step's images leave the epoch's mean loss."""
+    def add(self, loss_sum: torch.Tensor | None, batches, lr: float | None = None) -> None:
+        """One optimizer step's batches, taken at `lr`; a skipped (NaN/inf) step's images leave the epoch's mean
+        loss."""
         self.batches += len(batches)
+        self.lr = self.lr if lr is None else lr
         if loss_sum is not None:
             self.total, self.seen = self.total + loss_sum, self.seen + sum(len(x) for x, _ in batches)
 
@@ -145,26 +148,40 @@ class Progress:
               f"{rate:.0f} img/s{left}", file=sys.stdout, flush=True)
 
 
+# after each optimizer step taken (a skipped NaN/inf step is none): (the fit's step count, the step's loss summed over
+# its images and ranks, this rank's image count, the lr it took)
+StepHook = Callable[[int, torch.Tensor, int, float], None]
+
+
 def train_one_epoch(stepper: Stepper, loader, accum_steps: int = 1, mixup=None, desc="",
-                    stop: StopSignal | None = None, progress: EpochProgress | None = None) -> float:
+                    stop: StopSignal | None = None, progress: EpochProgress | None = None,
+                    on_step: StepHook | None = None) -> float:
     """The epoch's mean training loss. `progress` (updated after every optimizer step) is where a resumed epoch
-    starts: its loader must already leave out the batches it counts (datasets.SeededSampler.set_epoch's skip)."""
+    starts: its loader must already leave out the batches it counts (datasets.SeededSampler.set_epoch's skip).
+    on_step: called after every optimizer step (the W&B rows per N steps)."""
     progress = progress if progress is not None else EpochProgress()
     stepper.model.train()
     batches = []
     shown = Progress(loader, desc, stepper, progress)
+
+    def step():
+        lr = stepper.optimizer.param_groups[0]["lr"]  # what this step takes: the schedule moves after it
+        loss_sum = stepper.step(batches)
+        progress.add(loss_sum, batches, lr)
+        if on_step is not None and loss_sum is not None:
+            on_step(stepper.steps, loss_sum, sum(len(x) for x, _ in batches), lr)
     for images, labels, _ in shown:
         x, y = to_input(images, stepper.device), labels.to(stepper.device, non_blocking=True)
         if mixup is not None and len(x) % 2 == 0:  # timm's Mixup pairs images; an odd tail batch stays unmixed
             x, y = mixup(x, y)
         batches.append((x, y))
         if len(batches) == accum_steps:
-            progress.add(stepper.step(batches), batches)
+            step()
             batches = []
             shown.stepped()
             if stop is not None:
                 stop.check(distributed.any_rank)  # between optimizer steps only; under torchrun all ranks at one step
     if batches:
-        progress.add(stepper.step(batches), batches)
+        step()
     seen = int(distributed.all_sum(torch.tensor(progress.seen, device=stepper.device)))  # `total`: over ranks already
     return float(progress.total) / max(seen, 1)

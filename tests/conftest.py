@@ -124,6 +124,22 @@ def read_run(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines() if line.strip()]
 
 
+def attempts_history(run_dir: Path) -> list[list[dict]]:
+    """The W&B history rows of each attempt of one run (out_dir/wandb/offline-run-*, in order), checked to line up:
+    every epoch row and step row has one W&B step, the same in each attempt that logged it, and each attempt's
+    steps rise, so the attempts merge without conflict when synced."""
+    parts = [[r["history"]["item"] for r in read_run(p) if r["type"] == "history"]
+             for p in sorted(Path(run_dir).glob("wandb/offline-run-*"))]
+    at = {}
+    for rows in parts:
+        steps = [h["_step"] for h in rows]
+        assert steps == sorted(set(steps)), steps
+        for h in rows:
+            key = ("epoch", h["epoch"]) if "epoch" in h else ("step", h["global_step"]) if "global_step" in h else None
+            assert key is None or at.setdefault(key, h["_step"]) == h["_step"], (key, h["_step"], at)
+    return parts
+
+
 def run_script(name: str, args: list[str], cwd=ROOT) -> subprocess.CompletedProcess:
     """`python NAME.py ARGS` run in this process through NAME.main (the imports are paid once per session, not once
     per command): its exit code, stdout and stderr as a finished process would give them. An uncaught exception

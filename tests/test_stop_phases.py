@@ -18,9 +18,9 @@ from conftest import (
     TINY_MODEL,
     UNSET,
     as_main,
+    attempts_history,
     isolated_env,
     make_competition_folder,
-    read_run,
     run_train,
     wait_for_epochs,
 )
@@ -103,11 +103,13 @@ def test_a_stop_mid_epoch_resumes_inside_the_epoch_bit_identical(tmp_path, refer
     out = resume(data, out_dir, workers=0)  # other loader workers: the same batches
     assert "resumed at epoch 2 of 3, after its first 3 batches" in out
     assert_same_run(out_dir, ref)
-    parts = sorted(out_dir.glob("wandb/offline-run-*"))  # the W&B step continues where the stop left it
+    parts = attempts_history(out_dir)  # the W&B step continues where the stop left it
     assert len(parts) == 2
-    for part in parts:
-        history = [r["history"]["item"] for r in read_run(part) if r["type"] == "history"]
-        assert all(h["_step"] == h["epoch"] - 1 for h in history)
+    rows_ = [h for part in parts for h in part]
+    assert [h["epoch"] for h in rows_ if "epoch" in h] == [1, 2, 3]
+    step_rows = [h for h in rows_ if "global_step" in h]  # --log_every 20 of 36 steps, the row after the resume
+    assert [h["global_step"] for h in step_rows] == [20] and step_rows[0] in parts[1]
+    assert step_rows[0]["train/loss_step"] > 0 and step_rows[0]["train/lr_step"] > 0
 
 
 @pytest.mark.slow

@@ -62,3 +62,20 @@ def test_private_wandb_uses_name_the_release_line_they_were_checked_against():
     from utils.tracking import private
     assert private.version_checked() and private.version_checked("0.31.9rc1")
     assert not private.version_checked("0.32.0") and not private.version_checked("1.31.0")
+
+
+def test_step_rows_have_their_own_step_metric_and_stay_out_of_the_plain_record(tmp_path):
+    out = tmp_path / "run"
+    run = tracking.init({"model": "m"}, random_id(), out, "offline")
+    for step in (1, 2):
+        run.log_step("fold0/", step * 20, {"train/loss_step": 1.0 / step, "train/lr_step": 0.01})
+    run.log({"fold0/epoch": 1, "fold0/train/loss": 0.7})
+    assert run.position()["wandb_step"] == 3 and run.finish() == 0
+    assert [sorted(set(r) - {"_time"}) for r in run.history()] == [["fold0/epoch", "fold0/train/loss"]]  # epoch rows
+    records = read_run(next((out / "wandb").glob("offline-run-*")))
+    rows = [r["history"]["item"] for r in records if r["type"] == "history"]
+    assert [(h["_step"], h.get("fold0/global_step")) for h in rows] == [(0, 20), (1, 40), (2, None)]
+    metrics = {m["metric"].get("name"): m["metric"].get("step_metric") for m in records if m["type"] == "metric"}
+    # explicit: the fold* -> epoch glob does not take them
+    assert metrics["fold0/train/loss_step"] == metrics["fold0/train/lr_step"] == "fold0/global_step"
+    assert "fold0/global_step" in metrics and metrics.get("fold0/train/loss") in (None, "epoch")

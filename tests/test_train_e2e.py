@@ -37,7 +37,7 @@ def staged_table(records, summary, key) -> dict:
 def test_competition_folder_run(competition, tmp_path):
     out = tmp_path / "out"
     args = ["--data", str(competition), "--model", TINY_MODEL, "--img_size", "32", "--epochs=3", "--workers=0",
-            "--batch_size=32", "--lr=0.01", "--table_rows=20", "--keep_top_k=1", f"--out_dir={out}"]
+            "--batch_size=32", "--lr=0.01", "--table_rows=20", "--keep_top_k=1", "--log_every=4", f"--out_dir={out}"]
     run_train(args)
     run_dir = next((out / "wandb").glob("offline-run-*"))
     records = read_run(run_dir)
@@ -48,10 +48,17 @@ def test_competition_folder_run(competition, tmp_path):
     assert (config["lr"] == 0.01 and config["data"] == str(competition)
             and merged(records, "config")["pretrained"] == "false")
 
-    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    rows = [r["history"]["item"] for r in records if r["type"] == "history"]
+    history = [h for h in rows if "epoch" in h]
     assert [h["epoch"] for h in history] == [1, 2, 3]
     for h in history:
         assert {"train/loss", "val/loss", "val/acc", "val/f1_macro", "val/acsa", "lr", "val/f1/zero"} <= set(h)
+    # a row every 4 optimizer steps (6 an epoch) against its own step; the epoch's lr is its last step's, not the
+    # warm-up's 0 at its start
+    steps = [h for h in rows if "global_step" in h]
+    assert [h["global_step"] for h in steps] == [4, 8, 12, 16]
+    assert all(h["train/loss_step"] > 0 and h["train/lr_step"] > 0 for h in steps)
+    assert 0 < steps[0]["train/lr_step"] < history[0]["lr"] <= 0.01  # warming up, then the last step's
 
     summary = merged(records, "summary")
     scores = [h["val/f1_macro"] for h in history]

@@ -205,6 +205,8 @@ class Config:
     keep_top_k: int = opt(2, "per-epoch checkpoints kept, ranked by the monitor (best.safetensors and "
                              "last.safetensors are kept apart)")
     table_rows: int = opt(200, "max rows in each W&B prediction table")
+    log_every: int = opt(20, "a W&B row every N optimizer steps: train/loss_step (that step's loss) and train/lr_step "
+                             "against global_step (the epoch rows keep their own step, epoch); 0 = epoch rows only")
     log_model: str = opt("best", "checkpoints as versions of the W&B artifact model-<run id> (aliases best, latest, "
                                  "epoch-N): best = each new best, at most one upload per 2 minutes online, the newest "
                                  "always before the run finishes, however it ends (offline: once, at the end); all = "
@@ -309,6 +311,7 @@ def maximizes(metric: str, mode: str = "auto") -> bool:
 # keys that never change what a run computes: where it writes and logs, how fast, and what it is for.
 # They may differ on resume, and they are not "what changed" in a run's record.
 BOOKKEEPING_KEYS = {"resume", "out_dir", "workers", "wandb_mode", "project", "entity", "run_name", "table_rows",
+                    "log_every",
                     "log_model", "device", "cache", "cache_dir", "cache_max_gb", "compile", "wandb_console", "notes",
                     "tags", "parent", "restart"}
 # keys train.py decides from the data when they are auto (model, img_size 0, pretrained): a resumed run decides again

@@ -322,3 +322,17 @@ def describe_fit(cfg: Config, s: FitSetup, data, prefix: str, out_dir: Path, inp
             f"test {len(data.test_items or [])} | {cfg.loss}, {cfg.optimizer}{'+SAM' if cfg.sam else ''}, "
             f"{cfg.scheduler}, {cfg.sampler} sampler{', EMA' if cfg.ema else ''} | {s.workers} loader workers"
             f"{f' | {world} processes' if world > 1 else ''} | {prefix}out {out_dir}")
+
+
+def step_rows(run, prefix: str, every: int):
+    """train_one_epoch's on_step: every `every` optimizer steps of the fit, a W&B row of that step's loss and lr
+    (Run.log_step); None when every is 0. A resumed fit logs the same steps with the same values."""
+    if not every:
+        return None
+    world = distributed.world_size()
+
+    def on_step(step: int, loss_sum, images: int, lr: float) -> None:
+        if step % every == 0:
+            run.log_step(prefix, step, {"train/loss_step": float(loss_sum) / max(images * world, 1),
+                                        "train/lr_step": lr})
+    return on_step

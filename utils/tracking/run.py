@@ -43,6 +43,7 @@ class Run:
         self.tables_at: dict = {}  # table prefix -> time.monotonic() its last set was logged
         self.pending_tables: dict = {}  # table prefix -> the newest set held back (log_eval_tables)
         self.noted: set = set()  # table prefixes whose cut confusion matrix has been said on the console
+        self.step_prefixes: set = set()  # the prefixes (fold<k>/, final/) whose step metrics are defined
 
     @property
     def id(self) -> str:
@@ -80,6 +81,20 @@ class Run:
         if self.record is not None:
             self.next_step += self.writer is not None
             self.record.append(metrics)
+
+    def log_step(self, prefix: str, step: int, values: dict) -> None:
+        """A row of optimizer-step values (train/loss_step, ...) against its own step metric, {prefix}global_step,
+        so step charts line up across a resume whatever W&B's step is; W&B only (metrics.jsonl keeps epoch rows)."""
+        if self.record is None or self.writer is None:
+            return
+        if prefix not in self.step_prefixes:  # explicit definitions win over the train/* -> epoch glob
+            self.step_prefixes.add(prefix)
+            keys = [prefix + k for k in values]
+            self._submit(lambda: [self.wandb.define_metric(f"{prefix}global_step")]
+                         + [self.wandb.define_metric(k, step_metric=f"{prefix}global_step") for k in keys])
+        row = {f"{prefix}global_step": step, **{prefix + k: v for k, v in values.items()}}
+        self._submit(lambda: self.wandb.log(row))
+        self.next_step += 1
 
     def set_summary(self, values: dict) -> None:
         values = dict(values)
