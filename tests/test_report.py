@@ -14,6 +14,7 @@ import pytest
 from conftest import TINY_MODEL, run_train
 from utils.metrics import Predictions
 from workflows.report import TestPredictions, write_report
+from workflows.report_charts import epoch_ticks, nice_ticks
 
 VOID = {"meta", "img", "br", "hr", "input", "link", "source", "area", "base", "col", "embed", "param", "track", "wbr"}
 
@@ -125,6 +126,19 @@ def test_loss_chart_overlays_train_and_val_on_an_epoch_axis(tmp_path):
     points = re.search(r'data-series="lr"[^>]*points="([^"]+)"', lr).group(1).split()
     heights = [float(p.split(",")[1]) for p in points]
     assert len(points) == 5 and heights == sorted(heights)  # lr falls: its line goes down (SVG y grows downward)
+
+
+def test_value_ticks_are_four_to_six_round_steps_over_the_range():
+    rng = np.random.default_rng(0)
+    ranges = [(0.31, 0.92), (0.0021, 2.2), (1e-5, 1e-3), (0.5, 0.5), (0.0, 0.0), (0, 1730), (-3, 7)]
+    for lo, hi in ranges + [tuple(sorted(rng.uniform(-1, 1, 2) * 10.0 ** rng.integers(-6, 4))) for _ in range(300)]:
+        ticks = nice_ticks(lo, hi)
+        step = ticks[1] - ticks[0]
+        assert 4 <= len(ticks) <= 6 and ticks[0] <= lo + 1e-9 * step and ticks[-1] >= hi - 1e-9 * step, (lo, hi)
+        assert np.allclose(np.diff(ticks), step), (lo, hi)
+        assert round(step / 10 ** np.floor(np.log10(step) + 1e-9), 6) in (1, 2, 2.5, 5), (lo, hi, step)
+    assert epoch_ticks(1, 1) == [1] and epoch_ticks(1, 12) == list(range(1, 13))
+    assert epoch_ticks(1, 100) == list(range(10, 101, 10))  # past 12 epochs: a round integer step
 
 
 def test_a_single_epoch_still_draws_its_points(tmp_path):

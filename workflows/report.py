@@ -28,7 +28,7 @@ from workflows.report_charts import line_chart
 
 CSS = """
 body{font-family:system-ui,sans-serif;margin:24px;color:#222;background:#fff;max-width:1480px}
-h1{font-size:22px}h2{font-size:17px;margin-top:28px}
+h1{font-size:22px}h2{font-size:17px;margin-top:28px}h3{font-size:15px;margin-top:18px}
 table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
 th{background:#f3f3f3}.gallery{display:flex;flex-wrap:wrap;gap:10px}
 .card{width:140px;font-size:12px;text-align:center}.card img{width:128px;height:128px;object-fit:contain;
@@ -123,15 +123,16 @@ def _scores(classes: list, m: dict) -> str:
 
 def _class_mix(classes: list, test: TestPredictions) -> str:
     share, ratio = class_mix(test.probs, test.train_prior)
+    px = 160 / max(float(share.max()), float(test.train_prior.max()), 1e-9)  # the largest share: a full bar
     rows = []
     for i, c in enumerate(classes):
         shown = f"{ratio[i]:.2f}" if np.isfinite(ratio[i]) else "-"
-        flag = ("more than trained on" if ratio[i] >= MIX_FLAG else "fewer than trained on"
+        flag = ("more than in training" if ratio[i] >= MIX_FLAG else "fewer than in training"
                 if ratio[i] <= 1 / MIX_FLAG else "") if np.isfinite(ratio[i]) else "no training image"
         rows.append(f'<tr class="{"bad" if flag else ""}"><th>{esc(c)}</th><td>{test.train_prior[i]:.4f}</td>'
                     f'<td>{share[i]:.4f}</td><td>{shown}</td><td>{flag}</td><td class="bars">'
-                    f'<span class="bar train" style="width:{160 * test.train_prior[i]:.0f}px"></span>'
-                    f'<span class="bar test" style="width:{160 * share[i]:.0f}px"></span></td></tr>')
+                    f'<span class="bar train" style="width:{px * test.train_prior[i]:.0f}px"></span>'
+                    f'<span class="bar test" style="width:{px * share[i]:.0f}px"></span></td></tr>')
     return (f'<h3>Predicted class mix against the training prior</h3><p>ratio: predicted test share / training '
             f'share; flagged outside {1 / MIX_FLAG:g} to {MIX_FLAG:g} (a shifted test set, or a class the model '
             f'over- or under-predicts). Bars: grey training, blue predicted test.</p><table id="class-mix"><tr>'
