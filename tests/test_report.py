@@ -52,9 +52,13 @@ def test_report_is_valid_and_self_contained(report):
     checker.feed(page)
     assert page.startswith("<!DOCTYPE html>") and checker.errors == [] and checker.stack == []
     assert not re.search(r"https?:|url\(|(src|href)=\"(?!data:)", page)  # nothing to fetch
-    gallery = checker.images
-    assert 0 < len(gallery) <= 40 and all(i["src"].startswith("data:image/png;base64,") for i in gallery)
-    assert "Per-class scores" in page and "Confusion matrix" in page and "<svg" in page
+    assert checker.images and all(i["src"].startswith("data:image/png;base64,") for i in checker.images)
+    gallery = page[page.index('id="misclassified"'):]
+    assert 0 < gallery.count("<img") <= 40 and "Per-class scores" in page and "Confusion matrix" in page
+    assert _texts(_chart(page, "loss"), "xtick") == ["1", "2"] and 'data-series="lr"' in page
+    # the digits demo has a test set: its class mix and least certain images, before the misclassified gallery
+    test = page[page.index('id="test"'):page.index('id="misclassified"')]
+    assert 'id="class-mix"' in test and 0 < test.count("<img") <= 40
 
 
 @pytest.mark.slow
