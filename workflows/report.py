@@ -110,7 +110,8 @@ def _scores(classes: list, m: dict) -> str:
     top = max(int(m["confusion"].max()), 1)
     confusion = "".join(
         f"<tr><th>{esc(c)}</th>" + "".join(
-            f'<td style="background:rgba({"31,119,180" if i == j else "214,39,40"},{n / top:.2f})">{n}</td>'
+            f'<td style="background:rgba({"31,119,180" if i == j else "214,39,40"},{n / top:.2f})'
+            f'{";color:#fff" if n / top > 0.55 else ""}">{n}</td>'
             for j, n in enumerate(row)) + "</tr>" for i, (c, row) in enumerate(zip(classes, m["confusion"])))
     per_class = "".join(f"<tr><th>{esc(c)}</th><td>{m['precision'][i]:.3f}</td><td>{m['recall'][i]:.3f}</td>"
                         f"<td>{m['f1'][i]:.3f}</td><td>{m['auc'][i]:.3f}</td><td>{int(m['support'][i])}</td></tr>"
