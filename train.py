@@ -248,7 +248,7 @@ def fit(cfg: Config, run, out_dir: Path, inputs: FitInputs, stop: StopSignal, pr
         test_probs = predict_test(cfg, run, data, s, prefix) if data.test_items and distributed.is_main() else None
         s.model_log.log_pending(run, s)  # after predict_test: the test-time decision it records is in the file
         if best_probs is not None:
-            submit_report(cfg, run, prefix, data, s, best_probs)  # every epoch's curves
+            submit_report(cfg, run, prefix, data, s, best_probs, test_probs)  # every epoch's curves, the test set
     except BaseException:  # an error, a NaN stop, a signal: the newest best reaches W&B before the run finishes
         with contextlib.suppress(Exception):
             s.model_log.log_pending(run, s)
