@@ -8,8 +8,9 @@ Usage:
 The model is rebuilt from its checkpoint alone; the data's class names are matched to the checkpoint's by name (a
 class it does not know is an error; classes absent from the data are fine, their support 0). A run dir is scored
 with the model predict.py uses (its final fit where it has one), except on --split val: its holdout model. --tta and
---test_bn auto (the default) use what the checkpoint's run decided, as in predict.py. Writes report.html,
-val_probs.csv (id,label,pred,p_<class>...) and metrics.json into --out_dir.
+--test_bn auto (the default) use what the checkpoint's run decided for its test set, as in predict.py; on --split
+val, none, as the run validated. Writes report.html, val_probs.csv (id,label,pred,p_<class>...) and metrics.json
+into --out_dir.
 """
 import argparse
 import sys
@@ -20,7 +21,15 @@ from utils import UserError, report_error
 from utils.metrics import classification_metrics
 from workflows.ensemble import describe_steps, file_stem, member_probs, member_steps, resolve_member
 from workflows.flags import HelpFormatter, add_config_flags
-from workflows.validate import SPLIT_HELP, SPLITS, labelled_part, metrics_line, per_class_table, write_outputs
+from workflows.validate import (
+    SPLIT_HELP,
+    SPLITS,
+    labelled_part,
+    metrics_line,
+    per_class_table,
+    val_steps,
+    write_outputs,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,14 +47,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         member, part = labelled_part(resolve_member(args.member, cache_dir), args.data, args.split,
                                      args.image_col, args.label_col)
-        if part.why:
-            print(f"split auto: {part.split} ({part.why})")
-        for line in describe_steps(member, args.tta, args.test_bn):
+        tta, test_bn, lines = val_steps(part, args.tta, args.test_bn)
+        for line in ([f"split auto: {part.split} ({part.why})"] if part.why else []) + lines + describe_steps(
+                member, tta, test_bn):
             print(line)
-        probs = member_probs(member, part.items, args.tta, cache_dir, args.batch_size, args.device, args.test_bn)
+        probs = member_probs(member, part.items, tta, cache_dir, args.batch_size, args.device, test_bn)
         m = classification_metrics(part.labels, probs)
         out_dir = Path(args.out_dir or Path("validate") / f"{file_stem(member)}-{part.split}")
-        saved = write_outputs(out_dir, member, part, probs, m, member_steps(member, args.tta, args.test_bn))
+        saved = write_outputs(out_dir, member, part, probs, m, member_steps(member, tta, test_bn))
     except UserError as e:
         return report_error(e)
     print(per_class_table(m, member.meta["classes"]))

@@ -112,10 +112,16 @@ def test_the_val_split_is_rebuilt_from_the_checkpoints_config_on_its_own_data(tm
     checkpoint = save_checkpoint(tmp_path / "m.safetensors", CLASSES)
     config = {"data": str(data), "val_fraction": 0.25, "folds": 0, "fold": 0, "seed": 3}
     from models.checkpoint import update_meta
-    update_meta(checkpoint, {"config": config})
+    recorded = {"tta": "flip", "test_bn": "adapt", "asked": {"tta": "auto", "test_bn": "auto"},
+                "why": {"tta": "kept on the test set", "test_bn": "the test set is shifted"}}
+    update_meta(checkpoint, {"config": config, "test_time": recorded})  # decided for its test set
     assert validate(tmp_path, checkpoint, "--data", data, "--out_dir", tmp_path / "out") == 0
     out = capsys.readouterr().out
     assert "split auto: val (the data the checkpoint trained on: the validation split its run held out)" in out
+    assert "tta auto: none on the val split (as its run validated it; the decision its run recorded is for the test " \
+           "set)" in out  # not the test set's recorded decision
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert (saved["tta"], saved["test_bn"]) == ("none", "none")
     val = split_indices(np.repeat([0, 1, 2], 6), None, 0.25, 0, 0, 3)[1]
     ids = [f"{CLASSES[i // 6]}/{i % 6}.png" for i in val]
     assert [r["id"] for r in csv.DictReader(open(tmp_path / "out" / "val_probs.csv"))] == ids

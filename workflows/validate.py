@@ -120,6 +120,16 @@ def _to_checkpoint_classes(labels: np.ndarray, data, meta: dict, source: str) ->
     return mapping[labels]
 
 
+def val_steps(part: Labelled, tta: str, test_bn: str) -> tuple[str, str, list[str]]:
+    """(tta, test_bn, the lines saying so): on the val split, auto is none, as the run validated; what its run
+    decided for auto was decided for the test set."""
+    if part.split != "val":
+        return tta, test_bn, []
+    lines = [f"{key} auto: none on the val split (as its run validated it; the decision its run recorded is for the "
+             f"test set)" for key, value in (("test_bn", test_bn), ("tta", tta)) if value == "auto"]
+    return ("none" if tta == "auto" else tta), ("none" if test_bn == "auto" else test_bn), lines
+
+
 def metrics_line(member: Member, part: Labelled, m: dict) -> str:
     keys = ("acc", "f1_macro", "acsa", "auc_macro")
     scores = " | ".join(f"{part.split}/{k} {m[k]:.4f}" for k in keys)
