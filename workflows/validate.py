@@ -22,14 +22,15 @@ from workflows.ensemble import Member, check_readable, for_test
 from workflows.report import write_report
 
 SPLITS = ("auto", "test", "val", "all")
-SPLIT_HELP = """which labelled images to score:
-  test: the labelled test images (test/<class>/ folders; the digits demo's test set)
-  val: the validation split the checkpoint's run held out: the data's val/ folder, else the run's seeded split
-    rebuilt from the checkpoint's config (meaningful on the data it trained on); scored with the holdout model, not
-    a final fit (which trained on those images)
-  all: every labelled image outside test/ (train.csv's rows; the class folders, val/ included)
-  auto: test where --data has labelled test images, else val where --data is the data the checkpoint trained on or
-    has a val/ folder, else all (a plain folder of class folders: every image in it)"""
+SPLIT_HELP = (  # one line per value: the help wraps each on its own
+    "which labelled images to score:\n"
+    "  test: the labelled test images (test/<class>/ folders; the digits demo's test set)\n"
+    "  val: the validation split the checkpoint's run held out: the data's val/ folder, else the run's seeded split "
+    "rebuilt from the checkpoint's config (meaningful on the data it trained on); scored with the holdout model, not "
+    "a final fit (which trained on those images)\n"
+    "  all: every labelled image outside test/ (train.csv's rows; the class folders, val/ included)\n"
+    "  auto: test where --data has labelled test images, else val where --data is the data the checkpoint trained on "
+    "or has a val/ folder, else all (a plain folder of class folders: every image in it)")
 
 
 @dataclass
