@@ -175,3 +175,14 @@ def test_a_cross_validated_run_is_exported_one_fold_at_a_time(tmp_path, capsys):
         save_checkpoint(tmp_path / "cv" / f"fold{k}" / "best.safetensors", CLASSES)
     assert export_cli.main([str(tmp_path / "cv"), "--out", str(tmp_path / "m.pt")]) == 1
     assert "export one of them (its fold<k>/best.safetensors)" in capsys.readouterr().err
+
+
+def test_a_csv_folders_integer_labels_are_matched_through_the_checkpoints_targets(tmp_path, capsys):
+    from conftest import NAMES, make_competition_folder
+    data = make_competition_folder(tmp_path / "comp", n_train=20, n_test=4, with_meta=False)  # labels 0..9, no names
+    checkpoint = save_checkpoint(tmp_path / "m.safetensors", NAMES)  # classes by name, targets 0..9
+    assert validate(tmp_path, checkpoint, "--data", data, "--out_dir", tmp_path / "out") == 0
+    targets = {r["ID"]: int(r["target"]) for r in csv.DictReader(open(data / "train.csv"))}
+    rows = list(csv.DictReader(open(tmp_path / "out" / "val_probs.csv")))
+    assert len(rows) == 20 and all(r["label"] == NAMES[targets[r["id"]]] for r in rows)
+    assert "on 20 images (all)" in capsys.readouterr().out  # the test set of sample_submission.csv has no labels
