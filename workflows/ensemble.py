@@ -277,7 +277,7 @@ def monitor_metric(meta: dict) -> str:
 def load_test_data(source: str, meta: dict):
     """The data a member predicts: --data as train.py reads it (its test set, and its labelled images for
     weights), or a flat folder of test images alone. Its class list must be the member's."""
-    from datasets import IMAGE_EXTS, Data, load_data, unreadable
+    from datasets import IMAGE_EXTS, Data, load_data
     root = Path(source)
     flat = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS) if root.is_dir() else []
     if flat and not (root / "train.csv").is_file():
@@ -289,7 +289,18 @@ def load_test_data(source: str, meta: dict):
         raise UserError(f"--data {source} has classes {data.classes}, the model was trained on {meta['classes']}")
     if not data.test_items:
         raise UserError(f"--data {source}: no test images (test/ or sample_submission.csv); nothing to predict")
-    bad = [f"{item} ({why})" for item in data.test_items if (why := unreadable(item))]
-    if bad:
-        raise UserError(f"{len(bad)} test image(s) cannot be read, e.g. {bad[:3]}; replace them")
+    check_readable(data.test_items, "test")
     return data
+
+
+def check_readable(items: list, what: str) -> None:
+    """A UserError naming the first images of `items` that cannot be decoded (what: "test", "labelled", ...)."""
+    from datasets import unreadable
+    bad = [f"{item} ({why})" for item in items if (why := unreadable(item))]
+    if bad:
+        raise UserError(f"{len(bad)} {what} image(s) cannot be read, e.g. {bad[:3]}; replace them")
+
+
+def file_stem(member: Member) -> str:
+    """The member's name as a file or folder name: runs/abc (final fit) -> abc_final_fit, m.safetensors -> m."""
+    return re.sub(r"[^\w.-]+", "_", member.name.removesuffix(".safetensors")).strip("_.") or "model"
