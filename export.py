@@ -1,8 +1,8 @@
 """Export a trained model to TorchScript (default), torch.export (.pt2) or ONNX, checked against PyTorch.
 
 Usage:
-    python export.py runs/<run id>                                  # export/<run id>.pt (its final fit, if any)
-    python export.py runs/<run id>/best.safetensors --format pt2 --out model.pt2
+    python export.py runs/<model>-<id>                                  # export/<run id>.pt (its final fit, if any)
+    python export.py runs/<model>-<id>/best.safetensors --format pt2 --out model.pt2
     python export.py ENTITY/PROJECT/model-<run id>:best --format onnx   # needs: pip install onnx onnxscript onnxruntime
 The exported model takes float32 RGB images in [0, 1], NCHW, resized to the checkpoint's img_size (both sides,
 bilinear) and normalizes them itself with the checkpoint's mean and std; it returns logits, one per class (no TTA,

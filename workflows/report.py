@@ -149,7 +149,8 @@ def _test_section(classes: list, test: TestPredictions) -> str:
         f'{esc(test.ids[i])}<br>{esc(classes[order[i, 0]])} {probs[i, order[i, 0]]:.2f} / '
         + (f'{esc(classes[order[i, 1]])} {probs[i, order[i, 1]]:.2f}' if probs.shape[1] > 1 else "") + "</div>"
         for i in shown)
-    return (f'<section id="test"><h2>Test set ({len(probs)} images, no labels)</h2>{_class_mix(classes, test)}'
+    heading = f"Test set ({len(probs)} images, as predicted; labels, if any, not used)"
+    return (f'<section id="test"><h2>{heading}</h2>{_class_mix(classes, test)}'
             f'<h3>Least certain test images, smallest top-1 minus top-2 probability first ({len(shown)} shown)</h3>'
             f'<div class="gallery" id="uncertain">{cards or "<p>none</p>"}</div></section>')
 
