@@ -6,6 +6,7 @@ Usage:
     is_best = keeper.update(model, meta, epoch, score)      # last, top-k and best, written atomically
     model, meta = load_model("runs/<id>/best.safetensors")
     meta = update_meta("runs/<id>/best.safetensors", {"test_time": decision})   # train.py's test-time decision
+    state, meta = average_checkpoints([epoch_a, epoch_b])  # avg_checkpoints.py
 """
 import json
 import os
@@ -81,6 +82,28 @@ def load_model(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, 
     model = build_model(meta["model"], num_classes=len(meta["classes"]), img_size=meta["img_size"])
     model.load_state_dict(state)
     return model.to(device).eval(), meta
+
+
+def average_checkpoints(paths: list[Path]) -> tuple[dict, dict]:
+    """(state_dict, meta) of the checkpoints' weights averaged, as timm's avg_checkpoints.py does (BatchNorm running
+    statistics averaged too; integer buffers such as num_batches_tracked taken from the first), in float32 sums.
+    meta: the first's, with averaged_from (each file, its epoch and metrics). Raises ValueError naming the file that
+    is another model, other classes or another size."""
+    states, metas = zip(*(load_checkpoint(p) for p in paths))
+    for p, state, meta in zip(paths[1:], states[1:], metas[1:]):
+        same = {k: meta.get(k) == metas[0].get(k) for k in ("model", "classes", "img_size")}
+        if not all(same.values()) or state.keys() != states[0].keys():
+            what = [k for k, ok in same.items() if not ok] or ["tensor names"]
+            raise ValueError(f"{p}: another {', '.join(what)} than {paths[0]}; average checkpoints of one fit")
+    averaged = {}
+    for name, first in states[0].items():
+        if first.is_floating_point():
+            total = sum(state[name].to(torch.float32) for state in states)
+            averaged[name] = (total / len(states)).to(first.dtype)
+        else:
+            averaged[name] = first.clone()
+    sources = [{"file": str(p), "epoch": m.get("epoch"), "metrics": m.get("metrics", {})} for p, m in zip(paths, metas)]
+    return averaged, {**metas[0], "averaged_from": sources}
 
 
 class CheckpointKeeper:

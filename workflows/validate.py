@@ -27,7 +27,8 @@ SPLIT_HELP = (  # one line per value: the help wraps each on its own
     "  test: the labelled test images (test/<class>/ folders; the digits demo's test set)\n"
     "  val: the validation split the checkpoint's run held out: the data's val/ folder, else the run's seeded split "
     "rebuilt from the checkpoint's config (meaningful on the data it trained on); scored with the holdout model, not "
-    "a final fit (which trained on those images)\n"
+    "a final fit (which trained on those images), on the images as they are: the run's val_clean/* where it "
+    "validated on noisy copies (--val_noise auto)\n"
     "  all: every labelled image outside test/ (train.csv's rows; the class folders, val/ included)\n"
     "  auto: test where --data has labelled test images, else val where --data is the data the checkpoint trained on "
     "or has a val/ folder, else all (a plain folder of class folders: every image in it)")
