@@ -147,8 +147,12 @@ def main(argv=None) -> int:
     run = tracking.init({k: v for k, v in vars(args).items() if k != "out_dir"}, run_id, out_dir, args.wandb_mode,
                         tracking.RunOptions(project=args.project, entity=args.entity,
                                             name=f"{'diff' if args.diff else 'eda'}-{run_id}", job_type="eda"))
-    return run.run_to_end(lambda: run.set_summary(
+    code = run.run_to_end(lambda: run.set_summary(
         diff(args, run, out_dir) if args.diff else explore(args, run, out_dir)))
+    if not code:  # the last lines, after W&B's footer
+        print(f"results in {out_dir}/: " + ("diff.csv" if args.diff else "image_sizes.csv, duplicates.csv")
+              + ", and the W&B run's tables" + ("" if args.diff else f"\nnext: python train.py --data {args.data}"))
+    return code
 
 
 if __name__ == "__main__":

@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         scored = f" | test/f1_macro {m['f1_macro']:.4f} | test/acc {m['acc']:.4f}"
     print(f"{member.name} ({member.meta['model']}, {member.meta['img_size']} px, {len(member.paths)} checkpoint(s)) "
           f"on {len(data.test_items)} images{scored} | wrote {args.out}")
+    print(f"next: submit {args.out}; python ensemble.py {args.member} runs/<other run> --data {args.data} (several "
+          f"runs), or python validate.py {args.member} --data DIR (score it on labelled images)")
     return 0
 
 

@@ -38,7 +38,7 @@ def test_near_duplicates_and_noise_estimate():
     assert dominant_orientation(turned) == pytest.approx(30, abs=3)
 
 
-def test_copies_are_found_across_train_and_test(tmp_path):
+def test_copies_are_found_across_train_and_test(tmp_path, capsys):
     root = make_competition_folder(tmp_path / "comp", n_train=60, n_test=10)
     original = cv2.imread(str(root / "train" / "tr_0005.png"))
     cv2.imwrite(str(root / "test" / "te_copy.jpg"), cv2.resize(original, (48, 48)), [cv2.IMWRITE_JPEG_QUALITY, 85])
@@ -51,6 +51,9 @@ def test_copies_are_found_across_train_and_test(tmp_path):
         csv.writer(fh).writerow(["tr_0999.png", (int(label7) + 1) % 10])  # the same image, another label
     out = tmp_path / "eda"
     assert eda.main(["--data", str(root), "--out_dir", str(out), "--wandb_mode", "offline"]) == 0
+    last = capsys.readouterr().out.splitlines()[-2:]  # where the results are and what comes next, after W&B's footer
+    assert last == [f"results in {out}/: image_sizes.csv, duplicates.csv, and the W&B run's tables",
+                    f"next: python train.py --data {root}"]
 
     pairs = {(r["id_a"], r["id_b"]): r for r in read_csv(out / "duplicates.csv")}
     copy = pairs[("tr_0005.png", "te_copy.jpg")]

@@ -23,7 +23,7 @@ def noisy_competition(tmp_path):
     return root
 
 
-def test_noisy_test_set_drives_augmentation_validation_and_pseudo_labels(noisy_competition, tmp_path):
+def test_noisy_test_set_drives_augmentation_validation_and_pseudo_labels(noisy_competition, tmp_path, capsys):
     args = ["--data", str(noisy_competition), "--model", TINY_MODEL, "--img_size", "32", "--epochs=2", "--workers=0",
             "--batch_size=32", "--table_rows=5", "--keep_top_k=1"]
     proc = run_train(args + [f"--out_dir={tmp_path / 'a'}"])
@@ -38,6 +38,8 @@ def test_noisy_test_set_drives_augmentation_validation_and_pseudo_labels(noisy_c
     probs = tmp_path / "probs.csv"
     assert predict.main([str(tmp_path / "a"), "--data", str(noisy_competition), "--out", str(tmp_path / "sub.csv"),
                          "--save_probs", str(probs), "--test_bn", "adapt"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]  # what comes next
+    assert last.startswith(f"next: submit {tmp_path / 'sub.csv'}; python ensemble.py")
     rows = list(csv.DictReader(open(probs)))
     own = list(csv.DictReader(open(tmp_path / "a" / "test_probs.csv")))  # the run's own, for a pseudo-label round
     assert own[0]["source"].startswith("a (run ") and [r["id"] for r in own] == [r["id"] for r in rows]
