@@ -50,6 +50,10 @@ PSEUDO = {  # the defaults run's test probabilities added (p >= 0.9, and the sha
     "pseudo-labels, threshold alone": ["--pseudo_share", "0"],
     "pseudo-labels, class-balanced 60 %": ["--pseudo_share", "0.6"],
 }
+AVERAGED = {  # the defaults, keeping N epochs; then the fit that submits (the final fit) has its last N epochs'
+    # weights averaged (avg_checkpoints.py) and predicted with the test-time steps its run chose
+    "last 3 epochs averaged": 3,
+}
 PSEUDO_ROUND_SHARE = "0.3"  # --sweep: the pseudo-label round after the top-3 ensemble
 
 
@@ -94,6 +98,24 @@ def recipe(name: str, work: Path, epochs: int, seed: int) -> tuple[float, float]
     f1, wall2 = train(work / f"{name.replace(' ', '_')}-{seed}", epochs, seed, ["--pseudo_labels", str(probs),
                                                                              *PSEUDO[name]])
     return f1, wall + wall2
+
+
+def averaged(name: str, work: Path, epochs: int, seed: int) -> tuple[float, float]:
+    """A defaults run keeping AVERAGED[name] epochs, its submitting fit's kept epochs averaged and predicted; the run's
+    own test score is printed beside the averaged one (the same training: keep_top_k changes no weight)."""
+    from models.checkpoint import read_meta
+    out = work / f"{name.replace(' ', '_')}-{seed}"
+    own, wall = train(out, epochs, seed, ["--keep_top_k", str(AVERAGED[name])])
+    fit = out / "final" if (out / "final" / "best.safetensors").is_file() else out
+    _, wall2 = run([sys.executable, "avg_checkpoints.py", str(fit), "--out", str(out / "averaged.safetensors")])
+    decided = read_meta(fit / "best.safetensors").get("test_time") or {}
+    stdout, wall3 = run([sys.executable, "predict.py", str(out / "averaged.safetensors"), "--data", BENCH["data"],
+                         "--out", str(out / "averaged.csv"), "--cache_dir", str(work / "cache"),
+                         "--tta", decided.get("tta", "auto"), "--test_bn", decided.get("test_bn", "auto")])
+    f1 = test_f1(stdout, out / "averaged.csv")
+    print(f"  seed {seed}: the run's own submission {own:.3f}, its {fit.name} fit's last {AVERAGED[name]} epochs "
+          f"averaged {f1:.3f}", flush=True)
+    return f1, wall + wall2 + wall3
 
 
 def reference(work: Path, epochs: int, seed: int) -> tuple[float, float]:
@@ -166,9 +188,9 @@ def rank_correlation(work: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--recipes", nargs="*", default=["reference loop", *RECIPES, *PSEUDO],
+    parser.add_argument("--recipes", nargs="*", default=["reference loop", *RECIPES, *PSEUDO, *AVERAGED],
                         help="any of: 'reference loop', "
-                        + ", ".join(repr(r) for r in [*RECIPES, *PSEUDO]).replace("%", "%%"))  # argparse formats %
+                        + ", ".join(repr(r) for r in [*RECIPES, *PSEUDO, *AVERAGED]).replace("%", "%%"))  # argparse: %
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2], help="each recipe runs once per seed")
     parser.add_argument("--epochs", type=int, default=12, help="epochs of every run")
     parser.add_argument("--sweep", type=int, default=0, help="also run a sweep of this many trials (seed 0)")
@@ -190,7 +212,8 @@ def main() -> None:
     for name in args.recipes:
         results, val = [], []
         for s in args.seeds:
-            one = reference if name == "reference loop" else functools.partial(recipe, name)
+            one = (reference if name == "reference loop" else functools.partial(averaged, name) if name in AVERAGED
+                   else functools.partial(recipe, name))
             results.append(one(work, args.epochs, s))
             val.append(VALIDATION[-1] if name != "reference loop" else np.nan)  # the run that made the result
         f1, val = np.array([r[0] for r in results]), np.array(val)

@@ -62,8 +62,10 @@ def test_torchrun_two_processes_match_one(tmp_path):
     run_dirs = list((tmp_path / "two" / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 1  # one W&B run, rank 0's
     records = read_run(run_dirs[0])
-    assert sum(r["type"] == "history" for r in records) == 4 and [r["exit"]["exit_code"] for r in records
-                                                                   if r["type"] == "exit"] == [0]
+    history = [r["history"]["item"] for r in records if r["type"] == "history"]
+    assert sum("epoch" in h for h in history) == 4 and [r["exit"]["exit_code"] for r in records
+                                                         if r["type"] == "exit"] == [0]
+    assert all(h["global_step"] % 20 == 0 for h in history if "global_step" in h)  # --log_every: rank 0's rows
     assert not (tmp_path / "two" / "resume.pt").exists()
     assert (tmp_path / "two" / "best.safetensors").is_file() and (tmp_path / "two" / "submission.csv").is_file()
     assert (tmp_path / "two" / "final" / "best.safetensors").is_file()

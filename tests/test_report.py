@@ -156,6 +156,15 @@ def test_a_single_epoch_still_draws_its_points(tmp_path):
         assert all(60 < float(cx) < 460 and 30 <= float(cy) <= 220 for cx, cy, _ in markers)  # inside the plot
 
 
+@pytest.mark.parametrize("lr", [1e-12, 0.0, 0.01])
+def test_a_constant_or_tiny_series_is_drawn_inside_the_plot(tmp_path, lr):
+    """A flat line (a constant lr, --lr 1e-12 in an early-stopping test) has no range to scale by."""
+    history = [{**row, "lr": lr} for row in _history(3)]
+    chart = _chart(_write(tmp_path, history), "lr")
+    points = [tuple(map(float, p.split(","))) for p in re.search(r'<polyline[^>]*points="([^"]+)"', chart)[1].split()]
+    assert len(points) == 3 and all(60 < x < 460 and 30 <= y <= 220 for x, y in points)
+
+
 def test_prefixed_keys_and_repeated_epochs(tmp_path):
     """submit_report passes run.history("fold0/"): the keys arrive without the prefix; a resumed epoch logged twice
     counts once, its last value."""

@@ -75,10 +75,10 @@ def test_final_fit_trains_on_every_image_with_the_holdouts_decisions_and_resumes
             f"--out_dir={tmp_path / 'f'}"]
     real_epoch = train.train_epoch
 
-    def stop_in_final_epoch_2(cfg, s, epoch, prefix, stop, progress):
+    def stop_in_final_epoch_2(cfg, run, s, epoch, prefix, stop, progress):
         if prefix == "final/" and epoch == 2:
             raise Stopped(signal.SIGTERM, phase="training")
-        return real_epoch(cfg, s, epoch, prefix, stop, progress)
+        return real_epoch(cfg, run, s, epoch, prefix, stop, progress)
     monkeypatch.setattr(train, "train_epoch", stop_in_final_epoch_2)
     proc = run_train(args, check=False)
     assert proc.returncode == 128 + signal.SIGTERM, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -41,12 +41,20 @@ def label(value: float) -> str:
     return f"{value:.6g}"
 
 
+def _widened(low: float, high: float) -> tuple[float, float]:
+    """A range of some width: one value (a constant lr, a single epoch) is drawn in the middle of one."""
+    if high > low:
+        return low, high
+    pad = abs(low) * 0.1 or 1.0
+    return low - pad, high + pad
+
+
 class Frame:
     """The plot area: data coordinates to pixels."""
 
     def __init__(self, x_range: tuple[float, float], y_range: tuple[float, float]):
-        self.x0, self.x1 = x_range
-        self.y0, self.y1 = y_range
+        self.x0, self.x1 = _widened(*x_range)
+        self.y0, self.y1 = _widened(*y_range)
 
     def x(self, value: float) -> float:
         return LEFT + (value - self.x0) / (self.x1 - self.x0) * (WIDTH - LEFT - RIGHT)
