@@ -195,6 +195,10 @@ def log_ensemble_run(args, refs: list[str], members, weights: np.ndarray, metric
     columns += [c for m in members for c in (f"{m.name} pred", f"{m.name} conf")]
     run.log_table("test/disagreement", columns, disagreement_rows(data, test, ensemble, args.table_rows))
     run.finish()
+    print(f"results in {args.out}" + (f" and {args.save_probs}" if args.save_probs else "")
+          + f"; the W&B run in {out_dir}/\nnext: submit {args.out}"
+          + ("" if args.save_probs else f"; --save_probs FILE, then python train.py --data {args.data} "
+                                        f"--pseudo_labels FILE: a pseudo-label round"))
 
 
 def main(argv: list[str] | None = None) -> int:

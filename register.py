@@ -46,7 +46,11 @@ def main(argv=None) -> int:
     run = tracking.init({k: v for k, v in vars(args).items() if k != "out_dir"}, run_id, out_dir, args.wandb_mode,
                         tracking.RunOptions(project=args.project, entity=args.entity, name=f"register-{args.name}",
                                             job_type="register-data"))
-    return run.run_to_end(lambda: run.set_summary(register(args, run)))
+    code = run.run_to_end(lambda: run.set_summary(register(args, run)))
+    if not code:  # the last lines, after W&B's footer
+        print(f"results in {out_dir}/ (the artifact, staged with the run" + (": wandb sync it first)" if run.mode ==
+              "offline" else ")") + f"\nnext: python train.py --data {args.path} (linked to this version)")
+    return code
 
 
 if __name__ == "__main__":

@@ -227,7 +227,7 @@ def test_an_online_sweep_run_without_a_model_artifact_is_skipped(tmp_path, monke
 
 
 @pytest.mark.slow
-def test_predict_and_ensemble_two_backbones_offline(tmp_path, competition):
+def test_predict_and_ensemble_two_backbones_offline(tmp_path, competition, capsys):
     runs = {}
     for name, model, size in [("a", TINY_MODEL, "32"), ("b", "test_efficientnet", "48")]:
         runs[name] = tmp_path / name
@@ -254,6 +254,9 @@ def test_predict_and_ensemble_two_backbones_offline(tmp_path, competition):
                               "--weights", "auto", "--out", str(tmp_path / "ab.csv"), "--cache_dir", str(cache),
                               "--out_dir", str(out_dir)]) == 0
     submission(tmp_path / "ab.csv")
+    last = capsys.readouterr().out.splitlines()[-2:]  # where the results are and what comes next, after W&B's footer
+    assert last[0] == f"results in {tmp_path / 'ab.csv'}; the W&B run in {out_dir}/"
+    assert last[1].startswith(f"next: submit {tmp_path / 'ab.csv'}; --save_probs FILE")
     records = read_run(next(out_dir.glob("wandb/offline-run-*")))
     run = next(r["run"] for r in records if r["type"] == "run")
     assert run["job_type"] == "ensemble"

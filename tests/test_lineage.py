@@ -59,6 +59,7 @@ def relabel(folder: Path, image_id: str, label) -> None:
 def test_register_logs_a_dataset_artifact_whose_table_lists_every_file(competition, tmp_path):
     proc = run_module("register", competition, "--name", "comp-train", "--out_dir", tmp_path / "reg")
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[-1] == f"next: python train.py --data {competition} (linked to this version)"
     records = read_run(next((tmp_path / "reg" / "wandb").glob("offline-run-*")))
     [artifact] = [r["artifact"] for r in records if r["type"] == "artifact"]
     assert artifact["type"] == "dataset" and artifact["name"] == "comp-train"
