@@ -154,10 +154,10 @@ def test_status_of_a_missing_dir_is_one_line(tmp_path, capsys):
 
 
 
-def test_torchrun_command_from_the_readme(monkeypatch):
-    """The README's `command:` for multi-GPU trials passes the checks and expands as wandb agent's."""
+def test_torchrun_command_from_the_docs(monkeypatch):
+    """docs/sweeps.md's `command:` for multi-GPU trials passes the checks and expands as wandb agent's."""
     monkeypatch.chdir(ROOT)
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "sweeps.md").read_text()
     block = readme[readme.index("```yaml\ncommand:") + len("```yaml\n"):]
     sweep = _broken(lambda s: s.update(yaml.safe_load(block[:block.index("```")])))
     assert check_sweep(sweep) == []
