@@ -69,7 +69,9 @@ def describe_data(cfg: Config, data) -> list[str]:
     how = (f"{cfg.folds} folds, every one trained (--cv)" if cfg.cv else f"fold {cfg.fold} of {cfg.folds}"
            if cfg.folds else "the data's own val/ folder" if data.given_val is not None
            else f"a stratified {cfg.val_fraction:.0%} holdout, seed {cfg.seed}")
-    steps = math.ceil(len(train_idx) / cfg.batch_size / cfg.accum_steps)
+    n = len(train_idx)
+    batches = n // cfg.batch_size if n > cfg.batch_size else 1  # the loader drops a last, short batch
+    steps = math.ceil(batches / cfg.accum_steps)
     return [f"data {cfg.data}: {len(data.labels)} labelled images, {len(data.classes)} classes "
             f"(largest/smallest {counts.max()}/{max(counts.min(), 1)}): {per_class}",
             f"split: {len(train_idx)} train, {len(val_idx)} validation, by {how}; about {steps} optimizer steps "
