@@ -116,10 +116,10 @@ class Progress:
     """What an epoch shows while it runs: on a terminal the bar with the loss and lr so far; elsewhere (a log file,
     nohup, a notebook's !python) a line every PROGRESS_EVERY_S seconds: step, loss, lr, img/s, time left."""
 
-    def __init__(self, loader, desc: str, stepper: "Stepper", progress: "EpochProgress"):
+    def __init__(self, loader, desc: str, progress: "EpochProgress"):
         self.bar = tqdm(loader, desc=desc, leave=False, disable=None)
         self.total = len(loader) + progress.batches if hasattr(loader, "__len__") else None  # a resumed epoch: the rest
-        self.desc, self.stepper, self.progress = desc.strip() or "training", stepper, progress
+        self.desc, self.progress = desc.strip() or "training", progress
         self.start = self.last = time.monotonic()
         self.start_seen, self.start_batches, self.steps = progress.seen, progress.batches, 0
 
@@ -135,7 +135,7 @@ class Progress:
             return
         world = distributed.world_size()
         loss = float(self.progress.total) / max(self.progress.seen * world, 1)
-        lr = self.stepper.optimizer.param_groups[0]["lr"]
+        lr = self.progress.lr  # the last step's
         if not self.bar.disable:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.3g}", refresh=False)
             return
@@ -162,7 +162,7 @@ def train_one_epoch(stepper: Stepper, loader, accum_steps: int = 1, mixup=None, 
     progress = progress if progress is not None else EpochProgress()
     stepper.model.train()
     batches = []
-    shown = Progress(loader, desc, stepper, progress)
+    shown = Progress(loader, desc, progress)
 
     def step():
         lr = stepper.optimizer.param_groups[0]["lr"]  # what this step takes: the schedule moves after it

@@ -16,7 +16,7 @@ from datasets import load_data, split_indices
 from models import build_model
 from utils import UserError, report_error, tracking
 from utils.device import pick_device
-from utils.runs import run_folder
+from utils.runs import DEFAULT_PROJECT, run_folder
 from workflows import prepare, resume
 from workflows.config import Config
 from workflows.lineage import changes, compact, defaults
@@ -52,7 +52,7 @@ def plan(cfg: Config) -> str:
     lines.append(f"model {model}, {params:.1f} M parameters, img_size {img_size}, pretrained "
                  f"{values.get('pretrained', cfg.pretrained)}{auto}")
     lines += [describe_out_dir(cfg, model),
-              f"W&B: {mode}" + (f", project {cfg.project or os.environ.get('WANDB_PROJECT') or 'sweepcls'}"
+              f"W&B: {mode}" + (f", project {cfg.project or os.environ.get('WANDB_PROJECT') or DEFAULT_PROJECT}"
                                 if mode != "disabled" else ""),
               f"device: {pick_device(cfg.device)}",
               "the checks passed; nothing was written. The same command without --check starts the run."]

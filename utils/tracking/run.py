@@ -87,12 +87,17 @@ class Run:
         so step charts line up across a resume whatever W&B's step is; W&B only (metrics.jsonl keeps epoch rows)."""
         if self.record is None or self.writer is None:
             return
+        step_key = f"{prefix}global_step"
         if prefix not in self.step_prefixes:  # explicit definitions win over the train/* -> epoch glob
             self.step_prefixes.add(prefix)
             keys = [prefix + k for k in values]
-            self._submit(lambda: [self.wandb.define_metric(f"{prefix}global_step")]
-                         + [self.wandb.define_metric(k, step_metric=f"{prefix}global_step") for k in keys])
-        row = {f"{prefix}global_step": step, **{prefix + k: v for k, v in values.items()}}
+
+            def define():
+                self.wandb.define_metric(step_key)
+                for key in keys:
+                    self.wandb.define_metric(key, step_metric=step_key)
+            self._submit(define)
+        row = {step_key: step, **{prefix + k: v for k, v in values.items()}}
         self._submit(lambda: self.wandb.log(row))
         self.next_step += 1
 
