@@ -37,7 +37,9 @@ def _words(rng, n: int) -> str:
     return " ".join("".join(rng.choice(list(string.ascii_lowercase), rng.integers(2, 9))) for _ in range(n))
 
 
-def _lines(draw, rng, x0: int, x1: int, y: int, y1: int, font, ink, gap=(14, 20), words=(2, 6)) -> int:
+def _lines(draw, rng, pen: tuple, x0: int, y: int, y1: int, gap=(14, 20), words=(2, 6)) -> int:
+    """Lines of random words from (x0, y) down to y1; pen: (font, ink)."""
+    font, ink = pen
     while y < y1:
         text = _words(rng, int(rng.integers(*words)))
         draw.text((x0 + int(rng.integers(0, 8)), y), text, fill=ink, font=font)
@@ -67,7 +69,7 @@ def page(kind: str, rng: np.random.Generator, side: int = SIDE) -> np.ndarray:
     if kind == "letter":  # a small header at the left, a date at the right, long lines, a signature
         draw.text((m, m), _words(rng, 2), fill=ink, font=font)
         draw.text((big - m - 60, m + 16), _words(rng, 1), fill=ink, font=font)
-        y = _lines(draw, rng, m, big - m, m + 50, big - 50, font, ink, words=(5, 9))
+        y = _lines(draw, rng, (font, ink), m, m + 50, big - 50, words=(5, 9))
         draw.line([(m, y + 12), (m + 60, y + 4)], fill=ink, width=2)
     elif kind == "table":  # a title, then one big grid
         draw.text((m, m), _words(rng, 2).upper(), fill=ink, font=title)
@@ -90,13 +92,13 @@ def page(kind: str, rng: np.random.Generator, side: int = SIDE) -> np.ndarray:
         draw.line([(x0, y + 4), (x1, y + 4)], fill=ink, width=3)
     elif kind == "invoice":  # a filled header bar, a few lines, a table at the bottom
         draw.rectangle([0, 0, big, int(rng.integers(28, 40))], fill=ink)
-        y = _lines(draw, rng, m, big - m, 48, 100, font, ink)
+        y = _lines(draw, rng, (font, ink), m, 48, 100)
         _table(draw, m, big - m, y + 8, int(rng.integers(3, 5)), 4, ink)
     elif kind == "article":  # a title across, then two columns of text
         draw.text((m, m), _words(rng, 3), fill=ink, font=title)
         mid = big // 2
-        _lines(draw, rng, m, mid - 6, m + 36, big - m - 10, font, ink, gap=(12, 15), words=(2, 4))
-        _lines(draw, rng, mid + 6, big - m, m + 36, big - m - 10, font, ink, gap=(12, 15), words=(2, 4))
+        _lines(draw, rng, (font, ink), m, m + 36, big - m - 10, gap=(12, 15), words=(2, 4))
+        _lines(draw, rng, (font, ink), mid + 6, m + 36, big - m - 10, gap=(12, 15), words=(2, 4))
     elif kind == "certificate":  # a double frame, a centred title, a seal
         draw.rectangle([m, m, big - m, big - m], outline=ink, width=3)
         draw.rectangle([m + 6, m + 6, big - m - 6, big - m - 6], outline=ink, width=1)

@@ -27,18 +27,17 @@ and downscale, two readings of one lost sharpness, are resolved together (_resol
 - small rotations: the test set's mean orientation histogram against the training images' and their rotated
   copies', a matched filter along a rotation's signature checked against random halves of both sets; one image's
   gradients are too few to say how a digit is turned, a few hundred images' are not.
-- turns and flips: the pose classifier's predictions on the test set, unmixed through its own confusion
-  matrix on held-out training images (corrupted as the test set is, so noise does not read as a pose).
+- turns and flips (datasets/poses.py): the pose classifier's predictions on the test set, unmixed through its own
+  confusion matrix on held-out training images (corrupted as the test set is, so noise does not read as a pose).
 benchmarks/shift_calibration.py measures how right this is on random recipes with known truth.
 Everything is seeded by SEED alone: every run and sweep trial on the same data and img_size gets the same settings.
 """
 import cv2
 import numpy as np
-from scipy.optimize import nnls
-from sklearn.linear_model import LogisticRegression
 
 from datasets.corruption import corrupter
 from datasets.files import load_image
+from datasets.poses import measure_poses
 from utils.image_stats import colour_cast, jpeg_zeros, linear_runs, noise_sigma, orientation_histogram, smooth_sharpness
 from utils.stop import check_stop
 
@@ -50,7 +49,6 @@ MIN_POSE_ACCURACY = 0.2  # chance: 0.125. The unmixing corrects for the classifi
 MIN_POSE_SHARE = 0.25  # turns and flips: the pose estimate's own error on upright sets reaches ~0.15
 SEED = 0
 VERSION = 5        # of the measure: a cached measure (datasets/shift_cache.py) of another version is measured again
-POSE_SIDE = 16     # px, the pose classifier's input (grey, standardized)
 
 # per operation, in the order they are resolved (each against training images that already carry the ones before,
 # all of them, noise included): its statistic and the magnitudes tried (the augmentation's own parameter)
@@ -275,44 +273,6 @@ def _bootstrap_sd(share_of, n: int) -> float:
     return round(float(np.std([share_of(rng.integers(0, n, n)) for _ in range(BOOTSTRAP)])), 3)
 
 
-def _d4(gray: np.ndarray) -> list[np.ndarray]:
-    """The 8 square poses: k quarter turns of the image, then of its mirror (index 4 f + k)."""
-    return [np.rot90(np.fliplr(gray) if f else gray, k) for f in (0, 1) for k in range(4)]
-
-
-def _pose_features(rgb: np.ndarray) -> np.ndarray:
-    return cv2.resize(_grey(rgb), (POSE_SIDE, POSE_SIDE), interpolation=cv2.INTER_AREA).astype(np.float32)
-
-
-def _standardize(x: np.ndarray) -> np.ndarray:
-    x = x.reshape(len(x), -1)
-    return (x - x.mean(1, keepdims=True)) / (x.std(1, keepdims=True) + 1e-6)
-
-
-def measure_poses(train_images: list, test_images: list, photometric: dict) -> dict:
-    """Share of test images turned by a right angle and mirrored, from a logistic-regression pose classifier
-    trained on half the training images in all 8 poses (corrupted by the measured photometric operations),
-    its confusion matrix on the other half, and its predictions on the test images unmixed through it."""
-    apply = _simulator({**OFF, **photometric})
-    corrupted = [apply(img, SEED + i) for i, img in enumerate(train_images)]
-    half = len(corrupted) // 2
-    fit_part, held_part = corrupted[:half], corrupted[half:]
-    pose_x = lambda imgs: _standardize(np.stack([p for img in imgs for p in _d4(_pose_features(img))]))
-    pose_y = lambda imgs: np.tile(np.arange(8), len(imgs))
-    clf = LogisticRegression(C=0.5, max_iter=300).fit(pose_x(fit_part), pose_y(fit_part))
-    pred = clf.predict(pose_x(held_part)).reshape(-1, 8)  # row: image, column: its true pose
-    confusion = np.stack([np.bincount(pred[:, t], minlength=8) / len(pred) for t in range(8)])  # P(pred | true)
-    accuracy = float(np.trace(confusion) / 8)
-    observed = np.bincount(clf.predict(_standardize(np.stack([_pose_features(t) for t in test_images]))),
-                           minlength=8) / len(test_images)
-    mix, _ = nnls(confusion.T, observed)
-    mix = mix / (mix.sum() or 1)
-    turned = float(1 - mix[0] - mix[4])  # any quarter turn (of the image or its mirror)
-    mirrored = float(mix[4:].sum())
-    return {"pose_accuracy": accuracy, "turned": turned, "mirrored": mirrored,
-            "poses": [round(float(m), 3) for m in mix]}
-
-
 def measure_shift(train_images: list, test_images: list, native_side: int | None = None,
                   native: tuple[list, list] | None = None) -> dict:
     """{"gap": per statistic train/test medians and share, "poses": ..., "settings": per operation p and magnitude}.
@@ -357,7 +317,8 @@ def measure_shift(train_images: list, test_images: list, native_side: int | None
                     stored[name]["fill"] = g["fill"]
     settings = training_units(stored, stored_side, side)
     check_stop("measuring the test set's shift")
-    poses = measure_poses(train_images, test_images, {k: settings[k] for k in ("noise", "blur", "tint", "noise_scale")})
+    photometric = {k: settings[k] for k in ("noise", "blur", "tint", "noise_scale")}
+    poses = measure_poses(train_images, test_images, _simulator({**OFF, **photometric}), SEED)
     if poses["pose_accuracy"] >= MIN_POSE_ACCURACY:  # the training images have an upright to learn
         if poses["turned"] >= MIN_POSE_SHARE:
             settings["turn"] = {"p": round(min(1.0, poses["turned"] / 0.75), 3)}  # RandomRotate90 turns 3 times in 4

@@ -60,7 +60,7 @@ class Stopped(Exception):
 
 
 class StopSignal:
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # SIGUSR1: a preemption, said so (tracking.Run.on_stop)
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)  # SIGUSR1: a preemption, said so (tracking: on_stop)
 
     def __init__(self):
         self.signum: int | None = None

@@ -14,13 +14,15 @@ overlaps the next epoch instead of delaying it. finish() waits for it; an error 
 is raised by the next call here.
 
 One job per module: mode.py (which mode, a key, the server reachable), start.py (init), run.py (the Run: logging,
-artifacts, how it ends), tables.py (tables and media), api.py (the public API: artifacts, sweeps), private.py (every
-use of wandb's private API, behind a version check: the one place to look after a wandb upgrade).
+artifacts), ending.py (how a run ends: exit codes, stops, deadlines), tables.py (tables and media), api.py (the
+public API: artifacts, sweeps), private.py (every use of wandb's private API, behind a version check: the one place
+to look after a wandb upgrade).
 """
 # the seams a test replaces live in their modules (api.wandb_api, mode._server_unreachable,
 # private.stop_requested_in_wandb): patch them there, where they are looked up
 from utils.tracking import api, mode, private, tables  # noqa: F401
 from utils.tracking.api import SweepRun, download_artifact, sweep_runs_best_first  # noqa: F401
+from utils.tracking.ending import MIN_FINISH_S, STOP_STATUS_TIMEOUT_S  # noqa: F401
 from utils.tracking.mode import SERVER_TIMEOUT_S, has_api_key, resolve_mode  # noqa: F401
-from utils.tracking.run import MIN_FINISH_S, STOP_STATUS_TIMEOUT_S, TABLES_SHARE, Run  # noqa: F401
+from utils.tracking.run import TABLES_SHARE, Run  # noqa: F401
 from utils.tracking.start import INIT_TIMEOUT_S, RunOptions, init, split_tags  # noqa: F401
