@@ -4,7 +4,7 @@ the share error and the magnitude error, and the false alarms on clean test spli
 
 Usage (from the repository root):
     python benchmarks/shift_calibration.py                  # 36 recipes + 10 clean splits per source (~10 min, 2 cores)
-    python benchmarks/shift_calibration.py --quick          # 2 recipes + 1 clean split per source, 120 images (CI)
+    python benchmarks/shift_calibration.py --quick          # 1 recipe + 1 clean split per source, 120 images (CI)
     python benchmarks/shift_calibration.py --recipes 60 --sources documents --show   # each recipe's truth and measure
 Sources: `digits` (scikit-learn's handwritten digits, white on black, 32 px like digits_hard) and `documents`
 (pages rendered in code: dark text lines, rules, tables and stamps on light paper, 72 px; PIL's bundled font, so
@@ -267,7 +267,7 @@ def table(scored: list, alarms: list, title: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2 recipes and 1 clean split per source, 120 images")
+    parser.add_argument("--quick", action="store_true", help="1 recipe and 1 clean split per source, 120 images")
     parser.add_argument("--images", type=int, default=IMAGES, help="images in the training and in each test split")
     parser.add_argument("--recipes", type=int, default=36, help="random recipes per source")
     parser.add_argument("--clean", type=int, default=10, help="clean test splits per source (false alarms)")
@@ -276,12 +276,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="draws the recipes and the splits")
     parser.add_argument("--show", action="store_true", help="print each recipe's truth and what was measured")
     args = parser.parse_args(argv)
-    n_recipes, n_clean, n = (2, 1, 120) if args.quick else (args.recipes, args.clean, args.images)
+    n_recipes, n_clean, n = (1, 1, 120) if args.quick else (args.recipes, args.clean, args.images)
     start = time.perf_counter()
     everything, every_alarm = [], []
     for name in args.sources:
         scored, alarms = run_source(name, n_recipes, n_clean, args.seed, args.show, n)
-        print(table(scored, alarms, f"\n{name}: {n_recipes} recipes, {n_clean} clean splits"), flush=True)
+        print(table(scored, alarms, f"\n{name}: {n_recipes} recipe{'s' * (n_recipes != 1)}, "
+                                           f"{n_clean} clean split{'s' * (n_clean != 1)}"), flush=True)
         everything += scored
         every_alarm += alarms
     if len(args.sources) > 1:

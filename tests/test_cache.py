@@ -3,8 +3,6 @@ img_size across runs, bad images named, and cheap to hand to loader workers."""
 import os
 import pickle
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, run_script
+from conftest import run_script
 from datasets import ImageDataset, SeededSampler, load_data, load_image, screen_images
 from datasets.cache import CachedImages, cache_images
 from datasets.files import take
@@ -195,29 +193,27 @@ def test_cache_max_gb_is_a_bookkeeping_key_and_never_negative(capsys):
 
 # --- python cache.py list / clear ---
 
-def cache_cli(*args):
-    return subprocess.run([sys.executable, "cache.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
-
-
 def test_cache_command_lists_and_clears(competition, tmp_path):
     a, b, _ = three_sets(competition)
-    held = cache_images(a, 16, "disk", tmp_path)[0]  # this process holds it: the command sees it in use
+    # a running run holds it: a shared flock on its .lock. The command takes the lock through an open file of its own,
+    # which conflicts with this one as with another process's (flock is per open file), so it runs in this process
+    held = cache_images(a, 16, "disk", tmp_path)[0]
     path_b = build(b, tmp_path)
     (tmp_path / f"{path_b.stem}.json").unlink()  # as a cache made before the .json record: read from the header
     (tmp_path / "preds").mkdir()
     (tmp_path / "preds" / "p.npy").write_bytes(b"x" * 5000)
-    listed = cache_cli("list", "--cache_dir", str(tmp_path))
+    listed = run_script("cache", ["list", "--cache_dir", str(tmp_path)])
     assert listed.returncode == 0, listed.stderr
     lines = {line.split()[0]: line for line in listed.stdout.splitlines() if line.startswith("  ")}
     assert set(lines) == {held.path.stem, path_b.stem}
     assert "100 images x 16 px" in lines[path_b.stem] and "in use" in lines[held.path.stem]
     assert "in use" not in lines[path_b.stem] and re.search(r"preds/ +1 entries +5 kB", listed.stdout)
-    cleared = cache_cli("clear", "--decode", "--cache_dir", str(tmp_path))
+    cleared = run_script("cache", ["clear", "--decode", "--cache_dir", str(tmp_path)])
     assert cleared.returncode == 0, cleared.stderr
     assert not path_b.exists() and held.path.is_file() and (tmp_path / "preds" / "p.npy").is_file()
     assert "kept 1 in use by a running process" in cleared.stdout and held.path.stem in cleared.stdout
     del held
-    cleared = run_script("cache", ["clear", "--all", "--cache_dir", str(tmp_path)])  # nothing in use: in-process
+    cleared = run_script("cache", ["clear", "--all", "--cache_dir", str(tmp_path)])  # nothing in use now
     assert cleared.returncode == 0 and not list(tmp_path.glob("*.npy")) and not (tmp_path / "preds" / "p.npy").exists()
     assert "decode caches: deleted 1" in cleared.stdout and "preds/: deleted 1 entries, 5 kB" in cleared.stdout
 

@@ -9,7 +9,7 @@ def test_quick_mode_prints_the_calibration_table(capsys):
     assert cal.main(["--quick"]) == 0
     out = capsys.readouterr().out
     for source in cal.SOURCES:
-        assert f"{source}: 2 recipes, 1 clean splits" in out
+        assert f"{source}: 1 recipe, 1 clean split" in out
     assert "| operation | recipes with it | detected |" in out and "all sources" in out
     assert "clean splits with a false alarm: 0% of 2" in out  # a clean test split switches nothing on
 

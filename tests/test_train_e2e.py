@@ -196,7 +196,7 @@ def test_disabled_mode_still_saves_work_but_stages_nothing(tmp_path, monkeypatch
     assert summary["_exit_code"] == 0 and summary["best_epoch"] == 1
 
 
-def test_compile_trains_and_saves_plain_weights(tmp_path, monkeypatch):
+def test_compile_trains_and_saves_plain_weights(tmp_path, monkeypatch, competition):
     """torch.compile through its AOTAutograd tracing of forward and backward (what our step has to survive), with
     the eager backend after it: inductor's C++ code generation is torch's own and costs ~40 s cold on 2 CPU cores
     (a lent GPU machine is where to run it). The wrapper, and so the `_orig_mod.` keys a careless save would
@@ -204,8 +204,8 @@ def test_compile_trains_and_saves_plain_weights(tmp_path, monkeypatch):
     compile_ = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, **{"backend": "aot_eager", **kw}))
     out = tmp_path / "out"
-    proc = run_train(["--model", TINY_MODEL, "--img_size=16", "--epochs=1", "--workers=0", "--wandb_mode=disabled",
-                      "--compile=True", f"--out_dir={out}"])
+    proc = run_train(["--data", competition, "--model", TINY_MODEL, "--img_size=16", "--epochs=1", "--workers=0",
+                      "--wandb_mode=disabled", "--compile=True", f"--out_dir={out}"])
     state, meta = load_checkpoint(out / "best.safetensors")
     assert not any(k.startswith("_orig_mod.") for k in state) and meta["config"]["compile"] is True
     load_model(out / "best.safetensors")  # rebuilds without torch.compile
