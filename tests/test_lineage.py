@@ -1,20 +1,18 @@
 """Lineage with real offline W&B runs: dataset artifacts, the data fingerprint (and its check on resume),
-code state, the changed keys, and the journal of runs and of an offline sweep."""
+code state, the changed keys, and the journal of runs (of an offline sweep: test_sweep_e2e's killed-runner sweep)."""
 import base64
 import csv
 import hashlib
 import json
 import subprocess
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 
-from conftest import NAMES, ROOT, TINY_MODEL, make_competition_folder, read_run, run_script, run_train
+from conftest import NAMES, TINY_MODEL, read_run, run_script, run_train
 from datasets import load_data
 from models.checkpoint import read_meta
 from utils import tracking
@@ -231,41 +229,6 @@ def test_resume_on_changed_data_warns(tmp_path, competition):
     assert f"warning: the data changed since this run started: {expected}" in proc.stderr
     assert json.loads((out / "summary.json").read_text())["data_changed_on_resume"] == expected
     assert "resumed at epoch 2" in proc.stdout
-
-
-@pytest.mark.slow
-def test_journal_lists_the_runs_of_an_offline_sweep(tmp_path):
-    data = make_competition_folder(tmp_path / "comp", n_train=120, n_test=20)
-    spec = tmp_path / "grid.yaml"
-    spec.write_text(yaml.safe_dump({"program": "train.py", "method": "grid",
-                                    "metric": {"name": "val/f1_macro", "goal": "maximize"},
-                                    "parameters": {"data": {"value": str(data)}, "model": {"value": TINY_MODEL},
-                                                   "img_size": {"value": 32}, "epochs": {"value": 2},
-                                                   "workers": {"value": 0}, "table_rows": {"value": 4},
-                                                   "final_fit": {"value": "false"},
-                                                   "lr": {"values": [0.002, 0.01, 0.0005]}}}))
-    sweep = subprocess.run([sys.executable, "sweep.py", str(spec), "--count", "3", "--workers", "2", "--sweep_dir",
-                            str(tmp_path / "sw")], cwd=ROOT, capture_output=True, text=True)
-    assert sweep.returncode == 0, sweep.stdout[-2000:] + sweep.stderr[-2000:]
-    proc = run_module("journal", "--sweep", tmp_path / "sw")
-    assert proc.returncode == 0, proc.stderr
-    assert f"Every run changes: `final_fit=false img_size=32 model={TINY_MODEL} epochs=2`." in proc.stdout
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
-            if line.startswith("| ") and not line.startswith("| #")]
-    trials = {t["id"]: t for t in map(json.loads, map(Path.read_text, (tmp_path / "sw" / "trials").glob("*.json")))}
-    assert sorted(r[2] for r in rows) == sorted(trials) and all(r[3] == "finished" for r in rows)
-    score = {i: json.loads((tmp_path / "sw" / "runs" / i / "summary.json").read_text())["val/f1_macro"] for i in trials}
-    by_lr = {trials[r[2]]["params"]["lr"]: r for r in rows}
-    base = by_lr[0.002][2]  # the default lr: the changes every run shares, and nothing else
-    assert by_lr[0.002][4] == "—" and by_lr[0.002][6] == ""
-    for lr in (0.01, 0.0005):
-        row = by_lr[lr]
-        assert row[4] == f"lr={lr:g}" and row[5].strip("*") == f"{score[row[2]]:.4f}"
-        assert row[6] == f"{score[row[2]] - score[base]:+.4f} vs {base} (baseline)"
-        assert row[10] == str(tmp_path / "sw" / "runs" / row[2] / "best.safetensors")
-    best = max(score, key=score.get)
-    assert next(r for r in rows if r[2] == best)[5] == f"**{score[best]:.4f}**"
-    assert (tmp_path / "sw" / "journal.md").read_text() == proc.stdout
 
 
 class FakeRun:

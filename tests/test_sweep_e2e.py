@@ -1,5 +1,6 @@
-"""Offline sweeps end to end: real train.py trials in real offline W&B runs, a runner killed and restarted,
-a crash, hyperband's stop (with a scripted stand-in program), SIGTERM in train.py, cross-validated trials."""
+"""Offline sweeps end to end: real train.py trials in real offline W&B runs, a runner killed and restarted, the
+journal of that sweep, a crash, hyperband's stop (with a scripted stand-in program), SIGTERM in train.py,
+cross-validated trials."""
 import csv
 import json
 import os
@@ -14,7 +15,7 @@ import pytest
 import yaml
 
 import train
-from conftest import ROOT, TINY_MODEL, make_competition_folder, read_run
+from conftest import ROOT, TINY_MODEL, make_competition_folder, read_run, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -36,15 +37,18 @@ def run_record(run_dir: Path) -> dict:
     return next(r["run"] for r in read_run(run_dir) if r["type"] == "run")
 
 
+LRS = [0.002, 0.01, 0.0005, 0.005]  # a grid; 0.002 is train.py's default lr: the journal's baseline trial
+
+
 def test_offline_sweep_of_train_py_survives_a_killed_runner(tmp_path):
+    """The runner killed mid-sweep and started again: kept trials, rerun ones, the leaderboard, the W&B runs; then
+    the journal of the sweep (one sweep serves both: each costs a few trial processes)."""
     data = make_competition_folder(tmp_path / "comp", n_train=120, n_test=20)
-    spec = write_sweep(tmp_path / "digits.yaml", program="train.py", method="random",
+    spec = write_sweep(tmp_path / "digits.yaml", program="train.py", method="grid",
                        metric={"name": "val/f1_macro", "goal": "maximize"}, parameters={
                            "data": {"value": str(data)}, "model": {"value": TINY_MODEL}, "img_size": {"value": 32},
                            "epochs": {"value": 2}, "workers": {"value": 0}, "table_rows": {"value": 8},
-                           "final_fit": {"value": "false"},
-                           "lr": {"distribution": "log_uniform_values", "min": 1e-3, "max": 1e-2},
-                           "loss": {"values": ["ce", "label_smoothing"]}})
+                           "final_fit": {"value": "false"}, "lr": {"values": LRS}})
     sweep_dir = tmp_path / "sw"
     cmd = sweep_cmd(spec, "--count", 4, "--workers", 2, "--sweep_dir", sweep_dir)
     runner = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -92,10 +96,34 @@ def test_offline_sweep_of_train_py_survives_a_killed_runner(tmp_path):
         trial = next(t for t in after if t["id"] == record["run_id"])
         assert record["run_group"] == f"sweep-{sweep_id}" and f"sweep-{sweep_id}" in record["tags"]
         config = {k: v for k, v in record["config"]["update"].items()}
-        assert config["lr"] == pytest.approx(trial["params"]["lr"]) and config["loss"] == trial["params"]["loss"]
+        assert config["lr"] == pytest.approx(trial["params"]["lr"]) and config["model"] == trial["params"]["model"]
 
     status = subprocess.run(sweep_cmd("--status", sweep_dir), cwd=ROOT, capture_output=True, text=True)
     assert status.returncode == 0 and "4 trials, 4 finished" in status.stdout
+    check_journal(sweep_dir)
+
+
+def check_journal(sweep_dir: Path) -> None:
+    """journal.py --sweep on a finished grid over LRS: a row per trial, each scored against the default lr's."""
+    proc = run_script("journal", ["--sweep", sweep_dir])
+    assert proc.returncode == 0, proc.stderr
+    assert f"Every run changes: `final_fit=false img_size=32 model={TINY_MODEL} epochs=2`." in proc.stdout
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| #")]
+    trials = {t["id"]: t for t in map(json.loads, map(Path.read_text, (sweep_dir / "trials").glob("*.json")))}
+    assert sorted(r[2] for r in rows) == sorted(trials) and all(r[3] == "finished" for r in rows)
+    score = {i: json.loads((sweep_dir / "runs" / i / "summary.json").read_text())["val/f1_macro"] for i in trials}
+    by_lr = {trials[r[2]]["params"]["lr"]: r for r in rows}
+    base = by_lr[0.002][2]  # the default lr: the changes every run shares, and nothing else
+    assert by_lr[0.002][4] == "—" and by_lr[0.002][6] == ""
+    for lr in LRS[1:]:
+        row = by_lr[lr]
+        assert row[4] == f"lr={lr:g}" and row[5].strip("*") == f"{score[row[2]]:.4f}"
+        assert row[6] == f"{score[row[2]] - score[base]:+.4f} vs {base} (baseline)"
+        assert row[10] == str(sweep_dir / "runs" / row[2] / "best.safetensors")
+    best = max(score, key=score.get)
+    assert next(r for r in rows if r[2] == best)[5] == f"**{score[best]:.4f}**"
+    assert (sweep_dir / "journal.md").read_text() == proc.stdout
 
 
 def test_crash_is_recorded_and_hyperband_stops_the_poor_trial(tmp_path, monkeypatch):
