@@ -98,7 +98,7 @@ def test_offline_sweep_of_train_py_survives_a_killed_runner(tmp_path):
         config = {k: v for k, v in record["config"]["update"].items()}
         assert config["lr"] == pytest.approx(trial["params"]["lr"]) and config["model"] == trial["params"]["model"]
 
-    status = subprocess.run(sweep_cmd("--status", sweep_dir), cwd=ROOT, capture_output=True, text=True)
+    status = run_script("sweep", ["--status", sweep_dir])
     assert status.returncode == 0 and "4 trials, 4 finished" in status.stdout
     check_journal(sweep_dir)
 
