@@ -143,18 +143,32 @@ def attempts_history(run_dir: Path) -> list[list[dict]]:
     return parts
 
 
+def _abandon_in_process(run, exit_code: int, why: str) -> None:
+    """utils.tracking.ending.abandon inside run_script: it would os._exit this process (pytest) with the run's code,
+    so a stopped run whose W&B finish outlasted its deadline fails its test instead."""
+    raise AssertionError(f"the run would end the pytest process here (ending.abandon, exit code {exit_code}): {why}")
+
+
 def run_script(name: str, args: list[str], cwd=ROOT) -> subprocess.CompletedProcess:
     """`python NAME.py ARGS` run in this process through NAME.main (the imports are paid once per session, not once
     per command): its exit code, stdout and stderr as a finished process would give them. An uncaught exception
-    propagates to the test (a process would print its traceback and exit 1). A test about the process itself
-    (signals, kills, torchrun, the agent, a fresh import) starts a real one instead."""
+    propagates to the test (a process would print its traceback and exit 1). A stop signal this process sends
+    itself is handled by the run's StopSignal; the handlers of the stop signals are restored after, and an exit
+    that would end the process (ending.abandon) fails the test instead. A test about the process itself (signals
+    from outside, kills, torchrun, the agent, a fresh import) starts a real one instead."""
     import importlib
+    import signal
 
     import wandb
+
+    from utils.stop import StopSignal
+    from utils.tracking import ending
     main = importlib.import_module(name).main
     args = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
     before, argv, program = os.getcwd(), sys.argv, os.environ.get("WANDB_PROGRAM")
+    handlers = {s: signal.getsignal(s) for s in StopSignal.SIGNALS}  # a stopped run's main may leave them changed
+    abandon, ending.abandon = ending.abandon, _abandon_in_process
     os.chdir(cwd)
     sys.argv, os.environ["WANDB_PROGRAM"] = [f"{name}.py", *args], f"{name}.py"  # W&B saves and names the script
     try:
@@ -166,6 +180,9 @@ def run_script(name: str, args: list[str], cwd=ROOT) -> subprocess.CompletedProc
                 if isinstance(e.code, str):
                     print(e.code, file=sys.stderr)
     finally:
+        for s, handler in handlers.items():  # this process must not go on ignoring a stop (ignore_later_stops)
+            signal.signal(s, handler)
+        ending.abandon = abandon
         os.chdir(before)
         sys.argv = argv
         if program is None:

@@ -1,18 +1,24 @@
 """A stop at any moment is one clean stop that --resume continues from: sent to the process or to its whole process
 group (loader workers included), during the decode of the images, mid-epoch, during validation and during the test
 set's prediction. Each stop here is a real signal, sent by the run to itself at a chosen point (a patched function),
-so the phase is certain; the resumed run must end bit-identical to one never stopped."""
+so the phase is certain; the resumed run must end bit-identical to one never stopped. A stop the run sends itself
+is run in this process (conftest.run_train: the imports are paid once); the tests whose subject is the process (a
+stop sent to its whole group, a crash's exit, the W&B service ended too) start a real one."""
+import functools
+import importlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import datasets.cache
 from conftest import (
     ROOT,
     TINY_MODEL,
@@ -47,9 +53,29 @@ def reference(tmp_path_factory):
     return data, out_dir
 
 
+def stop_at(patch: pytest.MonkeyPatch, at: str, n: int, sig: int = signal.SIGTERM) -> list[int]:
+    """Patches `at` (module:name or module:Class.name, a function) to send this process `sig` on its n-th call, for
+    a run in this process (until `patch` is undone); returns the count of calls so far (a list of one)."""
+    module, name = at.split(":")
+    *path, name = name.split(".")
+    owner = importlib.import_module(module)
+    for part in path:
+        owner = getattr(owner, part)
+    f, calls = getattr(owner, name), [0]
+
+    @functools.wraps(f)
+    def g(*a, **k):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), sig)
+        return f(*a, **k)
+    patch.setattr(owner, name, g)
+    return calls
+
+
 def self_stop(at: str, n: int, sig: str = "SIGTERM") -> str:
-    """Python code that patches `at` (module:name or module:Class.name, a function) to send this process `sig` on
-    its n-th call, and prints the number of calls at exit."""
+    """stop_at as Python code for a process of its own (benchmarks/stop_phases.py): patches `at` to send the process
+    `sig` on its n-th call, and prints the number of calls at exit."""
     module, name = at.split(":")
     *owner, name = name.split(".")
     return (f"import atexit, functools, importlib, os, signal\nowner = importlib.import_module({module!r})\n"
@@ -65,11 +91,17 @@ def train(data: Path, out_dir: Path, *args, patch: str = "", group: bool = False
                             stderr=subprocess.PIPE, text=True, process_group=0 if group else None)
 
 
-def stopped(proc: subprocess.Popen, code: int = 128 + signal.SIGTERM) -> tuple[str, str]:
-    out, err = proc.communicate(timeout=300)
+def stopped(proc: subprocess.Popen | subprocess.CompletedProcess, code: int = 128 + signal.SIGTERM) -> tuple[str, str]:
+    """The stdout and stderr of a run that ended in one clean stop (a process, or run_train's result)."""
+    out, err = proc.communicate(timeout=300) if isinstance(proc, subprocess.Popen) else (proc.stdout, proc.stderr)
     assert proc.returncode == code, f"{proc.returncode}:\n{out[-2000:]}\n{err[-3000:]}"
     assert "Traceback" not in err and "killed by signal" not in err, err[-3000:]
     return out, err
+
+
+def train_here(data: Path, out_dir: Path, *args) -> subprocess.CompletedProcess:
+    """train() in this process (conftest.run_train), for a stop the run sends itself (stop_at)."""
+    return run_train(["--data", str(data), *ARGS, "--out_dir", str(out_dir), *args], check=False)
 
 
 def rows(out_dir: Path) -> list[dict]:
@@ -95,8 +127,9 @@ def resume(data: Path, out_dir: Path, workers: int = 0) -> str:
 def test_a_stop_mid_epoch_resumes_inside_the_epoch_bit_identical(tmp_path, reference):
     data, ref = reference
     out_dir = tmp_path / "run"
-    n = STEPS_PER_EPOCH + 3  # after the 3rd optimizer step of epoch 2
-    out, err = stopped(train(data, out_dir, "--workers", "2", patch=self_stop("optim.stepper:Stepper.step", n)))
+    with pytest.MonkeyPatch.context() as patch:  # after the 3rd optimizer step of epoch 2
+        stop_at(patch, "optim.stepper:Stepper.step", STEPS_PER_EPOCH + 3)
+        out, err = stopped(train_here(data, out_dir, "--workers", "2"))  # loader workers forked from this process
     assert "during training in epoch 2" in err
     assert json.loads((out_dir / "summary.json").read_text())["stopped"] == "SIGTERM during training in epoch 2"
     assert [r["epoch"] for r in rows(out_dir)] == [1]
@@ -126,7 +159,9 @@ def test_a_stop_in_any_phase_is_honoured_there_and_resumes(tmp_path, reference, 
                                                           resumed):
     data, ref = reference
     out_dir = tmp_path / "run"
-    out, err = stopped(train(data, out_dir, "--workers", "0", "--wandb_mode", "disabled", patch=self_stop(at, n)))
+    with pytest.MonkeyPatch.context() as patch:
+        stop_at(patch, at, n)
+        out, err = stopped(train_here(data, out_dir, "--workers", "0", "--wandb_mode", "disabled"))
     assert f"during {phase}" in err and (out_dir / "resume.pt").is_file()
     assert [r["epoch"] for r in rows(out_dir)] == epochs_logged  # no epoch logged half-done
     assert not (out_dir / "submission.csv").exists()
@@ -138,14 +173,19 @@ def test_a_stop_in_any_phase_is_honoured_there_and_resumes(tmp_path, reference, 
 def test_a_stop_during_the_image_decode_ends_it_early_and_keeps_no_half_cache(tmp_path, reference):
     data, ref = reference
     out_dir, cache = tmp_path / "run", tmp_path / "cache"  # its own: the session's is shared
-    slow = "import time, datasets.cache as c; load = c.load_image\ndef slow(p):\n    time.sleep(0.05)\n" \
-           "    return load(p)\nc.load_image = slow\n"  # 240 images: about 6 s of decoding on 2 threads
-    out, err = stopped(train(data, out_dir, "--workers", "0", "--wandb_mode", "disabled", "--cache", "disk",
-                             "--cache_dir", str(cache),
-                             patch=slow + self_stop("datasets.cache:load_image", 20)))
+    load = datasets.cache.load_image
+
+    def slow(p):  # 240 images: about 6 s of decoding on 2 threads
+        time.sleep(0.05)
+        return load(p)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datasets.cache, "load_image", slow)
+        calls = stop_at(patch, "datasets.cache:load_image", 20)
+        out, err = stopped(train_here(data, out_dir, "--workers", "0", "--wandb_mode", "disabled", "--cache", "disk",
+                                      "--cache_dir", str(cache)))
     assert "during decoding images" in err
     assert not list(cache.glob("*.npy")) and not list(cache.glob(".*tmp*"))  # nothing half-decoded is kept
-    assert int(out.rsplit("calls: ", 1)[1]) < 100  # of 240: the rest were never decoded
+    assert calls[0] < 100  # of 240: the rest were never decoded
     resume(data, out_dir)  # nothing trained yet: the same command starts it again, in place
     assert_same_run(out_dir, ref)
 
@@ -170,8 +210,9 @@ def test_a_stopped_run_continues_into_another_folder(tmp_path, reference):
     """--resume A --out_dir B: B gets A's epochs so far and continues them; A is left as it was."""
     data, ref = reference
     first, second = tmp_path / "first", tmp_path / "second"
-    stopped(train(data, first, "--workers", "0", "--wandb_mode", "disabled",
-                  patch=self_stop("optim.stepper:Stepper.step", STEPS_PER_EPOCH + 3)))
+    with pytest.MonkeyPatch.context() as patch:
+        stop_at(patch, "optim.stepper:Stepper.step", STEPS_PER_EPOCH + 3)
+        stopped(train_here(data, first, "--workers", "0", "--wandb_mode", "disabled"))
     before = {p.name: p.read_bytes() for p in first.iterdir() if p.is_file()}
     run_train(["--data", str(data), *ARGS, "--workers", "0", "--wandb_mode", "disabled", "--resume", str(first),
                "--out_dir", str(second)])
