@@ -1,9 +1,12 @@
 """Shared fixtures: every W&B directory in a temp path, real offline mode; small real image folders."""
 import contextlib
 import csv
+import functools
+import importlib
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -149,6 +152,26 @@ def _abandon_in_process(run, exit_code: int, why: str) -> None:
     raise AssertionError(f"the run would end the pytest process here (ending.abandon, exit code {exit_code}): {why}")
 
 
+def stop_at(patch: pytest.MonkeyPatch, at: str, n: int, sig: int = signal.SIGTERM) -> list[int]:
+    """Patches `at` (module:name or module:Class.name, a function) to send this process `sig` on its n-th call, for
+    a run in this process (until `patch` is undone); returns the count of calls so far (a list of one)."""
+    module, name = at.split(":")
+    *path, name = name.split(".")
+    owner = importlib.import_module(module)
+    for part in path:
+        owner = getattr(owner, part)
+    f, calls = getattr(owner, name), [0]
+
+    @functools.wraps(f)
+    def g(*a, **k):
+        calls[0] += 1
+        if calls[0] == n:
+            os.kill(os.getpid(), sig)
+        return f(*a, **k)
+    patch.setattr(owner, name, g)
+    return calls
+
+
 def run_script(name: str, args: list[str], cwd=ROOT) -> subprocess.CompletedProcess:
     """`python NAME.py ARGS` run in this process through NAME.main (the imports are paid once per session, not once
     per command): its exit code, stdout and stderr as a finished process would give them. An uncaught exception
@@ -156,9 +179,6 @@ def run_script(name: str, args: list[str], cwd=ROOT) -> subprocess.CompletedProc
     itself is handled by the run's StopSignal; the handlers of the stop signals are restored after, and an exit
     that would end the process (ending.abandon) fails the test instead. A test about the process itself (signals
     from outside, kills, torchrun, the agent, a fresh import) starts a real one instead."""
-    import importlib
-    import signal
-
     import wandb
 
     from utils.stop import StopSignal

@@ -218,9 +218,9 @@ def test_run_records_changes_parent_notes_code_and_data(tmp_path):
 
 @pytest.mark.slow
 def test_resume_on_changed_data_warns(tmp_path, competition):
-    from test_resume import ARGS, kill_after, start
+    from test_resume import ARGS, stopped_in_epoch_2
     out = tmp_path / "run"
-    kill_after(start(competition, out, workers=0), out, epochs_done=1, extra=0.0)
+    stopped_in_epoch_2(competition, out)
     before = manifest(load_data(str(competition)))
     relabel(competition, "tr_0003.png", (NAMES.index(before[3][3]) + 1) % 10)
     proc = run_train(["--data", str(competition), *ARGS, "--workers", "0", "--out_dir", str(out)])

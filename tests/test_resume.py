@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from conftest import ROOT, TINY_MODEL, attempts_history, run_train
+from conftest import ROOT, TINY_MODEL, attempts_history, run_train, stop_at
 from utils.background import BackgroundWriter
 from workflows.resume import RESUME_FILE, load_state, save_state
 
@@ -95,10 +95,20 @@ def test_crafted_resume_file_is_refused(tmp_path, capsys):
     assert not MARKER.exists()
 
 
+STEPS_PER_EPOCH = 12  # 240 images, 48 of them validate: 192 / 16
+
+
+def stopped_in_epoch_2(data: Path, out_dir: Path) -> None:
+    """A run of ARGS stopped (its own SIGTERM, in this process) at the first step of epoch 2: a state to resume."""
+    with pytest.MonkeyPatch.context() as patch:
+        stop_at(patch, "optim.stepper:Stepper.step", STEPS_PER_EPOCH + 1)
+        proc = run_train(["--data", str(data), *ARGS, "--workers", "0", "--out_dir", str(out_dir)], check=False)
+    assert proc.returncode == 128 + signal.SIGTERM and (out_dir / "resume.pt").is_file(), proc.stderr[-2000:]
+
+
 def test_resume_with_another_config_is_refused(tmp_path, competition, capsys):
     out_dir = tmp_path / "run"
-    proc = start(competition, out_dir, workers=0)
-    kill_after(proc, out_dir, epochs_done=1, extra=0.0)
+    stopped_in_epoch_2(competition, out_dir)
     code = train.main(["--data", str(competition), *ARGS, "--lr", "0.01", "--workers", "0", "--out_dir", str(out_dir),
                        "--wandb_mode", "disabled"])
     err = capsys.readouterr().err

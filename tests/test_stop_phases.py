@@ -4,8 +4,6 @@ set's prediction. Each stop here is a real signal, sent by the run to itself at 
 so the phase is certain; the resumed run must end bit-identical to one never stopped. A stop the run sends itself
 is run in this process (conftest.run_train: the imports are paid once); the tests whose subject is the process (a
 stop sent to its whole group, a crash's exit, the W&B service ended too) start a real one."""
-import functools
-import importlib
 import json
 import os
 import signal
@@ -28,6 +26,7 @@ from conftest import (
     isolated_env,
     make_competition_folder,
     run_train,
+    stop_at,
     wait_for_epochs,
 )
 
@@ -51,26 +50,6 @@ def reference(tmp_path_factory):
         run_train(["--data", str(data), *ARGS, "--workers", "0", "--out_dir", str(out_dir), "--wandb_mode",
                    "disabled"])
     return data, out_dir
-
-
-def stop_at(patch: pytest.MonkeyPatch, at: str, n: int, sig: int = signal.SIGTERM) -> list[int]:
-    """Patches `at` (module:name or module:Class.name, a function) to send this process `sig` on its n-th call, for
-    a run in this process (until `patch` is undone); returns the count of calls so far (a list of one)."""
-    module, name = at.split(":")
-    *path, name = name.split(".")
-    owner = importlib.import_module(module)
-    for part in path:
-        owner = getattr(owner, part)
-    f, calls = getattr(owner, name), [0]
-
-    @functools.wraps(f)
-    def g(*a, **k):
-        calls[0] += 1
-        if calls[0] == n:
-            os.kill(os.getpid(), sig)
-        return f(*a, **k)
-    patch.setattr(owner, name, g)
-    return calls
 
 
 def self_stop(at: str, n: int, sig: str = "SIGTERM") -> str:
