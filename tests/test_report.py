@@ -11,7 +11,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import TINY_MODEL, run_train
+from conftest import TINY_MODEL, make_competition_folder, run_train
 from utils.metrics import Predictions
 from workflows.report import TestPredictions, write_report
 from workflows.report_charts import epoch_ticks, nice_ticks
@@ -39,9 +39,11 @@ class TagChecker(HTMLParser):
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "out"
-    run_train(["--model", TINY_MODEL, "--img_size", "32", "--epochs", "2", "--workers", "0", "--wandb_mode", "disabled",
-               "--table_rows", "40", "--out_dir", str(out)])
+    root = tmp_path_factory.mktemp("run")
+    data = make_competition_folder(root / "comp", n_train=240, n_test=60)  # a test set, more images than the 40 shown
+    out = root / "out"
+    run_train(["--data", data, "--model", TINY_MODEL, "--img_size", "32", "--epochs", "2", "--workers", "0",
+               "--wandb_mode", "disabled", "--table_rows", "40", "--out_dir", str(out)])
     return out / "report.html"
 
 
@@ -56,7 +58,7 @@ def test_report_is_valid_and_self_contained(report):
     gallery = page[page.index('id="misclassified"'):]
     assert 0 < gallery.count("<img") <= 40 and "Per-class scores" in page and "Confusion matrix" in page
     assert _texts(_chart(page, "loss"), "xtick") == ["1", "2"] and 'data-series="lr"' in page
-    # the digits demo has a test set: its class mix and least certain images, before the misclassified gallery
+    # the test set: its class mix and least certain images, before the misclassified gallery
     test = page[page.index('id="test"'):page.index('id="misclassified"')]
     assert 'id="class-mix"' in test and 0 < test.count("<img") <= 40
 

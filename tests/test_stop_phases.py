@@ -6,6 +6,7 @@ is run in this process (conftest.run_train: the imports are paid once); the test
 stop sent to its whole group, a crash's exit, the W&B service ended too) start a real one."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from conftest import (
     attempts_history,
     isolated_env,
     make_competition_folder,
+    read_run,
     run_train,
     stop_at,
     wait_for_epochs,
@@ -172,14 +174,22 @@ def test_a_stop_during_the_image_decode_ends_it_early_and_keeps_no_half_cache(tm
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_stop_sent_to_the_whole_process_group_is_one_clean_stop(tmp_path, reference, sig):
-    """What a terminal's Ctrl-C, SLURM and `kill -- -PGID` do: the loader workers get the signal too."""
+    """What a terminal's Ctrl-C, SLURM and `kill -- -PGID` do: the loader workers get the signal too. The run (in W&B's
+    offline mode) saves, records the stop in W&B and its summary, exits 128 + signal within seconds, and resumes."""
     data, ref = reference
     out_dir = tmp_path / "run"
-    proc = train(data, out_dir, "--workers", "2", "--wandb_mode", "disabled", group=True)
+    proc = train(data, out_dir, "--workers", "2", group=True)
     wait_for_epochs(proc, out_dir, 1)
     os.killpg(proc.pid, sig)
-    stopped(proc, 128 + sig)
-    assert json.loads((out_dir / "summary.json").read_text())["_exit_code"] == 128 + sig
+    sent = time.time()
+    _, err = stopped(proc, 128 + sig)
+    assert time.time() - sent < 20 and f"stopped by {signal.Signals(sig).name}" in err
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["_exit_code"] == 128 + sig
+    assert re.match(rf"{signal.Signals(sig).name} during (training|validation) in epoch [23]", summary["stopped"])
+    assert all((out_dir / f).is_file() for f in ("last.safetensors", "best.safetensors", "resume.pt"))
+    exit_record = next(r for r in read_run(next(out_dir.glob("wandb/offline-run-*"))) if r["type"] == "exit")
+    assert exit_record["exit"]["exit_code"] == 128 + sig
     resume(data, out_dir, workers=2)
     assert_same_run(out_dir, ref)
 
