@@ -56,7 +56,7 @@ def test_flipped_labels_rank_first_and_fixes_feed_back(tmp_path):
         csv.writer(fh).writerows(rows)
     out = tmp_path / "cv"
     run_train(["--data", str(root), "--cv", "True", "--folds", "3", "--model", TINY_MODEL, "--img_size", "16",
-               "--epochs", "6", "--batch_size", "32", "--lr", "0.01", "--workers", "0", "--table_rows", "10",
+               "--epochs", "4", "--batch_size", "32", "--lr", "0.01", "--workers", "0", "--table_rows", "10",
                "--out_dir", str(out)])
     with open(out / "suspect_labels.csv", newline="") as fh:
         suspects = list(csv.DictReader(fh))
