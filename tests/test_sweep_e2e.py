@@ -132,8 +132,7 @@ def test_crash_is_recorded_and_hyperband_stops_the_poor_trial(tmp_path, monkeypa
                        metric={"name": "val/f1_macro", "goal": "maximize"},
                        parameters={"seed": {"values": [1, 2, 13, 10]}, "epochs": {"value": 12}},
                        early_terminate={"type": "hyperband", "min_iter": 2, "eta": 2})
-    out = subprocess.run(sweep_cmd(spec, "--workers", 1, "--gpus", "7", "--sweep_dir", tmp_path / "sw"), cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    out = run_script("sweep", [spec, "--workers", 1, "--gpus", "7", "--sweep_dir", tmp_path / "sw"])
     assert out.returncode == 0, out.stdout + out.stderr
     by_seed = {t["params"]["seed"]: t for t in trials(tmp_path / "sw")}
     assert [by_seed[s]["state"] for s in (1, 2, 13, 10)] == ["finished", "finished", "failed", "stopped"]
@@ -150,8 +149,7 @@ def test_failures_in_a_row_stop_the_sweep(tmp_path):
     spec = write_sweep(tmp_path / "crash.yaml", program="tests/fake_trial.py", method="grid",
                        metric={"name": "val/f1_macro", "goal": "maximize"},
                        parameters={"seed": {"values": [3, 13, 23, 33]}, "epochs": {"value": 2}})
-    out = subprocess.run(sweep_cmd(spec, "--max_failures", 2, "--sweep_dir", tmp_path / "sw"), cwd=ROOT,
-                         capture_output=True, text=True, timeout=300)
+    out = run_script("sweep", [spec, "--max_failures", 2, "--sweep_dir", tmp_path / "sw"])
     assert out.returncode == 1 and "2 trials failed in a row" in out.stdout
     assert [t["state"] for t in trials(tmp_path / "sw")] == ["failed", "failed"]
 
